@@ -1,0 +1,3 @@
+from momkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""The contract between the scan front doors and the backends that implement them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+def _always() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ScanBackend:
+    """A scan backend, as returned by a plugin's ``momkit_scan_backends`` hook.
+
+    The front doors in :mod:`momkit.ops` check every argument before they call a backend, so a backend
+    receives tensors of consistent shapes on one device and may assume them. Both callables take the front
+    door's arguments as keywords (``modality`` included, ``None`` when the caller does not route ``A``) and
+    return what the front door returns.
+
+    Attributes:
+        name: The name a spec's ``scan_backend`` and ``backend=`` select it by.
+        description: One line for ``momkit plugins`` and the docs.
+        selective_scan: Implements :func:`momkit.ops.selective_scan`, or ``None`` if the backend lacks it.
+        ssd_scan: Implements :func:`momkit.ops.ssd_scan`, or ``None`` if the backend lacks it.
+        devices: Device types (``"cpu"``, ``"cuda"``) the backend runs on.
+        priority: Among available backends for a device, ``backend="auto"`` picks the highest.
+        routed_A: Whether the backend accepts a per-modality ``A`` with a ``modality`` index.
+        is_available: Whether the backend can run in this process (its compiler or library imports).
+    """
+
+    name: str
+    description: str
+    selective_scan: Callable | None = None
+    ssd_scan: Callable | None = None
+    devices: tuple[str, ...] = ("cpu",)
+    priority: int = 0
+    routed_A: bool = False
+    is_available: Callable[[], bool] = field(default=_always)

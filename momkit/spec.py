@@ -1,0 +1,162 @@
+"""Specs: the declarative description of a block or a model, checked against the registry.
+
+A spec is plain data (a dict, or YAML) validated by pydantic. Every name in it (backbone, sublayers,
+modalities, scan backend) is checked against the plugins that are installed, and the backbone's options by
+that backbone's own pydantic model, so a misspelt name or option is an error that names it and lists what
+would be valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from momkit.registry import get_registry
+
+Preset = Literal["dense", "mom", "mot", "all"]
+
+
+class StrictModel(BaseModel):
+    """A pydantic model that rejects unknown fields, naming them and the valid ones."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
+                                 f"valid fields: {', '.join(cls.model_fields)}")
+        return data
+
+
+class BackboneConfig(StrictModel):
+    """Options common to every backbone; a backbone's own options subclass this model."""
+
+    kind: str = Field(description="Name of a registered backbone, e.g. `mamba`.")
+    d_model: int = Field(gt=0, description="Width of the residual stream.")
+    n_layers: int | None = Field(None, ge=1, description="Number of stacked blocks: required in a ModelSpec, "
+                                                          "not allowed in a BlockSpec (which is one block).")
+
+
+class RoutingSpec(StrictModel):
+    """Which sublayers hold one weight set per modality (routed); the rest hold one shared set."""
+
+    specific: Union[list[str], Preset] = Field(
+        "dense",
+        description="The routed sublayers: a list of the backbone's sublayer names, or a preset: `dense` "
+                    "(none), `all` (every sublayer), `mom` (Mixture-of-Mamba) or `mot` "
+                    "(Mixture-of-Transformers), where the backbone defines it.")
+
+    def resolve(self, backbone) -> frozenset[str]:
+        """The routed sublayers of ``backbone`` (a :class:`momkit.descriptors.Backbone`)."""
+        if isinstance(self.specific, str):
+            return frozenset(backbone.preset(self.specific))
+        unknown = [s for s in self.specific if s not in backbone.sublayers]
+        if unknown:
+            raise ValueError(f"routing.specific names {', '.join(map(repr, unknown))}, not a sublayer of "
+                             f"backbone {backbone.name!r}; its sublayers: {', '.join(backbone.sublayers)}")
+        repeated = sorted({s for s in self.specific if self.specific.count(s) > 1})
+        if repeated:
+            raise ValueError(f"routing.specific lists {', '.join(map(repr, repeated))} more than once")
+        return frozenset(self.specific)
+
+
+class BlockSpec(StrictModel):
+    """One residual block: its modalities, backbone, routing and scan backend."""
+
+    layers_required: ClassVar[bool] = False
+
+    modalities: list[str] = Field(min_length=1, description="Registered modality names; their order gives "
+                                                            "the modality ids 0..M-1.")
+    backbone: SerializeAsAny[BackboneConfig] = Field(
+        description="`kind` (a registered backbone), `d_model`, and that backbone's own options.")
+    routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Routed and shared sublayers.")
+    scan_backend: str = Field("auto", description="Scan backend of the state-space scans: `auto` (the best "
+                                                  "available for the tensors' device) or a registered name.")
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities_registered(cls, value: list[str]) -> list[str]:
+        registry = get_registry()
+        for name in value:
+            registry.get("modality", name)
+        repeated = sorted({m for m in value if value.count(m) > 1})
+        if repeated:
+            raise ValueError(f"modalities lists {', '.join(map(repr, repeated))} more than once")
+        return value
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _backbone_options(cls, value: Any) -> Any:
+        if isinstance(value, BackboneConfig):
+            value = value.model_dump(exclude_unset=True)
+        if not isinstance(value, dict):
+            raise ValueError(f"backbone must be a mapping with `kind`, `d_model` and options, got {value!r}")
+        if "kind" not in value:
+            raise ValueError(f"backbone needs a `kind`; registered backbones: "
+                             f"{', '.join(get_registry().names('backbone'))}")
+        config = get_registry().get("backbone", value["kind"]).config.model_validate(value)
+        if cls.layers_required and config.n_layers is None:
+            raise ValueError("backbone.n_layers is required in a model spec")
+        if not cls.layers_required and config.n_layers is not None:
+            raise ValueError("backbone.n_layers belongs to a model spec; a block spec describes one block")
+        return config
+
+    @field_validator("routing")
+    @classmethod
+    def _routing_fits_backbone(cls, value: RoutingSpec, info) -> RoutingSpec:
+        backbone = info.data.get("backbone")
+        if backbone is not None:
+            value.resolve(get_registry().get("backbone", backbone.kind))
+        return value
+
+    @field_validator("scan_backend")
+    @classmethod
+    def _backend_registered(cls, value: str) -> str:
+        if value != "auto":
+            get_registry().get("scan_backend", value)
+        return value
+
+    @property
+    def routed(self) -> frozenset[str]:
+        """The sublayers that hold one weight set per modality."""
+        return self.routing.resolve(get_registry().get("backbone", self.backbone.kind))
+
+
+class ModelSpec(BlockSpec):
+    """A model: a named stack of ``backbone.n_layers`` blocks of one BlockSpec."""
+
+    layers_required: ClassVar[bool] = True
+
+    name: str = Field(min_length=1, description="Name of the model, used in logs and summaries.")
+
+    def block(self) -> BlockSpec:
+        """The spec of one of the model's blocks."""
+        data = self.model_dump(exclude={"name"})
+        data["backbone"].pop("n_layers")
+        return BlockSpec.model_validate(data)
+
+
+def load_spec(path: str | Path) -> BlockSpec | ModelSpec:
+    """Read a YAML spec: a :class:`ModelSpec` if it has a ``name``, else a :class:`BlockSpec`.
+
+    Raises:
+        ValueError: the file is missing, not YAML, not a mapping, or not a valid spec (a pydantic
+            ``ValidationError``, which is a ``ValueError``, with the path of each bad field).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"spec file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of spec fields, got {type(data).__name__}")
+    return (ModelSpec if "name" in data else BlockSpec).model_validate(data)

@@ -1,0 +1,92 @@
+"""Specs: valid ones build, invalid ones name the bad field and what would be valid."""
+
+import pytest
+from pydantic import ValidationError
+
+import momkit
+from momkit.spec import BlockSpec, ModelSpec, load_spec
+
+ISSUE_EXAMPLE = {
+    "modalities": ["text", "image"],
+    "backbone": {"kind": "mamba", "d_model": 32, "d_state": 8, "expand": 2},
+    "routing": {"specific": ["in_proj", "x_proj", "dt_proj", "out_proj"]},
+    "scan_backend": "reference",
+}
+
+
+def with_changes(**changes):
+    spec = {**ISSUE_EXAMPLE, "backbone": dict(ISSUE_EXAMPLE["backbone"])}
+    for key, value in changes.items():
+        if key.startswith("backbone_"):
+            spec["backbone"][key[len("backbone_"):]] = value
+        else:
+            spec[key] = value
+    return spec
+
+
+def test_issue_example_is_a_valid_block_spec():
+    spec = BlockSpec.model_validate(ISSUE_EXAMPLE)
+    assert spec.routed == {"in_proj", "x_proj", "dt_proj", "out_proj"}
+    assert spec.backbone.d_state == 8 and spec.backbone.d_conv == 4
+    assert BlockSpec.model_validate(spec.model_dump()) == spec
+
+
+@pytest.mark.parametrize("preset,routed", [
+    ("dense", set()),
+    ("mom", {"in_proj", "x_proj", "dt_proj", "out_proj"}),
+    ("all", {"norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj"}),
+])
+def test_presets(preset, routed):
+    assert BlockSpec.model_validate(with_changes(routing={"specific": preset})).routed == routed
+
+
+@pytest.mark.parametrize("spec,field,message", [
+    (with_changes(backbone_kind="mamab"), "backbone", "unknown backbone 'mamab'; registered: .*mamba"),
+    (with_changes(backbone_d_stat=8), "backbone", "'d_stat'.*valid fields: .*d_state"),
+    (with_changes(backbone_d_state=0), "backbone.d_state", "greater than 0"),
+    (with_changes(modalities=["text", "imgae"]), "modalities", "unknown modality 'imgae'; registered: .*image"),
+    (with_changes(modalities=["text", "text"]), "modalities", "'text' more than once"),
+    (with_changes(modalities=[]), "modalities", "at least 1"),
+    (with_changes(routing={"specific": ["in_proj", "conv"]}), "routing",
+     "'conv', not a sublayer of backbone 'mamba'; its sublayers: norm, in_proj, conv1d"),
+    (with_changes(routing={"specific": "mot"}), "routing", "preset 'mot' is not defined for backbone 'mamba'"),
+    (with_changes(routing={"specific": "moe"}), "routing.specific", "dense.*mom.*mot.*all"),
+    (with_changes(scan_backend="cuda-fast"), "scan_backend", "unknown scan backend 'cuda-fast'; registered: "),
+    (with_changes(backbone_n_layers=4), "backbone", "n_layers belongs to a model spec"),
+    (with_changes(extra_field=1), "", "unknown field.*'extra_field'.*valid fields: modalities, backbone"),
+])
+def test_invalid_block_specs_name_the_field(spec, field, message):
+    with pytest.raises(ValidationError) as info:
+        BlockSpec.model_validate(spec)
+    errors = info.value.errors()
+    assert any(".".join(map(str, e["loc"])).startswith(field) for e in errors), errors
+    assert any(__import__("re").search(message, e["msg"]) for e in errors), errors
+    assert isinstance(info.value, ValueError)
+
+
+def test_model_spec_needs_n_layers_and_yields_its_block():
+    with pytest.raises(ValidationError, match="n_layers is required"):
+        ModelSpec.model_validate({**ISSUE_EXAMPLE, "name": "m"})
+    spec = ModelSpec.model_validate(with_changes(name="m", backbone_n_layers=3))
+    block = spec.block()
+    assert isinstance(block, BlockSpec) and block.backbone.n_layers is None and block.routed == spec.routed
+
+
+def test_load_spec_reads_yaml(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("modalities: [text, image]\nbackbone: {kind: mamba, d_model: 16}\nrouting: {specific: mom}\n")
+    spec = load_spec(path)
+    assert isinstance(spec, BlockSpec) and spec.routed == {"in_proj", "x_proj", "dt_proj", "out_proj"}
+    with pytest.raises(ValueError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_spec(path)
+
+
+def test_build_block_takes_dict_blockspec_and_modelspec():
+    for spec in (ISSUE_EXAMPLE, BlockSpec.model_validate(ISSUE_EXAMPLE),
+                 ModelSpec.model_validate(with_changes(name="m", backbone_n_layers=2))):
+        block = momkit.build_block(spec)
+        assert block.in_proj.weight.shape == (2, 128, 32)
+        assert block.conv1d.weight.shape == (64, 4)
