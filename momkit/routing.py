@@ -1,0 +1,129 @@
+"""Routed layers: a linear layer, an RMSNorm and a depthwise causal conv with one weight set per modality.
+
+Each layer takes ``n_modalities``: ``None`` builds the shared layer (weights as in ``torch.nn``), an int
+``M`` the routed one, whose every parameter gains a leading modality dimension (``weight`` of a routed
+linear layer is ``(M, out, in)``). Both are called as ``layer(x, modality)`` with ``modality`` of ``x``'s
+leading shape, so a block reads the same whichever of its sublayers are routed.
+
+A routed layer applies to each token only the weights of that token's modality, never every modality's
+weights to every token: the linear layer sorts the tokens by modality and multiplies each group by its own
+matrix; the norm and the conv, which are elementwise in the channels, gather each token's own weights. A
+modality absent from the batch gets exactly zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _sharing(n_modalities: int | None) -> str:
+    return "shared" if n_modalities is None else f"routed over {n_modalities} modalities"
+
+
+def _param(n_modalities: int | None, *shape: int) -> nn.Parameter:
+    full = shape if n_modalities is None else (n_modalities, *shape)
+    return nn.Parameter(torch.empty(full))
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b``, with ``W`` ``(out, in)`` shared or ``(M, out, in)`` routed by modality."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, n_modalities: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.n_modalities = in_features, out_features, n_modalities
+        self.weight = _param(n_modalities, out_features, in_features)
+        self.bias = _param(n_modalities, out_features) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _one(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        return F.linear(x, self.weight[m], None if self.bias is None else self.bias[m])
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``x (..., in)``, ``modality (...)`` -> ``(..., out)``."""
+        if self.n_modalities is None:
+            return F.linear(x, self.weight, self.bias)
+        flat_x = x.reshape(-1, self.in_features)
+        flat_m = modality.reshape(-1)
+        counts = torch.bincount(flat_m, minlength=self.n_modalities).tolist()
+        present = [m for m, c in enumerate(counts) if c]
+        if len(present) == 1:
+            return self._one(x, present[0])
+        order = torch.argsort(flat_m, stable=True)
+        groups = flat_x.index_select(0, order).split(counts)
+        y_sorted = torch.cat([self._one(groups[m], m) for m in present])
+        y = y_sorted.new_empty(y_sorted.shape).index_copy_(0, order, y_sorted)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}, " \
+               f"{_sharing(self.n_modalities)}"
+
+
+class RMSNorm(nn.Module):
+    """``y = x / rms(x) * w``, with ``w`` ``(d,)`` shared or ``(M, d)`` routed by modality."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, n_modalities: int | None = None):
+        super().__init__()
+        self.dim, self.eps, self.n_modalities = dim, eps, n_modalities
+        self.weight = _param(n_modalities, dim)
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``x (..., d)``, ``modality (...)`` -> ``(..., d)``."""
+        weight = self.weight if self.n_modalities is None else self.weight[modality]
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, {_sharing(self.n_modalities)}"
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal convolution over time: ``y_t = sum_j w[:, j] x_{t-k+1+j} + b``.
+
+    ``w`` is ``(d, k)`` shared or ``(M, d, k)`` routed, in which case each output position uses the weights of
+    its own modality.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, bias: bool = True, n_modalities: int | None = None):
+        super().__init__()
+        self.dim, self.kernel_size, self.n_modalities = dim, kernel_size, n_modalities
+        self.weight = _param(n_modalities, dim, kernel_size)
+        self.bias = _param(n_modalities, dim) if bias else None
+        bound = 1 / math.sqrt(kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``x (b, l, d)``, ``modality (b, l)`` -> ``(b, l, d)``."""
+        k, length = self.kernel_size, x.shape[1]
+        if self.n_modalities is None:
+            y = F.conv1d(x.transpose(1, 2), self.weight[:, None], self.bias, padding=k - 1, groups=self.dim)
+            return y[..., :length].transpose(1, 2)
+        padded = F.pad(x, (0, 0, k - 1, 0))
+        y = 0 if self.bias is None else self.bias[modality]
+        for j in range(k):
+            y = y + padded[:, j:j + length] * self.weight[:, :, j][modality]
+        return y
+
+    def step(self, window: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """One output from ``window (b, d, k)``, the last ``k`` inputs oldest first; ``modality (b,)``."""
+        weight = self.weight if self.n_modalities is None else self.weight[modality]
+        y = (window * weight).sum(-1)
+        if self.bias is not None:
+            y = y + (self.bias if self.n_modalities is None else self.bias[modality])
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, kernel_size={self.kernel_size}, bias={self.bias is not None}, " \
+               f"{_sharing(self.n_modalities)}"
