@@ -1,0 +1,100 @@
+"""Argument checks of the scan front doors: every error names the argument, what it got and what is valid."""
+
+from __future__ import annotations
+
+import torch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def expect_tensor(name: str, value, shapes: dict[str, tuple], device: torch.device, floating: bool = True):
+    """Check that ``value`` is a tensor on ``device`` with one of ``shapes`` (labelled by their einops form).
+
+    ``None`` entries in a shape accept any size (one not yet known).
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the other inputs are on {device}; "
+                         f"move every input to one device")
+    if floating and value.dtype not in FLOATS:
+        raise ValueError(f"{name} has dtype {value.dtype}; expected one of {[str(d) for d in FLOATS]}")
+    if not floating and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise ValueError(f"{name} has dtype {value.dtype}; expected an integer dtype (int32 or int64)")
+    for shape in shapes.values():
+        if value.dim() == len(shape) and all(s is None or s == v for s, v in zip(shape, value.shape)):
+            return
+    wanted = " or ".join(f"{label} = {_fmt(s)}" for label, s in shapes.items())
+    raise ValueError(f"{name} has shape {_fmt(value.shape)}; expected {wanted}")
+
+
+def _check_A(A, modality, labels: tuple[str, str], shape: tuple, batch: int, length: int, device):
+    """``A`` of ``shape``; or, with ``modality``, per modality: a leading ``M`` that ``modality`` indexes.
+
+    ``labels`` are the einops forms of the two cases, for the error message.
+    """
+    if modality is None:
+        expect_tensor("A", A, {labels[0]: shape}, device)
+        return
+    expect_tensor("A", A, {labels[1]: (None, *shape)}, device)
+    expect_tensor("modality", modality, {"(b, l)": (batch, length)}, device, floating=False)
+    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= A.shape[0]):
+        raise ValueError(f"modality holds ids in [{int(modality.min())}, {int(modality.max())}] but A has "
+                         f"{A.shape[0]} modalities; valid ids are 0..{A.shape[0] - 1}")
+
+
+def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality) -> None:
+    """Check the arguments of :func:`momkit.ops.selective_scan`."""
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"u must be a torch.Tensor, got {type(u).__name__}")
+    expect_tensor("u", u, {"(b, d, l)": (None, None, None)}, u.device)
+    batch, dim, length = u.shape
+    dev = u.device
+    expect_tensor("delta", delta, {"(b, d, l)": (batch, dim, length)}, dev)
+    state = A.shape[-1] if isinstance(A, torch.Tensor) and A.dim() >= 2 else None
+    _check_A(A, modality, ("(d, n)", "(M, d, n)"), (dim, None), batch, length, dev)
+    expect_tensor("B", B, {"(b, n, l)": (batch, state, length), "(b, g, n, l)": (batch, None, state, length)},
+                  dev)
+    expect_tensor("C", C, {"same as B": tuple(B.shape)}, dev)
+    if B.dim() == 4 and dim % B.shape[1]:
+        raise ValueError(f"B has {B.shape[1]} groups, which does not divide d = {dim}; "
+                         f"valid group counts divide {dim}")
+    if D is not None:
+        expect_tensor("D", D, {"(d,)": (dim,)}, dev)
+    if z is not None:
+        expect_tensor("z", z, {"(b, d, l)": (batch, dim, length)}, dev)
+    if delta_bias is not None:
+        expect_tensor("delta_bias", delta_bias, {"(d,)": (dim,)}, dev)
+
+
+def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, modality) -> None:
+    """Check the arguments of :func:`momkit.ops.ssd_scan`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    expect_tensor("x", x, {"(b, l, h, p)": (None, None, None, None)}, x.device)
+    batch, length, heads, headdim = x.shape
+    dev = x.device
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    expect_tensor("dt", dt, {"(b, l, h)": (batch, length, heads)}, dev)
+    _check_A(A, modality, ("(h,)", "(M, h)"), (heads,), batch, length, dev)
+    expect_tensor("B", B, {"(b, l, g, n)": (batch, length, None, None)}, dev)
+    expect_tensor("C", C, {"same as B": tuple(B.shape)}, dev)
+    if heads % B.shape[2]:
+        raise ValueError(f"B has {B.shape[2]} groups, which does not divide h = {heads}; "
+                         f"valid group counts divide {heads}")
+    if D is not None:
+        expect_tensor("D", D, {"(h,)": (heads,), "(h, p)": (heads, headdim)}, dev)
+    if z is not None:
+        expect_tensor("z", z, {"(b, l, h, p)": (batch, length, heads, headdim)}, dev)
+    if dt_bias is not None:
+        expect_tensor("dt_bias", dt_bias, {"(h,)": (heads,)}, dev)
+    if initial_states is not None:
+        expect_tensor("initial_states", initial_states, {"(b, h, p, n)": (batch, heads, headdim, B.shape[3])},
+                      dev)
+    if seq_idx is not None:
+        expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, dev, floating=False)

@@ -1,0 +1,88 @@
+"""The scan front doors: argument checks before any kernel, backend choice, and the reference behind them."""
+
+import pytest
+import torch
+
+from momkit import ops
+from momkit.kernels.reference.naive import naive_selective_scan, naive_ssd_scan
+
+
+def selective_args(gen, b=2, d=6, n=4, l=9, groups=None):
+    bc = (b, n, l) if groups is None else (b, groups, n, l)
+    return dict(u=torch.randn(b, d, l, generator=gen), delta=torch.randn(b, d, l, generator=gen),
+                A=-torch.rand(d, n, generator=gen) - 0.5, B=torch.randn(*bc, generator=gen),
+                C=torch.randn(*bc, generator=gen))
+
+
+def ssd_args(gen, b=2, l=9, h=4, p=3, g=2, n=5):
+    return dict(x=torch.randn(b, l, h, p, generator=gen), dt=torch.rand(b, l, h, generator=gen),
+                A=-torch.rand(h, generator=gen) - 0.5, B=torch.randn(b, l, g, n, generator=gen),
+                C=torch.randn(b, l, g, n, generator=gen), chunk_size=4)
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in ops.available_backends()
+
+
+def test_auto_picks_reference_on_cpu():
+    assert ops.resolve_backend("auto", "cpu", "selective_scan").name == "reference"
+
+
+def test_unknown_backend_lists_known(gen):
+    with pytest.raises(ValueError, match=r"unknown scan backend 'fast'; registered backends: \[.*'reference'"):
+        ops.selective_scan(**selective_args(gen), backend="fast")
+
+
+def test_front_doors_match_naive(gen):
+    args = selective_args(gen, groups=2)
+    D, z = torch.randn(6, generator=gen), torch.randn(2, 6, 9, generator=gen)
+    torch.testing.assert_close(ops.selective_scan(**args, D=D, z=z, delta_softplus=True),
+                               naive_selective_scan(**args, D=D, z=z, delta_softplus=True))
+    sargs = ssd_args(gen)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 4, [0] * 9], dtype=torch.int32)
+    out, final = ops.ssd_scan(**sargs, seq_idx=seq_idx, return_final_states=True)
+    ref, ref_final = naive_ssd_scan(**{k: v for k, v in sargs.items() if k != "chunk_size"}, seq_idx=seq_idx,
+                                    return_final_states=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(final, ref_final)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(delta=torch.zeros(2, 6, 8)), r"delta has shape \(2, 6, 8\); expected \(b, d, l\) = \(2, 6, 9\)"),
+    (dict(A=torch.zeros(6)), r"A has shape \(6,\); expected \(d, n\) = \(6, \*\)"),
+    (dict(B=torch.zeros(2, 4, 8)), r"B has shape \(2, 4, 8\); expected \(b, n, l\) = \(2, 4, 9\) or "
+                                   r"\(b, g, n, l\)"),
+    (dict(C=torch.zeros(2, 1, 4, 9)), r"C has shape \(2, 1, 4, 9\); expected same as B = \(2, 4, 9\)"),
+    (dict(B=torch.zeros(2, 4, 4, 9), C=torch.zeros(2, 4, 4, 9)), "4 groups, which does not divide d = 6"),
+    (dict(D=torch.zeros(5)), r"D has shape \(5,\); expected \(d,\) = \(6,\)"),
+    (dict(z=torch.zeros(2, 6, 9, dtype=torch.int64)), "z has dtype torch.int64; expected one of"),
+    (dict(u=torch.zeros(2, 6, 9, device="meta")), "delta is on cpu but the other inputs are on meta"),
+    (dict(A=torch.zeros(3, 6, 4), modality=torch.full((2, 9), 3)), r"modality holds ids in \[3, 3\] but A has 3"),
+    (dict(modality=torch.zeros(2, 9, dtype=torch.int64)), r"A has shape \(6, 4\); expected \(M, d, n\) = \(\*, 6, \*\)"),
+    (dict(A=torch.zeros(3, 6, 4), modality=torch.zeros(2, 9)), "modality has dtype torch.float32; expected an "
+                                                               "integer dtype"),
+])
+def test_selective_scan_checks(gen, change, message):
+    with pytest.raises(ValueError, match=message):
+        ops.selective_scan(**{**selective_args(gen), **change})
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(dt=torch.zeros(2, 9, 3)), r"dt has shape \(2, 9, 3\); expected \(b, l, h\) = \(2, 9, 4\)"),
+    (dict(A=torch.zeros(4, 1)), r"A has shape \(4, 1\); expected \(h,\) = \(4,\)"),
+    (dict(B=torch.zeros(2, 9, 3, 5), C=torch.zeros(2, 9, 3, 5)), "3 groups, which does not divide h = 4"),
+    (dict(D=torch.zeros(4, 2)), r"D has shape \(4, 2\); expected \(h,\) = \(4,\) or \(h, p\) = \(4, 3\)"),
+    (dict(initial_states=torch.zeros(2, 4, 3, 4)), r"initial_states has shape \(2, 4, 3, 4\); expected "
+                                                   r"\(b, h, p, n\) = \(2, 4, 3, 5\)"),
+    (dict(seq_idx=torch.zeros(2, 9)), "seq_idx has dtype torch.float32; expected an integer dtype"),
+    (dict(chunk_size=0), "chunk_size must be a positive int, got 0"),
+    (dict(chunk_size=4.0), "chunk_size must be a positive int, got 4.0"),
+])
+def test_ssd_scan_checks(gen, change, message):
+    with pytest.raises(ValueError, match=message):
+        ops.ssd_scan(**{**ssd_args(gen), **change})
+
+
+def test_non_tensor_is_a_type_error(gen):
+    with pytest.raises(TypeError, match="u must be a torch.Tensor, got list"):
+        ops.selective_scan(**{**selective_args(gen), "u": [1.0]})
