@@ -1,0 +1,77 @@
+"""The block contract shared by every backbone, and :func:`build_block`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from momkit.registry import get_registry
+from momkit.spec import BlockSpec, ModelSpec
+
+
+class Block(nn.Module):
+    """Base class of backbone blocks: one pre-norm residual layer over interleaved modalities.
+
+    Subclasses implement ``forward(x, modality)`` for ``x (b, l, d_model)`` and ``modality (b, l)`` int64,
+    ``allocate_state(batch_size)`` and ``step(x_t, modality_t, state)`` for ``x_t (b, d_model)`` and
+    ``modality_t (b,)``, which updates ``state`` in place; and call :meth:`check_inputs` first, so that a
+    caller's mistake is a ``ValueError`` before any kernel runs.
+
+    Attributes:
+        d_model: Width of the residual stream.
+        modalities: Modality names; a token of modality id ``i`` is of ``modalities[i]``.
+        routed: The sublayers that hold one weight set per modality.
+    """
+
+    def __init__(self, d_model: int, modalities: list[str], routed: frozenset[str]):
+        super().__init__()
+        self.d_model = d_model
+        self.modalities = list(modalities)
+        self.routed = frozenset(routed)
+
+    @property
+    def n_modalities(self) -> int:
+        return len(self.modalities)
+
+    def routing(self, sublayer: str) -> int | None:
+        """``n_modalities`` for a routed ``sublayer``, ``None`` for a shared one (see :mod:`momkit.routing`)."""
+        return self.n_modalities if sublayer in self.routed else None
+
+    def check_inputs(self, x: torch.Tensor, modality: torch.Tensor, step: bool = False) -> None:
+        """Check ``x (b, l, d_model)`` and ``modality (b, l)`` (``(b, d_model)`` and ``(b,)`` for a step)."""
+        form = "(b, d_model)" if step else "(b, l, d_model)"
+        if not isinstance(x, torch.Tensor) or x.dim() != (2 if step else 3) or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be {form} with d_model = {self.d_model}, got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+        if not isinstance(modality, torch.Tensor) or tuple(modality.shape) != tuple(x.shape[:-1]):
+            got = tuple(modality.shape) if isinstance(modality, torch.Tensor) else type(modality).__name__
+            raise ValueError(f"modality must be {'(b,)' if step else '(b, l)'} = {tuple(x.shape[:-1])} "
+                             f"to match x, got {got}")
+        if modality.dtype != torch.int64:
+            raise ValueError(f"modality must be int64, got {modality.dtype}")
+        if modality.device != x.device:
+            raise ValueError(f"modality is on {modality.device} but x is on {x.device}")
+        if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= self.n_modalities):
+            ids = ", ".join(f"{i} = {name}" for i, name in enumerate(self.modalities))
+            raise ValueError(f"modality holds ids in [{int(modality.min())}, {int(modality.max())}]; "
+                             f"valid ids: {ids}")
+
+
+def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
+    """Build one block from a spec: a :class:`BlockSpec`, its dict form, or a :class:`ModelSpec` (one layer).
+
+    Raises:
+        ValueError: the spec is invalid (a pydantic ``ValidationError`` naming each bad field).
+    """
+    if isinstance(spec, dict):
+        spec = BlockSpec.model_validate(spec)
+    if isinstance(spec, ModelSpec):
+        spec = spec.block()
+    if not isinstance(spec, BlockSpec):
+        raise TypeError(f"build_block takes a BlockSpec, a ModelSpec or a dict, got {type(spec).__name__}")
+    backbone = get_registry().get("backbone", spec.backbone.kind)
+    return backbone.build(spec.backbone, list(spec.modalities), spec.routed, spec.scan_backend)

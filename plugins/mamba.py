@@ -1,0 +1,166 @@
+"""The Mamba-1 backbone (Gu & Dao 2023) with modality routing: Mixture-of-Mamba (Liang et al. 2025).
+
+One block is a pre-norm residual layer, ``y = x + mixer(norm(x))``, whose mixer reads as the paper's
+diagram::
+
+    x ─ norm ─ in_proj ─┬─ x_in ─ conv1d ─ silu ─ u ─┬─────────────────────────── selective_scan ─ * silu(z) ─ out_proj ─ + x
+                        │                            └─ x_proj ─┬─ dt_low ─ dt_proj ─ dt ─┤
+                        │                                       └─ B, C ──────────────────┘
+                        └─ z ──────────────────────────────────────────────────────────────────────┘
+
+Every sublayer can be routed. The ``mom`` preset routes ``in_proj``, ``x_proj``, ``dt_proj`` and
+``out_proj``, the four projections of the Mixture-of-Mamba paper, and keeps ``norm``, ``conv1d``, ``A_log``
+and ``D`` shared. A routed ``A_log`` uses the scan front door's per-modality ``A``; a routed ``D`` is applied
+outside the scan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from momkit import hookimpl, ops
+from momkit.blocks import Block
+from momkit.descriptors import Backbone
+from momkit.routing import CausalConv1d, Linear, RMSNorm
+from momkit.spec import BackboneConfig
+
+SUBLAYERS = ("norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
+MOM = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class MambaConfig(BackboneConfig):
+    """Options of the ``mamba`` backbone (defaults as in mamba_ssm's ``Mamba`` module)."""
+
+    d_state: int = Field(16, gt=0, description="State size n per channel.")
+    d_conv: int = Field(4, gt=0, description="Kernel width of the depthwise causal conv.")
+    expand: int = Field(2, gt=0, description="d_inner = expand * d_model.")
+    dt_rank: int | Literal["auto"] = Field("auto", description="Rank of the dt projection; `auto` is "
+                                                               "ceil(d_model / 16).")
+    dt_min: float = Field(0.001, gt=0, description="Smallest initial step size.")
+    dt_max: float = Field(0.1, gt=0, description="Largest initial step size.")
+    dt_init_floor: float = Field(1e-4, gt=0, description="Floor of the initial step sizes.")
+    conv_bias: bool = Field(True, description="Whether conv1d has a bias.")
+    bias: bool = Field(False, description="Whether in_proj and out_proj have biases.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm.")
+
+    @model_validator(mode="after")
+    def _dt_range(self) -> MambaConfig:
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        if isinstance(self.dt_rank, int) and self.dt_rank < 1:
+            raise ValueError(f"dt_rank must be a positive int or 'auto', got {self.dt_rank}")
+        return self
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def rank(self) -> int:
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
+
+
+@dataclass
+class MambaState:
+    """Decoding state of one block: the last ``d_conv`` conv inputs and the SSM state."""
+
+    conv: torch.Tensor  # (b, d_inner, d_conv), oldest first
+    ssm: torch.Tensor  # (b, d_inner, d_state)
+
+
+class MambaBlock(Block):
+    """One Mamba-1 layer whose sublayers are shared or routed as the spec says."""
+
+    def __init__(self, config: MambaConfig, modalities: list[str], routed: frozenset[str], scan_backend: str):
+        super().__init__(config.d_model, modalities, routed)
+        self.config, self.scan_backend = config, scan_backend
+        d, di, n, r = config.d_model, config.d_inner, config.d_state, config.rank
+        self.norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("norm"))
+        self.in_proj = Linear(d, 2 * di, bias=config.bias, n_modalities=self.routing("in_proj"))
+        self.conv1d = CausalConv1d(di, config.d_conv, bias=config.conv_bias, n_modalities=self.routing("conv1d"))
+        self.x_proj = Linear(di, r + 2 * n, bias=False, n_modalities=self.routing("x_proj"))
+        self.dt_proj = Linear(r, di, bias=True, n_modalities=self.routing("dt_proj"))
+        copies = () if self.routing("A_log") is None else (self.n_modalities,)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(*copies, di, 1))
+        self.D = nn.Parameter(torch.ones(*(() if self.routing("D") is None else (self.n_modalities,)), di))
+        self.out_proj = Linear(di, d, bias=config.bias, n_modalities=self.routing("out_proj"))
+        self._init_dt()
+
+    @torch.no_grad()
+    def _init_dt(self) -> None:
+        """Mamba's step-size initialisation: ``softplus(dt_proj.bias)`` log-uniform in [dt_min, dt_max]."""
+        cfg = self.config
+        bound = cfg.rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        dt = torch.exp(torch.rand_like(self.dt_proj.bias) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _split(self, x_dbl: torch.Tensor):
+        return x_dbl.split([self.config.rank, self.config.d_state, self.config.d_state], dim=-1)
+
+    def _D(self, modality: torch.Tensor) -> torch.Tensor:
+        return self.D if self.routing("D") is None else self.D[modality]
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``x (b, l, d_model)``, ``modality (b, l)`` int64 -> ``(b, l, d_model)``."""
+        self.check_inputs(x, modality)
+        x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
+        u = F.silu(self.conv1d(x_in, modality))
+        dt_low, B, C = self._split(self.x_proj(u, modality))
+        dt = self.dt_proj(dt_low, modality)
+        A = -torch.exp(_at_least_fp32(self.A_log))
+        routed_D = self.routing("D") is not None
+        y = ops.selective_scan(u.mT, dt.mT, A, B.mT, C.mT, D=None if routed_D else _at_least_fp32(self.D),
+                               z=None if routed_D else z.mT, delta_softplus=True,
+                               modality=None if self.routing("A_log") is None else modality,
+                               backend=self.scan_backend).mT
+        if routed_D:
+            y = (y + u * self.D[modality]) * F.silu(z)
+        return x + self.out_proj(y, modality)
+
+    def allocate_state(self, batch_size: int, max_length: int | None = None) -> MambaState:
+        """Zero decoding state for ``batch_size`` sequences (``max_length`` is accepted and unused: the state
+        of a Mamba block does not grow with the sequence)."""
+        weight = self.in_proj.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        di = self.config.d_inner
+        return MambaState(conv=torch.zeros(batch_size, di, self.config.d_conv, dtype=weight.dtype,
+                                           device=weight.device),
+                          ssm=torch.zeros(batch_size, di, self.config.d_state, dtype=dtype, device=weight.device))
+
+    def step(self, x: torch.Tensor, modality: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """Decode one position: ``x (b, d_model)``, ``modality (b,)``; updates ``state`` in place."""
+        self.check_inputs(x, modality, step=True)
+        x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
+        state.conv.copy_(torch.cat([state.conv[..., 1:], x_in[..., None].to(state.conv.dtype)], dim=-1))
+        u = F.silu(self.conv1d.step(state.conv, modality))
+        dt_low, B, C = self._split(self.x_proj(u, modality))
+        dt = F.softplus(self.dt_proj(dt_low, modality)).to(state.ssm.dtype)
+        A_log = self.A_log if self.routing("A_log") is None else self.A_log[modality]
+        decay = torch.exp(dt[..., None] * -torch.exp(A_log.to(state.ssm.dtype)))
+        state.ssm.mul_(decay).add_((dt * u)[..., None] * B[:, None, :])
+        y = (state.ssm * C[:, None, :]).sum(-1) + u * self._D(modality)
+        y = (y * F.silu(z)).to(x.dtype)
+        return x + self.out_proj(y, modality)
+
+
+def build(config: MambaConfig, modalities: list[str], routed: frozenset[str], scan_backend: str) -> MambaBlock:
+    return MambaBlock(config, modalities, routed, scan_backend)
+
+
+@hookimpl
+def momkit_backbones():
+    return [Backbone(name="mamba", description="Mamba-1 selective SSM block; preset mom = Mixture-of-Mamba",
+                     config=MambaConfig, sublayers=SUBLAYERS, presets={"mom": MOM}, build=build)]
