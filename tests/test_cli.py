@@ -1,0 +1,70 @@
+"""The command line as a user runs it: exit status, one-line summaries, errors without tracebacks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from momkit.cli import main
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_validate_accepts_shipped_examples(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "valid model spec" in out and "parameters per block" in out
+
+
+def test_validate_rejects_broken_spec_without_traceback(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: broken\nmodalities: [text, image]\n"
+                    "backbone: {kind: mamba, d_model: 64, n_layers: 2, d_state: -4}\n"
+                    "routing: {specific: [in_proj, q_proj]}\n")
+    result = subprocess.run([sys.executable, "-m", "momkit", "validate", str(path)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "backbone.d_state: Input should be greater than 0" in result.stderr
+    assert "invalid spec" in result.stderr
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"),
+    ("name: [unclosed\n", "not valid YAML"),
+    ("name: x\nmodalities: [text]\nbackbone: {kind: mamba, d_model: 8, n_layers: 1}\nrouting: {specific: mot}\n",
+     "routing: .*preset 'mot' is not defined"),
+])
+def test_user_errors_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "spec.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert main(["validate", str(path)]) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_console_script_and_plugins_listing():
+    result = subprocess.run(["momkit", "plugins"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert ["backbone", "mamba", "momkit"] in [row[:3] for row in rows]
+    assert ["scan_backend", "reference", "momkit"] in [row[:3] for row in rows]
+    assert ["modality", "image", "momkit"] in [row[:3] for row in rows]
+
+
+def test_demo_runs_forward_backward_and_decoding(capsys):
+    spec = Path(__file__).parents[1] / "examples" / "mamba_mom.yaml"
+    assert main(["demo", str(spec), "--length", "48", "--decode", "12", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "forward" in out and "backward" in out
+    worst = float(out.rsplit("largest difference from the full forward ", 1)[1].split()[0])
+    assert worst < 1e-4
+
+
+def test_demo_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "x.yaml", "--length", "0"])
+    assert info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
