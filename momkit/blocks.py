@@ -14,7 +14,8 @@ from momkit.spec import BlockSpec, ModelSpec
 class Block(nn.Module):
     """Base class of backbone blocks: one pre-norm residual layer over interleaved modalities.
 
-    Subclasses implement ``forward(x, modality)`` for ``x (b, l, d_model)`` and ``modality (b, l)`` int64,
+    Subclasses implement ``forward(x, modality, seq_idx=None)`` for ``x (b, l, d_model)``, ``modality (b, l)``
+    int64 and, for packed documents, ``seq_idx (b, l)`` (no position sees another document),
     ``allocate_state(batch_size)`` and ``step(x_t, modality_t, state)`` for ``x_t (b, d_model)`` and
     ``modality_t (b,)``, which updates ``state`` in place; and call :meth:`check_inputs` first, so that a
     caller's mistake is a ``ValueError`` before any kernel runs.
@@ -39,8 +40,10 @@ class Block(nn.Module):
         """``n_modalities`` for a routed ``sublayer``, ``None`` for a shared one (see :mod:`momkit.routing`)."""
         return self.n_modalities if sublayer in self.routed else None
 
-    def check_inputs(self, x: torch.Tensor, modality: torch.Tensor, step: bool = False) -> None:
-        """Check ``x (b, l, d_model)`` and ``modality (b, l)`` (``(b, d_model)`` and ``(b,)`` for a step)."""
+    def check_inputs(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                     step: bool = False) -> None:
+        """Check ``x (b, l, d_model)``, ``modality (b, l)`` and the optional ``seq_idx (b, l)`` of packed
+        documents (``(b, d_model)`` and ``(b,)`` for a step)."""
         form = "(b, d_model)" if step else "(b, l, d_model)"
         if not isinstance(x, torch.Tensor) or x.dim() != (2 if step else 3) or x.shape[-1] != self.d_model:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -59,6 +62,13 @@ class Block(nn.Module):
             ids = ", ".join(f"{i} = {name}" for i, name in enumerate(self.modalities))
             raise ValueError(f"modality holds ids in [{int(modality.min())}, {int(modality.max())}]; "
                              f"valid ids: {ids}")
+        if seq_idx is not None and (not isinstance(seq_idx, torch.Tensor) or seq_idx.shape != modality.shape
+                                    or seq_idx.dtype not in (torch.int32, torch.int64)
+                                    or seq_idx.device != x.device):
+            got = (f"{tuple(seq_idx.shape)} {seq_idx.dtype} on {seq_idx.device}" if isinstance(seq_idx, torch.Tensor)
+                   else type(seq_idx).__name__)
+            raise ValueError(f"seq_idx must be an int32 or int64 tensor of shape {tuple(modality.shape)} on "
+                             f"{x.device}, like modality; got {got}")
 
 
 def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:

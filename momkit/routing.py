@@ -104,16 +104,25 @@ class CausalConv1d(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """``x (b, l, d)``, ``modality (b, l)`` -> ``(b, l, d)``."""
+    def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (b, l, d)``, ``modality (b, l)`` -> ``(b, l, d)``.
+
+        With ``seq_idx (b, l)`` (packed documents), no output sees an input of another document.
+        """
         k, length = self.kernel_size, x.shape[1]
-        if self.n_modalities is None:
+        if self.n_modalities is None and seq_idx is None:
             y = F.conv1d(x.transpose(1, 2), self.weight[:, None], self.bias, padding=k - 1, groups=self.dim)
             return y[..., :length].transpose(1, 2)
         padded = F.pad(x, (0, 0, k - 1, 0))
-        y = 0 if self.bias is None else self.bias[modality]
+        if seq_idx is not None:
+            padded_idx = F.pad(seq_idx, (k - 1, 0))
+        y = 0 if self.bias is None else (self.bias if self.n_modalities is None else self.bias[modality])
         for j in range(k):
-            y = y + padded[:, j:j + length] * self.weight[:, :, j][modality]
+            tap = self.weight[:, j] if self.n_modalities is None else self.weight[:, :, j][modality]
+            term = padded[:, j:j + length] * tap
+            if seq_idx is not None and j < k - 1:
+                term = term * (padded_idx[:, j:j + length] == seq_idx)[..., None]
+            y = y + term
         return y
 
     def step(self, window: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:

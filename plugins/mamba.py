@@ -113,11 +113,11 @@ class MambaBlock(Block):
     def _D(self, modality: torch.Tensor) -> torch.Tensor:
         return self.D if self.routing("D") is None else self.D[modality]
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """``x (b, l, d_model)``, ``modality (b, l)`` int64 -> ``(b, l, d_model)``."""
-        self.check_inputs(x, modality)
+    def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (b, l, d_model)``, ``modality (b, l)`` int64, optional ``seq_idx (b, l)`` -> ``(b, l, d_model)``."""
+        self.check_inputs(x, modality, seq_idx)
         x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
-        u = F.silu(self.conv1d(x_in, modality))
+        u = F.silu(self.conv1d(x_in, modality, seq_idx))
         dt_low, B, C = self._split(self.x_proj(u, modality))
         dt = self.dt_proj(dt_low, modality)
         A = -torch.exp(_at_least_fp32(self.A_log))
@@ -125,7 +125,7 @@ class MambaBlock(Block):
         y = ops.selective_scan(u.mT, dt.mT, A, B.mT, C.mT, D=None if routed_D else _at_least_fp32(self.D),
                                z=None if routed_D else z.mT, delta_softplus=True,
                                modality=None if self.routing("A_log") is None else modality,
-                               backend=self.scan_backend).mT
+                               seq_idx=seq_idx, backend=self.scan_backend).mT
         if routed_D:
             y = (y + u * self.D[modality]) * F.silu(z)
         return x + self.out_proj(y, modality)

@@ -108,3 +108,15 @@ def test_conv_step_matches_forward(gen, batch):
     for t in range(x.shape[1]):
         window = torch.cat([window[..., 1:], x[:, t, :, None]], dim=-1)
         torch.testing.assert_close(conv.step(window, modality[:, t]), y[:, t])
+
+
+@pytest.mark.parametrize("n_modalities", [None, M], ids=["shared", "routed"])
+def test_conv_respects_packed_documents(gen, batch, n_modalities):
+    x, modality = batch
+    conv = randomise(CausalConv1d(5, 4, n_modalities=n_modalities).double(), gen)
+    seq_idx = torch.zeros(x.shape[:2], dtype=torch.int32)
+    seq_idx[:, 4:] = 1
+    seq_idx[:, 9:] = 2
+    y = conv(x, modality, seq_idx)
+    for start, end in ((0, 4), (4, 9), (9, 11)):
+        torch.testing.assert_close(y[:, start:end], conv(x[:, start:end], modality[:, start:end]))

@@ -16,12 +16,20 @@ def _per_position_A(A: torch.Tensor, modality: torch.Tensor | None) -> torch.Ten
     return A if modality is None else A[modality]
 
 
+def _keep(seq_idx: torch.Tensor | None, t: int, like: torch.Tensor) -> torch.Tensor | None:
+    """``(b,)`` 1 where position ``t`` continues the document of ``t - 1``, 0 where a new one starts."""
+    if seq_idx is None or t == 0:
+        return None
+    return (seq_idx[:, t] == seq_idx[:, t - 1]).to(like.dtype)
+
+
 def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, modality=None):
+                         return_last_state=False, modality=None, seq_idx=None):
     """Mamba-1 selective scan, one position at a time.
 
     ``u, delta, z: (b, d, l)``; ``A: (d, n)``, or ``(M, d, n)`` with ``modality: (b, l)``;
-    ``B, C: (b, n, l)`` or ``(b, g, n, l)``; ``D, delta_bias: (d,)``.
+    ``B, C: (b, n, l)`` or ``(b, g, n, l)``; ``D, delta_bias: (d,)``; ``seq_idx: (b, l)``, the state
+    restarting from zero where it changes.
 
     ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``, ``y_t = C_t h_t + D u_t``, ``out = y silu(z)``.
     """
@@ -39,6 +47,9 @@ def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     h = u.new_zeros(batch, dim, A.shape[-1])
     ys = []
     for t in range(length):
+        keep = _keep(seq_idx, t, u)
+        if keep is not None:
+            h = h * keep[:, None, None]
         A_t = A_all if modality is None else A_all[:, t]
         h = torch.exp(delta[:, :, t, None] * A_t) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, :, :, t]
         ys.append((h * C[:, :, :, t]).sum(-1))
@@ -75,8 +86,8 @@ def naive_ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=
         s = initial_states.to(x.dtype)
     ys = []
     for t in range(length):
-        if seq_idx is not None and t > 0:
-            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).to(x.dtype)
+        keep = _keep(seq_idx, t, x)
+        if keep is not None:
             s = s * keep[:, None, None, None]
         A_t = A_all if modality is None else A_all[:, t]
         decay = torch.exp(dt[:, t] * A_t)

@@ -13,6 +13,7 @@ one chunk of ``T`` positions at a time:
   ``A``, ``B``, ``C`` and ``u`` follow in bulk from ``g`` and the states.
 
 Memory is a few ``(T, b, d, n)`` blocks instead of the ``(b, d, l, n)`` states an autograd graph would keep.
+Packed documents (``seq_idx``) zero the decay where a document starts, so no state crosses the boundary.
 """
 
 from __future__ import annotations
@@ -33,12 +34,22 @@ def _chunk_length(batch: int, dim: int, state: int) -> int:
     return length
 
 
+def _document_starts(seq_idx: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``(l, b, 1, 1)``: 0 where ``seq_idx (b, l)`` changes (the state restarts there), else 1."""
+    if seq_idx is None:
+        return None
+    keep = torch.ones(seq_idx.shape[::-1], dtype=dtype, device=seq_idx.device)
+    keep[1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).T.to(dtype)
+    return keep[:, :, None, None]
+
+
 class _Scan:
     """Shared state of one scan: inputs in time-major layout and the per-chunk work of both passes."""
 
-    def __init__(self, dt, du, A, B, C, modality, chunk):
+    def __init__(self, dt, du, A, B, C, modality, keep, chunk):
         self.dt, self.du, self.B, self.C = dt, du, B, C  # (l, b, d), (l, b, d), (l, b, g, n), (l, b, g, n)
         self.A, self.modality, self.chunk = A, modality, chunk
+        self.keep = keep  # (l, b, 1, 1): 0 where a packed document starts, else 1; or None
         length, batch, dim = dt.shape
         self.groups, self.state = B.shape[2], B.shape[3]
         self.gdim = dim // self.groups
@@ -63,6 +74,8 @@ class _Scan:
         decay, inp, hs = self.decay[:n], self.inp[:n], self.hs[:n]
         torch.mul(self.dt[s:e, :, :, None], self.A_block(s, e), out=decay)
         decay.exp_()
+        if self.keep is not None:
+            decay.mul_(self.keep[s:e])
         torch.mul(self.grouped(self.du[s:e, :, :, None]), self.B[s:e, :, :, None, :], out=self.grouped(inp))
         h = h0
         for t in range(n):
@@ -129,7 +142,7 @@ class SelectiveScanFn(torch.autograd.Function):
     """Autograd node of the chunked selective scan; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, modality, delta_softplus, chunk_length):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus, chunk_length):
         ct = torch.promote_types(u.dtype, torch.float32)
         batch, dim, length = u.shape
         raw = delta.to(ct)
@@ -142,7 +155,8 @@ class SelectiveScanFn(torch.autograd.Function):
         Cg = C if grouped_in else C[:, None]
         scan = _Scan(dt.permute(2, 0, 1).contiguous(), (dt * uc).permute(2, 0, 1).contiguous(), A.to(ct),
                      Bg.to(ct).permute(3, 0, 1, 2).contiguous(), Cg.to(ct).permute(3, 0, 1, 2).contiguous(),
-                     modality, chunk_length or _chunk_length(batch, dim, A.shape[-1]))
+                     modality, _document_starts(seq_idx, ct),
+                     chunk_length or _chunk_length(batch, dim, A.shape[-1]))
         y, starts = _forward(scan, uc.new_zeros(batch, dim, A.shape[-1]))
         y = y.permute(1, 2, 0)
         if D is not None:
@@ -183,14 +197,15 @@ class SelectiveScanFn(torch.autograd.Function):
         if B.dim() == 3:
             dB, dC = dB[:, 0], dC[:, 0]
         return (du.to(u.dtype), d_dt.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz,
-                d_bias, None, None, None)
+                d_bias, None, None, None, None)
 
 
 def selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, modality,
-                   chunk_length=None):
+                   seq_idx=None, chunk_length=None):
     """The reference backend's :func:`momkit.ops.selective_scan` (arguments already checked).
 
     ``chunk_length`` overrides the positions per chunk; the result does not depend on it.
     """
-    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, modality, delta_softplus, chunk_length)
+    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus,
+                                      chunk_length)
     return (out, last) if return_last_state else out

@@ -22,11 +22,13 @@ def available_backends() -> list[str]:
     return [b.name for b in get_registry().scan_backends.values() if b.is_available()]
 
 
-def resolve_backend(name: str, device: torch.device | str, op: str, routed_A: bool = False) -> ScanBackend:
+def resolve_backend(name: str, device: torch.device | str, op: str, extensions=frozenset()) -> ScanBackend:
     """The backend ``name`` (or, for ``"auto"``, the best one) that runs ``op`` on ``device``.
 
+    ``extensions`` are the front-door extensions the call uses (see :class:`ScanBackend`).
+
     Raises:
-        ValueError: ``name`` is not registered, cannot run here, or lacks ``op``, the device or routed ``A``;
+        ValueError: ``name`` is not registered, cannot run here, or lacks ``op``, the device or an extension;
             the message lists the backends that would do.
     """
     from momkit.registry import get_registry
@@ -35,11 +37,11 @@ def resolve_backend(name: str, device: torch.device | str, op: str, routed_A: bo
     backends = get_registry().scan_backends
 
     def fits(b: ScanBackend) -> bool:
-        return (getattr(b, op) is not None and device_type in b.devices and (b.routed_A or not routed_A)
+        return (getattr(b, op) is not None and device_type in b.devices and extensions <= b.extensions
                 and b.is_available())
 
     suitable = sorted((b for b in backends.values() if fits(b)), key=lambda b: -b.priority)
-    need = f"{op} on {device_type}" + (" with a per-modality A" if routed_A else "")
+    need = f"{op} on {device_type}" + "".join(f" with {e}" for e in sorted(extensions))
     if name == "auto":
         if not suitable:
             raise ValueError(f"no scan backend runs {need}; registered backends: {sorted(backends)}")
@@ -52,9 +54,13 @@ def resolve_backend(name: str, device: torch.device | str, op: str, routed_A: bo
     return backends[name]
 
 
+def _extensions(**used) -> frozenset[str]:
+    return frozenset(name for name, value in used.items() if value is not None)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, modality=None, backend="auto"):
-    """Mamba-1 selective scan with the interface of mamba_ssm's ``selective_scan_fn``.
+                   return_last_state=False, *, modality=None, seq_idx=None, backend="auto"):
+    """Mamba-1 selective scan with the interface of mamba_ssm's ``selective_scan_fn``, plus two extensions.
 
     ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`` and ``out_t = (C_t h_t + D u_t) silu(z_t)``, with
     ``delta`` first shifted by ``delta_bias`` and passed through softplus when ``delta_softplus``.
@@ -71,17 +77,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the state after the last position, ``(b, d, n)``.
         modality: ``(b, l)`` int64 modality of each position, only with a per-modality ``A``.
+        seq_idx: optional ``(b, l)`` integer document index of each position for packed sequences: the state
+            restarts from zero where it changes (as in :func:`ssd_scan`; mamba_ssm's selective scan lacks it).
         backend: a registered backend name, or ``"auto"``.
 
     Returns:
         ``out`` ``(b, d, l)`` in ``u``'s dtype, and the last state in float32 (float64 for float64 inputs)
         when ``return_last_state``.
     """
-    check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality)
-    impl = resolve_backend(backend, u.device, "selective_scan", routed_A=modality is not None)
+    check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx)
+    impl = resolve_backend(backend, u.device, "selective_scan", _extensions(modality=modality, seq_idx=seq_idx))
     return impl.selective_scan(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                                delta_softplus=delta_softplus, return_last_state=return_last_state,
-                               modality=modality)
+                               modality=modality, seq_idx=seq_idx)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
@@ -114,7 +122,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         inputs) when ``return_final_states``.
     """
     check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, modality)
-    impl = resolve_backend(backend, x.device, "ssd_scan", routed_A=modality is not None)
+    impl = resolve_backend(backend, x.device, "ssd_scan", _extensions(modality=modality))
     return impl.ssd_scan(x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                          initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
                          return_final_states=return_final_states, modality=modality)

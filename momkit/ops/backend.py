@@ -16,8 +16,14 @@ class ScanBackend:
 
     The front doors in :mod:`momkit.ops` check every argument before they call a backend, so a backend
     receives tensors of consistent shapes on one device and may assume them. Both callables take the front
-    door's arguments as keywords (``modality`` included, ``None`` when the caller does not route ``A``) and
-    return what the front door returns.
+    door's arguments as keywords (the extensions included, ``None`` when unused) and return what the front
+    door returns.
+
+    Extensions are what momkit's front doors add to mamba_ssm's interfaces; a backend lists those it
+    implements, and the front door refuses a call that needs one the backend lacks:
+
+    - ``"modality"``: a per-modality ``A`` with a leading ``M`` and a ``modality (b, l)`` index (both scans);
+    - ``"seq_idx"``: ``seq_idx`` for :func:`momkit.ops.selective_scan` (``ssd_scan`` always has it).
 
     Attributes:
         name: The name a spec's ``scan_backend`` and ``backend=`` select it by.
@@ -26,7 +32,7 @@ class ScanBackend:
         ssd_scan: Implements :func:`momkit.ops.ssd_scan`, or ``None`` if the backend lacks it.
         devices: Device types (``"cpu"``, ``"cuda"``) the backend runs on.
         priority: Among available backends for a device, ``backend="auto"`` picks the highest.
-        routed_A: Whether the backend accepts a per-modality ``A`` with a ``modality`` index.
+        extensions: The extensions (above) the backend implements.
         is_available: Whether the backend can run in this process (its compiler or library imports).
     """
 
@@ -36,5 +42,5 @@ class ScanBackend:
     ssd_scan: Callable | None = None
     devices: tuple[str, ...] = ("cpu",)
     priority: int = 0
-    routed_A: bool = False
+    extensions: frozenset[str] = frozenset()
     is_available: Callable[[], bool] = field(default=_always)

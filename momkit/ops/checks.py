@@ -47,7 +47,7 @@ def _check_A(A, modality, labels: tuple[str, str], shape: tuple, batch: int, len
                          f"{A.shape[0]} modalities; valid ids are 0..{A.shape[0] - 1}")
 
 
-def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality) -> None:
+def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx) -> None:
     """Check the arguments of :func:`momkit.ops.selective_scan`."""
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"u must be a torch.Tensor, got {type(u).__name__}")
@@ -69,6 +69,8 @@ def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality) -> None:
         expect_tensor("z", z, {"(b, d, l)": (batch, dim, length)}, dev)
     if delta_bias is not None:
         expect_tensor("delta_bias", delta_bias, {"(d,)": (dim,)}, dev)
+    if seq_idx is not None:
+        expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, dev, floating=False)
 
 
 def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, modality) -> None:

@@ -10,8 +10,17 @@ from momkit.kernels.reference.selective_scan import selective_scan
 GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
+def documents(gen, batch, length):
+    """``(b, l)`` int32 document index with random boundaries, including one-position documents."""
+    starts = torch.rand(batch, length, generator=gen) < 0.15
+    starts[:, 0] = False
+    if length > 3:
+        starts[0, length - 1] = starts[0, length - 2] = True
+    return starts.cumsum(1).to(torch.int32)
+
+
 def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, dtype=torch.float64, D=True,
-                z=True, bias=True):
+                z=True, bias=True, packed=False):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
@@ -28,6 +37,7 @@ def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, 
         delta_bias=0.3 * randn(dim) if bias else None,
         delta_softplus=True,
         modality=None if n_modalities is None else torch.randint(0, n_modalities, (batch, length), generator=gen),
+        seq_idx=documents(gen, batch, length) if packed else None,
     )
 
 
@@ -50,6 +60,8 @@ CASES = [
     dict(batch=2, dim=4, state=4, length=29, groups=4),
     dict(batch=2, dim=6, state=4, length=41, groups=3, n_modalities=3),
     dict(batch=1, dim=5, state=2, length=33, n_modalities=2),
+    dict(batch=2, dim=6, state=3, length=45, packed=True),
+    dict(batch=2, dim=4, state=3, length=31, groups=2, n_modalities=2, packed=True),
 ]
 
 
@@ -82,7 +94,7 @@ def test_optional_arguments(gen, D, z, bias, softplus):
 
 
 def test_gradcheck(gen):
-    inputs = make_inputs(gen, 1, 3, 2, 7, groups=1, n_modalities=2)
+    inputs = make_inputs(gen, 1, 3, 2, 7, groups=1, n_modalities=2, packed=True)
     leaves = [k for k in GRAD_INPUTS if inputs[k] is not None]
 
     def fn(*tensors):

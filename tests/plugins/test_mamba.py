@@ -126,8 +126,24 @@ def test_float32_block_trains(gen):
     (lambda x, m: (x, m.int()), "modality must be int64"),
     (lambda x, m: (x, m + 5), r"valid ids: 0 = text, 1 = image"),
     (lambda x, m: (x.long(), m), "floating-point"),
+    (lambda x, m: (x, m, m.float()), r"seq_idx must be an int32 or int64 tensor of shape \(2, 23\)"),
+    (lambda x, m: (x, m, m[:, 1:]), r"seq_idx must be .* like modality; got \(2, 22\)"),
 ])
 def test_block_rejects_bad_inputs(gen, bad, message):
     block = build("mom", gen)
     with pytest.raises(ValueError, match=message):
         block(*bad(*inputs(gen)))
+
+
+@pytest.mark.parametrize("specific", ["mom", ALL])
+def test_packed_documents_equal_separate_sequences(gen, specific):
+    block = build(specific, gen)
+    x, modality = inputs(gen, length=30)
+    seq_idx = torch.zeros(x.shape[:2], dtype=torch.int64)
+    seq_idx[0, 12:], seq_idx[1, 5:] = 1, 1
+    seq_idx[1, 6:] = 2
+    packed = block(x, modality, seq_idx)
+    for row, bounds in ((0, (0, 12, 30)), (1, (0, 5, 6, 30))):
+        for start, end in zip(bounds, bounds[1:]):
+            alone = block(x[row:row + 1, start:end], modality[row:row + 1, start:end])
+            torch.testing.assert_close(packed[row:row + 1, start:end], alone, rtol=1e-12, atol=1e-12)
