@@ -56,6 +56,9 @@ class Backbone:
         build: ``build(config, modalities, routed, scan_backend) -> nn.Module``: ``modalities`` is the
             spec's list of names, ``routed`` the frozenset of sublayers that get one weight set per modality,
             ``scan_backend`` the name passed to the scan front doors.
+        flops: ``flops(config, seq_len) -> {part: float}``: analytic forward FLOPs per token of one block,
+            keyed by sublayer name, plus keys for work without weights (``scan``, ``attention``); a matmul
+            of ``in -> out`` features counts ``2 * in * out``. Routing does not change them.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Backbone:
     config: type[BackboneConfig]
     sublayers: tuple[str, ...]
     build: Callable
+    flops: Callable
     presets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def preset(self, name: str) -> tuple[str, ...]:

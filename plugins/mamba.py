@@ -160,7 +160,26 @@ def build(config: MambaConfig, modalities: list[str], routed: frozenset[str], sc
     return MambaBlock(config, modalities, routed, scan_backend)
 
 
+def flops(config: MambaConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one block (independent of ``seq_len``).
+
+    The scan counts, per channel and state, the decay (a multiply and an exponential), the input
+    ``dt B u`` (two multiplies), the update (a multiply-add) and the read-out ``C h`` (a multiply-add): 8;
+    the skip, the gate and the softplus of ``dt`` add a few per channel.
+    """
+    d, di, n, r = config.d_model, config.d_inner, config.d_state, config.rank
+    return {
+        "norm": 4.0 * d,
+        "in_proj": 2.0 * d * 2 * di,
+        "conv1d": 2.0 * di * config.d_conv,
+        "x_proj": 2.0 * di * (r + 2 * n),
+        "dt_proj": 2.0 * r * di,
+        "scan": 8.0 * di * n + 8.0 * di,
+        "out_proj": 2.0 * di * d,
+    }
+
+
 @hookimpl
 def momkit_backbones():
     return [Backbone(name="mamba", description="Mamba-1 selective SSM block; preset mom = Mixture-of-Mamba",
-                     config=MambaConfig, sublayers=SUBLAYERS, presets={"mom": MOM}, build=build)]
+                     config=MambaConfig, sublayers=SUBLAYERS, presets={"mom": MOM}, build=build, flops=flops)]
