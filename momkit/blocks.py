@@ -84,4 +84,4 @@ def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
     if not isinstance(spec, BlockSpec):
         raise TypeError(f"build_block takes a BlockSpec, a ModelSpec or a dict, got {type(spec).__name__}")
     backbone = get_registry().get("backbone", spec.backbone.kind)
-    return backbone.build(spec.backbone, list(spec.modalities), spec.routed, spec.scan_backend)
+    return backbone.build(spec.backbone, spec.modality_names, spec.routed, spec.scan_backend)

@@ -47,7 +47,7 @@ def _summary(spec: BlockSpec | ModelSpec) -> str:
     b = spec.backbone
     routed = ", ".join(sorted(spec.routed)) or "none (dense)"
     what = f"model spec {spec.name!r}, {b.n_layers} layers of" if isinstance(spec, ModelSpec) else "block spec,"
-    return (f"valid {what} {b.kind} d_model {b.d_model}; modalities {', '.join(spec.modalities)}; "
+    return (f"valid {what} {b.kind} d_model {b.d_model}; modalities {', '.join(spec.modality_names)}; "
             f"routed: {routed}; scan backend {spec.scan_backend}; {_parameters(block):,} parameters per block")
 
 
@@ -86,11 +86,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     blocks = torch.nn.ModuleList(build_block(spec) for _ in range(layers))
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, args.length, spec.backbone.d_model, generator=g)
-    modality = _random_interleaved(args.batch, args.length, len(spec.modalities), g)
+    modality = _random_interleaved(args.batch, args.length, len(spec.modality_names), g)
     print(f"{args.spec}: {_summary(spec)}")
     print(f"{layers} block(s), {_parameters(blocks):,} parameters; batch {args.batch} x length {args.length}, "
           f"token counts per modality: " + ", ".join(
-              f"{name} {int((modality == i).sum())}" for i, name in enumerate(spec.modalities)))
+              f"{name} {int((modality == i).sum())}" for i, name in enumerate(spec.modality_names)))
 
     start = time.perf_counter()
     y = x

@@ -3,43 +3,56 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
+
+from torch import nn
 
 from momkit.ops.backend import ScanBackend
 
 if TYPE_CHECKING:
-    from momkit.spec import BackboneConfig
+    from momkit.spec import BackboneConfig, ModalityConfig
 
 __all__ = ["Backbone", "Dataset", "Modality", "Objective", "ScanBackend"]
 
 
 @dataclass(frozen=True)
 class Modality:
-    """A kind of token in an interleaved sequence.
+    """A kind of token in an interleaved sequence, and how tokens of that kind enter and leave the model.
+
+    A spec instantiates a modality with settings (its ``config`` model: a vocabulary size for discrete
+    tokens, a latent dimension for continuous vectors), possibly several times under different names.
 
     Attributes:
-        name: The name specs refer to it by.
-        kind: ``"discrete"`` (token ids below ``vocab_size``) or ``"continuous"`` (vectors of ``latent_dim``).
+        name: The ``kind`` a spec's modality entry selects it by.
         description: One line for ``momkit plugins`` and the docs.
-        vocab_size: Vocabulary size of a discrete modality.
-        latent_dim: Vector size of a continuous modality.
+        config: Pydantic model of its settings, a subclass of :class:`momkit.spec.ModalityConfig`.
+        build_adapter: ``build_adapter(config, d_model) -> nn.Module`` mapping token ids ``(N,)`` or latents
+            ``(N, latent_dim)`` to ``(N, d_model)``; by default an embedding or a linear projection.
+        build_head: ``build_head(config, d_model) -> nn.Module`` mapping ``(N, d_model)`` to logits
+            ``(N, vocab_size)`` or latents ``(N, latent_dim)``; by default a linear layer.
     """
 
     name: str
-    kind: Literal["discrete", "continuous"]
     description: str
-    vocab_size: int | None = None
-    latent_dim: int | None = None
+    config: type[ModalityConfig]
+    build_adapter: Callable = field(default=None)
+    build_head: Callable = field(default=None)
 
     def __post_init__(self):
-        if self.kind == "discrete" and not (self.vocab_size and self.vocab_size > 0 and self.latent_dim is None):
-            raise ValueError(f"discrete modality {self.name!r} needs a positive vocab_size and no latent_dim, "
-                             f"got vocab_size={self.vocab_size}, latent_dim={self.latent_dim}")
-        if self.kind == "continuous" and not (self.latent_dim and self.latent_dim > 0 and self.vocab_size is None):
-            raise ValueError(f"continuous modality {self.name!r} needs a positive latent_dim and no vocab_size, "
-                             f"got latent_dim={self.latent_dim}, vocab_size={self.vocab_size}")
-        if self.kind not in ("discrete", "continuous"):
-            raise ValueError(f"modality {self.name!r} has kind {self.kind!r}; expected 'discrete' or 'continuous'")
+        object.__setattr__(self, "build_adapter", self.build_adapter or default_adapter)
+        object.__setattr__(self, "build_head", self.build_head or default_head)
+
+
+def default_adapter(config: ModalityConfig, d_model: int) -> nn.Module:
+    """An embedding of ``vocab_size`` tokens, or a linear projection of ``latent_dim`` vectors, to ``d_model``."""
+    if config.discrete:
+        return nn.Embedding(config.vocab_size, d_model)
+    return nn.Linear(config.latent_dim, d_model)
+
+
+def default_head(config: ModalityConfig, d_model: int) -> nn.Module:
+    """A linear map from ``d_model`` to ``vocab_size`` logits or ``latent_dim`` values."""
+    return nn.Linear(d_model, config.vocab_size if config.discrete else config.latent_dim, bias=False)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from momkit.registry import get_registry
 
@@ -33,6 +33,44 @@ class StrictModel(BaseModel):
                 raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
                                  f"valid fields: {', '.join(cls.model_fields)}")
         return data
+
+
+class ModalityConfig(StrictModel):
+    """Settings of one modality of a spec; a modality plugin's own settings subclass this model.
+
+    A modality is discrete (``vocab_size``) or continuous (``latent_dim``): giving one clears the other's
+    default.
+    """
+
+    kind: str = Field(description="Name of a registered modality, e.g. `text`.")
+    name: str | None = Field(None, description="Name of the modality in this spec (default: `kind`), so one "
+                                                "kind can appear twice with different settings.")
+    vocab_size: int | None = Field(None, gt=0, description="Vocabulary size of discrete tokens.")
+    latent_dim: int | None = Field(None, gt=0, description="Dimension of continuous latent vectors.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_representation(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "latent_dim" in data and "vocab_size" not in data:
+                data = {**data, "vocab_size": None}
+            elif "vocab_size" in data and "latent_dim" not in data:
+                data = {**data, "latent_dim": None}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModalityConfig:
+        if (self.vocab_size is None) == (self.latent_dim is None):
+            raise ValueError(f"modality {self.kind!r} needs exactly one of vocab_size (discrete tokens) and "
+                             f"latent_dim (continuous vectors), got vocab_size={self.vocab_size}, "
+                             f"latent_dim={self.latent_dim}")
+        if self.name is None:
+            self.name = self.kind
+        return self
+
+    @property
+    def discrete(self) -> bool:
+        return self.vocab_size is not None
 
 
 class BackboneConfig(StrictModel):
@@ -67,41 +105,67 @@ class RoutingSpec(StrictModel):
         return frozenset(self.specific)
 
 
+def _init_details(error: dict) -> dict:
+    """A reported pydantic error as the details to raise it again."""
+    return {key: error[key] for key in ("type", "loc", "input", "ctx") if key in error}
+
+
+def _config_of(kind: str, value: Any) -> StrictModel:
+    """Validate ``value`` (a mapping with a ``kind``) by the config model of the ``kind`` plugin it names."""
+    if isinstance(value, StrictModel):
+        value = value.model_dump(exclude_unset=True)
+    if not isinstance(value, dict) or "kind" not in value:
+        raise ValueError(f"a {kind} must be a mapping with a `kind`, one of "
+                         f"{', '.join(get_registry().names(kind))}; got {value!r}")
+    return get_registry().get(kind, value["kind"]).config.model_validate(value)
+
+
 class BlockSpec(StrictModel):
     """One residual block: its modalities, backbone, routing and scan backend."""
 
     layers_required: ClassVar[bool] = False
 
-    modalities: list[str] = Field(min_length=1, description="Registered modality names; their order gives "
-                                                            "the modality ids 0..M-1.")
+    modalities: list[SerializeAsAny[ModalityConfig]] = Field(
+        min_length=1, description="The modalities, each a registered modality name (with its default settings) "
+                                  "or a mapping `{kind, name, ...settings}`; their order gives the modality ids "
+                                  "0..M-1.")
     backbone: SerializeAsAny[BackboneConfig] = Field(
         description="`kind` (a registered backbone), `d_model`, and that backbone's own options.")
     routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Routed and shared sublayers.")
     scan_backend: str = Field("auto", description="Scan backend of the state-space scans: `auto` (the best "
                                                   "available for the tensors' device) or a registered name.")
 
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _modality_settings(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        configs, errors = [], []
+        for i, entry in enumerate(value):
+            try:
+                configs.append(_config_of("modality", {"kind": entry} if isinstance(entry, str) else entry))
+            except ValidationError as exc:
+                errors += [{**_init_details(err), "loc": (i, *err["loc"])} for err in exc.errors()]
+            except ValueError as exc:
+                errors.append({"type": "value_error", "loc": (i,), "input": entry, "ctx": {"error": exc}})
+        if errors:
+            raise ValidationError.from_exception_data("modalities", errors)
+        return configs
+
     @field_validator("modalities")
     @classmethod
-    def _modalities_registered(cls, value: list[str]) -> list[str]:
-        registry = get_registry()
-        for name in value:
-            registry.get("modality", name)
-        repeated = sorted({m for m in value if value.count(m) > 1})
+    def _modality_names_unique(cls, value: list[ModalityConfig]) -> list[ModalityConfig]:
+        names = [m.name for m in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"modalities lists {', '.join(map(repr, repeated))} more than once")
+            raise ValueError(f"modalities names {', '.join(map(repr, repeated))} more than once; give repeated "
+                             f"kinds distinct `name`s")
         return value
 
     @field_validator("backbone", mode="before")
     @classmethod
     def _backbone_options(cls, value: Any) -> Any:
-        if isinstance(value, BackboneConfig):
-            value = value.model_dump(exclude_unset=True)
-        if not isinstance(value, dict):
-            raise ValueError(f"backbone must be a mapping with `kind`, `d_model` and options, got {value!r}")
-        if "kind" not in value:
-            raise ValueError(f"backbone needs a `kind`; registered backbones: "
-                             f"{', '.join(get_registry().names('backbone'))}")
-        config = get_registry().get("backbone", value["kind"]).config.model_validate(value)
+        config = _config_of("backbone", value)
         if cls.layers_required and config.n_layers is None:
             raise ValueError("backbone.n_layers is required in a model spec")
         if not cls.layers_required and config.n_layers is not None:
@@ -122,6 +186,11 @@ class BlockSpec(StrictModel):
         if value != "auto":
             get_registry().get("scan_backend", value)
         return value
+
+    @property
+    def modality_names(self) -> list[str]:
+        """The modalities' names, in modality-id order."""
+        return [m.name for m in self.modalities]
 
     @property
     def routed(self) -> frozenset[str]:

@@ -46,7 +46,8 @@ def test_user_errors_exit_2(tmp_path, capsys, content, message):
 
 
 def test_console_script_and_plugins_listing():
-    result = subprocess.run(["momkit", "plugins"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "momkit"
+    result = subprocess.run([str(script), "plugins"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     assert ["backbone", "mamba", "momkit"] in [row[:3] for row in rows]

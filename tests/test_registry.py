@@ -9,6 +9,7 @@ import pytest
 from momkit import hookimpl
 from momkit.descriptors import Modality
 from momkit.registry import KINDS, PluginError, Registry, get_registry
+from momkit.spec import ModalityConfig
 
 
 def modality_plugin(*names):
@@ -16,7 +17,7 @@ def modality_plugin(*names):
 
     @hookimpl
     def momkit_modalities():
-        return [Modality(name=n, kind="discrete", vocab_size=8, description="test") for n in names]
+        return [Modality(name=n, description="test", config=ModalityConfig) for n in names]
 
     module.momkit_modalities = momkit_modalities
     return module
@@ -60,12 +61,18 @@ def test_third_party_distribution_is_discovered(tmp_path, monkeypatch):
     package = tmp_path / "momkit_extra_modality"
     package.mkdir()
     (package / "__init__.py").write_text(textwrap.dedent("""
+        from pydantic import Field
+
         from momkit import hookimpl
         from momkit.descriptors import Modality
+        from momkit.spec import ModalityConfig
+
+        class VideoConfig(ModalityConfig):
+            latent_dim: int | None = Field(32, gt=0, description="latent size")
 
         @hookimpl
         def momkit_modalities():
-            return [Modality(name="video", kind="continuous", latent_dim=32, description="video latents")]
+            return [Modality(name="video", description="video latents", config=VideoConfig)]
     """))
     info = tmp_path / "momkit_extra_modality-0.1.dist-info"
     info.mkdir()
@@ -74,7 +81,7 @@ def test_third_party_distribution_is_discovered(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = Registry.from_entry_points()
     assert registry.tables["modality"]["video"].distribution == "momkit-extra-modality"
-    assert registry.modalities["video"].latent_dim == 32
+    assert registry.modalities["video"].config.model_validate({"kind": "video"}).latent_dim == 32
     sys.modules.pop("momkit_extra_modality", None)
 
 

@@ -45,7 +45,12 @@ def test_presets(preset, routed):
     (with_changes(backbone_d_stat=8), "backbone", "'d_stat'.*valid fields: .*d_state"),
     (with_changes(backbone_d_state=0), "backbone.d_state", "greater than 0"),
     (with_changes(modalities=["text", "imgae"]), "modalities", "unknown modality 'imgae'; registered: .*image"),
-    (with_changes(modalities=["text", "text"]), "modalities", "'text' more than once"),
+    (with_changes(modalities=["text", "text"]), "modalities", "'text' more than once; give repeated kinds"),
+    (with_changes(modalities=["text", {"kind": "image", "vocab_size": 8, "latent_dim": 4}]), "modalities",
+     "exactly one of vocab_size .* and latent_dim"),
+    (with_changes(modalities=["text", {"name": "image_vq"}]), "modalities", "mapping with a `kind`, one of"),
+    (with_changes(modalities=["text", {"kind": "image", "vocab": 8}]), "modalities.1",
+     "'vocab'.*valid fields: kind, name, vocab_size, latent_dim"),
     (with_changes(modalities=[]), "modalities", "at least 1"),
     (with_changes(routing={"specific": ["in_proj", "conv"]}), "routing",
      "'conv', not a sublayer of backbone 'mamba'; its sublayers: norm, in_proj, conv1d"),
@@ -62,6 +67,19 @@ def test_invalid_block_specs_name_the_field(spec, field, message):
     assert any(".".join(map(str, e["loc"])).startswith(field) for e in errors), errors
     assert any(__import__("re").search(message, e["msg"]) for e in errors), errors
     assert isinstance(info.value, ValueError)
+
+
+def test_one_modality_kind_twice_with_different_settings():
+    spec = BlockSpec.model_validate(with_changes(modalities=[
+        "text", {"kind": "image", "name": "image_vq", "vocab_size": 8192},
+        {"kind": "image", "name": "image_latent", "latent_dim": 16}]))
+    assert spec.modality_names == ["text", "image_vq", "image_latent"]
+    text, vq, latent = spec.modalities
+    assert (text.discrete, text.vocab_size) == (True, 256)
+    assert (vq.discrete, vq.vocab_size) == (True, 8192)
+    assert (latent.discrete, latent.latent_dim, latent.vocab_size) == (False, 16, None)
+    assert BlockSpec.model_validate(spec.model_dump()) == spec
+    assert momkit.build_block(spec).n_modalities == 3
 
 
 def test_model_spec_needs_n_layers_and_yields_its_block():
