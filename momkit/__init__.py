@@ -1,13 +1,18 @@
 """momkit: modality-routed sequence models from one declarative spec."""
 
 from momkit import ops
+from momkit.accounting import account
+from momkit.batch import Batch
 from momkit.blocks import Block, build_block
+from momkit.generation import Generation, ModalitySchedule, ScheduleRule
 from momkit.hookspecs import hookimpl, hookspec
 from momkit.registry import Registry, get_registry, use_registry
-from momkit.spec import BackboneConfig, BlockSpec, ModelSpec, RoutingSpec, load_spec
+from momkit.model import Model, ModelOutput, build_model
+from momkit.spec import BackboneConfig, BlockSpec, ModalityConfig, ModelSpec, RoutingSpec, load_spec
 
 __all__ = [
-    "BackboneConfig", "Block", "BlockSpec", "ModelSpec", "Registry", "RoutingSpec", "build_block", "get_registry",
-    "hookimpl", "hookspec", "load_spec", "ops", "use_registry",
+    "BackboneConfig", "Batch", "Block", "BlockSpec", "Generation", "ModalityConfig", "ModalitySchedule", "Model",
+    "ModelOutput", "ModelSpec", "Registry", "RoutingSpec", "ScheduleRule", "account", "build_block", "build_model",
+    "get_registry", "hookimpl", "hookspec", "load_spec", "ops", "use_registry",
 ]
 __version__ = "0.1.0"

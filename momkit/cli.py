@@ -1,4 +1,4 @@
-"""The ``momkit`` command line: ``validate``, ``plugins`` and ``demo``.
+"""The ``momkit`` command line: ``validate``, ``plugins``, ``info`` and ``demo``.
 
 A user's mistake (a bad spec, a missing file) prints what is wrong and exits with status 2, never a
 traceback.
@@ -13,6 +13,7 @@ import time
 import torch
 from pydantic import ValidationError
 
+from momkit.accounting import account
 from momkit.blocks import build_block
 from momkit.registry import KINDS, PluginError, get_registry
 from momkit.spec import BlockSpec, ModelSpec, load_spec
@@ -64,6 +65,45 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     print(f"{'kind':<{widths[0]}}  {'name':<{widths[1]}}  {'distribution':<{widths[2]}}  description")
     for row in rows:
         print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
+    return 0
+
+
+def _model_spec(path: str) -> ModelSpec:
+    spec = _load(path)
+    if not isinstance(spec, ModelSpec):
+        raise UsageError(f"{path}: this command needs a model spec (with `name` and `backbone.n_layers`), "
+                         f"not a block spec")
+    return spec
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table with right-aligned numeric columns."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    spec = _model_spec(args.spec)
+    acc = account(spec, seq_len=args.seq_len)
+    names = spec.modality_names
+    print(f"{args.spec}: {spec.name}, {spec.backbone.n_layers} x {spec.backbone.kind} d_model "
+          f"{spec.backbone.d_model}, modalities {', '.join(names)}\n")
+    rows = [[s.name, "routed" if s.routed else "shared", f"{s.total:,}", f"{s.active:,}"] for s in acc.sublayers]
+    rows += [[f"adapter {n}", "per modality", f"{acc.adapters[n]:,}", ""] for n in names]
+    rows += [[f"head {n}", "per modality", f"{acc.heads[n]:,}", ""] for n in names]
+    rows.append(["total", "", f"{acc.total:,}", ""])
+    rows += [[f"active per {n} token", "", "", f"{acc.active[n]:,}"] for n in names]
+    print(_table(["parameters", "", "total", "active per token"], rows))
+    parts = list(next(iter(acc.training_flops.values())))
+    rows = [[part, *(f"{acc.training_flops[n][part]:.4g}" for n in names)] for part in parts]
+    rows.append(["total", *(f"{sum(acc.training_flops[n].values()):.4g}" for n in names)])
+    print(f"\ntraining FLOPs per token (forward + backward, sequence length {args.seq_len})")
+    print(_table(["part", *names], rows))
     return 0
 
 
@@ -135,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_validate)
     p = sub.add_parser("plugins", help="list every registered name and the distribution providing it")
     p.set_defaults(run=cmd_plugins)
+    p = sub.add_parser("info", help="parameters (total, active per token) and training FLOPs per token of a "
+                                    "model spec, by sublayer and modality")
+    p.add_argument("spec", help="path of a YAML model spec")
+    p.add_argument("--seq-len", type=_positive, default=2048, help="sequence length for attention FLOPs "
+                                                                   "(default 2048)")
+    p.set_defaults(run=cmd_info)
     p = sub.add_parser("demo", help="build a spec's blocks and run forward, backward and token-by-token "
                                     "decoding on a random interleaved batch")
     p.add_argument("spec", help="path of a YAML spec")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from momkit.registry import get_registry
 
 Preset = Literal["dense", "mom", "mot", "all"]
+MODEL_SUBLAYERS = ("final_norm",)
 
 
 class StrictModel(BaseModel):
@@ -91,14 +92,21 @@ class RoutingSpec(StrictModel):
                     "(none), `all` (every sublayer), `mom` (Mixture-of-Mamba) or `mot` "
                     "(Mixture-of-Transformers), where the backbone defines it.")
 
-    def resolve(self, backbone) -> frozenset[str]:
-        """The routed sublayers of ``backbone`` (a :class:`momkit.descriptors.Backbone`)."""
+    def resolve(self, backbone, model_sublayers: tuple[str, ...] = ()) -> frozenset[str]:
+        """The routed sublayers of ``backbone`` (a :class:`momkit.descriptors.Backbone`).
+
+        ``model_sublayers`` are the routable sublayers outside the blocks (a model's ``final_norm``), which
+        a list may name and the ``all`` preset, or a backbone preset that lists them, routes.
+        """
+        valid = (*backbone.sublayers, *model_sublayers)
         if isinstance(self.specific, str):
-            return frozenset(backbone.preset(self.specific))
-        unknown = [s for s in self.specific if s not in backbone.sublayers]
+            preset = backbone.preset(self.specific)
+            extra = model_sublayers if self.specific == "all" else ()
+            return frozenset(s for s in (*preset, *extra) if s in valid)
+        unknown = [s for s in self.specific if s not in valid]
         if unknown:
             raise ValueError(f"routing.specific names {', '.join(map(repr, unknown))}, not a sublayer of "
-                             f"backbone {backbone.name!r}; its sublayers: {', '.join(backbone.sublayers)}")
+                             f"backbone {backbone.name!r}; its sublayers: {', '.join(valid)}")
         repeated = sorted({s for s in self.specific if self.specific.count(s) > 1})
         if repeated:
             raise ValueError(f"routing.specific lists {', '.join(map(repr, repeated))} more than once")
@@ -124,6 +132,7 @@ class BlockSpec(StrictModel):
     """One residual block: its modalities, backbone, routing and scan backend."""
 
     layers_required: ClassVar[bool] = False
+    model_sublayers: ClassVar[tuple[str, ...]] = ()
 
     modalities: list[SerializeAsAny[ModalityConfig]] = Field(
         min_length=1, description="The modalities, each a registered modality name (with its default settings) "
@@ -177,7 +186,7 @@ class BlockSpec(StrictModel):
     def _routing_fits_backbone(cls, value: RoutingSpec, info) -> RoutingSpec:
         backbone = info.data.get("backbone")
         if backbone is not None:
-            value.resolve(get_registry().get("backbone", backbone.kind))
+            value.resolve(get_registry().get("backbone", backbone.kind), cls.model_sublayers)
         return value
 
     @field_validator("scan_backend")
@@ -195,20 +204,23 @@ class BlockSpec(StrictModel):
     @property
     def routed(self) -> frozenset[str]:
         """The sublayers that hold one weight set per modality."""
-        return self.routing.resolve(get_registry().get("backbone", self.backbone.kind))
+        return self.routing.resolve(get_registry().get("backbone", self.backbone.kind), self.model_sublayers)
 
 
 class ModelSpec(BlockSpec):
     """A model: a named stack of ``backbone.n_layers`` blocks of one BlockSpec."""
 
     layers_required: ClassVar[bool] = True
+    model_sublayers: ClassVar[tuple[str, ...]] = MODEL_SUBLAYERS
 
     name: str = Field(min_length=1, description="Name of the model, used in logs and summaries.")
 
     def block(self) -> BlockSpec:
-        """The spec of one of the model's blocks."""
+        """The spec of one of the model's blocks (the routing of the model-level sublayers left out)."""
         data = self.model_dump(exclude={"name"})
         data["backbone"].pop("n_layers")
+        data["routing"]["specific"] = (self.routing.specific if isinstance(self.routing.specific, str) else
+                                       [s for s in self.routing.specific if s not in MODEL_SUBLAYERS])
         return BlockSpec.model_validate(data)
 
 

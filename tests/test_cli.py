@@ -69,3 +69,35 @@ def test_demo_rejects_bad_arguments(capsys):
         main(["demo", "x.yaml", "--length", "0"])
     assert info.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def _info_rows(path, capsys):
+    assert main(["info", str(path)]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0]:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def number(text):
+    return int(text.replace(",", ""))
+
+
+def test_info_mom_and_dense_equal_active_parameters(capsys):
+    examples = Path(__file__).parents[1] / "examples"
+    mom, dense = _info_rows(examples / "mamba_mom.yaml", capsys), _info_rows(examples / "mamba_dense.yaml", capsys)
+    for name in ("text", "image"):
+        assert mom[f"active per {name} token"] == dense[f"active per {name} token"]
+    extra = sum(number(mom[s][1]) - number(dense[s][1]) for s in ("in_proj", "x_proj", "dt_proj", "out_proj"))
+    assert extra == sum(number(dense[s][1]) for s in ("in_proj", "x_proj", "dt_proj", "out_proj"))
+    assert number(mom["total"][1]) - number(dense["total"][1]) == extra
+    assert mom["conv1d"] == dense["conv1d"] and mom["in_proj"][0] == "routed" and dense["in_proj"][0] == "shared"
+
+
+def test_info_needs_a_model_spec(tmp_path, capsys):
+    path = tmp_path / "block.yaml"
+    path.write_text("modalities: [text]\nbackbone: {kind: mamba, d_model: 8}\n")
+    assert main(["info", str(path)]) == 2
+    assert "needs a model spec" in capsys.readouterr().err

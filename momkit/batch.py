@@ -1,0 +1,33 @@
+"""The one input type of a model: a batch of interleaved multimodal sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+
+@dataclass
+class Batch:
+    """A batch of interleaved multimodal sequences.
+
+    Attributes:
+        modality: ``(b, l)`` int64 modality id of each position (the index into the spec's modalities).
+        tokens: ``(b, l)`` int64 token ids, read at the positions of discrete modalities (other entries are
+            ignored); required when a discrete modality occurs.
+        latents: ``{name: (b, l, latent_dim)}`` for each continuous modality that occurs, read at its positions.
+        seq_idx: optional ``(b, l)`` integer document index for packed sequences; no position sees another
+            document.
+    """
+
+    modality: torch.Tensor
+    tokens: torch.Tensor | None = None
+    latents: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    seq_idx: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device``."""
+        move = (lambda t: None if t is None else t.to(device))
+        return Batch(move(self.modality), move(self.tokens), {k: v.to(device) for k, v in self.latents.items()},
+                     move(self.seq_idx))

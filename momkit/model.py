@@ -1,0 +1,178 @@
+"""The whole multimodal model: modality adapters, a stack of blocks, a final norm and modality heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from momkit.batch import Batch
+from momkit.blocks import build_block
+from momkit.generation import Generation, generate
+from momkit.registry import get_registry
+from momkit.routing import RMSNorm
+from momkit.spec import ModelSpec
+
+
+@dataclass
+class ModelOutput:
+    """Predictions of a model for a :class:`Batch`, addressable by modality name.
+
+    For a discrete modality, ``predictions[name]`` holds the logits ``(N, vocab_size)`` of the next token at
+    every position whose next position is of that modality and in the same document; for a continuous one,
+    the head's output ``(N, latent_dim)`` at the modality's own positions. ``targets[name]`` is the ``(b, l)``
+    mask of the positions predicted, in the row-major order of ``predictions[name]``.
+
+    Attributes:
+        hidden: ``(b, l, d_model)`` the final-norm output.
+        predictions: ``{name: (N, out)}``.
+        targets: ``{name: (b, l) bool}``.
+    """
+
+    hidden: torch.Tensor
+    predictions: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+
+
+def _next_of(modality: torch.Tensor, seq_idx: torch.Tensor | None, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks ``(b, l)`` of the positions whose successor is of modality ``i`` (same document), and of those
+    successors."""
+    follows = torch.zeros_like(modality, dtype=torch.bool)
+    follows[:, :-1] = modality[:, 1:] == i
+    if seq_idx is not None:
+        follows[:, :-1] &= seq_idx[:, 1:] == seq_idx[:, :-1]
+    target = torch.zeros_like(follows)
+    target[:, 1:] = follows[:, :-1]
+    return follows, target
+
+
+class Model(nn.Module):
+    """A model built from a :class:`momkit.ModelSpec` by :func:`build_model`.
+
+    Attributes:
+        spec: The spec it was built from.
+        adapters: ``{name: module}`` mapping a modality's tokens or latents to ``d_model``.
+        blocks: The ``n_layers`` blocks.
+        final_norm: RMSNorm after the last block, routed when the spec routes ``final_norm``.
+        heads: ``{name: module}`` mapping ``d_model`` to a modality's logits or latents.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        registry = get_registry()
+        d_model = spec.backbone.d_model
+        kinds = [registry.get("modality", m.kind) for m in spec.modalities]
+        self.adapters = nn.ModuleDict({m.name: k.build_adapter(m, d_model) for m, k in zip(spec.modalities, kinds)})
+        self.blocks = nn.ModuleList(build_block(spec) for _ in range(spec.backbone.n_layers))
+        n = len(spec.modalities) if "final_norm" in spec.routed else None
+        self.final_norm = RMSNorm(d_model, n_modalities=n)
+        self.heads = nn.ModuleDict({m.name: k.build_head(m, d_model) for m, k in zip(spec.modalities, kinds)})
+
+    @property
+    def modalities(self):
+        """The spec's modality settings, in modality-id order."""
+        return self.spec.modalities
+
+    def check(self, batch: Batch) -> None:
+        """Raise ``ValueError`` naming what is wrong with ``batch`` for this model."""
+        modality = batch.modality
+        if not isinstance(modality, torch.Tensor) or modality.dim() != 2 or modality.dtype != torch.int64:
+            got = f"{tuple(modality.shape)} {modality.dtype}" if isinstance(modality, torch.Tensor) else modality
+            raise ValueError(f"batch.modality must be a (b, l) int64 tensor, got {got}")
+        names = ", ".join(f"{i} = {m.name}" for i, m in enumerate(self.modalities))
+        if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= len(self.modalities)):
+            raise ValueError(f"batch.modality holds ids in [{int(modality.min())}, {int(modality.max())}]; "
+                             f"valid ids: {names}")
+        continuous = [m.name for m in self.modalities if not m.discrete]
+        unknown = sorted(set(batch.latents) - set(continuous))
+        if unknown:
+            raise ValueError(f"batch.latents has {unknown}, not continuous modalities of this model; "
+                             f"its continuous modalities: {continuous or 'none'}")
+        for i, m in enumerate(self.modalities):
+            where = modality == i
+            if not bool(where.any()):
+                continue
+            if m.discrete:
+                self._check_tokens(batch.tokens, where, m)
+            else:
+                latents = batch.latents.get(m.name)
+                want = (*modality.shape, m.latent_dim)
+                if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != want:
+                    got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
+                    raise ValueError(f"batch.latents[{m.name!r}] must be {want} = (b, l, latent_dim) since "
+                                     f"modality {m.name!r} occurs; got {got}")
+        if batch.seq_idx is not None and (batch.seq_idx.shape != modality.shape or batch.seq_idx.is_floating_point()):
+            raise ValueError(f"batch.seq_idx must be an integer tensor of shape {tuple(modality.shape)}, got "
+                             f"{tuple(batch.seq_idx.shape)} {batch.seq_idx.dtype}")
+
+    @staticmethod
+    def _check_tokens(tokens: Any, where: torch.Tensor, m) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.shape != where.shape or tokens.dtype != torch.int64:
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else tokens
+            raise ValueError(f"batch.tokens must be a {tuple(where.shape)} int64 tensor since discrete modality "
+                             f"{m.name!r} occurs; got {got}")
+        bad = where & ((tokens < 0) | (tokens >= m.vocab_size))
+        if bool(bad.any()):
+            row, pos = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"token id {int(tokens[row, pos])} at batch row {row}, position {pos} is out of range "
+                             f"for modality {m.name!r} (vocab_size {m.vocab_size}): valid ids are "
+                             f"0..{m.vocab_size - 1}")
+
+    def embed(self, modality: torch.Tensor, tokens: torch.Tensor | None, latents: Mapping[str, torch.Tensor]):
+        """``(*, d_model)`` inputs of the blocks for positions of ``modality (*)``."""
+        weight = next(self.parameters())
+        h = torch.zeros(*modality.shape, self.spec.backbone.d_model, dtype=weight.dtype, device=weight.device)
+        for i, m in enumerate(self.modalities):
+            where = modality == i
+            if bool(where.any()):
+                h[where] = self.adapters[m.name](tokens[where] if m.discrete else latents[m.name][where]).to(h.dtype)
+        return h
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Run the model on ``batch``; see :class:`ModelOutput`."""
+        self.check(batch)
+        h = self.embed(batch.modality, batch.tokens, batch.latents)
+        for block in self.blocks:
+            h = block(h, batch.modality, batch.seq_idx)
+        h = self.final_norm(h, batch.modality)
+        predictions, targets = {}, {}
+        for i, m in enumerate(self.modalities):
+            if m.discrete:
+                source, targets[m.name] = _next_of(batch.modality, batch.seq_idx, i)
+            else:
+                source = targets[m.name] = batch.modality == i
+            predictions[m.name] = self.heads[m.name](h[source])
+        return ModelOutput(hidden=h, predictions=predictions, targets=targets)
+
+    def allocate_state(self, batch_size: int, max_length: int | None = None) -> list:
+        """Decoding state of every block for ``batch_size`` sequences."""
+        return [block.allocate_state(batch_size, max_length) for block in self.blocks]
+
+    def step(self, tokens: torch.Tensor, modality: torch.Tensor, state: list,
+             latents: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Feed one position per sequence: ``tokens (b,)``, ``modality (b,)`` (and ``latents {name: (b, dim)}``
+        for continuous ones); returns the final-norm output ``(b, d_model)`` and advances ``state``."""
+        h = self.embed(modality, tokens, latents or {})
+        for block, block_state in zip(self.blocks, state):
+            h = block.step(h, modality, block_state)
+        return self.final_norm(h, modality)
+
+    def generate(self, prompt: Batch, max_new_tokens: int, **options) -> Generation:
+        """Sample a continuation of each prompt; see :func:`momkit.generation.generate`."""
+        return generate(self, prompt, max_new_tokens, **options)
+
+
+def build_model(spec: ModelSpec | dict[str, Any]) -> Model:
+    """Build the model of a :class:`ModelSpec` (or its dict form).
+
+    Raises:
+        ValueError: the spec is invalid (a pydantic ``ValidationError`` naming each bad field).
+    """
+    if isinstance(spec, dict):
+        spec = ModelSpec.model_validate(spec)
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"build_model takes a ModelSpec or a dict, got {type(spec).__name__}")
+    return Model(spec)

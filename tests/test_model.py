@@ -1,0 +1,163 @@
+"""The whole model: inputs checked at the edge, predictions per modality, generation through the step path."""
+
+import pytest
+import torch
+
+import momkit
+from momkit import Batch, ModalitySchedule, ScheduleRule, build_model
+
+MODALITIES = ["text", {"kind": "image", "name": "image_vq", "vocab_size": 40},
+              {"kind": "image", "name": "image_latent", "latent_dim": 6}]
+
+
+def spec(routing="mom", modalities=MODALITIES, kind="mamba", **backbone):
+    options = {"mamba": {"d_state": 4, "dt_rank": 2}}.get(kind, {})
+    return {"name": "test", "modalities": modalities, "routing": {"specific": routing},
+            "backbone": {"kind": kind, "d_model": 16, "n_layers": 2, **options, **backbone}}
+
+
+def random_model(gen, **kwargs):
+    model = build_model(spec(**kwargs)).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "A_log" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.4)
+    return model
+
+
+def random_batch(gen, model, batch=2, length=19, modalities=None):
+    n = len(model.modalities)
+    modality = torch.randint(0, n if modalities is None else modalities, (batch, length), generator=gen)
+    tokens = torch.randint(0, 40, (batch, length), generator=gen)
+    latents = {m.name: torch.randn(batch, length, m.latent_dim, generator=gen, dtype=torch.float64)
+               for m in model.modalities if not m.discrete}
+    return Batch(modality=modality, tokens=tokens, latents=latents)
+
+
+def test_forward_predictions_per_modality(gen):
+    model = random_model(gen)
+    batch = random_batch(gen, model)
+    out = model(batch)
+    assert out.hidden.shape == (2, 19, 16)
+    for i, m in enumerate(model.modalities):
+        width = m.vocab_size if m.discrete else m.latent_dim
+        assert out.predictions[m.name].shape == (int(out.targets[m.name].sum()), width)
+        if m.discrete:
+            assert torch.equal(out.targets[m.name][:, 0], torch.zeros(2, dtype=torch.bool))
+            assert torch.equal(out.targets[m.name][:, 1:], batch.modality[:, 1:] == i)
+    loss = sum(p.square().mean() for p in out.predictions.values())
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_discrete_predictions_come_from_the_previous_position(gen):
+    model = random_model(gen)
+    batch = random_batch(gen, model)
+    out = model(batch)
+    text = out.targets["text"].nonzero()
+    row, pos = (int(v) for v in text[0])
+    expected = model.heads["text"](out.hidden[row, pos - 1])
+    torch.testing.assert_close(out.predictions["text"][0], expected)
+
+
+def test_packed_documents_do_not_predict_across_boundaries(gen):
+    model = random_model(gen)
+    batch = random_batch(gen, model, batch=1, length=12, modalities=1)
+    batch.seq_idx = torch.tensor([[0] * 5 + [1] * 7])
+    out = model(batch)
+    assert not bool(out.targets["text"][0, 5])
+    assert int(out.targets["text"].sum()) == 10
+    alone = model(Batch(modality=batch.modality[:, 5:], tokens=batch.tokens[:, 5:]))
+    torch.testing.assert_close(out.hidden[:, 5:], alone.hidden, rtol=1e-12, atol=1e-12)
+
+
+def test_final_norm_is_routable():
+    routed = build_model(spec(routing=["in_proj", "final_norm"]))
+    assert routed.final_norm.weight.shape == (3, 16)
+    assert build_model(spec(routing="all")).final_norm.weight.shape == (3, 16)
+    assert build_model(spec(routing="mom")).final_norm.weight.shape == (16,)
+    assert routed.blocks[0].routed == {"in_proj"}
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda b: setattr(b, "tokens", b.tokens.masked_fill(b.modality == 0, 300)),
+     "token id 300 at batch row 0, position .* out of range for modality 'text' .vocab_size 256.: valid ids are "
+     "0..255"),
+    (lambda b: setattr(b, "tokens", None), "batch.tokens must be a .2, 19. int64 tensor since discrete modality"),
+    (lambda b: setattr(b, "latents", {}), r"batch.latents\['image_latent'\] must be \(2, 19, 6\)"),
+    (lambda b: setattr(b, "latents", {**b.latents, "video": b.modality}), r"batch.latents has \['video'\]"),
+    (lambda b: setattr(b, "modality", b.modality + 3), r"valid ids: 0 = text, 1 = image_vq, 2 = image_latent"),
+    (lambda b: setattr(b, "seq_idx", torch.zeros(2, 18, dtype=torch.int64)), "batch.seq_idx must be"),
+])
+def test_bad_batches_are_named(gen, change, message):
+    model = random_model(gen)
+    batch = random_batch(gen, model)
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        model(batch)
+
+
+def greedy_matches_full_forward(model, generation, prompt_lengths):
+    """Every generated token is the argmax of the full forward's prediction for its position."""
+    for row in range(generation.tokens.shape[0]):
+        n = int(generation.lengths[row])
+        out = model(Batch(modality=generation.modality[row:row + 1, :n], tokens=generation.tokens[row:row + 1, :n]))
+        for m in model.modalities:
+            if not m.discrete:
+                continue
+            targets = out.targets[m.name][0].nonzero()[:, 0]
+            picked = out.predictions[m.name].argmax(-1)
+            for position, token in zip(targets.tolist(), picked.tolist()):
+                if position >= int(prompt_lengths[row]):
+                    assert int(generation.tokens[row, position]) == token, (row, position)
+
+
+def test_greedy_generation_equals_argmax_of_full_forward(gen):
+    model = random_model(gen, modalities=["text", {"kind": "image", "vocab_size": 40}])
+    prompt = random_batch(gen, model, batch=3, length=7)
+    lengths = torch.tensor([7, 3, 5])
+    schedule = ModalitySchedule(default="text", rules=(ScheduleRule(after="text", after_token=5, then="image",
+                                                                    count=4),))
+    result = model.generate(prompt, 12, prompt_lengths=lengths, temperature=0, schedule=schedule)
+    assert result.tokens.shape == (3, 19) and result.lengths.tolist() == [19, 15, 17]
+    for row in range(3):
+        n = int(lengths[row])
+        assert torch.equal(result.tokens[row, :n], prompt.tokens[row, :n])
+    greedy_matches_full_forward(model, result, lengths)
+
+
+def test_schedule_switches_modality_after_trigger(gen):
+    model = random_model(gen, modalities=["text", {"kind": "image", "vocab_size": 40}])
+    prompt = Batch(modality=torch.zeros(1, 3, dtype=torch.int64), tokens=torch.tensor([[1, 2, 9]]))
+    schedule = ModalitySchedule(default="text", rules=(ScheduleRule(after="text", after_token=9, then="image",
+                                                                    count=4),))
+    result = model.generate(prompt, 6, temperature=0.8, top_k=5, schedule=schedule,
+                            generator=torch.Generator().manual_seed(0))
+    assert result.modality[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0]
+    assert int(result.tokens[0, 3:7].max()) < 40
+
+
+def test_generation_rejects_bad_options(gen):
+    model = random_model(gen)
+    prompt = random_batch(gen, model, batch=1, length=4, modalities=1)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        model.generate(prompt, 0)
+    with pytest.raises(ValueError, match="cannot sample modality 'image_latent': it is continuous"):
+        model.generate(prompt, 2, schedule=ModalitySchedule(default="image_latent"))
+    with pytest.raises(ValueError, match="schedule names modality 'audio'"):
+        model.generate(prompt, 2, schedule=ModalitySchedule(default="audio"))
+    with pytest.raises(ValueError, match=r"prompt_lengths must be \(1,\) with values in 1..4"):
+        model.generate(prompt, 2, prompt_lengths=torch.tensor([5]))
+
+
+def test_top_k_one_is_greedy(gen):
+    model = random_model(gen, modalities=["text"])
+    prompt = random_batch(gen, model, batch=2, length=5)
+    greedy = model.generate(prompt, 6, temperature=0)
+    top1 = model.generate(prompt, 6, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy.tokens, top1.tokens)
+
+
+def test_public_names():
+    for name in ("build_model", "Batch", "Model", "ModalitySchedule", "ScheduleRule", "account"):
+        assert hasattr(momkit, name)
