@@ -34,6 +34,7 @@ class Block(nn.Module):
 
     @property
     def n_modalities(self) -> int:
+        """Number of modalities ``M``, the leading dimension of routed parameters."""
         return len(self.modalities)
 
     def routing(self, sublayer: str) -> int | None:

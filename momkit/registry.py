@@ -15,7 +15,6 @@ from momkit.ops.backend import ScanBackend
 
 ENTRY_POINT_GROUP = "momkit"
 
-# kind -> (hook name, descriptor type)
 KINDS = {
     "modality": ("momkit_modalities", Modality),
     "backbone": ("momkit_backbones", Backbone),
@@ -23,6 +22,7 @@ KINDS = {
     "scan_backend": ("momkit_scan_backends", ScanBackend),
     "dataset": ("momkit_datasets", Dataset),
 }
+"""Each kind of registered name: ``{kind: (hook name, descriptor type)}``."""
 
 
 class PluginError(ValueError):
@@ -119,22 +119,27 @@ class Registry:
 
     @property
     def modalities(self) -> dict[str, Modality]:
+        """``{name: Modality}`` of every registered modality."""
         return self._descriptors("modality")
 
     @property
     def backbones(self) -> dict[str, Backbone]:
+        """``{name: Backbone}`` of every registered backbone."""
         return self._descriptors("backbone")
 
     @property
     def objectives(self) -> dict[str, Objective]:
+        """``{name: Objective}`` of every registered objective."""
         return self._descriptors("objective")
 
     @property
     def scan_backends(self) -> dict[str, ScanBackend]:
+        """``{name: ScanBackend}`` of every registered scan backend."""
         return self._descriptors("scan_backend")
 
     @property
     def datasets(self) -> dict[str, Dataset]:
+        """``{name: Dataset}`` of every registered dataset."""
         return self._descriptors("dataset")
 
 

@@ -9,14 +9,13 @@ would be valid.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from momkit.registry import get_registry
 
-Preset = Literal["dense", "mom", "mot", "all"]
 MODEL_SUBLAYERS = ("final_norm",)
 
 
@@ -71,6 +70,7 @@ class ModalityConfig(StrictModel):
 
     @property
     def discrete(self) -> bool:
+        """Whether tokens are discrete ids (else continuous vectors)."""
         return self.vocab_size is not None
 
 
@@ -86,11 +86,11 @@ class BackboneConfig(StrictModel):
 class RoutingSpec(StrictModel):
     """Which sublayers hold one weight set per modality (routed); the rest hold one shared set."""
 
-    specific: Union[list[str], Preset] = Field(
+    specific: Union[list[str], str] = Field(
         "dense",
-        description="The routed sublayers: a list of the backbone's sublayer names, or a preset: `dense` "
-                    "(none), `all` (every sublayer), `mom` (Mixture-of-Mamba) or `mot` "
-                    "(Mixture-of-Transformers), where the backbone defines it.")
+        description="The routed sublayers: a list of the backbone's sublayer names, or the name of a preset: "
+                    "`dense` (none) and `all` (every sublayer) for every backbone, and the backbone's own, "
+                    "such as `mom` (Mixture-of-Mamba) or `mot` (Mixture-of-Transformers).")
 
     def resolve(self, backbone, model_sublayers: tuple[str, ...] = ()) -> frozenset[str]:
         """The routed sublayers of ``backbone`` (a :class:`momkit.descriptors.Backbone`).

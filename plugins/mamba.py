@@ -64,10 +64,12 @@ class MambaConfig(BackboneConfig):
 
     @property
     def d_inner(self) -> int:
+        """Width of the mixer: ``expand * d_model``."""
         return self.expand * self.d_model
 
     @property
     def rank(self) -> int:
+        """The dt projection's rank, ``dt_rank`` resolved."""
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
 
 
