@@ -1,4 +1,4 @@
-"""The ``momkit`` command line: ``validate``, ``plugins``, ``info`` and ``demo``.
+"""The ``momkit`` command line: ``validate``, ``plugins``, ``info``, ``train``, ``ablate``, ``report``, ``demo``.
 
 A user's mistake (a bad spec, a missing file) prints what is wrong and exits with status 2, never a
 traceback.
@@ -9,31 +9,39 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 
+from momkit.ablate import load_suite, report, run_suite
 from momkit.accounting import account
 from momkit.blocks import build_block
 from momkit.registry import KINDS, PluginError, get_registry
 from momkit.spec import BlockSpec, ModelSpec, load_spec
+from momkit.train import train
 
 USAGE_ERROR = 2
+INTERRUPTED = 130
 
 
 class UsageError(Exception):
     """A mistake of the user's, reported as a message and exit status 2."""
 
 
+def _describe(path: str, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid spec ({exc.error_count()} error{'s' * (exc.error_count() > 1)})"]
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
 def _load(path: str) -> BlockSpec | ModelSpec:
     try:
         return load_spec(path)
     except ValidationError as exc:
-        lines = [f"{path}: invalid spec ({exc.error_count()} error{'s' * (exc.error_count() > 1)})"]
-        for err in exc.errors():
-            where = ".".join(str(part) for part in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
-        raise UsageError("\n".join(lines)) from None
+        raise UsageError(_describe(path, exc)) from None
     except ValueError as exc:
         raise UsageError(f"{path}: {exc}") from None
 
@@ -104,6 +112,43 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows.append(["total", *(f"{sum(acc.training_flops[n].values()):.4g}" for n in names)])
     print(f"\ntraining FLOPs per token (forward + backward, sequence length {args.seq_len})")
     print(_table(["part", *names], rows))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = _model_spec(args.spec)
+    out = Path(args.out) if args.out else Path("runs") / spec.name
+    try:
+        record = train(spec, out, max_steps=args.max_steps, device=args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+    print(f"{out}: step {record.get('step', 0)}, held-out loss {losses or 'not evaluated yet'}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    try:
+        suite, base = load_suite(args.suite)
+    except ValidationError as exc:
+        raise UsageError(_describe(args.suite, exc)) from None
+    except ValueError as exc:
+        raise UsageError(f"{args.suite}: {exc}") from None
+    try:
+        run_suite(suite, base, args.out, max_steps=args.max_steps, device=args.device)
+    except ValueError as exc:
+        raise UsageError(f"{args.suite}: {exc}") from None
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"tables and plots in {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        report(args.dir)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print((Path(args.dir) / "summary.md").read_text())
     return 0
 
 
@@ -181,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, default=2048, help="sequence length for attention FLOPs "
                                                                    "(default 2048)")
     p.set_defaults(run=cmd_info)
+    p = sub.add_parser("train", help="train a model spec on its data (resumes an interrupted run)")
+    p.add_argument("spec", help="path of a YAML model spec")
+    p.add_argument("--out", help="run directory (default runs/<spec name>)")
+    p.add_argument("--max-steps", type=_positive, help="stop after this many steps")
+    p.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N)")
+    p.set_defaults(run=cmd_train)
+    p = sub.add_parser("ablate", help="train every variant x seed of a suite, then write tables and plots")
+    p.add_argument("suite", help="path of a YAML suite")
+    p.add_argument("--out", required=True, help="suite directory (re-running resumes and skips finished runs)")
+    p.add_argument("--max-steps", type=_positive, help="stop each run after this many steps")
+    p.add_argument("--device", help="override train.device of every run")
+    p.set_defaults(run=cmd_ablate)
+    p = sub.add_parser("report", help="rebuild a suite directory's tables and plots from its run logs")
+    p.add_argument("dir", help="suite directory written by momkit ablate")
+    p.set_defaults(run=cmd_report)
     p = sub.add_parser("demo", help="build a spec's blocks and run forward, backward and token-by-token "
                                     "decoding on a random interleaved batch")
     p.add_argument("spec", help="path of a YAML spec")
@@ -199,3 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, PluginError) as exc:
         print(exc, file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs and the last checkpoint are kept; run the same command again to "
+              "resume", file=sys.stderr)
+        return INTERRUPTED

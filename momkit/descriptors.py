@@ -10,7 +10,7 @@ from torch import nn
 from momkit.ops.backend import ScanBackend
 
 if TYPE_CHECKING:
-    from momkit.spec import BackboneConfig, ModalityConfig
+    from momkit.spec import BackboneConfig, DatasetConfig, ModalityConfig, ObjectiveConfig
 
 __all__ = ["Backbone", "Dataset", "Modality", "Objective", "ScanBackend"]
 
@@ -96,13 +96,20 @@ class Objective:
     """A training objective: turns a model's output for one modality into a loss.
 
     Attributes:
-        name: The name specs refer to it by.
+        name: The ``kind`` a spec's objective entry selects it by.
         description: One line for ``momkit plugins`` and the docs.
-        build: Factory of the loss module.
+        config: Pydantic model of its settings, a subclass of :class:`momkit.spec.ObjectiveConfig`.
+        discrete: ``True`` if it applies to discrete modalities only, ``False`` for continuous ones only.
+        build: ``build(config, modality_config, modality_id) -> loss`` where ``loss`` has
+            ``prepare(batch, generator) -> (batch, context)``, which may alter the inputs (a diffusion
+            objective noises the latents), and ``__call__(output, batch, context) -> (loss_sum, count)``: the
+            summed loss over the modality's predictions and their number.
     """
 
     name: str
     description: str
+    config: type[ObjectiveConfig]
+    discrete: bool
     build: Callable
 
 
@@ -111,11 +118,18 @@ class Dataset:
     """A source of interleaved multimodal sequences.
 
     Attributes:
-        name: The name specs refer to it by.
+        name: The ``kind`` a spec's ``data`` selects it by.
         description: One line for ``momkit plugins`` and the docs.
-        build: Factory of the iterable of batches.
+        config: Pydantic model of its settings, a subclass of :class:`momkit.spec.DatasetConfig`.
+        build: ``build(config, modalities, split, seq_len) -> source``: ``modalities`` is the spec's list of
+            :class:`momkit.spec.ModalityConfig` (their order gives the modality ids), ``split`` is ``"train"`` or
+            ``"eval"``; ``source.batch(index, batch_size)`` returns the :class:`momkit.Batch` number ``index``
+            of ``(batch_size, seq_len)`` sequences, the same for the same index, packed documents marked by
+            ``seq_idx``; ``source.num_batches(batch_size)`` is ``None`` for an endless split, else how many
+            distinct batches it has.
     """
 
     name: str
     description: str
+    config: type[DatasetConfig]
     build: Callable

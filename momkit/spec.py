@@ -207,17 +207,100 @@ class BlockSpec(StrictModel):
         return self.routing.resolve(get_registry().get("backbone", self.backbone.kind), self.model_sublayers)
 
 
+class ObjectiveConfig(StrictModel):
+    """The training objective of one modality; an objective plugin's own settings subclass this model."""
+
+    kind: str = Field(description="Name of a registered objective: `next_token` (discrete modalities) or "
+                                  "`diffusion` (continuous ones).")
+    weight: float = Field(1.0, ge=0, description="Weight of this modality's loss in the training loss.")
+
+
+class DatasetConfig(StrictModel):
+    """The data a model trains and evaluates on; a dataset plugin's own settings subclass this model."""
+
+    kind: str = Field(description="Name of a registered dataset, e.g. `shapes` (built in, no download).")
+    seed: int = Field(0, description="Seed of the data: the same seed gives the same sequences.")
+
+
+class TrainConfig(StrictModel):
+    """How a model is trained: optimiser, schedule, batches, evaluation and checkpoints."""
+
+    steps: int = Field(200, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    seq_len: int = Field(256, ge=2, description="Positions per training sequence.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate of AdamW.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of `lr` at the "
+                                                             "end of the cosine decay.")
+    warmup_steps: int = Field(20, ge=0, description="Steps of linear warm-up from 0 to `lr`.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay of matrices (not of norms, biases, "
+                                                       "A_log, D, dt biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
+    eval_every: int = Field(50, ge=1, description="Evaluate on the held-out split every this many steps "
+                                                  "(and after the last).")
+    eval_batches: int = Field(4, ge=1, description="Held-out batches per evaluation.")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    seed: int = Field(0, description="Seed of initialisation and of the objectives' noise.")
+    device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda`, `cuda:1`, ...")
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$", description="`bf16` autocast, `fp32`, or "
+                                                                             "`auto` (bf16 on CUDA, fp32 on CPU).")
+
+
 class ModelSpec(BlockSpec):
-    """A model: a named stack of ``backbone.n_layers`` blocks of one BlockSpec."""
+    """A model: a named stack of ``backbone.n_layers`` blocks of one BlockSpec, with how to train it."""
 
     layers_required: ClassVar[bool] = True
     model_sublayers: ClassVar[tuple[str, ...]] = MODEL_SUBLAYERS
 
     name: str = Field(min_length=1, description="Name of the model, used in logs and summaries.")
+    objectives: dict[str, SerializeAsAny[ObjectiveConfig]] = Field(
+        default_factory=dict, description="Objective of each modality by name; a modality left out gets "
+                                          "`next_token` if discrete, `diffusion` if continuous.")
+    data: SerializeAsAny[DatasetConfig] | None = Field(None, description="Training and held-out data; `None` "
+                                                                         "is the built-in `shapes` dataset.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objective_settings(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {name: _config_of("objective", entry) for name, entry in value.items()}
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_settings(cls, value: Any) -> Any:
+        return None if value is None else _config_of("dataset", value)
+
+    @model_validator(mode="after")
+    def _objectives_fit_modalities(self) -> ModelSpec:
+        names = self.modality_names
+        for name, objective in self.objectives.items():
+            if name not in names:
+                raise ValueError(f"objectives names modality {name!r}, not one of this spec's: {', '.join(names)}")
+            modality = self.modalities[names.index(name)]
+            if get_registry().get("objective", objective.kind).discrete != modality.discrete:
+                form = "discrete" if modality.discrete else "continuous"
+                fits = [n for n, o in get_registry().objectives.items() if o.discrete == modality.discrete]
+                raise ValueError(f"objective {objective.kind!r} does not apply to {form} modality {name!r}; "
+                                 f"objectives for {form} modalities: {', '.join(fits) or 'none'}")
+        return self
+
+    def objective(self, name: str) -> ObjectiveConfig:
+        """The objective of modality ``name``: the spec's, else the default for its kind."""
+        if name in self.objectives:
+            return self.objectives[name]
+        modality = self.modalities[self.modality_names.index(name)]
+        return _config_of("objective", {"kind": "next_token" if modality.discrete else "diffusion"})
+
+    def dataset(self) -> DatasetConfig:
+        """The spec's ``data``, or the built-in ``shapes`` dataset."""
+        return self.data if self.data is not None else _config_of("dataset", {"kind": "shapes"})
 
     def block(self) -> BlockSpec:
         """The spec of one of the model's blocks (the routing of the model-level sublayers left out)."""
-        data = self.model_dump(exclude={"name"})
+        data = self.model_dump(include=set(BlockSpec.model_fields))
         data["backbone"].pop("n_layers")
         data["routing"]["specific"] = (self.routing.specific if isinstance(self.routing.specific, str) else
                                        [s for s in self.routing.specific if s not in MODEL_SUBLAYERS])

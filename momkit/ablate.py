@@ -1,0 +1,255 @@
+"""Ablation suites: train every variant of a base spec for every seed, then compare them per modality.
+
+A suite file names a base model spec, the variants (named overrides of dotted spec fields, and/or a grid
+over such fields), the seeds, the baseline variant and overrides applied to every variant (training and data
+settings). Every variant's spec is validated before any training starts. Runs live in
+``OUT/runs/<variant>/seed<k>/`` (see :mod:`momkit.train`): a finished run is skipped and an interrupted one
+resumes, so re-running the same command completes a suite. The summary is rebuilt from the run logs alone.
+
+FLOPs-to-match (the Mixture-of-Mamba paper's headline metric) is, per modality, the fraction of the
+baseline's training FLOPs at which a variant's held-out loss first reaches the baseline's final held-out
+loss, linearly interpolated between evaluations of the seed-averaged curves.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from momkit.spec import ModelSpec, StrictModel
+from momkit.train import METRICS_FILE, RESULT_FILE, train
+
+SUITE_FILE = "suite.json"
+
+
+class SuiteSpec(StrictModel):
+    """An ablation suite."""
+
+    name: str = Field(min_length=1, description="Name of the suite, used in the summary.")
+    base: Union[str, dict[str, Any]] = Field(description="The base model spec: a path (relative to the suite "
+                                                         "file) or an inline mapping.")
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Named variants, each a mapping of dotted spec fields to values, "
+                                          "e.g. `{routing.specific: dense}`.")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Dotted spec fields and the values to try; every combination is a "
+                                          "variant named `field=value,...`.")
+    seeds: list[int] = Field([0], min_length=1, description="Seeds (`train.seed`) of every variant.")
+    baseline: str = Field(description="The variant the others are compared with.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted spec fields set in every "
+                                                                        "variant (training and data settings).")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_not_empty(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, v in value.items() if not v]
+        if empty:
+            raise ValueError(f"grid field(s) {', '.join(map(repr, empty))} have no values; give at least one")
+        return value
+
+    @model_validator(mode="after")
+    def _variants_and_baseline(self) -> SuiteSpec:
+        names = list(self.all_variants())
+        if not names:
+            raise ValueError("the suite has no variants: give `variants` and/or a `grid`")
+        if self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not a variant; variants: {', '.join(names)}")
+        return self
+
+    def all_variants(self) -> dict[str, dict[str, Any]]:
+        """``{variant: overrides}``: the named variants, then the grid's combinations."""
+        variants = dict(self.variants)
+        fields = list(self.grid)
+        for values in itertools.product(*self.grid.values()) if fields else ():
+            name = ",".join(f"{f}={_label(v)}" for f, v in zip(fields, values))
+            variants[name] = dict(zip(fields, values))
+        return variants
+
+
+def _label(value: Any) -> str:
+    return "+".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted!r}: {key!r} is not a mapping in the spec")
+    node[keys[-1]] = value
+
+
+def variant_specs(suite: SuiteSpec, base: dict[str, Any]) -> dict[str, dict[int, ModelSpec]]:
+    """``{variant: {seed: ModelSpec}}``, every spec validated (``ValueError`` naming variant and field)."""
+    specs = {}
+    for name, changes in suite.all_variants().items():
+        specs[name] = {}
+        for seed in suite.seeds:
+            data = copy.deepcopy(base)
+            for dotted, value in {**suite.overrides, **changes, "train.seed": seed}.items():
+                _set(data, dotted, value)
+            data["name"] = f"{name}/seed{seed}"
+            try:
+                specs[name][seed] = ModelSpec.model_validate(data)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
+                                     for e in exc.errors())
+                raise ValueError(f"variant {name!r} (seed {seed}) is not a valid spec: {problems}") from None
+    return specs
+
+
+def load_suite(path: str | Path) -> tuple[SuiteSpec, dict[str, Any]]:
+    """Read a suite file and its base spec (as a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"suite file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    suite = SuiteSpec.model_validate(data)
+    if isinstance(suite.base, str):
+        base_path = path.parent / suite.base
+        if not base_path.is_file():
+            raise ValueError(f"base spec {suite.base!r} of {path} does not exist (looked at {base_path})")
+        base = yaml.safe_load(base_path.read_text())
+    else:
+        base = suite.base
+    return suite, base
+
+
+def run_suite(suite: SuiteSpec, base: dict[str, Any], out_dir: str | Path, *, max_steps: int | None = None,
+              device: str | None = None, progress: bool = True) -> None:
+    """Train every variant and seed of ``suite`` under ``out_dir`` (skipping finished runs), then report."""
+    specs = variant_specs(suite, base)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUITE_FILE).write_text(json.dumps({"name": suite.name, "baseline": suite.baseline,
+                                              "variants": list(specs), "seeds": suite.seeds}, indent=1))
+    for name, by_seed in specs.items():
+        for seed, spec in by_seed.items():
+            train(spec, run_dir(out, name, seed), max_steps=max_steps, device=device, progress=progress)
+    report(out)
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / variant.replace("/", "_") / f"seed{seed}"
+
+
+def _eval_curve(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == "eval"]
+
+
+def flops_to_match(curve: list[tuple[float, float]], target: float, budget: float) -> float | None:
+    """First FLOPs at which ``curve`` ``[(flops, loss)]`` reaches ``target``, as a fraction of ``budget``;
+    ``None`` if it never does. Linear interpolation between points; the curve starts at ``(0, inf)``."""
+    previous = (0.0, math.inf)
+    for flops, loss in curve:
+        if loss <= target:
+            if math.isinf(previous[1]):
+                return flops / budget
+            fraction = (previous[1] - target) / (previous[1] - loss) if previous[1] != loss else 1.0
+            return (previous[0] + fraction * (flops - previous[0])) / budget
+        previous = (flops, loss)
+    return None
+
+
+def _mean_curve(curves: list[list[dict]], key: str) -> list[tuple[float, float]]:
+    """Seed-averaged ``[(flops, loss)]`` over the evaluation steps every seed has."""
+    by_step = [{r["step"]: r for r in c if key in r} for c in curves]
+    steps = sorted(set.intersection(*(set(s) for s in by_step))) if by_step else []
+    return [(sum(s[k]["flops"] for s in by_step) / len(by_step), sum(s[k][key] for s in by_step) / len(by_step))
+            for k in steps]
+
+
+def report(out_dir: str | Path) -> list[dict]:
+    """Rebuild ``summary.csv``, ``summary.md`` and the plots of ``out_dir`` from its run logs."""
+    out = Path(out_dir)
+    if not (out / SUITE_FILE).exists():
+        raise ValueError(f"{out} holds no suite (no {SUITE_FILE}); run `momkit ablate` there first")
+    meta = json.loads((out / SUITE_FILE).read_text())
+    curves = {v: [_eval_curve(run_dir(out, v, s) / METRICS_FILE) for s in meta["seeds"]] for v in meta["variants"]}
+    finished = {v: all((run_dir(out, v, s) / RESULT_FILE).exists() for s in meta["seeds"]) for v in meta["variants"]}
+    keys = sorted({k for cs in curves.values() for c in cs for r in c for k in r if k.startswith("loss/")})
+    base = meta["baseline"]
+    rows = []
+    for key in keys:
+        modality = key[len("loss/"):]
+        base_curve = _mean_curve(curves[base], key)
+        for variant in meta["variants"]:
+            finals = [c[-1][key] for c in curves[variant] if c and key in c[-1]]
+            if not finals:
+                continue
+            mean = sum(finals) / len(finals)
+            std = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) if len(finals) > 1 else 0.0
+            row = {"variant": variant, "modality": modality, "loss": mean, "std": std, "seeds": len(finals),
+                   "finished": finished[variant], "gain": None, "flops_to_match": None}
+            if base_curve:
+                target, budget = base_curve[-1][1], base_curve[-1][0]
+                row["gain"] = (target - mean) / target
+                row["flops_to_match"] = flops_to_match(_mean_curve(curves[variant], key), target, budget)
+            rows.append(row)
+    _write_tables(out, meta, rows)
+    _plot(out, meta, curves, keys)
+    return rows
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def _write_tables(out: Path, meta: dict, rows: list[dict]) -> None:
+    with (out / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["variant", "modality", "loss", "std", "seeds", "finished", "gain",
+                                               "flops_to_match"])
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# {meta['name']}", "",
+             f"Held-out loss after training (mean ± std over seeds {meta['seeds']}); gain over the baseline "
+             f"`{meta['baseline']}`; FLOPs-to-match: the fraction of the baseline's training FLOPs at which the "
+             f"variant first reaches the baseline's final loss (`not reached` if it never does).", "",
+             "| modality | variant | loss | gain | FLOPs-to-match |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        reached = "not reached" if r["flops_to_match"] is None and r["gain"] is not None else \
+            _fmt(r["flops_to_match"], "{:.1%}")
+        status = "" if r["finished"] else " (unfinished)"
+        lines.append(f"| {r['modality']} | {r['variant']}{status} | {r['loss']:.4f} ± {r['std']:.4f} | "
+                     f"{_fmt(r['gain'], '{:+.2%}')} | {reached} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(out: Path, meta: dict, curves: dict, keys: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "plots").mkdir(exist_ok=True)
+    for key in keys:
+        modality = key[len("loss/"):]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant in meta["variants"]:
+            curve = _mean_curve(curves[variant], key)
+            if curve:
+                style = {"linewidth": 2.5, "color": "black"} if variant == meta["baseline"] else {}
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3, label=variant,
+                        **style)
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(f"held-out loss ({modality})")
+        ax.set_title(f"{meta['name']}: {modality}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "plots" / f"loss_vs_flops_{modality}.png", dpi=120)
+        plt.close(fig)

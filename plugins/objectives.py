@@ -1,0 +1,108 @@
+"""Built-in objectives: next-token cross-entropy for discrete modalities, DDPM noise prediction for continuous.
+
+``next_token`` is the Chameleon-style loss when images are VQ tokens: every discrete token is predicted from
+the positions before it. ``diffusion`` is the Transfusion-style loss on continuous latents: each segment of a
+continuous modality (a run of its positions within one document, e.g. one image) is noised to a random
+diffusion step, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, and the model predicts ``eps`` at those
+positions, with the preceding tokens (the caption) as condition through the causal sequence. The step ``t`` is
+not given to the model as an input: it reads the noise level off the noised latents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from momkit import hookimpl
+from momkit.batch import Batch
+from momkit.descriptors import Objective
+from momkit.spec import ObjectiveConfig
+
+
+class NextTokenConfig(ObjectiveConfig):
+    """Cross-entropy of the next token."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy.")
+
+
+class DiffusionConfig(ObjectiveConfig):
+    """DDPM noise prediction on continuous latents."""
+
+    timesteps: int = Field(1000, ge=1, description="Number of diffusion steps T.")
+    schedule: str = Field("cosine", pattern="^(cosine|linear)$", description="Noise schedule: `cosine` "
+                                                                             "(Nichol & Dhariwal) or `linear`.")
+
+
+class NextToken:
+    """Summed cross-entropy of the tokens of one discrete modality, predicted from the previous position."""
+
+    def __init__(self, config: NextTokenConfig, name: str):
+        self.config, self.name = config, name
+
+    def prepare(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, None]:
+        return batch, None
+
+    def __call__(self, output, batch: Batch, context: None) -> tuple[torch.Tensor, int]:
+        logits = output.predictions[self.name]
+        targets = batch.tokens[output.targets[self.name]]
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=self.config.label_smoothing)
+        return loss, targets.numel()
+
+
+def _alpha_bar(config: DiffusionConfig) -> torch.Tensor:
+    """``(T,)`` cumulative signal fraction ``abar_t`` for ``t = 1..T``."""
+    t = torch.arange(1, config.timesteps + 1, dtype=torch.float64) / config.timesteps
+    if config.schedule == "cosine":
+        f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (f / math.cos(0.008 / 1.008 * math.pi / 2) ** 2).clamp(1e-5, 1.0)
+    betas = torch.linspace(1e-4, 0.02, config.timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def _segments(modality: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """``(b, l)`` id of each run of one modality within one document, numbered over the whole batch."""
+    starts = torch.ones_like(modality, dtype=torch.bool)
+    starts[:, 1:] = modality[:, 1:] != modality[:, :-1]
+    if seq_idx is not None:
+        starts[:, 1:] |= seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts.flatten().cumsum(0).view_as(modality) - 1
+
+
+class Diffusion:
+    """Noises one continuous modality's latents per segment and scores the predicted noise (summed MSE)."""
+
+    def __init__(self, config: DiffusionConfig, name: str, modality_id: int):
+        self.config, self.name, self.modality_id = config, name, modality_id
+        self.alpha_bar = _alpha_bar(config)
+
+    def prepare(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, torch.Tensor]:
+        where = batch.modality == self.modality_id
+        clean = batch.latents[self.name]
+        segments = _segments(batch.modality, batch.seq_idx)
+        count = int(segments.max()) + 1
+        steps = torch.randint(0, self.config.timesteps, (count,), generator=generator)
+        abar = self.alpha_bar[steps].to(clean.dtype).to(clean.device)[segments][..., None]
+        noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(clean.device)
+        noised = torch.where(where[..., None], abar.sqrt() * clean + (1 - abar).sqrt() * noise, clean)
+        latents = {**batch.latents, self.name: noised}
+        return Batch(batch.modality, batch.tokens, latents, batch.seq_idx), noise[where]
+
+    def __call__(self, output, batch: Batch, noise: torch.Tensor) -> tuple[torch.Tensor, int]:
+        predicted = output.predictions[self.name].float()
+        loss = (predicted - noise.float()).square().mean(-1).sum()
+        return loss, noise.shape[0]
+
+
+@hookimpl
+def momkit_objectives():
+    return [
+        Objective(name="next_token", description="cross-entropy of the next token (discrete modalities)",
+                  config=NextTokenConfig, discrete=True,
+                  build=lambda config, modality, modality_id: NextToken(config, modality.name)),
+        Objective(name="diffusion", description="DDPM noise prediction on latents (continuous modalities)",
+                  config=DiffusionConfig, discrete=False,
+                  build=lambda config, modality, modality_id: Diffusion(config, modality.name, modality_id)),
+    ]
