@@ -1,0 +1,43 @@
+"""A plugin installed as its own distribution adds a modality and a dataset that a spec then trains on."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from momkit.registry import Registry, use_registry
+from momkit.spec import ModelSpec
+from momkit.train import train
+
+PLUGIN = Path(__file__).parents[1] / "examples" / "plugins" / "momkit-sensors"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The example plugin pip-installed into a target directory put on ``sys.path``."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(PLUGIN)], check=True)
+    sys.path.insert(0, str(target))
+    yield target
+    sys.path.remove(str(target))
+    for name in [m for m in sys.modules if m.startswith("momkit_sensors")]:
+        del sys.modules[name]
+
+
+def test_plugin_registers_through_its_entry_point(installed):
+    registry = Registry.from_entry_points()
+    assert registry.tables["modality"]["sensor"].distribution == "momkit-sensors"
+    assert registry.tables["dataset"]["sine_waves"].distribution == "momkit-sensors"
+
+
+def test_spec_using_the_plugin_trains(installed, tmp_path):
+    with use_registry(Registry.from_entry_points()):
+        data = yaml.safe_load((PLUGIN / "sensors.yaml").read_text())
+        data["backbone"].update(d_model=16, n_layers=1)
+        data["train"].update(steps=6, batch_size=2, seq_len=64, eval_every=3, eval_batches=1)
+        spec = ModelSpec.model_validate(data)
+        result = train(spec, tmp_path, progress=False)
+    assert result["step"] == 6 and result["loss/sensor"] > 0 and result["loss/text"] > 0
