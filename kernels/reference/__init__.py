@@ -1,0 +1,25 @@
+"""The reference scan backend: pure PyTorch, exact to float64 rounding, fast on CPU.
+
+``selective_scan.py`` and ``ssd.py`` hold the chunked algorithms with their backward passes; ``naive.py``
+the per-token recurrences they are tested against.
+"""
+
+from momkit import hookimpl
+from momkit.kernels.reference.selective_scan import selective_scan
+from momkit.kernels.reference.ssd import ssd_scan
+from momkit.ops import ScanBackend
+
+REFERENCE = ScanBackend(
+    name="reference",
+    description="pure PyTorch, chunked, any device; the CPU default",
+    selective_scan=selective_scan,
+    ssd_scan=ssd_scan,
+    devices=("cpu", "cuda"),
+    priority=0,
+    extensions=frozenset({"modality", "seq_idx"}),
+)
+
+
+@hookimpl
+def momkit_scan_backends():
+    return [REFERENCE]
