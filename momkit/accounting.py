@@ -67,7 +67,8 @@ def _numel(module: torch.nn.Module) -> int:
 
 
 def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
-    """Parameters and training FLOPs of ``spec``; ``seq_len`` matters only for attention FLOPs."""
+    """Parameters and training FLOPs of ``spec`` at sequence length ``seq_len`` (which matters to the parts whose
+    cost per token grows with the context: attention, chunked scans)."""
     with torch.device("meta"):
         model = Model(spec)
     routed, n_modalities = spec.routed, len(spec.modalities)

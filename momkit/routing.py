@@ -70,7 +70,8 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """``y = x / rms(x) * w``, with ``w`` ``(d,)`` shared or ``(M, d)`` routed by modality."""
+    """``y = x / rms(x) * w``, with ``w`` ``(d,)`` shared or ``(M, d)`` routed by modality; computed in float32 at
+    least, returned in ``x``'s dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-5, n_modalities: int | None = None):
         super().__init__()
@@ -81,7 +82,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """``x (..., d)``, ``modality (...)`` -> ``(..., d)``."""
         weight = self.weight if self.n_modalities is None else self.weight[modality]
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, {_sharing(self.n_modalities)}"

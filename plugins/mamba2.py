@@ -1,0 +1,264 @@
+"""The Mamba-2 backbone (Dao & Gu 2024, "Transformers are SSMs") with modality routing.
+
+One block is a pre-norm residual layer, ``y = x + mixer(norm(x))``, whose mixer is the state-space-duality
+(SSD) block of mamba_ssm's ``Mamba2`` module::
+
+    x ─ norm ─ in_proj ─┬─ xBC ─ conv1d ─ silu ─┬─ x ────┬─ ssd_scan(A, D) ─ y ─ gate_norm ─ out_proj ─ + x
+                        │                       └─ B, C ─┤                           │
+                        ├─ dt ─ + dt_bias ───────────────┘                           │
+                        └─ z ────────────────────────────────────────────────────────┘
+
+One projection, ``in_proj``, produces the gate ``z (b, l, d_inner)``, the scan input ``x (b, l, d_inner)``,
+``B`` and ``C`` ``(b, l, ngroups * d_state)`` and the step sizes ``dt (b, l, nheads)``; the depthwise causal
+conv and SiLU run over ``xBC``, the channels of ``x``, ``B`` and ``C`` together. The scan has one scalar decay
+``A = -exp(A_log)`` per head of ``headdim`` channels and a skip ``D`` per head; ``gate_norm`` is the gated
+RMSNorm ``rmsnorm(y * silu(z)) * w``, normalised per group of ``d_inner / ngroups`` channels.
+
+Every sublayer can be routed. The ``mom`` preset routes ``in_proj`` and ``out_proj``: the Mixture-of-Mamba
+choice carried over from Mamba-1, where the paper routes the input and output projections and the projections
+that make the scan's data-dependent parameters (``x_proj`` for ``B``, ``C`` and the low-rank step, ``dt_proj``
+for ``dt``), and keeps the convolution, ``A`` and ``D`` shared. Mamba-2 computes ``B``, ``C`` and ``dt`` in
+``in_proj`` itself, so routing ``in_proj`` and ``out_proj`` routes every projection the paper routes, while
+``conv1d``, ``A_log`` and ``D`` stay shared, and the norms too, as in Mamba-1's ``mom``. ``dt_bias`` (one per
+head) also stays shared: it is the part of Mamba-1's routed ``dt_proj`` that does not read the input; the list
+``[in_proj, out_proj, dt_bias]`` routes it as well.
+
+A routed ``A_log`` uses the scan front door's per-modality ``A``; a routed ``dt_bias`` is added to ``dt``
+before the scan and a routed ``D`` applied after it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from momkit import hookimpl, ops
+from momkit.blocks import Block
+from momkit.descriptors import Backbone
+from momkit.routing import CausalConv1d, Linear, RMSNorm
+from momkit.spec import BackboneConfig
+
+SUBLAYERS = ("norm", "in_proj", "conv1d", "dt_bias", "A_log", "D", "gate_norm", "out_proj")
+MOM = ("in_proj", "out_proj")
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
+
+
+class Mamba2Config(BackboneConfig):
+    """Options of the ``mamba2`` backbone (defaults as in mamba_ssm's ``Mamba2`` module)."""
+
+    d_state: int = Field(128, gt=0, description="State size n per head (per group of B and C).")
+    d_conv: int = Field(4, gt=0, description="Kernel width of the depthwise causal conv.")
+    expand: int = Field(2, gt=0, description="d_inner = expand * d_model.")
+    headdim: int = Field(64, gt=0, description="Channels per head p; nheads = d_inner / headdim.")
+    ngroups: int = Field(1, gt=0, description="Groups of B and C, each shared by nheads / ngroups heads; also "
+                                              "the groups of the gated RMSNorm.")
+    chunk_size: int = Field(256, gt=0, description="Chunk length of the SSD scan; the result does not depend "
+                                                   "on it, its cost does.")
+    dt_min: float = Field(0.001, gt=0, description="Smallest initial step size.")
+    dt_max: float = Field(0.1, gt=0, description="Largest initial step size.")
+    dt_init_floor: float = Field(1e-4, gt=0, description="Floor of the initial step sizes.")
+    conv_bias: bool = Field(True, description="Whether conv1d has a bias.")
+    bias: bool = Field(False, description="Whether in_proj and out_proj have biases.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm and of the gated RMSNorm.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> Mamba2Config:
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        if self.d_inner % self.headdim:
+            raise ValueError(f"headdim ({self.headdim}) must divide d_inner = expand * d_model = {self.d_inner}; "
+                             f"valid headdims: {_divisors(self.d_inner)}")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"ngroups ({self.ngroups}) must divide nheads = d_inner / headdim = {self.nheads}; "
+                             f"valid ngroups: {_divisors(self.nheads)}")
+        return self
+
+    @property
+    def d_inner(self) -> int:
+        """Width of the mixer: ``expand * d_model``."""
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        """Number of heads: ``d_inner / headdim``."""
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv, ``x``, ``B`` and ``C`` together: ``d_inner + 2 * ngroups * d_state``."""
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+
+@dataclass
+class Mamba2State:
+    """Decoding state of one block: the last ``d_conv`` conv inputs and the SSM state."""
+
+    conv: torch.Tensor  # (b, conv_dim, d_conv), oldest first
+    ssm: torch.Tensor  # (b, nheads, headdim, d_state)
+
+
+class GatedRMSNorm(nn.Module):
+    """``y = rmsnorm(x * silu(z)) * w`` normalised per group of ``group_size`` channels, with ``w`` ``(d,)``
+    shared or ``(M, d)`` routed by modality (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``);
+    computed in float32 at least, returned in ``x``'s dtype."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, n_modalities: int | None = None):
+        super().__init__()
+        self.dim, self.group_size, self.eps, self.n_modalities = dim, group_size, eps, n_modalities
+        self.weight = nn.Parameter(torch.ones(dim) if n_modalities is None else torch.ones(n_modalities, dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``x, z (..., d)``, ``modality (...)`` -> ``(..., d)``."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        h = (x.to(wide) * F.silu(z.to(wide))).unflatten(-1, (-1, self.group_size))
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return (h * (self.weight if self.n_modalities is None else self.weight[modality])).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        sharing = "shared" if self.n_modalities is None else f"routed over {self.n_modalities} modalities"
+        return f"{self.dim}, group_size={self.group_size}, eps={self.eps}, {sharing}"
+
+
+class Mamba2Block(Block):
+    """One Mamba-2 layer whose sublayers are shared or routed as the spec says."""
+
+    def __init__(self, config: Mamba2Config, modalities: list[str], routed: frozenset[str], scan_backend: str):
+        super().__init__(config.d_model, modalities, routed)
+        self.config, self.scan_backend = config, scan_backend
+        d, di, h, gn = config.d_model, config.d_inner, config.nheads, config.ngroups * config.d_state
+        self.norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("norm"))
+        self.in_proj = Linear(d, 2 * di + 2 * gn + h, bias=config.bias, n_modalities=self.routing("in_proj"))
+        self.conv1d = CausalConv1d(config.conv_dim, config.d_conv, bias=config.conv_bias,
+                                   n_modalities=self.routing("conv1d"))
+        self.dt_bias = nn.Parameter(self._inverse_softplus_dt(self._copies("dt_bias") + (h,)))
+        self.A_log = nn.Parameter(torch.empty(self._copies("A_log") + (h,)).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(self._copies("D") + (h,)))
+        self.gate_norm = GatedRMSNorm(di, di // config.ngroups, eps=config.norm_eps,
+                                      n_modalities=self.routing("gate_norm"))
+        self.out_proj = Linear(di, d, bias=config.bias, n_modalities=self.routing("out_proj"))
+
+    def _copies(self, sublayer: str) -> tuple[int, ...]:
+        """The leading shape of a parameter of ``sublayer``: ``(M,)`` routed, ``()`` shared."""
+        return () if self.routing(sublayer) is None else (self.n_modalities,)
+
+    def _inverse_softplus_dt(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Mamba-2's step-size initialisation: ``softplus(dt_bias)`` log-uniform in [dt_min, dt_max], floored."""
+        cfg = self.config
+        dt = torch.exp(torch.rand(shape) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        return dt + torch.log(-torch.expm1(-dt))
+
+    def _per(self, sublayer: str, modality: torch.Tensor) -> torch.Tensor:
+        """The parameter of ``sublayer`` (``dt_bias``, ``A_log`` or ``D``) for each position: ``(h,)`` shared,
+        ``(..., h)`` gathered by ``modality (...)`` routed."""
+        param = getattr(self, sublayer)
+        return param if self.routing(sublayer) is None else param[modality]
+
+    def _split_in_proj(self, zxbcdt: torch.Tensor):
+        """``(..., 2 di + 2 g n + h)`` -> ``z (..., di)``, ``xBC (..., conv_dim)``, ``dt (..., h)``."""
+        cfg = self.config
+        return zxbcdt.split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+
+    def _split_xBC(self, xBC: torch.Tensor):
+        """``(..., conv_dim)`` -> ``x (..., h, p)``, ``B (..., g, n)``, ``C (..., g, n)``."""
+        cfg = self.config
+        xs, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        return (xs.unflatten(-1, (cfg.nheads, cfg.headdim)), B.unflatten(-1, (cfg.ngroups, cfg.d_state)),
+                C.unflatten(-1, (cfg.ngroups, cfg.d_state)))
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (b, l, d_model)``, ``modality (b, l)`` int64, optional ``seq_idx (b, l)`` -> ``(b, l, d_model)``."""
+        self.check_inputs(x, modality, seq_idx)
+        z, xBC, dt = self._split_in_proj(self.in_proj(self.norm(x, modality), modality))
+        xs, B, C = self._split_xBC(F.silu(self.conv1d(xBC, modality, seq_idx)))
+        routed_dt_bias, routed_D = self.routing("dt_bias") is not None, self.routing("D") is not None
+        if routed_dt_bias:
+            dt = dt + self.dt_bias[modality]
+        A = -torch.exp(_at_least_fp32(self.A_log))
+        y = ops.ssd_scan(xs, dt, A, B, C, self.config.chunk_size, D=None if routed_D else _at_least_fp32(self.D),
+                         z=None, dt_bias=None if routed_dt_bias else self.dt_bias, seq_idx=seq_idx,
+                         dt_softplus=True, modality=None if self.routing("A_log") is None else modality,
+                         backend=self.scan_backend)
+        if routed_D:
+            y = y + xs * self.D[modality][..., None]
+        y = self.gate_norm(y.flatten(-2), z, modality)
+        return x + self.out_proj(y, modality)
+
+    def allocate_state(self, batch_size: int, max_length: int | None = None) -> Mamba2State:
+        """Zero decoding state for ``batch_size`` sequences (``max_length`` is accepted and unused: the state
+        of a Mamba-2 block does not grow with the sequence)."""
+        cfg, weight = self.config, self.in_proj.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        return Mamba2State(conv=torch.zeros(batch_size, cfg.conv_dim, cfg.d_conv, dtype=weight.dtype,
+                                            device=weight.device),
+                           ssm=torch.zeros(batch_size, cfg.nheads, cfg.headdim, cfg.d_state, dtype=dtype,
+                                           device=weight.device))
+
+    def step(self, x: torch.Tensor, modality: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+        """Decode one position: ``x (b, d_model)``, ``modality (b,)``; updates ``state`` in place."""
+        self.check_inputs(x, modality, step=True)
+        z, xBC, dt = self._split_in_proj(self.in_proj(self.norm(x, modality), modality))
+        state.conv.copy_(torch.cat([state.conv[..., 1:], xBC[..., None].to(state.conv.dtype)], dim=-1))
+        xs, B, C = self._split_xBC(F.silu(self.conv1d.step(state.conv, modality)))
+        heads_per_group = self.config.nheads // self.config.ngroups
+        B, C = B.repeat_interleave(heads_per_group, dim=1), C.repeat_interleave(heads_per_group, dim=1)
+        dt = F.softplus(dt + self._per("dt_bias", modality)).to(state.ssm.dtype)
+        decay = torch.exp(dt * -torch.exp(self._per("A_log", modality).to(state.ssm.dtype)))
+        state.ssm.mul_(decay[..., None, None]).add_((dt[..., None] * xs)[..., None] * B[:, :, None, :])
+        y = (state.ssm * C[:, :, None, :]).sum(-1) + xs * self._per("D", modality)[..., None]
+        y = self.gate_norm(y.flatten(-2).to(x.dtype), z, modality)
+        return x + self.out_proj(y, modality)
+
+
+def build(config: Mamba2Config, modalities: list[str], routed: frozenset[str], scan_backend: str) -> Mamba2Block:
+    return Mamba2Block(config, modalities, routed, scan_backend)
+
+
+def flops(config: Mamba2Config, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one block; the scan's depend on ``seq_len`` through the chunk length.
+
+    With ``T = min(chunk_size, seq_len)`` the chunk length, ``h`` heads of ``p`` channels (``di = h p``),
+    ``g`` groups and state size ``n``, the chunked SSD scan counts per token:
+
+    - intra-chunk (quadratic in ``T``): ``C B^T`` per group, ``2 T g n``; the decay matrix
+      ``L_ij = exp(cs_i - cs_j)`` (``cs`` the cumulative sum of ``dt A`` in the chunk) and its product with
+      ``C B^T`` per head, ``3 T h``; ``(L * C B^T) @ (dt x)``, ``2 T di``;
+    - states: the chunk states ``B^T @ (w x)``, ``2 di n``; the output from the carried state ``C s``,
+      ``2 di n``; carrying the state across a chunk, ``2 di n / T``;
+    - per head, the step size (bias, softplus, ``dt A``, the cumulative sum, the exponentials): ``8 h``;
+      per channel, ``dt x`` and ``w x`` (the input weighted to its chunk's end), scaling the carried output
+      and adding it, and the skip ``D x`` (a multiply-add): ``6 di``.
+
+    Full ``T x T`` blocks are counted, as the chunked algorithm computes them; the causal half would halve
+    the quadratic terms. ``gate_norm`` counts the gate ``y silu(z)`` (2) and the RMSNorm (4) per channel.
+    """
+    d, di, h = config.d_model, config.d_inner, config.nheads
+    g, n, T = config.ngroups, config.d_state, max(1, min(config.chunk_size, seq_len))
+    return {
+        "norm": 4.0 * d,
+        "in_proj": 2.0 * d * (2 * di + 2 * g * n + h),
+        "conv1d": 2.0 * config.conv_dim * config.d_conv,
+        "scan": 2.0 * T * g * n + 3.0 * T * h + 2.0 * T * di + 4.0 * di * n + 2.0 * di * n / T
+                + 8.0 * h + 6.0 * di,
+        "gate_norm": 6.0 * di,
+        "out_proj": 2.0 * di * d,
+    }
+
+
+@hookimpl
+def momkit_backbones():
+    return [Backbone(name="mamba2",
+                     description="Mamba-2 SSD block; preset mom = Mixture-of-Mamba (in_proj, out_proj)",
+                     config=Mamba2Config, sublayers=SUBLAYERS, presets={"mom": MOM}, build=build, flops=flops)]
