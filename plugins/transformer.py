@@ -1,0 +1,264 @@
+"""The Transformer backbone with modality routing: Mixture-of-Transformers (Liang et al. 2024).
+
+One block is two pre-norm residual layers, attention then a SwiGLU feed-forward network::
+
+    x ─ attn_norm ─┬─ q_proj ─ rope ─┐
+                   ├─ k_proj ─ rope ─┼─ causal self-attention ─ o_proj ─ + x ─ h
+                   └─ v_proj ────────┘
+    h ─ ffn_norm ─ ffn ─ + h ─ y
+
+The attention is global: every token attends to every earlier token of its sequence (of its document, with
+``seq_idx``), whatever the modalities, and it has no weights, so it is always shared. Rotary position
+embeddings (RoPE) use the half-split convention: channels ``i`` and ``i + head_dim / 2`` of a head form pair
+``i``, rotated by the angle ``position * rope_theta ** (-2 i / head_dim)``. With ``n_kv_heads < n_heads``
+(grouped-query attention) query head ``j`` reads key/value head ``j // (n_heads / n_kv_heads)``.
+
+Every sublayer can be routed. The ``mot`` preset routes all of them, and in a model the final norm too, as
+in the Mixture-of-Transformers paper: every non-embedding parameter (the four attention projections, the
+feed-forward network and the norms) is modality-specific, while the self-attention over the whole
+interleaved sequence stays shared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from momkit import hookimpl
+from momkit.blocks import Block
+from momkit.descriptors import Backbone
+from momkit.routing import Linear, RMSNorm
+from momkit.spec import BackboneConfig
+
+SUBLAYERS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm", "ffn")
+MOT = (*SUBLAYERS, "final_norm")
+FFN_MULTIPLE = 8
+DEFAULT_CAPACITY = 256
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+class TransformerConfig(BackboneConfig):
+    """Options of the ``transformer`` backbone (feed-forward sizing, RoPE base and norm epsilon as in LLaMA)."""
+
+    n_heads: int = Field(8, gt=0, description="Query heads; head_dim = d_model / n_heads, which must be even "
+                                              "for the rotary embedding.")
+    n_kv_heads: int | None = Field(None, gt=0, description="Key/value heads, each shared by n_heads / n_kv_heads "
+                                                           "query heads (grouped-query attention); `None` is "
+                                                           "n_heads (multi-head attention).")
+    ffn_mult: float = Field(8 / 3, gt=0, description="Hidden width of the SwiGLU feed-forward network: "
+                                                     "int(ffn_mult * d_model) rounded up to a multiple of 8.")
+    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position embedding's angles.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of both RMSNorms.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> TransformerConfig:
+        valid_heads = ", ".join(str(k) for k in _divisors(self.d_model) if self.d_model // k % 2 == 0) or "none"
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}) with an even "
+                             f"head_dim; valid n_heads: {valid_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = d_model / n_heads = {self.d_model} / {self.n_heads} = {self.head_dim} "
+                             f"must be even for the rotary embedding; valid n_heads: {valid_heads}")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}); valid "
+                             f"n_kv_heads: {', '.join(map(str, _divisors(self.n_heads)))}")
+        if int(self.ffn_mult * self.d_model) < 1:
+            raise ValueError(f"ffn_mult * d_model = {self.ffn_mult} * {self.d_model} must be at least 1 for a "
+                             f"feed-forward network of positive width; valid ffn_mult: >= {1 / self.d_model}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per head: ``d_model / n_heads``."""
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads, ``n_kv_heads`` resolved."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """Hidden width of the feed-forward network: ``int(ffn_mult * d_model)`` rounded up to a multiple of 8."""
+        return math.ceil(int(self.ffn_mult * self.d_model) / FFN_MULTIPLE) * FFN_MULTIPLE
+
+
+@dataclass
+class TransformerState:
+    """Decoding state of one block: the KV cache of the positions fed so far, every row in lockstep.
+
+    The keys are stored rotated (RoPE applied at their positions). ``append`` doubles the capacity when the
+    cache is full, so decoding may run past the allocated length.
+    """
+
+    keys: torch.Tensor  # (b, n_kv_heads, capacity, head_dim), positions [0, length) filled
+    values: torch.Tensor  # (b, n_kv_heads, capacity, head_dim)
+    length: int = 0  # positions fed so far, the same for every row; the position of the next one
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v (b, n_kv_heads, 1, head_dim)`` at position ``length``; return the keys and values of
+        every position fed, ``(b, n_kv_heads, length, head_dim)`` each (views into the cache)."""
+        if self.length == self.keys.shape[2]:
+            self.keys = torch.cat([self.keys, torch.zeros_like(self.keys)], dim=2)
+            self.values = torch.cat([self.values, torch.zeros_like(self.values)], dim=2)
+        self.keys[:, :, self.length] = k[:, :, 0]
+        self.values[:, :, self.length] = v[:, :, 0]
+        self.length += 1
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+
+
+class SwiGLU(nn.Module):
+    """``y = w2(silu(w1 x) * w3 x)``, the three linear maps all shared or all routed by modality."""
+
+    def __init__(self, dim: int, hidden: int, n_modalities: int | None = None):
+        super().__init__()
+        self.w1 = Linear(dim, hidden, bias=False, n_modalities=n_modalities)
+        self.w3 = Linear(dim, hidden, bias=False, n_modalities=n_modalities)
+        self.w2 = Linear(hidden, dim, bias=False, n_modalities=n_modalities)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``x (..., d)``, ``modality (...)`` -> ``(..., d)``."""
+        return self.w2(F.silu(self.w1(x, modality)) * self.w3(x, modality), modality)
+
+
+def rotary(t: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding, half-split: ``t (b, h, l, e)``, ``positions (b, l)`` -> ``(b, h, l, e)``.
+
+    Pair ``i`` (channels ``i`` and ``i + e / 2``) is rotated by ``positions * theta ** (-2 i / e)``; the
+    angles are computed in at least float32.
+    """
+    half = t.shape[-1] // 2
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    inv_freq = theta ** (-2 * torch.arange(half, dtype=dtype, device=t.device) / t.shape[-1])
+    angle = positions[:, None, :, None].to(dtype) * inv_freq
+    cos, sin = angle.cos(), angle.sin()
+    t1, t2 = t.to(dtype).split(half, dim=-1)
+    return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1).to(t.dtype)
+
+
+def document_layout(seq_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions within each document and the attention mask of packed documents.
+
+    ``seq_idx (b, l)`` -> ``positions (b, l)`` (0 at each document's first position) and ``mask (b, 1, l, l)``,
+    ``True`` where query ``i`` may attend to key ``j``: ``j <= i`` in the same document. A document is a run
+    of equal ``seq_idx``.
+    """
+    b, l = seq_idx.shape
+    start = torch.ones_like(seq_idx, dtype=torch.bool)
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    document = start.cumsum(dim=1)
+    index = torch.arange(l, device=seq_idx.device).expand(b, l)
+    positions = index - torch.where(start, index, 0).cummax(dim=1).values
+    causal = torch.ones(l, l, dtype=torch.bool, device=seq_idx.device).tril()
+    return positions, ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
+
+
+class TransformerBlock(Block):
+    """One Transformer layer (attention and SwiGLU) whose sublayers are shared or routed as the spec says."""
+
+    def __init__(self, config: TransformerConfig, modalities: list[str], routed: frozenset[str]):
+        super().__init__(config.d_model, modalities, routed)
+        self.config = config
+        d, e = config.d_model, config.head_dim
+        self.attn_norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("attn_norm"))
+        self.q_proj = Linear(d, config.n_heads * e, bias=False, n_modalities=self.routing("q_proj"))
+        self.k_proj = Linear(d, config.kv_heads * e, bias=False, n_modalities=self.routing("k_proj"))
+        self.v_proj = Linear(d, config.kv_heads * e, bias=False, n_modalities=self.routing("v_proj"))
+        self.o_proj = Linear(config.n_heads * e, d, bias=False, n_modalities=self.routing("o_proj"))
+        self.ffn_norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("ffn_norm"))
+        self.ffn = SwiGLU(d, config.ffn_hidden, n_modalities=self.routing("ffn"))
+
+    def _qkv(self, x: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor):
+        """``x (b, l, d_model)`` -> rotated ``q (b, n_heads, l, e)``, rotated ``k`` and ``v (b, n_kv_heads, l, e)``."""
+        h = self.attn_norm(x, modality)
+        e, theta = self.config.head_dim, self.config.rope_theta
+        q = self.q_proj(h, modality).unflatten(-1, (-1, e)).transpose(1, 2)
+        k = self.k_proj(h, modality).unflatten(-1, (-1, e)).transpose(1, 2)
+        v = self.v_proj(h, modality).unflatten(-1, (-1, e)).transpose(1, 2)
+        return rotary(q, positions, theta), rotary(k, positions, theta), v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool) -> torch.Tensor:
+        """``q (b, n_heads, l, e)``, ``k, v (b, n_kv_heads, s, e)`` -> ``(b, l, n_heads * e)``; each key/value head
+        serves ``n_heads / n_kv_heads`` consecutive query heads."""
+        group = self.config.n_heads // self.config.kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return o.transpose(1, 2).flatten(2)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (b, l, d_model)``, ``modality (b, l)`` int64, optional ``seq_idx (b, l)`` -> ``(b, l, d_model)``."""
+        self.check_inputs(x, modality, seq_idx)
+        if seq_idx is None:
+            positions, mask = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2]), None
+        else:
+            positions, mask = document_layout(seq_idx)
+        q, k, v = self._qkv(x, modality, positions)
+        h = x + self.o_proj(self._attend(q, k, v, mask, causal=mask is None), modality)
+        return h + self.ffn(self.ffn_norm(h, modality), modality)
+
+    def allocate_state(self, batch_size: int, max_length: int | None = None) -> TransformerState:
+        """An empty KV cache for ``batch_size`` sequences with room for ``max_length`` positions (``None``:
+        256); it doubles whenever a step finds it full, so any number of steps works."""
+        capacity = DEFAULT_CAPACITY if max_length is None else max_length
+        if capacity < 1:
+            raise ValueError(f"max_length must be a positive int or None, got {max_length}")
+        weight, cfg = self.k_proj.weight, self.config
+        shape = (batch_size, cfg.kv_heads, capacity, cfg.head_dim)
+        return TransformerState(keys=torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                                values=torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+
+    def step(self, x: torch.Tensor, modality: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        """Decode one position: ``x (b, d_model)``, ``modality (b,)``; appends its key and value to ``state``."""
+        self.check_inputs(x, modality, step=True)
+        positions = torch.full((x.shape[0], 1), state.length, device=x.device)
+        q, k, v = self._qkv(x[:, None], modality[:, None], positions)
+        keys, values = state.append(k, v)
+        o = self._attend(q, keys.to(q.dtype), values.to(q.dtype), mask=None, causal=False)[:, 0]
+        h = x + self.o_proj(o, modality)
+        return h + self.ffn(self.ffn_norm(h, modality), modality)
+
+
+def build(config: TransformerConfig, modalities: list[str], routed: frozenset[str],
+          scan_backend: str) -> TransformerBlock:
+    """The block of ``config``; ``scan_backend`` is unused (a Transformer block runs no scan)."""
+    return TransformerBlock(config, modalities, routed)
+
+
+def flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one block; the attention's grow with ``seq_len``.
+
+    With ``d = d_model``, ``h`` query heads and ``g`` key/value heads of ``e`` channels (``h e = d``) and the
+    feed-forward width ``f``: each matmul of ``in -> out`` features counts ``2 in out`` and each RMSNorm
+    ``4 d``. ``attention`` counts the score product ``q k^T`` and the value product ``p v``, ``2 e`` each per
+    head and key, over the causal average context of ``seq_len / 2`` keys: ``2 * 2 * d * seq_len / 2``
+    (grouped-query attention shares keys, not products, so ``g`` does not enter). The softmax, the rotary
+    embedding and the SwiGLU gate are elementwise, ``O(d)`` against ``O(d^2)``, and are not counted.
+    """
+    d, e, f = config.d_model, config.head_dim, config.ffn_hidden
+    h, g = config.n_heads, config.kv_heads
+    return {
+        "attn_norm": 4.0 * d,
+        "q_proj": 2.0 * d * h * e,
+        "k_proj": 2.0 * d * g * e,
+        "v_proj": 2.0 * d * g * e,
+        "attention": 2.0 * 2.0 * h * e * seq_len / 2,
+        "o_proj": 2.0 * h * e * d,
+        "ffn_norm": 4.0 * d,
+        "ffn": 3 * 2.0 * d * f,
+    }
+
+
+@hookimpl
+def momkit_backbones():
+    return [Backbone(name="transformer", description="Transformer block (RoPE, GQA, SwiGLU); preset mot = "
+                                                     "Mixture-of-Transformers", config=TransformerConfig,
+                     sublayers=SUBLAYERS, presets={"mot": MOT}, build=build, flops=flops)]
