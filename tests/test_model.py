@@ -11,7 +11,8 @@ MODALITIES = ["text", {"kind": "image", "name": "image_vq", "vocab_size": 40},
 
 
 def spec(routing="mom", modalities=MODALITIES, kind="mamba", **backbone):
-    options = {"mamba": {"d_state": 4, "dt_rank": 2}}.get(kind, {})
+    options = {"mamba": {"d_state": 4, "dt_rank": 2}, "mamba2": {"d_state": 4, "headdim": 8, "chunk_size": 4},
+               "transformer": {"n_heads": 4, "n_kv_heads": 2}}[kind]
     return {"name": "test", "modalities": modalities, "routing": {"specific": routing},
             "backbone": {"kind": kind, "d_model": 16, "n_layers": 2, **options, **backbone}}
 
@@ -112,8 +113,9 @@ def greedy_matches_full_forward(model, generation, prompt_lengths):
                     assert int(generation.tokens[row, position]) == token, (row, position)
 
 
-def test_greedy_generation_equals_argmax_of_full_forward(gen):
-    model = random_model(gen, modalities=["text", {"kind": "image", "vocab_size": 40}])
+@pytest.mark.parametrize("kind,routing", [("mamba", "mom"), ("mamba2", "mom"), ("transformer", "mot")])
+def test_greedy_generation_equals_argmax_of_full_forward(gen, kind, routing):
+    model = random_model(gen, modalities=["text", {"kind": "image", "vocab_size": 40}], kind=kind, routing=routing)
     prompt = random_batch(gen, model, batch=3, length=7)
     lengths = torch.tensor([7, 3, 5])
     schedule = ModalitySchedule(default="text", rules=(ScheduleRule(after="text", after_token=5, then="image",
