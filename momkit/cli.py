@@ -1,4 +1,5 @@
-"""The ``momkit`` command line: ``validate``, ``plugins``, ``info``, ``train``, ``ablate``, ``report``, ``demo``.
+"""The ``momkit`` command line: ``validate``, ``plugins``, ``info``, ``train``, ``ablate``, ``report``,
+``convert``, ``demo``.
 
 A user's mistake (a bad spec, a missing file) prints what is wrong and exits with status 2, never a
 traceback.
@@ -143,6 +144,22 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    spec = _model_spec(args.spec)
+    kind = spec.dataset().kind
+    registry = get_registry()
+    dataset = registry.get("dataset", kind)
+    if dataset.convert is None:
+        able = [name for name, d in registry.datasets.items() if d.convert is not None]
+        raise UsageError(f"{args.spec}: dataset {kind!r} has no converter; datasets with one: {able or 'none'}")
+    try:
+        out = dataset.convert(args.input, args.out, spec.modalities)
+    except ValueError as exc:
+        raise UsageError(f"{args.input}: {exc}") from None
+    print(f"{args.input} -> {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     try:
         report(args.dir)
@@ -238,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive, help="stop each run after this many steps")
     p.add_argument("--device", help="override train.device of every run")
     p.set_defaults(run=cmd_ablate)
+    p = sub.add_parser("convert", help="convert input files into the faster format of the spec's dataset "
+                                       "(jsonl: memory-mapped shards)")
+    p.add_argument("spec", help="path of the YAML model spec whose data.kind and modalities apply")
+    p.add_argument("input", help="input file, e.g. a JSON-lines file")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(run=cmd_convert)
     p = sub.add_parser("report", help="rebuild a suite directory's tables and plots from its run logs")
     p.add_argument("dir", help="suite directory written by momkit ablate")
     p.set_defaults(run=cmd_report)

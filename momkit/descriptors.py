@@ -126,10 +126,13 @@ class Dataset:
             ``"eval"``; ``source.batch(index, batch_size)`` returns the :class:`momkit.Batch` number ``index``
             of ``(batch_size, seq_len)`` sequences, the same for the same index, packed documents marked by
             ``seq_idx``; ``source.num_batches(batch_size)`` is ``None`` for an endless split, else how many
-            distinct batches it has.
+            distinct batches it has, ``batch(i)`` then being ``batch(i % num_batches)`` (epochs).
+        convert: Optional ``convert(input_path, out_dir, modalities) -> Path`` turning a user's files into a
+            faster format the dataset reads (``momkit convert`` calls it).
     """
 
     name: str
     description: str
     config: type[DatasetConfig]
     build: Callable
+    convert: Callable | None = None

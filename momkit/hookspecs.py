@@ -8,12 +8,18 @@ with :data:`hookimpl`, and listed under the ``momkit`` entry-point group of its 
     my_plugin = "my_package.momkit_plugin"
 
     # my_package/momkit_plugin.py
+    from pydantic import Field
+
     from momkit import hookimpl
     from momkit.descriptors import Modality
+    from momkit.spec import ModalityConfig
+
+    class AudioCodesConfig(ModalityConfig):
+        vocab_size: int | None = Field(1024, gt=0, description="Codebook size of the codec.")
 
     @hookimpl
     def momkit_modalities():
-        return [Modality(name="audio_codes", kind="discrete", vocab_size=1024, description="codec tokens")]
+        return [Modality(name="audio_codes", description="codec tokens", config=AudioCodesConfig)]
 
 Every hook returns a list of descriptors. The registry indexes them by their ``name``; two descriptors of
 one kind with one name, from two plugins, are an error that names both distributions. momkit's own
@@ -60,7 +66,8 @@ def momkit_objectives():
     """Return the training objectives this plugin provides, a list of :class:`momkit.descriptors.Objective`.
 
     An objective turns a model's output for one modality into a loss (next-token cross-entropy for
-    discrete tokens, a diffusion loss for continuous latents). Specs map each modality to an objective.
+    discrete tokens, a diffusion loss for continuous latents). A model spec's ``objectives`` maps each modality
+    to an objective by ``kind``.
     """
 
 
@@ -80,5 +87,5 @@ def momkit_datasets():
     """Return the datasets this plugin provides, a list of :class:`momkit.descriptors.Dataset`.
 
     A dataset yields interleaved sequences: per-position modality ids, token ids or latents, and document
-    boundaries for packing. Specs select a dataset by name.
+    boundaries for packing. A model spec's ``data.kind`` selects it.
     """

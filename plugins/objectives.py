@@ -80,6 +80,8 @@ class Diffusion:
 
     def prepare(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, torch.Tensor]:
         where = batch.modality == self.modality_id
+        if self.name not in batch.latents:
+            return batch, torch.zeros(0, 0)
         clean = batch.latents[self.name]
         segments = _segments(batch.modality, batch.seq_idx)
         count = int(segments.max()) + 1

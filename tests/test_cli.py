@@ -101,3 +101,28 @@ def test_info_needs_a_model_spec(tmp_path, capsys):
     path.write_text("modalities: [text]\nbackbone: {kind: mamba, d_model: 8}\n")
     assert main(["info", str(path)]) == 2
     assert "needs a model spec" in capsys.readouterr().err
+
+
+def test_convert_writes_shards_the_jsonl_dataset_reads(tmp_path, capsys):
+    import json
+
+    from momkit.registry import get_registry
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: j\nmodalities: [text]\nbackbone: {kind: mamba, d_model: 8, n_layers: 1}\n"
+                    f"data: {{kind: jsonl, path: {tmp_path / 'docs.jsonl'}}}\n")
+    lines = [{"segments": [{"modality": "text", "tokens": [i % 256, (i * 7) % 256, 3]}]} for i in range(40)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["convert", str(spec), str(tmp_path / "docs.jsonl"), str(tmp_path / "shards")]) == 0
+    loaded = __import__("momkit").load_spec(spec)
+    from_file = get_registry().get("dataset", "jsonl").build(loaded.data, loaded.modalities, "train", 16)
+    sharded = loaded.data.model_copy(update={"path": None, "shards": str(tmp_path / "shards")})
+    from_shards = get_registry().get("dataset", "jsonl").build(sharded, loaded.modalities, "train", 16)
+    assert from_file.batch(0, 2).tokens.equal(from_shards.batch(0, 2).tokens)
+
+
+def test_convert_refuses_a_dataset_without_converter(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: s\nmodalities: [text]\nbackbone: {kind: mamba, d_model: 8, n_layers: 1}\n")
+    assert main(["convert", str(spec), "in.jsonl", str(tmp_path / "out")]) == 2
+    assert "dataset 'shapes' has no converter; datasets with one: ['jsonl']" in capsys.readouterr().err

@@ -166,6 +166,8 @@ def _registered(registry) -> list[str]:
     lines.append(f"| `modalities[].kind` | {', '.join(f'`{n}`' for n in registry.names('modality'))} |")
     lines.append(f"| `backbone.kind` | {', '.join(f'`{n}`' for n in registry.names('backbone'))} |")
     lines.append(f"| `scan_backend` | `auto`, {', '.join(f'`{n}`' for n in registry.names('scan_backend'))} |")
+    lines.append(f"| `objectives.*.kind` | {', '.join(f'`{n}`' for n in registry.names('objective'))} |")
+    lines.append(f"| `data.kind` | {', '.join(f'`{n}`' for n in registry.names('dataset'))} |")
     lines.append("")
     return lines
 
@@ -192,9 +194,15 @@ def _backbone(backbone, linked: dict[type, str], base: type[BaseModel]) -> list[
     return _section(backbone.config, "###", linked, intro=intro, base=base)
 
 
+def _plugin_settings(descriptor, kind_field: str, linked: dict[type, str], base: type[BaseModel]) -> list[str]:
+    intro = f"Settings of `{kind_field}: {descriptor.name}` ({descriptor.description})."
+    return _section(descriptor.config, "###", linked, intro=intro, base=base)
+
+
 def render() -> str:
     import momkit
-    from momkit.spec import BackboneConfig, BlockSpec, ModalityConfig, ModelSpec, RoutingSpec
+    from momkit.spec import (BackboneConfig, BlockSpec, DatasetConfig, ModalityConfig, ModelSpec, ObjectiveConfig,
+                             RoutingSpec, TrainConfig)
 
     try:
         registry = momkit.get_registry()
@@ -203,7 +211,8 @@ def render() -> str:
     except Exception as exc:  # a broken plugin must not produce a silently incomplete page
         raise PluginError(f"spec reference: the momkit registry failed to load: {exc}") from exc
 
-    linked = {m: _anchor(m) for m in (BlockSpec, ModelSpec, RoutingSpec, ModalityConfig, BackboneConfig)}
+    linked = {m: _anchor(m) for m in (BlockSpec, ModelSpec, RoutingSpec, ModalityConfig, BackboneConfig,
+                                      ObjectiveConfig, DatasetConfig, TrainConfig)}
     lines = ["## Block and model", ""]
     lines += _section(BlockSpec, "###", linked)
     lines += _section(ModelSpec, "###", linked,
@@ -226,6 +235,18 @@ def render() -> str:
                             "those below.")
     for backbone in backbones.values():
         lines += _backbone(backbone, linked, BackboneConfig)
+    lines += ["## Training", ""]
+    lines += _section(TrainConfig, "###", linked)
+    lines += ["## Objectives", ""]
+    lines += _section(ObjectiveConfig, "###", linked,
+                      intro="An entry of `objectives` is validated by the settings model of its `kind`.")
+    for objective in registry.objectives.values():
+        lines += _plugin_settings(objective, "objectives.<modality>.kind", linked, ObjectiveConfig)
+    lines += ["## Data", ""]
+    lines += _section(DatasetConfig, "###", linked,
+                      intro="`data` is validated by the settings model of its `kind`.")
+    for dataset in registry.datasets.values():
+        lines += _plugin_settings(dataset, "data.kind", linked, DatasetConfig)
     lines += _registered(registry)
     return "\n".join(lines)
 

@@ -1,0 +1,26 @@
+"""Built-in datasets: ``shapes`` (procedural captioned images, the default), ``jsonl`` (your own pre-tokenized
+documents, or their memory-mapped shards) and ``synthetic`` (random documents, for tests).
+
+Each is a :class:`momkit.descriptors.Dataset` whose ``build`` returns a
+:class:`momkit.plugins.data.packing.PackedSource`. :func:`convert_jsonl` writes the shards that
+``data: {kind: jsonl, shards: ...}`` reads.
+"""
+
+from momkit import hookimpl
+from momkit.descriptors import Dataset
+from momkit.plugins.data import jsonl, shapes, synthetic
+from momkit.plugins.data.jsonl import convert_jsonl
+
+__all__ = ["convert_jsonl"]
+
+
+@hookimpl
+def momkit_datasets():
+    return [
+        Dataset(name="shapes", description="procedural captioned images with spoken captions (built in, no "
+                                           "download)", config=shapes.ShapesConfig, build=shapes.build),
+        Dataset(name="jsonl", description="your own pre-tokenized documents: a JSON-lines file or its shards",
+                config=jsonl.JsonlConfig, build=jsonl.build, convert=convert_jsonl),
+        Dataset(name="synthetic", description="random documents of random modalities (for tests)",
+                config=synthetic.SyntheticConfig, build=synthetic.build),
+    ]
