@@ -246,7 +246,8 @@ def _plot(out: Path, meta: dict, curves: dict, keys: list[str]) -> None:
                 ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3, label=variant,
                         **style)
         ax.set_xlabel("training FLOPs")
-        ax.set_ylabel(f"held-out loss ({modality})")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"held-out loss ({modality}, log scale)")
         ax.set_title(f"{meta['name']}: {modality}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
