@@ -122,13 +122,20 @@ class Model(nn.Module):
                              f"0..{m.vocab_size - 1}")
 
     def embed(self, modality: torch.Tensor, tokens: torch.Tensor | None, latents: Mapping[str, torch.Tensor]):
-        """``(*, d_model)`` inputs of the blocks for positions of ``modality (*)``."""
+        """``(*, d_model)`` inputs of the blocks for positions of ``modality (*)``.
+
+        Every adapter runs, on no positions for an absent modality, so that every parameter takes part in
+        every forward pass (its gradient is zero, never missing, which data-parallel reductions rely on).
+        """
         weight = next(self.parameters())
         h = torch.zeros(*modality.shape, self.spec.backbone.d_model, dtype=weight.dtype, device=weight.device)
         for i, m in enumerate(self.modalities):
             where = modality == i
-            if bool(where.any()):
-                h[where] = self.adapters[m.name](tokens[where] if m.discrete else latents[m.name][where]).to(h.dtype)
+            if m.discrete:
+                inputs = tokens[where] if tokens is not None else torch.zeros(0, dtype=torch.int64, device=h.device)
+            else:
+                inputs = latents[m.name][where] if m.name in latents else h.new_zeros(0, m.latent_dim)
+            h[where] = self.adapters[m.name](inputs).to(h.dtype)
         return h
 
     def forward(self, batch: Batch) -> ModelOutput:

@@ -227,7 +227,8 @@ class TrainConfig(StrictModel):
 
     steps: int = Field(200, ge=1, description="Optimiser steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step; under `torchrun` they are "
+                                                 "shared by the ranks, so it must be a multiple of their number.")
     seq_len: int = Field(256, ge=2, description="Positions per training sequence.")
     lr: float = Field(3e-3, gt=0, description="Peak learning rate of AdamW.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of `lr` at the "
@@ -247,6 +248,15 @@ class TrainConfig(StrictModel):
                                                                              "`auto` (bf16 on CUDA, fp32 on CPU).")
 
 
+class ParallelConfig(StrictModel):
+    """How a run launched with ``torchrun`` shares the work between its processes."""
+
+    strategy: str = Field("ddp", pattern="^(ddp|fsdp)$",
+                          description="`ddp`: DistributedDataParallel, every rank holds the whole model; `fsdp`: "
+                                      "FSDP2 (`fully_shard`), parameters, gradients and optimiser state sharded "
+                                      "over the ranks.")
+
+
 class ModelSpec(BlockSpec):
     """A model: a named stack of ``backbone.n_layers`` blocks of one BlockSpec, with how to train it."""
 
@@ -260,6 +270,8 @@ class ModelSpec(BlockSpec):
     data: SerializeAsAny[DatasetConfig] | None = Field(None, description="Training and held-out data; `None` "
                                                                          "is the built-in `shapes` dataset.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Multi-process training under "
+                                                                                 "`torchrun`.")
 
     @field_validator("objectives", mode="before")
     @classmethod

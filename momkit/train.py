@@ -5,12 +5,20 @@ A run lives in one directory:
 - ``spec.yaml``: the spec it trains (a re-run with a different spec in the same directory is refused);
 - ``metrics.jsonl``: one JSON object per line, ``{"split": "train" | "eval", "step", "flops", "tokens",
   "loss", "loss/<modality>", ...}``, evaluation lines adding ``"ppl/<modality>"`` for discrete modalities;
-- ``checkpoint.pt``: model, optimiser and counters after the last saved step, written atomically;
+- ``checkpoint/``: model and optimiser (``torch.distributed.checkpoint``) and the counters of the last saved
+  step, replaced whole at every save;
 - ``result.json``: the final evaluation, written when the run has finished.
 
-Batches are addressed by index and the objectives' noise is seeded by step, so a run resumed from a
+Batches are addressed by index and the objectives' noise is seeded by micro-batch, so a run resumed from a
 checkpoint continues exactly as if it had not stopped. The loop never looks at a backbone's or a modality's
 name: objectives, data and FLOPs all come from the spec through the registry.
+
+Under ``torchrun`` the same call trains with DistributedDataParallel, or with FSDP2 when the spec's
+``parallel.strategy`` is ``fsdp``. The ``grad_accum`` micro-batches of a step are shared by the ranks (rank
+``r`` takes those whose number is ``r`` modulo the world size), so a run computes the same steps on any
+number of ranks that divides ``grad_accum``, and its checkpoints, written by every rank through
+``torch.distributed.checkpoint``, resume on any such number. Losses, FLOPs and metrics are summed over
+ranks; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -18,13 +26,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import nullcontext
+import shutil
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torchmetrics import MeanMetric
 from tqdm import tqdm
 
@@ -34,7 +47,8 @@ from momkit.model import Model
 from momkit.registry import get_registry
 from momkit.spec import ModelSpec
 
-SPEC_FILE, METRICS_FILE, CHECKPOINT_FILE, RESULT_FILE = "spec.yaml", "metrics.jsonl", "checkpoint.pt", "result.json"
+SPEC_FILE, METRICS_FILE, CHECKPOINT_DIR, RESULT_FILE = "spec.yaml", "metrics.jsonl", "checkpoint", "result.json"
+PROGRESS_FILE = "progress.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,6 +62,70 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use cpu or auto")
     return device
+
+
+@dataclass
+class _Ranks:
+    """This process's place among the ``torchrun`` processes (one process: rank 0 of 1)."""
+
+    rank: int
+    world: int
+    owns_group: bool
+
+    @classmethod
+    def start(cls, device: torch.device) -> _Ranks:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1 or dist.is_initialized():
+            return cls(dist.get_rank() if dist.is_initialized() else 0, world, False)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world, True)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def total(self, *values: float) -> list[float]:
+        """``values`` summed over the ranks."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def stop(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def _device(name: str) -> torch.device:
+    """The device of this process: under ``torchrun`` with CUDA, the GPU of its local rank."""
+    device = resolve_device(name)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _parallel(model: Model, spec: ModelSpec, ranks: _Ranks, device: torch.device) -> nn.Module:
+    """The module the training step calls: the model itself on one rank; over several, the model wrapped in
+    DistributedDataParallel, or sharded in place by FSDP2 (``fully_shard`` of every block, then of the model).
+
+    Every parameter takes part in every forward and backward pass (an absent modality's adapter and head run
+    on no positions and get a zero gradient), which both engines need to keep the ranks' reductions in step.
+    """
+    if ranks.world == 1:
+        return model
+    if spec.parallel.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def learning_rate(step: int, spec: ModelSpec) -> float:
@@ -87,7 +165,11 @@ class _Objectives:
         return cls(losses, weights, spec.modality_names)
 
     def evaluate(self, model: Model, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Weighted training loss and ``{name: (loss_sum, count)}`` of one batch."""
+        """Weighted training loss and ``{name: (loss_sum, count)}`` of one batch.
+
+        A modality without predictions in the batch adds its (zero) empty sum, so that its head still takes
+        part in the backward pass with a zero gradient.
+        """
         contexts = []
         for loss in self.losses:
             batch, context = loss.prepare(batch, generator)
@@ -97,29 +179,61 @@ class _Objectives:
         for name, loss, weight, context in zip(self.names, self.losses, self.weights, contexts):
             summed, count = loss(output, batch, context)
             parts[name] = (summed, count)
-            if count:
-                total = total + weight * summed / count
+            total = total + weight * summed / max(count, 1)
         return total, parts
 
 
 class _Log:
-    """``metrics.jsonl``, appended line by line; on resume, cut back to the checkpoint's step."""
+    """``metrics.jsonl``, appended line by line by rank 0; on resume, cut back to the checkpoint's step."""
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+    def __init__(self, path: Path, resume_step: int, main: bool):
+        self.path, self.main = path, main
+        if main:
+            lines = path.read_text().splitlines() if path.exists() else []
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@contextmanager
+def _single_process_quietly():
+    """``torch.distributed.checkpoint`` warns that it runs in one process when no group exists; it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _save(out: Path, model: nn.Module, optimizer, ranks: _Ranks, progress: dict) -> None:
+    """Write ``out/checkpoint`` from every rank: into a fresh directory, then swapped in by rank 0."""
+    fresh, old = out / (CHECKPOINT_DIR + ".tmp"), out / (CHECKPOINT_DIR + ".old")
+    if ranks.main:
+        shutil.rmtree(fresh, ignore_errors=True)
+    ranks.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    with _single_process_quietly():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=fresh)
+    ranks.barrier()
+    if ranks.main:
+        (fresh / PROGRESS_FILE).write_text(json.dumps(progress))
+        if (out / CHECKPOINT_DIR).exists():
+            os.replace(out / CHECKPOINT_DIR, old)
+        os.replace(fresh, out / CHECKPOINT_DIR)
+        shutil.rmtree(old, ignore_errors=True)
+    ranks.barrier()
+
+
+def _load(out: Path, model: nn.Module, optimizer) -> dict:
+    """Restore model and optimiser from ``out/checkpoint`` (written on any number of ranks); its counters."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with _single_process_quietly():
+        dcp.load(state, checkpoint_id=out / CHECKPOINT_DIR)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return json.loads((out / CHECKPOINT_DIR / PROGRESS_FILE).read_text())
 
 
 def _flops_of(batch, per_token: list[float]) -> float:
@@ -132,24 +246,33 @@ def _move(batch, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: Model, objectives: _Objectives, source, spec: ModelSpec, device: torch.device,
-             autocast) -> dict:
-    """Mean loss per modality (and perplexity for discrete ones) over the held-out batches."""
+def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec, device: torch.device,
+             autocast, ranks: _Ranks) -> dict:
+    """Mean loss per modality (and perplexity for discrete ones) over the held-out batches, which the ranks
+    share; torchmetrics sums the means' states over the ranks.
+
+    Every rank runs the same number of forward passes (a sharded model gathers its parameters collectively);
+    a rank past the last batch repeats one and does not count it.
+    """
     model.eval()
-    means = {name: MeanMetric() for name in objectives.names}
+    means = {name: MeanMetric().to(device) for name in objectives.names}
     available = source.num_batches(spec.train.batch_size)
-    for i in range(spec.train.eval_batches):
-        batch = _move(source.batch(i % available if available else i, spec.train.batch_size), device)
-        generator = torch.Generator().manual_seed(spec.train.seed * 7919 + i)
+    count_batches = spec.train.eval_batches
+    for k in range(math.ceil(count_batches / ranks.world)):
+        i = k * ranks.world + ranks.rank
+        index = i % count_batches
+        batch = _move(source.batch(index % available if available else index, spec.train.batch_size), device)
+        generator = torch.Generator().manual_seed(spec.train.seed * 7919 + index)
         with autocast():
             _, parts = objectives.evaluate(model, batch, generator)
         for name, (summed, count) in parts.items():
-            if count:
-                means[name].update(summed.detach().float().cpu() / count, weight=count)
+            if count and i < count_batches:
+                means[name].update(summed.detach().float() / count, weight=count)
     model.train()
     record = {}
     for modality in spec.modalities:
-        if means[modality.name].weight:
+        counted = ranks.total(float(means[modality.name].weight))[0]
+        if counted:
             value = float(means[modality.name].compute())
             record[f"loss/{modality.name}"] = value
             if modality.discrete:
@@ -173,21 +296,37 @@ def train(spec: ModelSpec, out_dir: str | Path, *, max_steps: int | None = None,
     Returns:
         The last evaluation record (also in ``result.json`` once the run has finished all its steps).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    t = spec.train
+    dev = _device(device or t.device)
+    ranks = _Ranks.start(dev)
+    try:
+        return _run(spec, Path(out_dir), max_steps, dev, ranks, progress and ranks.main)
+    finally:
+        ranks.stop()
+
+
+def _run(spec: ModelSpec, out: Path, max_steps: int | None, dev: torch.device, ranks: _Ranks,
+         progress: bool) -> dict:
+    t = spec.train
+    if t.grad_accum % ranks.world:
+        raise ValueError(f"train.grad_accum = {t.grad_accum} must be a multiple of the number of ranks "
+                         f"({ranks.world}): the ranks share a step's micro-batches")
     spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     if (out / SPEC_FILE).exists() and (out / SPEC_FILE).read_text() != spec_text:
         raise ValueError(f"{out} holds a run of a different spec; use another directory or remove it")
-    (out / SPEC_FILE).write_text(spec_text)
+    ranks.barrier()
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SPEC_FILE).write_text(spec_text)
+    ranks.barrier()
     if (out / RESULT_FILE).exists():
         return json.loads((out / RESULT_FILE).read_text())
 
-    t = spec.train
-    dev = resolve_device(device or t.device)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda")
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     torch.manual_seed(t.seed)
     model = Model(spec).to(dev)
+    wrapped = _parallel(model, spec, ranks, dev)
     optimizer = _optimizer(model, spec)
     objectives = _Objectives.of(spec)
     data = spec.dataset()
@@ -198,16 +337,13 @@ def train(spec: ModelSpec, out_dir: str | Path, *, max_steps: int | None = None,
     per_token = [sum(acc.training_flops[m.name].values()) for m in spec.modalities]
 
     step, flops, tokens, record = 0, 0.0, 0, {}
-    if (out / CHECKPOINT_FILE).exists():
-        state = torch.load(out / CHECKPOINT_FILE, map_location=dev, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, flops, tokens, record = state["step"], state["flops"], state["tokens"], state["eval"]
-    log = _Log(out / METRICS_FILE, step)
+    if (out / CHECKPOINT_DIR / PROGRESS_FILE).exists():
+        progress_state = _load(out, model, optimizer)
+        step, flops, tokens, record = (progress_state[k] for k in ("step", "flops", "tokens", "eval"))
+    log = _Log(out / METRICS_FILE, step, ranks.main)
 
     def checkpoint() -> None:
-        _save(out / CHECKPOINT_FILE, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "step": step, "flops": flops, "tokens": tokens, "eval": record})
+        _save(out, model, optimizer, ranks, {"step": step, "flops": flops, "tokens": tokens, "eval": record})
 
     last = min(t.steps, max_steps if max_steps is not None else t.steps)
     bar = tqdm(total=last, initial=step, disable=not progress, desc=spec.name, dynamic_ncols=True)
@@ -218,30 +354,33 @@ def train(spec: ModelSpec, out_dir: str | Path, *, max_steps: int | None = None,
             lr = learning_rate(step, spec)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums = {name: [0.0, 0] for name in objectives.names}
-            step_flops, step_tokens = 0.0, 0
-            for micro in range(t.grad_accum):
-                batch = _move(train_source.batch(step * t.grad_accum + micro, t.batch_size), dev)
-                generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step * t.grad_accum + micro)
+            names = objectives.names
+            sums = [0.0] * (2 * len(names) + 2)  # loss sum and count per modality, then FLOPs and tokens
+            for micro in range(ranks.rank, t.grad_accum, ranks.world):
+                index = step * t.grad_accum + micro
+                batch = _move(train_source.batch(index, t.batch_size), dev)
+                generator = torch.Generator().manual_seed(t.seed * 1_000_003 + index)
                 with autocast():
-                    loss, parts = objectives.evaluate(model, batch, generator)
-                (loss / t.grad_accum).backward()
-                step_flops += _flops_of(batch, per_token)
-                step_tokens += batch.modality.numel()
-                for name, (summed, count) in parts.items():
-                    sums[name][0] += float(summed.detach())
-                    sums[name][1] += count
+                    loss, parts = objectives.evaluate(wrapped, batch, generator)
+                (loss * ranks.world / t.grad_accum).backward()
+                for i, name in enumerate(names):
+                    summed, count = parts[name]
+                    sums[2 * i] += float(summed.detach())
+                    sums[2 * i + 1] += count
+                sums[-2] += _flops_of(batch, per_token)
+                sums[-1] += batch.modality.numel()
+            sums = ranks.total(*sums)
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            done, flops, tokens = step + 1, flops + step_flops, tokens + step_tokens
-            losses = {f"loss/{n}": s / c for n, (s, c) in sums.items() if c}
+            done, flops, tokens = step + 1, flops + sums[-2], tokens + int(sums[-1])
+            losses = {f"loss/{n}": sums[2 * i] / sums[2 * i + 1] for i, n in enumerate(names) if sums[2 * i + 1]}
             log.write({"split": "train", "step": done, "flops": flops, "tokens": tokens, "lr": lr,
                        "loss": sum(losses.values()), **losses})
             if done % t.eval_every == 0 or done == t.steps:
                 record = {"split": "eval", "step": done, "flops": flops, "tokens": tokens,
-                          **evaluate(model, objectives, eval_source, spec, dev, autocast)}
+                          **evaluate(model, objectives, eval_source, spec, dev, autocast, ranks)}
                 log.write(record)
             step, between_steps = done, True
             if step % t.checkpoint_every == 0 or step == last:
@@ -254,6 +393,6 @@ def train(spec: ModelSpec, out_dir: str | Path, *, max_steps: int | None = None,
         raise
     finally:
         bar.close()
-    if step == t.steps:
+    if step == t.steps and ranks.main:
         (out / RESULT_FILE).write_text(json.dumps(record, indent=1))
     return record

@@ -74,14 +74,14 @@ def _segments(modality: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Ten
 class Diffusion:
     """Noises one continuous modality's latents per segment and scores the predicted noise (summed MSE)."""
 
-    def __init__(self, config: DiffusionConfig, name: str, modality_id: int):
-        self.config, self.name, self.modality_id = config, name, modality_id
+    def __init__(self, config: DiffusionConfig, name: str, modality_id: int, latent_dim: int):
+        self.config, self.name, self.modality_id, self.latent_dim = config, name, modality_id, latent_dim
         self.alpha_bar = _alpha_bar(config)
 
     def prepare(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, torch.Tensor]:
         where = batch.modality == self.modality_id
         if self.name not in batch.latents:
-            return batch, torch.zeros(0, 0)
+            return batch, torch.zeros(0, self.latent_dim, device=batch.modality.device)
         clean = batch.latents[self.name]
         segments = _segments(batch.modality, batch.seq_idx)
         count = int(segments.max()) + 1
@@ -106,5 +106,6 @@ def momkit_objectives():
                   build=lambda config, modality, modality_id: NextToken(config, modality.name)),
         Objective(name="diffusion", description="DDPM noise prediction on latents (continuous modalities)",
                   config=DiffusionConfig, discrete=False,
-                  build=lambda config, modality, modality_id: Diffusion(config, modality.name, modality_id)),
+                  build=lambda config, modality, modality_id: Diffusion(config, modality.name, modality_id,
+                                                                        modality.latent_dim)),
     ]

@@ -43,9 +43,9 @@ def test_suite_runs_every_variant_and_reports(toy_registry, tmp_path):
     spec = yaml.safe_load((out / "runs" / "mom" / "seed1" / "spec.yaml").read_text())
     assert spec["train"]["seed"] == 1 and spec["train"]["lr"] == 0.004 and spec["routing"]["specific"] == "mom"
 
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint/progress.json")}
     assert main(["ablate", str(path), "--out", str(out)]) == 0
-    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint.pt")}
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/checkpoint/progress.json")}
 
     (out / "summary.md").unlink()
     assert main(["report", str(out)]) == 0

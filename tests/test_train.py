@@ -44,10 +44,10 @@ def test_resume_continues_exactly(toy_registry, tmp_path):
 def test_finished_run_is_skipped(toy_registry, tmp_path):
     train(toy_spec(steps=8), tmp_path, progress=False)
     before = (tmp_path / "metrics.jsonl").read_text()
-    checkpoint = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    checkpoint = (tmp_path / "checkpoint" / "progress.json").stat().st_mtime_ns
     train(toy_spec(steps=8), tmp_path, progress=False)
     assert (tmp_path / "metrics.jsonl").read_text() == before
-    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == checkpoint
+    assert (tmp_path / "checkpoint" / "progress.json").stat().st_mtime_ns == checkpoint
 
 
 def test_other_spec_in_same_directory_is_refused(toy_registry, tmp_path):

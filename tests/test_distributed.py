@@ -1,0 +1,92 @@
+"""Training under torchrun on CPU (gloo), with DDP and FSDP2: two ranks equal one process, and a run resumes
+on another number of ranks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from momkit.model import Model
+from momkit.spec import ModelSpec
+from momkit.train import _load, _optimizer
+
+SPEC = {
+    "name": "ranks", "modalities": ["text", "image"], "routing": {"specific": "mom"},
+    "backbone": {"kind": "mamba", "d_model": 16, "n_layers": 2, "d_state": 4},
+    "data": {"kind": "synthetic", "seed": 3},
+    "train": {"steps": 6, "batch_size": 2, "grad_accum": 2, "seq_len": 32, "eval_every": 3,
+              "checkpoint_every": 3, "warmup_steps": 1, "eval_batches": 3, "device": "cpu"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def momkit(tmp_path, ranks, out, *args, strategy="ddp"):
+    spec = tmp_path / f"spec-{strategy}.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "parallel": {"strategy": strategy}}))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m"] if ranks > 1 else \
+        [sys.executable, "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "momkit", "train", str(spec), "--out", str(out), *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def parameters(out, strategy):
+    spec = ModelSpec.model_validate({**SPEC, "parallel": {"strategy": strategy}})
+    model = Model(spec)
+    _load(out, model, _optimizer(model, spec))
+    return model.state_dict()
+
+
+def curve(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b, strategy="ddp"):
+    for x, y in zip(curve(a), curve(b), strict=True):
+        assert x.keys() == y.keys() and x["step"] == y["step"] and x["flops"] == y["flops"]
+        for key in x:
+            if key.startswith(("loss", "ppl")):
+                assert x[key] == pytest.approx(y[key], rel=1e-4), key
+    pa, pb = parameters(a, strategy), parameters(b, strategy)
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process(tmp_path, strategy):
+    momkit(tmp_path, 1, tmp_path / "one", strategy=strategy)
+    momkit(tmp_path, 2, tmp_path / "two", strategy=strategy)
+    assert_same_run(tmp_path / "one", tmp_path / "two", strategy)
+    assert (tmp_path / "two" / "result.json").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, strategy):
+    momkit(tmp_path, 1, tmp_path / "one", strategy=strategy)
+    momkit(tmp_path, 2, tmp_path / "switched", "--max-steps", "3", strategy=strategy)
+    assert not (tmp_path / "switched" / "result.json").exists()
+    momkit(tmp_path, 1, tmp_path / "switched", strategy=strategy)
+    assert_same_run(tmp_path / "one", tmp_path / "switched", strategy)
+
+
+def test_grad_accum_must_divide_among_ranks(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "train": {**SPEC["train"], "grad_accum": 1}}))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+                             "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m",
+                             "momkit", "train", str(spec), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "train.grad_accum = 1 must be a multiple of the number of ranks (2)" in result.stderr
