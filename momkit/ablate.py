@@ -4,7 +4,9 @@ A suite file names a base model spec, the variants (named overrides of dotted sp
 over such fields), the seeds, the baseline variant and overrides applied to every variant (training and data
 settings). Every variant's spec is validated before any training starts. Runs live in
 ``OUT/runs/<variant>/seed<k>/`` (see :mod:`momkit.train`): a finished run is skipped and an interrupted one
-resumes, so re-running the same command completes a suite. The summary is rebuilt from the run logs alone.
+resumes, so re-running the same command completes a suite. Runs go one after another, up to ``workers`` at
+once in separate processes (one per GPU), or as Slurm jobs through submitit; whichever wrote the run logs,
+the summary is rebuilt from them alone.
 
 FLOPs-to-match (the Mixture-of-Mamba paper's headline metric) is, per modality, the fraction of the
 baseline's training FLOPs at which a variant's held-out loss first reaches the baseline's final held-out
@@ -18,14 +20,20 @@ import csv
 import itertools
 import json
 import math
+import os
+import queue
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from momkit.spec import ModelSpec, StrictModel
-from momkit.train import METRICS_FILE, RESULT_FILE, train
+from momkit.train import METRICS_FILE, RESULT_FILE, SPEC_FILE, spec_text, train
 
 SUITE_FILE = "suite.json"
 
@@ -46,6 +54,10 @@ class SuiteSpec(StrictModel):
     baseline: str = Field(description="The variant the others are compared with.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted spec fields set in every "
                                                                         "variant (training and data settings).")
+    slurm: dict[str, Any] = Field(default_factory=dict, description="Parameters of each Slurm job with "
+                                                                    "`--launcher slurm` (submitit's "
+                                                                    "`update_parameters`, e.g. `timeout_min`, "
+                                                                    "`slurm_partition`, `gpus_per_node`).")
 
     @field_validator("grid")
     @classmethod
@@ -128,17 +140,80 @@ def load_suite(path: str | Path) -> tuple[SuiteSpec, dict[str, Any]]:
 
 
 def run_suite(suite: SuiteSpec, base: dict[str, Any], out_dir: str | Path, *, max_steps: int | None = None,
-              device: str | None = None, progress: bool = True) -> None:
-    """Train every variant and seed of ``suite`` under ``out_dir`` (skipping finished runs), then report."""
+              device: str | None = None, progress: bool = True, workers: int = 1, launcher: str = "local",
+              cluster: str | None = None) -> None:
+    """Train every variant and seed of ``suite`` under ``out_dir`` (skipping finished runs), then report.
+
+    Args:
+        workers: With the local launcher, runs at once, each in its own process (on its own GPU when there
+            are GPUs, round robin; on CPU sharing the cores).
+        launcher: ``local``, or ``slurm`` to submit every unfinished run as a job through submitit.
+        cluster: submitit's cluster (``None`` detects Slurm; ``debug`` runs the jobs in this process).
+    """
+    if launcher not in ("local", "slurm"):
+        raise ValueError(f"unknown launcher {launcher!r}; use local or slurm")
+    if workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers}")
     specs = variant_specs(suite, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SUITE_FILE).write_text(json.dumps({"name": suite.name, "baseline": suite.baseline,
                                               "variants": list(specs), "seeds": suite.seeds}, indent=1))
-    for name, by_seed in specs.items():
-        for seed, spec in by_seed.items():
-            train(spec, run_dir(out, name, seed), max_steps=max_steps, device=device, progress=progress)
+    runs = [(spec, run_dir(out, name, seed)) for name, by_seed in specs.items() for seed, spec in by_seed.items()]
+    pending = [(spec, path) for spec, path in runs if not (path / RESULT_FILE).exists()]
+    if launcher == "slurm":
+        _submit(pending, out, suite.slurm, cluster, max_steps, device)
+    elif workers > 1:
+        _fan_out(pending, workers, max_steps, device)
+    else:
+        for spec, path in pending:
+            train(spec, path, max_steps=max_steps, device=device, progress=progress)
     report(out)
+
+
+def _fan_out(runs: list, workers: int, max_steps: int | None, device: str | None) -> None:
+    """Run ``momkit train`` for each run in up to ``workers`` processes at once."""
+    gpus = torch.cuda.device_count()
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(workers):
+        slots.put(slot)
+
+    def one(spec, path: Path) -> tuple[Path, subprocess.CompletedProcess]:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / SPEC_FILE).write_text(spec_text(spec))
+        slot = slots.get()
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+        command = [sys.executable, "-m", "momkit", "train", str(path / SPEC_FILE), "--out", str(path), "--quiet"]
+        command += ["--max-steps", str(max_steps)] if max_steps else []
+        command += ["--device", device] if device else []
+        try:
+            return path, subprocess.run(command, env=env, capture_output=True, text=True)
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda run: one(*run), runs))
+    failed = [(path, r) for path, r in results if r.returncode]
+    if failed:
+        path, result = failed[0]
+        raise ValueError(f"{len(failed)} run(s) failed; {path}: {result.stderr.strip()[-2000:]}")
+
+
+def _submit(runs: list, out: Path, parameters: dict[str, Any], cluster: str | None, max_steps: int | None,
+            device: str | None) -> None:
+    """Submit each run as a job through submitit and wait for all of them."""
+    try:
+        import submitit
+    except ImportError as exc:
+        raise ValueError("--launcher slurm needs submitit: pip install 'momkit[slurm]'") from exc
+    executor = submitit.AutoExecutor(folder=out / "slurm", cluster=cluster)
+    executor.update_parameters(**parameters)
+    jobs = [executor.submit(train, spec, path, max_steps=max_steps, device=device, progress=False)
+            for spec, path in runs]
+    for job in jobs:
+        job.result()
 
 
 def run_dir(out: Path, variant: str, seed: int) -> Path:

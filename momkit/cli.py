@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = _model_spec(args.spec)
     out = Path(args.out) if args.out else Path("runs") / spec.name
     try:
-        record = train(spec, out, max_steps=args.max_steps, device=args.device)
+        record = train(spec, out, max_steps=args.max_steps, device=args.device, progress=not args.quiet)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
@@ -136,7 +136,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"{args.suite}: {exc}") from None
     try:
-        run_suite(suite, base, args.out, max_steps=args.max_steps, device=args.device)
+        run_suite(suite, base, args.out, max_steps=args.max_steps, device=args.device, workers=args.workers,
+                  launcher=args.launcher)
     except ValueError as exc:
         raise UsageError(f"{args.suite}: {exc}") from None
     print((Path(args.out) / "summary.md").read_text())
@@ -248,12 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<spec name>)")
     p.add_argument("--max-steps", type=_positive, help="stop after this many steps")
     p.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("ablate", help="train every variant x seed of a suite, then write tables and plots")
     p.add_argument("suite", help="path of a YAML suite")
     p.add_argument("--out", required=True, help="suite directory (re-running resumes and skips finished runs)")
     p.add_argument("--max-steps", type=_positive, help="stop each run after this many steps")
     p.add_argument("--device", help="override train.device of every run")
+    p.add_argument("--workers", type=_positive, default=1, help="runs at once, each in its own process and, "
+                                                                "with GPUs, on its own GPU (default 1)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local processes, or one Slurm job per run through submitit (pip install "
+                        "'momkit[slurm]'); the suite's `slurm` mapping sets the jobs' parameters")
     p.set_defaults(run=cmd_ablate)
     p = sub.add_parser("convert", help="convert input files into the faster format of the spec's dataset "
                                        "(jsonl: memory-mapped shards)")

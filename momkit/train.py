@@ -4,7 +4,8 @@ A run lives in one directory:
 
 - ``spec.yaml``: the spec it trains (a re-run with a different spec in the same directory is refused);
 - ``metrics.jsonl``: one JSON object per line, ``{"split": "train" | "eval", "step", "flops", "tokens",
-  "loss", "loss/<modality>", ...}``, evaluation lines adding ``"ppl/<modality>"`` for discrete modalities;
+  "loss", "loss/<modality>", ...}``, training lines adding the learning rate and the wall-clock ``time``
+  (Unix seconds), evaluation lines ``"ppl/<modality>"`` for discrete modalities;
 - ``checkpoint/``: model and optimiser (``torch.distributed.checkpoint``) and the counters of the last saved
   step, replaced whole at every save;
 - ``result.json``: the final evaluation, written when the run has finished.
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -49,6 +51,11 @@ from momkit.spec import ModelSpec
 
 SPEC_FILE, METRICS_FILE, CHECKPOINT_DIR, RESULT_FILE = "spec.yaml", "metrics.jsonl", "checkpoint", "result.json"
 PROGRESS_FILE = "progress.json"
+
+
+def spec_text(spec: ModelSpec) -> str:
+    """The YAML a run directory keeps of its spec (``momkit train`` reads it back)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -311,13 +318,13 @@ def _run(spec: ModelSpec, out: Path, max_steps: int | None, dev: torch.device, r
     if t.grad_accum % ranks.world:
         raise ValueError(f"train.grad_accum = {t.grad_accum} must be a multiple of the number of ranks "
                          f"({ranks.world}): the ranks share a step's micro-batches")
-    spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    if (out / SPEC_FILE).exists() and (out / SPEC_FILE).read_text() != spec_text:
+    text = spec_text(spec)
+    if (out / SPEC_FILE).exists() and (out / SPEC_FILE).read_text() != text:
         raise ValueError(f"{out} holds a run of a different spec; use another directory or remove it")
     ranks.barrier()
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / SPEC_FILE).write_text(spec_text)
+        (out / SPEC_FILE).write_text(text)
     ranks.barrier()
     if (out / RESULT_FILE).exists():
         return json.loads((out / RESULT_FILE).read_text())
@@ -377,7 +384,7 @@ def _run(spec: ModelSpec, out: Path, max_steps: int | None, dev: torch.device, r
             done, flops, tokens = step + 1, flops + sums[-2], tokens + int(sums[-1])
             losses = {f"loss/{n}": sums[2 * i] / sums[2 * i + 1] for i, n in enumerate(names) if sums[2 * i + 1]}
             log.write({"split": "train", "step": done, "flops": flops, "tokens": tokens, "lr": lr,
-                       "loss": sum(losses.values()), **losses})
+                       "time": time.time(), "loss": sum(losses.values()), **losses})
             if done % t.eval_every == 0 or done == t.steps:
                 record = {"split": "eval", "step": done, "flops": flops, "tokens": tokens,
                           **evaluate(model, objectives, eval_source, spec, dev, autocast, ranks)}

@@ -90,3 +90,34 @@ def test_grad_accum_must_divide_among_ranks(tmp_path):
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "train.grad_accum = 1 must be a multiple of the number of ranks (2)" in result.stderr
+
+
+def test_suite_workers_run_variants_concurrently(tmp_path):
+    from momkit.cli import main
+
+    base = {**SPEC, "train": {**SPEC["train"], "steps": 12, "grad_accum": 1}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({
+        "name": "workers", "base": "base.yaml", "baseline": "dense", "seeds": [0],
+        "variants": {"dense": {"routing.specific": "dense"}, "mom": {"routing.specific": "mom"}}}))
+    out = tmp_path / "out"
+    assert main(["ablate", str(tmp_path / "suite.yaml"), "--out", str(out), "--workers", "2"]) == 0
+    spans = {}
+    for variant in ("dense", "mom"):
+        times = [json.loads(line)["time"] for line in (out / "runs" / variant / "seed0" / "metrics.jsonl")
+                 .read_text().splitlines() if '"train"' in line]
+        spans[variant] = (min(times), max(times))
+    assert spans["dense"][0] < spans["mom"][1] and spans["mom"][0] < spans["dense"][1], spans
+    assert (out / "summary.md").exists()
+
+
+def test_slurm_launcher_through_submitit(tmp_path):
+    pytest.importorskip("submitit")
+    from momkit.ablate import SuiteSpec, run_suite
+
+    suite = SuiteSpec.model_validate({"name": "slurm", "base": {}, "baseline": "dense", "seeds": [0],
+                                      "variants": {"dense": {"routing.specific": "dense"}}})
+    base = {**SPEC, "train": {**SPEC["train"], "steps": 3, "grad_accum": 1}}
+    run_suite(suite, base, tmp_path / "out", launcher="slurm", cluster="debug")
+    assert (tmp_path / "out" / "runs" / "dense" / "seed0" / "result.json").exists()
+    assert (tmp_path / "out" / "slurm").is_dir()
