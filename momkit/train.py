@@ -84,7 +84,10 @@ class _Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1 or dist.is_initialized():
             return cls(dist.get_rank() if dist.is_initialized() else 0, world, False)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
         return cls(dist.get_rank(), world, True)
 
     @property

@@ -1,0 +1,232 @@
+"""The Triton selective scan against the per-token float64 recurrence, forward and backward.
+
+Two tiers. Small odd shapes run under Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1`` is set
+(about a minute on two cores: ``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_selective_scan.py``),
+otherwise on a CUDA GPU. Larger shapes, each at several tilings (block sizes, chunk lengths, warps), run only on
+a CUDA GPU: there the compiled kernels are tested, not the interpreter's NumPy, and compilers have been seen
+to miscompile some block sizes only. Without Triton, or with neither a GPU nor the interpreter, they skip.
+
+Each comparison is ``|x - ref| / |ref|`` (Frobenius norms; ``|x|`` where ``ref`` is zero) of the output, the
+last state and the gradient of every input, for a random linear loss of the output and the last state,
+against the per-token recurrence in float64 on the same (rounded) inputs: at most 1e-4 for float32 inputs and
+1e-2 for bfloat16 ones.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from momkit.kernels.reference.naive import naive_selective_scan
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRETING
+DEVICE = "cuda" if CUDA else "cpu"
+GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+LOW = ("u", "delta", "z", "B", "C")
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel module, where Triton imports and can run (on a GPU or under the interpreter)."""
+    pytest.importorskip("triton")
+    if not (CUDA or INTERPRETING):
+        pytest.skip("needs a CUDA GPU, or TRITON_INTERPRET=1 for Triton's CPU interpreter")
+    return importlib.import_module("momkit.kernels.triton.selective_scan")
+
+
+@pytest.fixture
+def cuda_kernels(kernels):
+    if not CUDA:
+        pytest.skip("large shapes and compiled kernels need a CUDA GPU")
+    return kernels
+
+
+def documents(gen, batch, length):
+    """``(b, l)`` int32 document index with random boundaries, including one-position documents."""
+    starts = torch.rand(batch, length, generator=gen) < 0.15
+    starts[:, 0] = False
+    if length > 3:
+        starts[0, length - 1] = starts[0, length - 2] = True
+    return starts.cumsum(1).to(torch.int32)
+
+
+def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, dtype=torch.float32, D=True,
+                z=True, bias=True, softplus=True, packed=False):
+    """Random inputs on ``DEVICE``: ``u, delta, z, B, C`` in ``dtype``, ``A, D, delta_bias`` in float32."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    bc = (batch, state, length) if groups is None else (batch, groups, state, length)
+    delta = 0.5 * randn(batch, dim, length) - 1.0
+    inputs = dict(
+        u=randn(batch, dim, length),
+        delta=delta if softplus else F.softplus(delta),
+        A=-torch.exp(randn(*((dim, state) if n_modalities is None else (n_modalities, dim, state)))),
+        B=randn(*bc),
+        C=randn(*bc),
+        D=randn(dim) if D else None,
+        z=randn(batch, dim, length) if z else None,
+        delta_bias=0.3 * randn(dim) if bias else None,
+    )
+    inputs = {k: None if v is None else v.to(DEVICE, dtype if k in LOW else torch.float32)
+              for k, v in inputs.items()}
+    inputs["delta_softplus"] = softplus
+    inputs["modality"] = (None if n_modalities is None
+                          else torch.randint(0, n_modalities, (batch, length), generator=gen).to(DEVICE))
+    inputs["seq_idx"] = documents(gen, batch, length).to(DEVICE) if packed else None
+    return inputs
+
+
+def as_float64(inputs):
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def run(fn, inputs, gen, **extra):
+    """Output, last state and gradients of every tensor input for a random linear loss of both.
+
+    The loss weights are drawn in float64 and rounded to the output's dtype, so that a low-precision run and
+    its float64 reference differentiate the same loss.
+    """
+    leaves = {k: inputs[k].clone().requires_grad_(True) for k in GRAD_INPUTS if inputs[k] is not None}
+    out, last = fn(**{**inputs, **leaves}, return_last_state=True, **extra)
+    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    w_last = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(last.device, last.dtype)
+    grads = torch.autograd.grad((out * w_out).sum() + (last * w_last).sum(), list(leaves.values()))
+    return {"out": out, "last": last, **{f"d{k}": g for k, g in zip(leaves, grads)}}
+
+
+def reference(inputs, seed):
+    return run(naive_selective_scan, as_float64(inputs), torch.Generator().manual_seed(seed))
+
+
+def assert_close(got, ref, dtype, label):
+    tol = TOLERANCE[dtype]
+    assert got.keys() == ref.keys()
+    for name, x in got.items():
+        assert torch.isfinite(x).all(), f"{label}: {name} is not finite"
+        scale = ref[name].norm().item()
+        err = (x.double() - ref[name]).norm().item() / (scale or 1.0)
+        kind = "relative" if scale else "absolute (the reference is zero)"
+        assert err <= tol, f"{label}: {name} {kind} error {err:.2e} > {tol:.0e}"
+
+
+SMALL = [
+    dict(batch=2, dim=6, state=4, length=37),
+    dict(batch=1, dim=8, state=3, length=5, groups=2),
+    dict(batch=2, dim=6, state=4, length=29, groups=3, D=False, z=False),
+    dict(batch=2, dim=5, state=2, length=1, bias=False),
+    dict(batch=1, dim=4, state=4, length=23, softplus=False, bias=False),
+    dict(batch=2, dim=6, state=4, length=41, groups=2, n_modalities=3),
+    dict(batch=2, dim=6, state=3, length=45, packed=True),
+    dict(batch=2, dim=4, state=3, length=31, groups=2, n_modalities=2, packed=True),
+]
+
+
+def case_id(case):
+    return "-".join(f"{k}{v}" for k, v in case.items())
+
+
+@pytest.mark.parametrize("case", SMALL, ids=case_id)
+def test_small_shapes_float32(kernels, gen, case):
+    inputs = make_inputs(gen, **case)
+    ref = reference(inputs, 7)
+    for tiling in (kernels.Tiling(chunk=8, block_d=4, block_d_bwd=2),
+                   kernels.Tiling(chunk=16, block_d=2, block_d_bwd=4, warps=2, warps_bwd=1, unroll=4, unroll_bwd=1)):
+        got = run(kernels.selective_scan, inputs, torch.Generator().manual_seed(7), tiling=tiling)
+        assert_close(got, ref, torch.float32, f"{tiling}")
+
+
+@pytest.mark.parametrize("case", [SMALL[0], SMALL[7]], ids=case_id)
+def test_small_shapes_bfloat16(kernels, gen, case):
+    inputs = make_inputs(gen, **case, dtype=torch.bfloat16)
+    got = run(kernels.selective_scan, inputs, torch.Generator().manual_seed(3),
+              tiling=kernels.Tiling(chunk=16, block_d=4, block_d_bwd=4))
+    assert got["out"].dtype == got["du"].dtype == got["dB"].dtype == torch.bfloat16
+    assert got["last"].dtype == got["dA"].dtype == torch.float32
+    assert_close(got, reference(inputs, 3), torch.bfloat16, "bfloat16")
+
+
+def test_forward_without_gradients(kernels, gen):
+    inputs = make_inputs(gen, 2, 6, 4, 37)
+    out, last = kernels.selective_scan(**inputs, return_last_state=True)
+    ref_out, ref_last = naive_selective_scan(**as_float64(inputs), return_last_state=True)
+    assert_close({"out": out, "last": last}, {"out": ref_out, "last": ref_last}, torch.float32, "no grad")
+
+
+def test_front_door_and_registry(kernels, gen):
+    import momkit.kernels.triton as plugin
+    from importlib.metadata import entry_points
+
+    from momkit import ops
+    from momkit.registry import Registry, use_registry
+
+    registry = Registry.from_entry_points()
+    if "momkit.kernels.triton" not in {ep.value for ep in entry_points(group="momkit")}:
+        registry.register(plugin, distribution="momkit")
+    inputs = make_inputs(gen, 2, 6, 4, 19, n_modalities=2, packed=True)
+    with use_registry(registry):
+        backend = registry.get("scan_backend", "triton")
+        assert backend.is_available() and backend.ssd_scan is None
+        assert backend.extensions == {"modality", "seq_idx"}
+        assert ("cpu" in backend.devices) == INTERPRETING
+        assert ops.resolve_backend("auto", DEVICE, "selective_scan").name == "triton"
+        out = ops.selective_scan(**inputs, backend="triton")
+        with pytest.raises(ValueError, match="ssd_scan"):
+            ops.resolve_backend("triton", DEVICE, "ssd_scan")
+    ref = naive_selective_scan(**as_float64(inputs))
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_refuses_float64(kernels, gen):
+    inputs = as_float64(make_inputs(gen, 1, 4, 2, 8))
+    with pytest.raises(ValueError, match="float64"):
+        kernels.selective_scan(**inputs, return_last_state=False)
+
+
+def test_imports_and_reports_unavailable_without_triton(tmp_path):
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import momkit.kernels.triton as plugin\n"
+            "(backend,) = plugin.momkit_scan_backends()\n"
+            "assert backend.name == 'triton' and not backend.is_available()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+LARGE = [
+    dict(batch=2, dim=160, state=16, length=1000, dtype=torch.bfloat16),
+    dict(batch=2, dim=96, state=16, length=777, groups=2, dtype=torch.float32),
+    dict(batch=1, dim=72, state=16, length=1500, groups=3, n_modalities=3, packed=True, dtype=torch.bfloat16),
+    dict(batch=3, dim=50, state=5, length=300, D=False, bias=False, softplus=False, dtype=torch.float32),
+]
+
+
+def large_tilings(kernels):
+    """The default and tilings over chunk lengths, channel blocks, warps and unrolls, including cross-warp scans
+    and reductions (more warps than a tile's rows fill)."""
+    T = kernels.Tiling
+    return [None, T(128, 8, 4, 4, 1), T(64, 16, 8, 4, 2, 4, 1), T(256, 4, 2, 2, 1, 1, 4), T(32, 32, 16, 8, 4),
+            T(16, 8, 2, 2, 1, 4, 2), T(128, 2, 8, 1, 8, 2, 2)]
+
+
+@pytest.mark.parametrize("case", LARGE, ids=lambda c: case_id({k: v for k, v in c.items() if k != "dtype"})
+                         + f"-{str(c['dtype'])[6:]}")
+def test_large_shapes_at_several_tilings(cuda_kernels, gen, case):
+    inputs = make_inputs(gen, **case)
+    ref = reference(inputs, 11)
+    for tiling in large_tilings(cuda_kernels):
+        got = run(cuda_kernels.selective_scan, inputs, torch.Generator().manual_seed(11), tiling=tiling)
+        assert_close(got, ref, case["dtype"], f"{tiling}")
+
+
+def test_long_sequence_stays_finite(cuda_kernels, gen):
+    inputs = make_inputs(gen, 1, 32, 16, 65536, dtype=torch.bfloat16)
+    got = run(cuda_kernels.selective_scan, inputs, torch.Generator().manual_seed(5))
+    for name, x in got.items():
+        assert torch.isfinite(x).all(), name
