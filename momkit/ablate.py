@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from momkit.spec import ModelSpec, StrictModel
+from momkit.spec import ModelSpec, StrictModel, read_mapping
 from momkit.train import METRICS_FILE, RESULT_FILE, SPEC_FILE, spec_text, train
 
 SUITE_FILE = "suite.json"
@@ -122,20 +121,8 @@ def variant_specs(suite: SuiteSpec, base: dict[str, Any]) -> dict[str, dict[int,
 def load_suite(path: str | Path) -> tuple[SuiteSpec, dict[str, Any]]:
     """Read a suite file and its base spec (as a mapping)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"suite file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
-    suite = SuiteSpec.model_validate(data)
-    if isinstance(suite.base, str):
-        base_path = path.parent / suite.base
-        if not base_path.is_file():
-            raise ValueError(f"base spec {suite.base!r} of {path} does not exist (looked at {base_path})")
-        base = yaml.safe_load(base_path.read_text())
-    else:
-        base = suite.base
+    suite = SuiteSpec.model_validate(read_mapping(path, "suite"))
+    base = read_mapping(path.parent / suite.base, "base spec") if isinstance(suite.base, str) else suite.base
     return suite, base
 
 

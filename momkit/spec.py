@@ -326,13 +326,19 @@ def load_spec(path: str | Path) -> BlockSpec | ModelSpec:
         ValueError: the file is missing, not YAML, not a mapping, or not a valid spec (a pydantic
             ``ValidationError``, which is a ``ValueError``, with the path of each bad field).
     """
+    data = read_mapping(path, "spec")
+    return (ModelSpec if "name" in data else BlockSpec).model_validate(data)
+
+
+def read_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; ``ValueError`` naming the file if it is missing, not YAML or no mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"spec file {str(path)!r} does not exist")
+        raise ValueError(f"{what} file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of spec fields, got {type(data).__name__}")
-    return (ModelSpec if "name" in data else BlockSpec).model_validate(data)
+        raise ValueError(f"{path} must hold a mapping of {what} fields, got {type(data).__name__}")
+    return data
