@@ -95,7 +95,8 @@ def test_grad_accum_must_divide_among_ranks(tmp_path):
 def test_suite_workers_run_variants_concurrently(tmp_path):
     from momkit.cli import main
 
-    base = {**SPEC, "train": {**SPEC["train"], "steps": 12, "grad_accum": 1}}
+    base = {**SPEC, "train": {**SPEC["train"], "steps": 40, "grad_accum": 1, "batch_size": 4, "seq_len": 64,
+                              "eval_every": 40, "checkpoint_every": 40}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump({
         "name": "workers", "base": "base.yaml", "baseline": "dense", "seeds": [0],
