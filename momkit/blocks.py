@@ -59,7 +59,8 @@ class Block(nn.Module):
             raise ValueError(f"modality must be int64, got {modality.dtype}")
         if modality.device != x.device:
             raise ValueError(f"modality is on {modality.device} but x is on {x.device}")
-        if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= self.n_modalities):
+        if modality.device.type == "cpu" and modality.numel() and (int(modality.min()) < 0
+                                                                    or int(modality.max()) >= self.n_modalities):
             ids = ", ".join(f"{i} = {name}" for i, name in enumerate(self.modalities))
             raise ValueError(f"modality holds ids in [{int(modality.min())}, {int(modality.max())}]; "
                              f"valid ids: {ids}")

@@ -6,9 +6,10 @@ linear layer is ``(M, out, in)``). Both are called as ``layer(x, modality)`` wit
 leading shape, so a block reads the same whichever of its sublayers are routed.
 
 A routed layer applies to each token only the weights of that token's modality, never every modality's
-weights to every token: the linear layer sorts the tokens by modality and multiplies each group by its own
-matrix; the norm and the conv, which are elementwise in the channels, gather each token's own weights. A
-modality absent from the batch gets exactly zero gradient.
+weights to every token: the linear layer calls :func:`momkit.ops.routed_linear` (on a GPU, the Triton
+backend's grouped matmul, which reads the tokens in place; on the CPU, one matmul per modality present); the
+norm and the conv, which are elementwise in the channels, gather each token's own weights. A modality absent
+from the batch gets exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from momkit import ops
 
 
 def _sharing(n_modalities: int | None) -> str:
@@ -45,24 +48,11 @@ class Linear(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _one(self, x: torch.Tensor, m: int) -> torch.Tensor:
-        return F.linear(x, self.weight[m], None if self.bias is None else self.bias[m])
-
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """``x (..., in)``, ``modality (...)`` -> ``(..., out)``."""
         if self.n_modalities is None:
             return F.linear(x, self.weight, self.bias)
-        flat_x = x.reshape(-1, self.in_features)
-        flat_m = modality.reshape(-1)
-        counts = torch.bincount(flat_m, minlength=self.n_modalities).tolist()
-        present = [m for m, c in enumerate(counts) if c]
-        if len(present) == 1:
-            return self._one(x, present[0])
-        order = torch.argsort(flat_m, stable=True)
-        groups = flat_x.index_select(0, order).split(counts)
-        y_sorted = torch.cat([self._one(groups[m], m) for m in present])
-        y = y_sorted.new_empty(y_sorted.shape).index_copy_(0, order, y_sorted)
-        return y.view(*x.shape[:-1], self.out_features)
+        return ops.routed_linear(x, self.weight, self.bias, modality)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}, " \
@@ -127,13 +117,13 @@ class CausalConv1d(nn.Module):
             y = y + term
         return y
 
-    def step(self, window: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """One output from ``window (b, d, k)``, the last ``k`` inputs oldest first; ``modality (b,)``."""
-        weight = self.weight if self.n_modalities is None else self.weight[modality]
-        y = (window * weight).sum(-1)
-        if self.bias is not None:
-            y = y + (self.bias if self.n_modalities is None else self.bias[modality])
-        return y
+    def step(self, x: torch.Tensor, conv_state: torch.Tensor, modality: torch.Tensor,
+             activation: str | None = None) -> torch.Tensor:
+        """Decode one position: append ``x (b, d)`` to ``conv_state (b, d, k)`` (the last ``k`` inputs, oldest
+        first) in place and return the output ``(b, d)``, through ``activation`` (``None`` or ``"silu"``);
+        ``modality (b,)``."""
+        return ops.conv_state_update(x, conv_state, self.weight, self.bias, activation,
+                                     modality=None if self.n_modalities is None else modality)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, kernel_size={self.kernel_size}, bias={self.bias is not None}, " \

@@ -112,9 +112,6 @@ class MambaBlock(Block):
     def _split(self, x_dbl: torch.Tensor):
         return x_dbl.split([self.config.rank, self.config.d_state, self.config.d_state], dim=-1)
 
-    def _D(self, modality: torch.Tensor) -> torch.Tensor:
-        return self.D if self.routing("D") is None else self.D[modality]
-
     def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """``x (b, l, d_model)``, ``modality (b, l)`` int64, optional ``seq_idx (b, l)`` -> ``(b, l, d_model)``."""
         self.check_inputs(x, modality, seq_idx)
@@ -146,17 +143,13 @@ class MambaBlock(Block):
         """Decode one position: ``x (b, d_model)``, ``modality (b,)``; updates ``state`` in place."""
         self.check_inputs(x, modality, step=True)
         x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
-        state.conv.copy_(torch.cat([state.conv[..., 1:], x_in[..., None].to(state.conv.dtype)], dim=-1))
-        u = F.silu(self.conv1d.step(state.conv, modality))
+        u = self.conv1d.step(x_in, state.conv, modality, activation="silu")
         dt_low, B, C = self._split(self.x_proj(u, modality))
-        dt = F.softplus(self.dt_proj(dt_low, modality)).to(state.ssm.dtype)
-        A_log = self.A_log if self.routing("A_log") is None else self.A_log[modality]
-        decay = torch.exp(dt[..., None] * -torch.exp(A_log.to(state.ssm.dtype)))
-        state.ssm.mul_(decay).add_((dt * u)[..., None] * B[:, None, :])
-        y = (state.ssm * C[:, None, :]).sum(-1) + u * self._D(modality)
-        y = (y * F.silu(z)).to(x.dtype)
+        routed = self.routing("A_log") is not None or self.routing("D") is not None
+        y = ops.selective_state_update(state.ssm, u, self.dt_proj(dt_low, modality), -torch.exp(
+            _at_least_fp32(self.A_log)), B, C, D=_at_least_fp32(self.D), z=z, dt_softplus=True,
+            modality=modality if routed else None, backend=self.scan_backend)
         return x + self.out_proj(y, modality)
-
 
 def build(config: MambaConfig, modalities: list[str], routed: frozenset[str], scan_backend: str) -> MambaBlock:
     return MambaBlock(config, modalities, routed, scan_backend)

@@ -160,12 +160,6 @@ class Mamba2Block(Block):
                        + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
         return dt + torch.log(-torch.expm1(-dt))
 
-    def _per(self, sublayer: str, modality: torch.Tensor) -> torch.Tensor:
-        """The parameter of ``sublayer`` (``dt_bias``, ``A_log`` or ``D``) for each position: ``(h,)`` shared,
-        ``(..., h)`` gathered by ``modality (...)`` routed."""
-        param = getattr(self, sublayer)
-        return param if self.routing(sublayer) is None else param[modality]
-
     def _split_in_proj(self, zxbcdt: torch.Tensor):
         """``(..., 2 di + 2 g n + h)`` -> ``z (..., di)``, ``xBC (..., conv_dim)``, ``dt (..., h)``."""
         cfg = self.config
@@ -210,17 +204,19 @@ class Mamba2Block(Block):
         """Decode one position: ``x (b, d_model)``, ``modality (b,)``; updates ``state`` in place."""
         self.check_inputs(x, modality, step=True)
         z, xBC, dt = self._split_in_proj(self.in_proj(self.norm(x, modality), modality))
-        state.conv.copy_(torch.cat([state.conv[..., 1:], xBC[..., None].to(state.conv.dtype)], dim=-1))
-        xs, B, C = self._split_xBC(F.silu(self.conv1d.step(state.conv, modality)))
-        heads_per_group = self.config.nheads // self.config.ngroups
-        B, C = B.repeat_interleave(heads_per_group, dim=1), C.repeat_interleave(heads_per_group, dim=1)
-        dt = F.softplus(dt + self._per("dt_bias", modality)).to(state.ssm.dtype)
-        decay = torch.exp(dt * -torch.exp(self._per("A_log", modality).to(state.ssm.dtype)))
-        state.ssm.mul_(decay[..., None, None]).add_((dt[..., None] * xs)[..., None] * B[:, :, None, :])
-        y = (state.ssm * C[:, :, None, :]).sum(-1) + xs * self._per("D", modality)[..., None]
-        y = self.gate_norm(y.flatten(-2).to(x.dtype), z, modality)
-        return x + self.out_proj(y, modality)
+        xs, B, C = self._split_xBC(self.conv1d.step(xBC, state.conv, modality, activation="silu"))
+        p, n = self.config.headdim, self.config.d_state
 
+        def over_p(t: torch.Tensor, *extra: int) -> torch.Tensor:
+            return t.reshape(*t.shape, *(1,) * (1 + len(extra))).expand(*t.shape, p, *extra)
+
+        routed = any(self.routing(name) is not None for name in ("dt_bias", "A_log", "D"))
+        y = ops.selective_state_update(state.ssm, xs, over_p(dt), over_p(-torch.exp(_at_least_fp32(self.A_log)), n),
+                                       B, C, D=over_p(_at_least_fp32(self.D)), dt_bias=over_p(self.dt_bias),
+                                       dt_softplus=True, modality=modality if routed else None,
+                                       backend=self.scan_backend)
+        y = self.gate_norm(y.flatten(-2), z, modality)
+        return x + self.out_proj(y, modality)
 
 def build(config: Mamba2Config, modalities: list[str], routed: frozenset[str], scan_backend: str) -> Mamba2Block:
     return Mamba2Block(config, modalities, routed, scan_backend)

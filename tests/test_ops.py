@@ -86,3 +86,63 @@ def test_ssd_scan_checks(gen, change, message):
 def test_non_tensor_is_a_type_error(gen):
     with pytest.raises(TypeError, match="u must be a torch.Tensor, got list"):
         ops.selective_scan(**{**selective_args(gen), "u": [1.0]})
+
+
+def routed_args(gen, shape=(2, 5), K=6, O=4, M=3):
+    return dict(x=torch.randn(*shape, K, generator=gen), weight=torch.randn(M, O, K, generator=gen),
+                bias=torch.randn(M, O, generator=gen), modality=torch.randint(0, M, shape, generator=gen))
+
+
+def test_routed_linear_applies_each_positions_own_weights(gen):
+    args = routed_args(gen)
+    y = ops.routed_linear(**args)
+    ref = torch.einsum("blk,blok->blo", args["x"], args["weight"][args["modality"]]) + args["bias"][args["modality"]]
+    torch.testing.assert_close(y, ref)
+
+
+def test_routed_linear_follows_autocast(gen):
+    args = routed_args(gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.routed_linear(**args)
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(weight=torch.zeros(3, 4, 5)), r"weight has shape \(3, 4, 5\); expected \(M, out, in\) = \(\*, \*, 6\)"),
+    (dict(weight=torch.zeros(3, 4, 6, dtype=torch.float64)), "weight has dtype torch.float64 but x has torch.float32"),
+    (dict(bias=torch.zeros(2, 4)), r"bias has shape \(2, 4\); expected \(M, out\) = \(3, 4\)"),
+    (dict(modality=torch.zeros(2, 4, dtype=torch.int64)), r"modality has shape \(2, 4\); expected x's leading "
+                                                          r"shape = \(2, 5\)"),
+    (dict(modality=torch.full((2, 5), 3)), r"modality holds ids in \[3, 3\] but weight has 3 modalities"),
+])
+def test_routed_linear_checks(gen, change, message):
+    with pytest.raises(ValueError, match=message):
+        ops.routed_linear(**{**routed_args(gen), **change})
+
+
+def update_args(gen, b=2, d=6, n=4):
+    return dict(state=torch.zeros(b, d, n), x=torch.randn(b, d, generator=gen), dt=torch.randn(b, d, generator=gen),
+                A=-torch.rand(d, n, generator=gen), B=torch.randn(b, n, generator=gen),
+                C=torch.randn(b, n, generator=gen))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(state=torch.zeros(2, 6, 4, dtype=torch.bfloat16)), "state has dtype torch.bfloat16; expected torch.float32"),
+    (dict(dt=torch.zeros(2, 5)), r"dt has shape \(2, 5\); expected \(b, d\) = \(2, 6\)"),
+    (dict(A=torch.zeros(3, 6, 4)), r"A has shape \(3, 6, 4\); expected \(d, n\) = \(6, 4\)"),
+    (dict(A=torch.zeros(3, 6, 4), modality=torch.full((2,), 5)), r"modality holds ids in \[5, 5\] but A has 3"),
+    (dict(D=torch.zeros(2, 6), modality=torch.zeros(3, dtype=torch.int64)), r"modality has shape \(3,\); "
+                                                                            r"expected \(b,\) = \(2,\)"),
+    (dict(B=torch.zeros(2, 1, 4)), r"B has shape \(2, 1, 4\); expected \(b, n\) = \(2, 4\)"),
+])
+def test_selective_state_update_checks(gen, change, message):
+    with pytest.raises(ValueError, match=message):
+        ops.selective_state_update(**{**update_args(gen), **change})
+
+
+def test_conv_state_update_checks(gen):
+    x, conv_state, weight = torch.randn(2, 5, generator=gen), torch.zeros(2, 5, 4), torch.randn(5, 4, generator=gen)
+    with pytest.raises(ValueError, match="activation must be None or 'silu', got 'relu'"):
+        ops.conv_state_update(x, conv_state, weight, activation="relu")
+    with pytest.raises(ValueError, match=r"weight has shape \(2, 5, 4\); expected \(c, k\) = \(5, 4\)"):
+        ops.conv_state_update(x, conv_state, weight.expand(2, 5, 4))

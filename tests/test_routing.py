@@ -100,14 +100,15 @@ def test_routed_conv_is_causal_and_matches_shared_per_modality(gen, batch):
     torch.testing.assert_close(routed(x2, modality)[:, :6], y[:, :6], rtol=0, atol=0)
 
 
-def test_conv_step_matches_forward(gen, batch):
+@pytest.mark.parametrize("n_modalities", [None, M], ids=["shared", "routed"])
+def test_conv_step_matches_forward(gen, batch, n_modalities):
     x, modality = batch
-    conv = randomise(CausalConv1d(5, 4, n_modalities=M).double(), gen)
+    conv = randomise(CausalConv1d(5, 4, n_modalities=n_modalities).double(), gen)
     y = conv(x, modality)
-    window = torch.zeros(x.shape[0], 5, 4, dtype=x.dtype)
+    conv_state = torch.zeros(x.shape[0], 5, 4, dtype=x.dtype)
     for t in range(x.shape[1]):
-        window = torch.cat([window[..., 1:], x[:, t, :, None]], dim=-1)
-        torch.testing.assert_close(conv.step(window, modality[:, t]), y[:, t])
+        torch.testing.assert_close(conv.step(x[:, t], conv_state, modality[:, t]), y[:, t])
+        torch.testing.assert_close(conv_state[..., -1], x[:, t])
 
 
 @pytest.mark.parametrize("n_modalities", [None, M], ids=["shared", "routed"])

@@ -1,10 +1,13 @@
-"""The reference scan backend: pure PyTorch, exact to float64 rounding, fast on CPU.
+"""The reference backend: pure PyTorch, exact to float64 rounding, fast on CPU.
 
 ``selective_scan.py`` and ``ssd.py`` hold the chunked algorithms with their backward passes; ``naive.py``
-the per-token recurrences they are tested against.
+the per-token recurrences they are tested against; ``routed_linear.py`` the portable routed projection;
+``decode.py`` the single-position state updates of decoding.
 """
 
 from momkit import hookimpl
+from momkit.kernels.reference.decode import conv_state_update, selective_state_update
+from momkit.kernels.reference.routed_linear import routed_linear
 from momkit.kernels.reference.selective_scan import selective_scan
 from momkit.kernels.reference.ssd import ssd_scan
 from momkit.ops import ScanBackend
@@ -14,6 +17,9 @@ REFERENCE = ScanBackend(
     description="pure PyTorch, chunked, any device; the CPU default",
     selective_scan=selective_scan,
     ssd_scan=ssd_scan,
+    routed_linear=routed_linear,
+    selective_state_update=selective_state_update,
+    conv_state_update=conv_state_update,
     devices=("cpu", "cuda"),
     priority=0,
     extensions=frozenset({"modality", "seq_idx"}),

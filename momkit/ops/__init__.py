@@ -1,18 +1,24 @@
-"""Scan front doors: one call per scan, the argument check, and the choice of backend.
+"""Kernel front doors: one call per operation, the argument check, and the choice of backend.
 
 :func:`selective_scan` takes the arguments and shapes of mamba_ssm's ``selective_scan_fn`` and
 :func:`ssd_scan` those of ``mamba_chunk_scan_combined``, so either can replace the peer's call without
-reshaping a tensor. Every argument is checked here, before any backend runs.
+reshaping a tensor; likewise :func:`selective_state_update` (mamba_ssm's function of that name) and
+:func:`conv_state_update` (causal-conv1d's ``causal_conv1d_update``) for decoding one position.
+:func:`routed_linear` is the routed projection. Every argument is checked here, before any backend runs.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from momkit.ops.backend import ScanBackend
-from momkit.ops.checks import check_selective_scan, check_ssd_scan
+from momkit.ops.checks import (check_conv_state_update, check_routed_linear, check_selective_scan,
+                               check_selective_state_update, check_ssd_scan)
 
-__all__ = ["ScanBackend", "available_backends", "resolve_backend", "selective_scan", "ssd_scan"]
+__all__ = ["ScanBackend", "available_backends", "conv_state_update", "resolve_backend", "routed_linear",
+           "selective_scan", "selective_state_update", "ssd_scan"]
 
 
 def available_backends() -> list[str]:
@@ -33,8 +39,14 @@ def resolve_backend(name: str, device: torch.device | str, op: str, extensions=f
     """
     from momkit.registry import get_registry
 
-    device_type = torch.device(device).type
-    backends = get_registry().scan_backends
+    return _resolve(get_registry(), name, torch.device(device).type, op, frozenset(extensions))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(registry, name: str, device_type: str, op: str, extensions: frozenset[str]) -> ScanBackend:
+    """:func:`resolve_backend` for one registry, remembered: a registry is fixed once looked up, and decoding
+    asks the same question for every layer and position."""
+    backends = registry.scan_backends
 
     def fits(b: ScanBackend) -> bool:
         return (getattr(b, op) is not None and device_type in b.devices and extensions <= b.extensions
@@ -126,3 +138,85 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
     return impl.ssd_scan(x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                          initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
                          return_final_states=return_final_states, modality=modality)
+
+
+def routed_linear(x, weight, bias, modality, *, backend="auto"):
+    """``y = x W_m^T + b_m`` with each position's own modality ``m``: the routed projection.
+
+    Args:
+        x: ``(..., in)``.
+        weight: ``(M, out, in)``, one matrix per modality, in ``x``'s dtype.
+        bias: optional ``(M, out)``.
+        modality: ``x``'s leading shape ``(...)``, int64 ids in ``0..M-1``.
+        backend: a registered backend name, or ``"auto"``.
+
+    Returns:
+        ``(..., out)`` in ``x``'s dtype. A modality absent from ``modality`` gets exactly zero gradient.
+        Under autocast, ``x``, ``weight`` and ``bias`` are first cast as ``torch.nn.functional.linear``'s
+        would be.
+    """
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and \
+            torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    check_routed_linear(x, weight, bias, modality)
+    impl = resolve_backend(backend, x.device, "routed_linear")
+    return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
+                           modality=None, backend="auto"):
+    """One position of the selective scan, updating ``state`` in place; mamba_ssm's interface plus ``modality``.
+
+    ``state = exp(dt A) state + dt x B``, ``out = (state C + D x) silu(z)``, with ``dt`` first shifted by
+    ``dt_bias`` and passed through softplus when ``dt_softplus``. Two layouts: Mamba-1's channels ``(d,)``,
+    or Mamba-2's heads ``(h, p)`` (whose per-head ``dt``, ``A``, ``D`` and ``dt_bias`` are passed expanded
+    over ``p``, as stride-0 views).
+
+    Args:
+        state: ``(b, d, n)`` or ``(b, h, p, n)``, float32; updated in place.
+        x: ``(b, d)`` or ``(b, h, p)``.
+        dt: same shape as ``x``.
+        A: ``(d, n)`` or ``(h, p, n)``; with ``modality``, optionally ``(M, d, n)`` or ``(M, h, p, n)``.
+        B: ``(b, n)``, or ``(b, g, n)`` for heads, each group shared by ``h / g`` heads.
+        C: same shape as ``B``.
+        D: optional ``(d,)`` or ``(h, p)``; with ``modality``, optionally one per modality (a leading ``M``).
+        z: optional gate, same shape as ``x``.
+        dt_bias: optional, shaped as ``D``.
+        dt_softplus: apply softplus to ``dt + dt_bias``.
+        modality: optional ``(b,)`` int64 modality of each sequence's position, which picks the rows of every
+            parameter given per modality.
+        backend: a registered backend name, or ``"auto"``.
+
+    Returns:
+        ``out``, shaped as ``x``, in ``x``'s dtype.
+    """
+    check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, modality)
+    impl = resolve_backend(backend, state.device, "selective_state_update", _extensions(modality=modality))
+    return impl.selective_state_update(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                                       dt_softplus=dt_softplus, modality=modality)
+
+
+def conv_state_update(x, conv_state, weight, bias=None, activation=None, *, modality=None, backend="auto"):
+    """One position of a depthwise causal convolution: causal-conv1d's ``causal_conv1d_update`` plus ``modality``.
+
+    ``conv_state`` holds the last ``k`` inputs, oldest first; it is shifted by one and ``x`` appended, in
+    place, then ``out = sum_j conv_state[:, :, j] weight[:, j] + bias``, optionally through silu.
+
+    Args:
+        x: ``(b, c)`` the new input.
+        conv_state: ``(b, c, k)``; updated in place.
+        weight: ``(c, k)``; with ``modality``, optionally ``(M, c, k)``.
+        bias: optional ``(c,)``; with ``modality``, optionally ``(M, c)``.
+        activation: ``None`` or ``"silu"``.
+        modality: optional ``(b,)`` int64, picking the rows of every parameter given per modality.
+        backend: a registered backend name, or ``"auto"``.
+
+    Returns:
+        ``out (b, c)`` in ``x``'s dtype.
+    """
+    check_conv_state_update(x, conv_state, weight, bias, activation, modality)
+    impl = resolve_backend(backend, x.device, "conv_state_update", _extensions(modality=modality))
+    return impl.conv_state_update(x=x, conv_state=conv_state, weight=weight, bias=bias, activation=activation,
+                                  modality=modality)

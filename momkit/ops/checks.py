@@ -1,4 +1,9 @@
-"""Argument checks of the scan front doors: every error names the argument, what it got and what is valid."""
+"""Argument checks of the front doors: every error names the argument, what it got and what is valid.
+
+Shapes, dtypes and devices are checked for every call. The values of an index tensor (``modality``) are
+checked on the CPU only: on a GPU, reading them would make the host wait for the device at every layer. There
+the model checks a batch's ids once per call (:meth:`momkit.Model.check`).
+"""
 
 from __future__ import annotations
 
@@ -42,9 +47,15 @@ def _check_A(A, modality, labels: tuple[str, str], shape: tuple, batch: int, len
         return
     expect_tensor("A", A, {labels[1]: (None, *shape)}, device)
     expect_tensor("modality", modality, {"(b, l)": (batch, length)}, device, floating=False)
-    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= A.shape[0]):
-        raise ValueError(f"modality holds ids in [{int(modality.min())}, {int(modality.max())}] but A has "
-                         f"{A.shape[0]} modalities; valid ids are 0..{A.shape[0] - 1}")
+    check_ids(modality, A.shape[0], "A")
+
+
+def check_ids(modality: torch.Tensor, count: int, holder: str) -> None:
+    """On the CPU, check that every id of ``modality`` indexes one of the ``count`` modalities of ``holder``."""
+    if modality.device.type == "cpu" and modality.numel() and (int(modality.min()) < 0
+                                                                or int(modality.max()) >= count):
+        raise ValueError(f"modality holds ids in [{int(modality.min())}, {int(modality.max())}] but {holder} has "
+                         f"{count} modalities; valid ids are 0..{count - 1}")
 
 
 def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx) -> None:
@@ -100,3 +111,74 @@ def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
                       dev)
     if seq_idx is not None:
         expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, dev, floating=False)
+
+
+def check_routed_linear(x, weight, bias, modality) -> None:
+    """Check the arguments of :func:`momkit.ops.routed_linear`."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x must be a torch.Tensor of shape (..., in_features), got "
+                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    expect_tensor("weight", weight, {"(M, out, in)": (None, None, x.shape[-1])}, x.device)
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; cast one to the other")
+    if bias is not None:
+        expect_tensor("bias", bias, {"(M, out)": tuple(weight.shape[:2])}, x.device)
+    expect_tensor("modality", modality, {"x's leading shape": tuple(x.shape[:-1])}, x.device, floating=False)
+    check_ids(modality, weight.shape[0], "weight")
+
+
+def _routable(name, value, shape: tuple, labels: str, modality, device) -> None:
+    """``value`` of ``shape``, or with ``modality`` optionally one per modality (a leading ``M``)."""
+    shapes = {labels: shape}
+    if modality is not None:
+        shapes[f"(M, {labels.strip('(,)')})"] = (None, *shape)
+    expect_tensor(name, value, shapes, device)
+    if value.dim() > len(shape):
+        check_ids(modality, value.shape[0], name)
+
+
+def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, modality) -> None:
+    """Check the arguments of :func:`momkit.ops.selective_state_update`."""
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
+    dev = state.device
+    expect_tensor("state", state, {"(b, d, n)": (None, None, None), "(b, h, p, n)": (None,) * 4}, dev)
+    heads = state.dim() == 4
+    batch, n = state.shape[0], state.shape[-1]
+    channels = tuple(state.shape[1:-1])
+    form = "(b, h, p)" if heads else "(b, d)"
+    per_channel = "(h, p)" if heads else "(d,)"
+    expect_tensor("x", x, {form: (batch, *channels)}, dev)
+    expect_tensor("dt", dt, {form: (batch, *channels)}, dev)
+    if modality is not None:
+        expect_tensor("modality", modality, {"(b,)": (batch,)}, dev, floating=False)
+    _routable("A", A, (*channels, n), "(h, p, n)" if heads else "(d, n)", modality, dev)
+    bc = {"(b, g, n)": (batch, None, n)} if heads else {"(b, n)": (batch, n)}
+    expect_tensor("B", B, bc, dev)
+    expect_tensor("C", C, {"same as B": tuple(B.shape)}, dev)
+    if heads and channels[0] % B.shape[1]:
+        raise ValueError(f"B has {B.shape[1]} groups, which does not divide h = {channels[0]}; "
+                         f"valid group counts divide {channels[0]}")
+    for name, value in (("D", D), ("dt_bias", dt_bias)):
+        if value is not None:
+            _routable(name, value, channels, per_channel, modality, dev)
+    if z is not None:
+        expect_tensor("z", z, {form: (batch, *channels)}, dev)
+    if state.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state has dtype {state.dtype}; expected torch.float32 (or torch.float64)")
+
+
+def check_conv_state_update(x, conv_state, weight, bias, activation, modality) -> None:
+    """Check the arguments of :func:`momkit.ops.conv_state_update`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    expect_tensor("x", x, {"(b, c)": (None, None)}, x.device)
+    batch, channels = x.shape
+    expect_tensor("conv_state", conv_state, {"(b, c, k)": (batch, channels, None)}, x.device)
+    if modality is not None:
+        expect_tensor("modality", modality, {"(b,)": (batch,)}, x.device, floating=False)
+    _routable("weight", weight, (channels, conv_state.shape[-1]), "(c, k)", modality, x.device)
+    if bias is not None:
+        _routable("bias", bias, (channels,), "(c,)", modality, x.device)
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
