@@ -1,7 +1,8 @@
-"""The Triton scan backend: Mamba-1 ``selective_scan`` on CUDA GPUs (``ssd_scan`` is not implemented here).
+"""The Triton backend for CUDA GPUs: both scans, the routed linear layer and the decoding state updates.
 
-``selective_scan.py`` holds the kernels and their autograd function; the chunked PyTorch reference in
-``momkit.kernels.reference`` is what they are tested against.
+``selective_scan.py`` and ``ssd.py`` hold the scan kernels and their autograd functions,
+``routed_linear.py`` the grouped matmul of the routed projection, ``decode.py`` the single-position updates;
+the PyTorch references in ``momkit.kernels.reference`` are what they are tested against.
 
 This module imports without Triton: the kernels are imported on first call, and the backend reports itself
 unavailable when Triton does not import or no CUDA device is present. Under Triton's interpreter
@@ -33,19 +34,48 @@ def _available() -> bool:
 
 
 def _selective_scan(**kwargs):
-    """:func:`momkit.ops.selective_scan` through the Triton kernels (imported on first call)."""
-    from momkit.kernels.triton.selective_scan import selective_scan as scan
+    """:func:`momkit.ops.selective_scan` through the Triton kernels (imported on first call, as below)."""
+    from momkit.kernels.triton.selective_scan import selective_scan
 
-    return scan(**kwargs)
+    return selective_scan(**kwargs)
+
+
+def _ssd_scan(**kwargs):
+    from momkit.kernels.triton.ssd import ssd_scan
+
+    return ssd_scan(**kwargs)
+
+
+def _routed_linear(*, x, weight, bias, modality):
+    from momkit.kernels.triton.routed_linear import routed_linear
+
+    flat = routed_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
+                         None if bias is None else bias.contiguous(), modality.reshape(-1))
+    return flat.view(*x.shape[:-1], weight.shape[1])
+
+
+def _selective_state_update(**kwargs):
+    from momkit.kernels.triton.decode import selective_state_update
+
+    return selective_state_update(**kwargs)
+
+
+def _conv_state_update(**kwargs):
+    from momkit.kernels.triton.decode import conv_state_update
+
+    return conv_state_update(**kwargs)
 
 
 @hookimpl
 def momkit_scan_backends():
     return [ScanBackend(
         name="triton",
-        description="Triton kernels for CUDA GPUs: Mamba-1 selective scan, forward and backward, in float32",
+        description="Triton kernels for CUDA GPUs: both scans, routed linear, decoding updates; in float32",
         selective_scan=_selective_scan,
-        ssd_scan=None,
+        ssd_scan=_ssd_scan,
+        routed_linear=_routed_linear,
+        selective_state_update=_selective_state_update,
+        conv_state_update=_conv_state_update,
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),
         priority=10,
         extensions=frozenset({"modality", "seq_idx"}),

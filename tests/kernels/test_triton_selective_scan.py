@@ -12,39 +12,20 @@ against the per-token recurrence in float64 on the same (rounded) inputs: at mos
 1e-2 for bfloat16 ones.
 """
 
-import importlib
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_tiers import DEVICE, INTERPRETING, as_float64, assert_close, tiers
 
 from momkit.kernels.reference.naive import naive_selective_scan
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available() and not INTERPRETING
-DEVICE = "cuda" if CUDA else "cpu"
 GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 LOW = ("u", "delta", "z", "B", "C")
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
-
-@pytest.fixture(scope="module")
-def kernels():
-    """The kernel module, where Triton imports and can run (on a GPU or under the interpreter)."""
-    pytest.importorskip("triton")
-    if not (CUDA or INTERPRETING):
-        pytest.skip("needs a CUDA GPU, or TRITON_INTERPRET=1 for Triton's CPU interpreter")
-    return importlib.import_module("momkit.kernels.triton.selective_scan")
-
-
-@pytest.fixture
-def cuda_kernels(kernels):
-    if not CUDA:
-        pytest.skip("large shapes and compiled kernels need a CUDA GPU")
-    return kernels
+kernels, cuda_kernels = tiers("momkit.kernels.triton.selective_scan")
 
 
 def documents(gen, batch, length):
@@ -84,10 +65,6 @@ def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, 
     return inputs
 
 
-def as_float64(inputs):
-    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-
-
 def run(fn, inputs, gen, **extra):
     """Output, last state and gradients of every tensor input for a random linear loss of both.
 
@@ -104,17 +81,6 @@ def run(fn, inputs, gen, **extra):
 
 def reference(inputs, seed):
     return run(naive_selective_scan, as_float64(inputs), torch.Generator().manual_seed(seed))
-
-
-def assert_close(got, ref, dtype, label):
-    tol = TOLERANCE[dtype]
-    assert got.keys() == ref.keys()
-    for name, x in got.items():
-        assert torch.isfinite(x).all(), f"{label}: {name} is not finite"
-        scale = ref[name].norm().item()
-        err = (x.double() - ref[name]).norm().item() / (scale or 1.0)
-        kind = "relative" if scale else "absolute (the reference is zero)"
-        assert err <= tol, f"{label}: {name} {kind} error {err:.2e} > {tol:.0e}"
 
 
 SMALL = [
@@ -173,13 +139,12 @@ def test_front_door_and_registry(kernels, gen):
     inputs = make_inputs(gen, 2, 6, 4, 19, n_modalities=2, packed=True)
     with use_registry(registry):
         backend = registry.get("scan_backend", "triton")
-        assert backend.is_available() and backend.ssd_scan is None
+        assert backend.is_available()
         assert backend.extensions == {"modality", "seq_idx"}
         assert ("cpu" in backend.devices) == INTERPRETING
-        assert ops.resolve_backend("auto", DEVICE, "selective_scan").name == "triton"
+        for op in ("selective_scan", "ssd_scan", "routed_linear", "selective_state_update", "conv_state_update"):
+            assert ops.resolve_backend("auto", DEVICE, op).name == "triton"
         out = ops.selective_scan(**inputs, backend="triton")
-        with pytest.raises(ValueError, match="ssd_scan"):
-            ops.resolve_backend("triton", DEVICE, "ssd_scan")
     ref = naive_selective_scan(**as_float64(inputs))
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-4
 

@@ -1,0 +1,415 @@
+"""The routed linear layer in Triton: ``y_i = x_i W_{m_i}^T + b_{m_i}``, forward and backward.
+
+Shapes: ``x (N, K)``, ``weight (M, O, K)``, ``bias (M, O)``, ``modality (N,)`` with ids in ``0..M-1``,
+``y (N, O)``. Inputs may be float32, bfloat16 or float16; every product is a ``tl.dot`` accumulated in float32
+(with IEEE precision for float32 operands, no tf32), and results are stored in the inputs' dtypes.
+
+Tokens are never sorted, gathered or scattered: every kernel reads ``x`` and ``dy`` in place, and routing
+happens inside the tiles.
+
+Forward and ``dx``. One kernel computes ``out_i = a_i B_{m_i}`` with ``B (M, R, C)`` row-major:
+``y = x W_m^T + b_m`` with ``B = W^T (M, K, O)``, a transposed copy made for each forward (``M O K`` elements,
+small beside the activations; Hopper's tensor cores are fed faster from a weight tile contiguous along the output
+dimension), and ``dx = dy W_m`` with ``B = W`` as it is. A program owns a ``(token tile, output tile)`` block of
+``out`` (grouped along tokens, ``Tiling.group`` token tiles at a time, so that programs running together share
+tiles of ``a`` and ``B`` in L2). It loads its tokens' modality ids first. When they are all one modality ``m``, the
+common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with ``B_m`` and
+adds ``b_m``. A mixed tile instead runs that loop once for each modality present between the smallest and largest
+id of the tile, loading the rows of the other modalities as zeros, sums the results and gathers the bias per row;
+so any mix is exact, and only tiles that straddle a change of modality pay more than one loop.
+
+``dweight`` and ``dbias``. ``dW_m = sum over tokens i of modality m of dy_i^T x_i``: a program owns one modality
+and one ``(O tile, K tile)`` block of ``dW_m`` and reduces ``tl.dot(tl.trans(dy_tile), x_tile)`` over token tiles
+(only loaded tiles are transposed: Triton 3.4 to 3.7 miscompile on Hopper a ``tl.dot`` of the transpose of another
+dot's result). Visiting every token tile would cost ``M`` times the work of one matmul, so each program visits only
+the tiles that hold a token of its modality. Before the launch, torch builds on the device a ``(tiles, M)``
+presence matrix (an ``index_fill_`` of ``tile * M + modality``), marks the tiles that hold one modality only as
+pure, and stably argsorts, for each modality, its tiles by the rank pure, mixed, absent: the list starts with the
+modality's pure tiles, then its mixed ones, each in token order, and two sums give how many of each. The program
+walks its modality's list in two loops whose bounds it loads from device memory: the pure tiles, read whole, then
+the mixed ones, whose rows of other modalities are loaded as zeros. Neither loop has a branch around its loads
+(that would stop Triton from software-pipelining them), and each looks up the next tile's rows one step ahead, so
+that no load of ``dy`` or ``x`` waits on another load of its own step and the pipeline can run them
+``Tiling.dw_stages - 1`` steps ahead. The programs of the first ``K`` tile also sum ``dy``'s rows into ``dbias``,
+in separate copies of the loops chosen once per program. A modality absent from the batch has empty lists: its
+programs store exact zeros.
+
+No host synchronisation. Nothing reads a device value on the host (no ``.item()``, ``.tolist()``,
+``nonzero()``), and every shape and launch grid follows from ``N``, ``K``, ``O``, ``M`` and the tiling alone;
+the data-dependent parts (which modalities a tile holds, the tile lists, their lengths) are decided on the
+device, by the torch ops above and inside the kernels. ``N = 0`` launches nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Block sizes, warps and software-pipeline stages of the three kernels.
+
+    Every block is a power of two of at least 16 (``tl.dot``'s smallest); edges are masked, so no size of the
+    problem needs to be a multiple of one. The defaults are for bfloat16 and float16 on an H100 or H200;
+    :func:`default_tiling` gives float32 its own, smaller ones.
+
+    Attributes:
+        block_n: tokens per program of the forward.
+        block_o: outputs (``O``) per program of the forward.
+        block_k: inputs (``K``) per step of the forward's loop.
+        warps: warps per forward program.
+        stages: pipeline stages of the forward's loop.
+        dx_block_n: tokens per program of ``dx``.
+        dx_block_k: inputs (``K``) per program of ``dx``.
+        dx_block_o: outputs (``O``) per step of ``dx``'s loop.
+        dx_warps: warps per ``dx`` program.
+        dx_stages: pipeline stages of ``dx``'s loop.
+        dw_block_o: outputs (``O``) per program of ``dweight``.
+        dw_block_k: inputs (``K``) per program of ``dweight``.
+        dw_block_n: tokens per step of ``dweight``'s loop: the tiles the tile lists are made of.
+        dw_warps: warps per ``dweight`` program.
+        dw_stages: pipeline stages of ``dweight``'s loop.
+        group: token tiles (forward, ``dx``) or ``O`` tiles (``dweight``) whose programs are launched together
+            across all output tiles, for reuse in L2; any positive number.
+    """
+
+    block_n: int = 128
+    block_o: int = 256
+    block_k: int = 64
+    warps: int = 8
+    stages: int = 4
+    dx_block_n: int = 128
+    dx_block_k: int = 256
+    dx_block_o: int = 64
+    dx_warps: int = 8
+    dx_stages: int = 4
+    dw_block_o: int = 128
+    dw_block_k: int = 128
+    dw_block_n: int = 64
+    dw_warps: int = 4
+    dw_stages: int = 3
+    group: int = 8
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("stages") or f.name == "group":
+                if value < 1:
+                    raise ValueError(f"Tiling.{f.name} must be at least 1, got {value}")
+                continue
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"Tiling.{f.name} must be a power of two, got {value}")
+            if not f.name.endswith("warps") and value < 16:
+                raise ValueError(f"Tiling.{f.name} must be at least 16 (tl.dot's smallest size), got {value}")
+
+
+def default_tiling(dtype: torch.dtype) -> Tiling:
+    """The default tiling for inputs of ``dtype``.
+
+    16-bit inputs take :class:`Tiling`'s defaults: ``128 x 256`` output tiles in steps of 64 with four pipeline
+    stages in eight warps for the forward and ``dx``; ``128 x 128`` blocks of ``dweight`` in steps of 64 tokens
+    with three stages in four warps, small enough in shared memory for two programs to share a multiprocessor.
+    float32 operands take twice the shared memory per element and IEEE products do not run on tensor cores, so
+    float32 takes smaller tiles and steps.
+    """
+    if dtype == torch.float32:
+        return Tiling(block_n=64, block_o=128, block_k=32, warps=4,
+                      dx_block_n=64, dx_block_k=128, dx_block_o=32, dx_warps=4,
+                      dw_block_o=64, dw_block_k=128, dw_block_n=32)
+    return Tiling()
+
+
+@triton.jit
+def _round_bf16(v):
+    """``v`` rounded to the nearest bfloat16 (ties to even), as float32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast(v, DT: tl.constexpr):
+    """The float32 tile ``v`` rounded to ``DT`` for a store.
+
+    Triton's interpreter rounds to bfloat16 by truncation; there ``v`` is first rounded to nearest, as the
+    GPU rounds.
+    """
+    if _INTERPRETED and DT == tl.bfloat16:
+        v = _round_bf16(v)
+    return v.to(DT)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """``acc + a @ b`` in float32 with IEEE products.
+
+    Triton's interpreter multiplies bfloat16 operands wrongly; there they are widened to float32 first, which
+    is exact and gives the GPU's products.
+    """
+    if _INTERPRETED and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _grouped(pid, tiles_a, tiles_b, GROUP: tl.constexpr):
+    """Program ``pid`` of a ``tiles_a x tiles_b`` grid as ``(i, j)``: runs of ``GROUP`` values of ``i`` go
+    through every ``j``, ``i`` fastest."""
+    per_group = GROUP * tiles_b
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(tiles_a - first, GROUP)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
+def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, n_cols, BLOCK_R: tl.constexpr):
+    """``acc + a[rows] @ b`` with ``a (n, n_red)`` and ``b (n_red, n_cols)`` row-major; rows where ``row_mask``
+    is off are read as zeros. ``rows`` is int64."""
+    red = tl.arange(0, BLOCK_R)
+    a_ptrs = a_ptr + rows[:, None] * n_red + red[None, :]
+    b_ptrs = b_ptr + red[:, None] * n_cols + cols[None, :]
+    for start in range(0, n_red, BLOCK_R):
+        red_mask = red < n_red - start
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & red_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=red_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _dot(a, b, acc)
+        a_ptrs += BLOCK_R
+        b_ptrs += BLOCK_R * n_cols
+    return acc
+
+
+@triton.jit
+def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, out_ptr, n_rows, n_red, n_cols, b_stride,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                      GROUP: tl.constexpr):
+    """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, n_red)``, ``b (M, n_red, n_cols)`` row-major with
+    ``b_stride = n_red n_cols``, ``out (N, n_cols)``; see the module docstring."""
+    pid_n, pid_c = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_C), GROUP)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    mods = tl.load(mod_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+    m_hi = tl.max(mods, 0)
+    m_lo = tl.min(tl.where(row_mask, mods, m_hi), 0)
+    rows = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    mask = row_mask[:, None] & col_mask[None, :]
+    if m_lo == m_hi:
+        acc = _reduce_rows(acc, a_ptr, b_ptr + m_lo.to(tl.int64) * b_stride, rows, row_mask, cols, col_mask,
+                           n_red, n_cols, BLOCK_R)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + m_lo * n_cols + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        for m in range(m_lo, m_hi + 1):
+            sel = mods == m
+            if tl.max(sel.to(tl.int32), 0) > 0:
+                acc = _reduce_rows(acc, a_ptr, b_ptr + tl.cast(m, tl.int64) * b_stride, rows, sel, cols, col_mask,
+                                   n_red, n_cols, BLOCK_R)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + mods[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], _cast(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _listed_rows(tiles_ptr, j, last, mod_ptr, m, n_rows, CHECK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows of the token tile listed at ``tiles_ptr[j]`` and which of them to take: those inside the batch
+    and, with ``CHECK``, of modality ``m``; none when ``j >= last``."""
+    inside = j < last
+    rows = tl.load(tiles_ptr + j, mask=inside, other=0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sel = rows < tl.where(inside, n_rows, 0)
+    if CHECK:
+        sel = tl.load(mod_ptr + rows, mask=sel, other=-1) == m
+    return rows, sel
+
+
+@triton.jit
+def _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, tiles_ptr, m, first, last, n_rows, n_in, n_out,
+                       outs, out_mask, ins, in_mask, CHECK: tl.constexpr, SUM_ROWS: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """``acc + sum_t dy_t^T x_t`` (and, with ``SUM_ROWS``, ``row_sum + sum_t`` of ``dy_t``'s rows) over the
+    token tiles ``t`` listed at ``tiles_ptr[first:last]``. With ``CHECK`` the rows of other modalities than ``m``
+    are read as zeros; without, every token of the listed tiles is taken to be of modality ``m``.
+
+    The rows of the next tile are looked up one step ahead, so that no load of ``dy`` or ``x`` depends on a
+    load of the same step and the software pipeline can run them several steps ahead."""
+    rows, sel = _listed_rows(tiles_ptr, first, last, mod_ptr, m, n_rows, CHECK, BLOCK_N)
+    for j in range(first, last):
+        wide = rows.to(tl.int64)
+        dy = tl.load(dy_ptr + wide[:, None] * n_out + outs[None, :], mask=sel[:, None] & out_mask[None, :],
+                     other=0.0)
+        x = tl.load(x_ptr + wide[:, None] * n_in + ins[None, :], mask=sel[:, None] & in_mask[None, :], other=0.0)
+        acc = _dot(tl.trans(dy), x, acc)
+        if SUM_ROWS:
+            row_sum += tl.sum(dy.to(tl.float32), 0)
+        rows, sel = _listed_rows(tiles_ptr, j + 1, last, mod_ptr, m, n_rows, CHECK, BLOCK_N)
+    return acc, row_sum
+
+
+@triton.jit
+def _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in, n_out,
+                      outs, out_mask, ins, in_mask,
+                      SUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """One ``(BLOCK_O, BLOCK_K)`` block of ``dW_m`` over the token tiles listed at ``tiles_ptr``, the first
+    ``pure`` of them holding modality ``m`` alone, the next up to ``present`` mixed; and, with ``SUM_ROWS``, the
+    block ``outs`` of ``dbias_m``."""
+    acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    acc, row_sum = _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, tiles_ptr, m, 0, pure, n_rows, n_in,
+                                      n_out, outs, out_mask, ins, in_mask, False, SUM_ROWS, BLOCK_N)
+    acc, row_sum = _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, tiles_ptr, m, pure, present, n_rows,
+                                      n_in, n_out, outs, out_mask, ins, in_mask, True, SUM_ROWS, BLOCK_N)
+    m = m.to(tl.int64)
+    tl.store(dw_ptr + (m * n_out + outs[:, None]) * n_in + ins[None, :], _cast(acc, dw_ptr.dtype.element_ty),
+             mask=out_mask[:, None] & in_mask[None, :])
+    if SUM_ROWS:
+        tl.store(dbias_ptr + m * n_out + outs, _cast(row_sum, dbias_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _weight_grad_kernel(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, counts_ptr,
+                        n_rows, n_in, n_out, n_tiles,
+                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """``dW_m = sum_{i: m_i = m} dy_i^T x_i`` and ``dbias_m = sum_{i: m_i = m} dy_i``: ``dy (N, O)``,
+    ``x (N, K)``, the tile lists ``(M, n_tiles)`` and their lengths ``(M, 2)``; see the module docstring."""
+    tiles_o = tl.cdiv(n_out, BLOCK_O)
+    tiles_k = tl.cdiv(n_in, BLOCK_K)
+    pid = tl.program_id(0)
+    m = pid // (tiles_o * tiles_k)
+    pid_o, pid_k = _grouped(pid % (tiles_o * tiles_k), tiles_o, tiles_k, GROUP)
+    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    ins = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    pure = tl.load(counts_ptr + 2 * m)
+    present = tl.load(counts_ptr + 2 * m + 1)
+    tiles_ptr += m.to(tl.int64) * n_tiles
+    out_mask = outs < n_out
+    in_mask = ins < n_in
+    if HAS_BIAS:
+        if pid_k == 0:
+            _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in,
+                              n_out, outs, out_mask, ins, in_mask, True, BLOCK_N, BLOCK_O, BLOCK_K)
+        else:
+            _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in,
+                              n_out, outs, out_mask, ins, in_mask, False, BLOCK_N, BLOCK_O, BLOCK_K)
+    else:
+        _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in,
+                          n_out, outs, out_mask, ins, in_mask, False, BLOCK_N, BLOCK_O, BLOCK_K)
+
+
+def _routed_mm(a, b, bias, modality, block_n, block_c, block_r, warps, stages, group):
+    """``out[i] = a[i] @ b[modality[i]] (+ bias[modality[i]])``: ``a (N, R)``, ``b (M, R, C)`` contiguous,
+    ``out (N, C)``."""
+    n_rows, n_red = a.shape
+    n_cols = b.shape[2]
+    out = a.new_empty((n_rows, n_cols))
+    grid = (triton.cdiv(n_rows, block_n) * triton.cdiv(n_cols, block_c),)
+    _routed_mm_kernel[grid](a, b, bias, modality, out, n_rows, n_red, n_cols, n_red * n_cols,
+                            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=block_r,
+                            GROUP=group, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each modality, the token tiles of ``block`` tokens that hold it, and how many.
+
+    Returns ``tiles (M, T)`` and ``counts (M, 2)``, int32, with ``T = ceil(N / block)``: ``tiles[m, :counts[m, 0]]``
+    are the tiles whose tokens are all of modality ``m``, ``tiles[m, counts[m, 0]:counts[m, 1]]`` those that hold
+    it among others, each group in token order. Computed on the device without synchronising.
+    """
+    n_tiles = triton.cdiv(modality.shape[0], block)
+    tile = torch.arange(modality.shape[0], device=modality.device) // block
+    present = torch.zeros(n_tiles * n_modalities, dtype=torch.int32, device=modality.device)
+    present.index_fill_(0, tile * n_modalities + modality, 1)
+    present = present.view(n_tiles, n_modalities)
+    pure = present * (present.sum(1, keepdim=True) == 1)
+    rank = (2 - present - pure).T.contiguous()
+    tiles = torch.argsort(rank, dim=1, stable=True).to(torch.int32)
+    return tiles, torch.stack([pure.sum(0, dtype=torch.int32), present.sum(0, dtype=torch.int32)], 1)
+
+
+def _weight_grads(dy, x, modality, weight, bias, tiling):
+    """``dweight (M, O, K)`` in ``weight``'s dtype and ``dbias (M, O)`` in ``bias``'s (``None`` without a
+    bias)."""
+    n_rows, n_in = x.shape
+    n_mod, n_out = weight.shape[:2]
+    tiles, counts = _tile_lists(modality, n_mod, tiling.dw_block_n)
+    dweight = torch.empty_like(weight)
+    dbias = None if bias is None else torch.empty_like(bias)
+    grid = (n_mod * triton.cdiv(n_out, tiling.dw_block_o) * triton.cdiv(n_in, tiling.dw_block_k),)
+    _weight_grad_kernel[grid](dy, x, modality, dweight, dbias, tiles, counts, n_rows, n_in, n_out, tiles.shape[1],
+                              HAS_BIAS=bias is not None, BLOCK_N=tiling.dw_block_n, BLOCK_O=tiling.dw_block_o,
+                              BLOCK_K=tiling.dw_block_k, GROUP=tiling.group, num_warps=tiling.dw_warps,
+                              num_stages=tiling.dw_stages)
+    return dweight, dbias
+
+
+class RoutedLinearFn(torch.autograd.Function):
+    """Autograd node of the Triton routed linear layer; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, modality, tiling):
+        ctx.save_for_backward(x, weight, bias, modality)
+        ctx.tiling = tiling
+        if x.shape[0] == 0:
+            return x.new_empty((0, weight.shape[1]))
+        t = tiling
+        return _routed_mm(x, weight.transpose(1, 2).contiguous(), bias, modality, t.block_n, t.block_o, t.block_k,
+                          t.warps, t.stages, t.group)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, modality = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if x.shape[0] == 0:
+            return (torch.empty_like(x) if need_x else None, torch.zeros_like(weight) if need_w else None,
+                    torch.zeros_like(bias) if need_b else None, None, None)
+        t = ctx.tiling
+        dy = dy.contiguous()
+        dx = dweight = dbias = None
+        if need_x:
+            dx = _routed_mm(dy, weight, None, modality, t.dx_block_n, t.dx_block_k, t.dx_block_o,
+                            t.dx_warps, t.dx_stages, t.group)
+        if need_w or need_b:
+            dweight, dbias = _weight_grads(dy, x, modality, weight, bias if need_b else None, t)
+        return dx, dweight if need_w else None, dbias, None, None
+
+
+def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modality: torch.Tensor,
+                  tiling: Tiling | None = None) -> torch.Tensor:
+    """``y[i] = x[i] @ weight[modality[i]].T + bias[modality[i]]``, differentiable in ``x``, ``weight``, ``bias``.
+
+    Args:
+        x: ``(N, K)``, float32, bfloat16 or float16.
+        weight: ``(M, O, K)`` in ``x``'s dtype.
+        bias: ``(M, O)`` or ``None``.
+        modality: ``(N,)`` int64 ids in ``0..M-1`` (checked by the caller).
+        tiling: block sizes, warps and stages (:func:`default_tiling` of ``x``'s dtype when ``None``); the
+            result does not depend on it beyond rounding.
+
+    Returns:
+        ``y (N, O)`` in ``x``'s dtype. Gradients come in each input's dtype; a modality absent from
+        ``modality`` gets exactly zero gradient.
+
+    Raises:
+        ValueError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
+    """
+    named = dict(x=x, weight=weight, bias=bias)
+    wide = [name for name, t in named.items() if t is not None and t.dtype == torch.float64]
+    if wide:
+        raise ValueError(f"the triton routed linear computes in float32 but {', '.join(wide)} is torch.float64; "
+                         f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
+    return RoutedLinearFn.apply(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                                modality.contiguous(), tiling or default_tiling(x.dtype))

@@ -1,0 +1,254 @@
+"""The Triton routed linear layer against the per-token float64 product, forward and backward.
+
+Two tiers. Small odd shapes run under Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1`` is set
+(under a minute on two cores: ``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_routed_linear.py``),
+otherwise on a CUDA GPU. Larger shapes, each at several tilings, run only on a CUDA GPU: there the compiled
+kernels are tested, not the interpreter's NumPy, and compilers have been seen to miscompile some block sizes
+only. Without Triton, or with neither a GPU nor the interpreter, they skip.
+
+Each comparison is ``|x - ref| / |ref|`` (Frobenius norms; ``|x|`` where ``ref`` is zero) of ``y``, ``dx``,
+``dweight`` and ``dbias`` for a random linear loss of ``y``, against float64 on the same (rounded) inputs: at
+most 1e-4 for float32 inputs, 1e-3 for float16 ones and 1e-2 for bfloat16 ones. The small tier's reference is
+the per-token product with ``weight[modality]``; the large tier's sums, over the modalities, each modality's
+dense product masked to its tokens (a per-token gather of a 2048 x 1024 weight would take tens of gigabytes).
+
+Modality ids come random per token, in runs of a few tokens that cross tile boundaries, in long runs that fill
+whole tiles, and with one modality absent, whose gradients must then be exactly zero.
+"""
+
+import pytest
+import torch
+from triton_tiers import DEVICE, TOLERANCE, as_float64, assert_close as assert_near, tiers
+
+kernels, cuda_kernels = tiers("momkit.kernels.triton.routed_linear")
+
+
+def modalities(gen, n, m, runs=(1, 1), absent=None):
+    """``(n,)`` int64 ids in ``0..m-1`` on ``DEVICE``: consecutive runs of ``runs[0]..runs[1]`` tokens, each of a
+    random modality other than ``absent``."""
+    choices = torch.tensor([i for i in range(m) if i != absent])
+    lengths = torch.randint(runs[0], runs[1] + 1, (n,), generator=gen)
+    ids = choices[torch.randint(0, len(choices), (n,), generator=gen)]
+    return ids.repeat_interleave(lengths)[:n].to(DEVICE)
+
+
+def make_inputs(gen, n, k, o, m, runs=(1, 1), absent=None, bias=True, dtype=torch.float32):
+    """Random ``x (n, k)``, ``weight (m, o, k)``, ``bias (m, o)`` in ``dtype`` and ``modality (n,)``."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+
+    return dict(x=randn(n, k), weight=randn(m, o, k) / k ** 0.5, bias=randn(m, o) if bias else None,
+                modality=modalities(gen, n, m, runs, absent))
+
+
+def per_token(x, weight, bias, modality):
+    """``y_i = x_i W_{m_i}^T + b_{m_i}`` token by token."""
+    y = torch.einsum("nk,nok->no", x, weight[modality])
+    return y if bias is None else y + bias[modality]
+
+
+def per_modality(x, weight, bias, modality):
+    """The same, as each modality's dense product masked to its tokens, summed."""
+    y = 0
+    for m in range(weight.shape[0]):
+        ym = x @ weight[m].T if bias is None else torch.addmm(bias[m], x, weight[m].T)
+        y = y + (modality == m)[:, None] * ym
+    return y
+
+
+def run(fn, inputs, seed, **extra):
+    """``y`` and the gradients of ``x``, ``weight`` and ``bias`` for a random linear loss of ``y``.
+
+    The loss weights are drawn in float64 and rounded to ``y``'s dtype, so that a low-precision run and its
+    float64 reference differentiate the same loss.
+    """
+    names = [name for name in ("x", "weight", "bias") if inputs[name] is not None]
+    leaves = {name: inputs[name].clone().requires_grad_(True) for name in names}
+    y = fn(**{**inputs, **leaves}, **extra)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad((y * w.to(y.device, y.dtype)).sum(), list(leaves.values()))
+    return {"y": y, **{f"d{name}": g for name, g in zip(names, grads)}}
+
+
+def reference(inputs, seed, fn=per_token):
+    return run(fn, as_float64(inputs), seed)
+
+
+def assert_close(got, ref, dtype, label):
+    for name, x in got.items():
+        assert x.dtype == dtype, f"{label}: {name} is {x.dtype}, not {dtype}"
+    assert_near(got, ref, dtype, label)
+
+
+def assert_absent_zero(got, absent, label):
+    if absent is not None:
+        for name in ("dweight", "dbias"):
+            if name in got:
+                assert (got[name][absent] == 0).all(), f"{label}: {name} of absent modality {absent} is not zero"
+
+
+SMALL = [
+    dict(n=1, k=5, o=7, m=1),
+    dict(n=37, k=21, o=19, m=2),
+    dict(n=37, k=40, o=33, m=3, runs=(2, 7), bias=False),
+    dict(n=130, k=23, o=45, m=3, runs=(2, 9), absent=1),
+    dict(n=130, k=33, o=17, m=2, runs=(20, 40)),
+    dict(n=130, k=18, o=35, m=3, absent=2, bias=False),
+    dict(n=130, k=9, o=24, m=1, bias=False),
+    dict(n=130, k=26, o=20, m=8, runs=(1, 12), absent=5),
+]
+
+
+def case_id(case):
+    return "-".join(f"{k}{v[0]}_{v[1]}" if isinstance(v, tuple) else f"{k}{v}" for k, v in case.items())
+
+
+def small_tilings(kernels):
+    """A square tiling of the smallest blocks, and one whose blocks differ kernel to kernel and axis to axis."""
+    return (kernels.Tiling(block_n=16, block_o=16, block_k=16, warps=2, stages=1,
+                           dx_block_n=16, dx_block_k=16, dx_block_o=16, dx_warps=2, dx_stages=1,
+                           dw_block_o=16, dw_block_k=16, dw_block_n=16, dw_warps=2, dw_stages=1, group=2),
+            kernels.Tiling(block_n=32, block_o=16, block_k=32, warps=4, stages=2,
+                           dx_block_n=16, dx_block_k=32, dx_block_o=16, dx_warps=2, dx_stages=3,
+                           dw_block_o=32, dw_block_k=16, dw_block_n=32, dw_warps=4, dw_stages=2, group=3))
+
+
+@pytest.mark.parametrize("case", SMALL, ids=case_id)
+def test_small_shapes_float32(kernels, gen, case):
+    inputs = make_inputs(gen, **case)
+    ref = reference(inputs, 7)
+    for tiling in small_tilings(kernels):
+        got = run(kernels.routed_linear, inputs, 7, tiling=tiling)
+        assert_close(got, ref, torch.float32, f"{tiling}")
+        assert_absent_zero(got, case.get("absent"), f"{tiling}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_shapes_16_bit(kernels, gen, dtype):
+    inputs = make_inputs(gen, 130, 23, 45, 3, runs=(2, 9), absent=0, dtype=dtype)
+    got = run(kernels.routed_linear, inputs, 3, tiling=small_tilings(kernels)[1])
+    assert_close(got, reference(inputs, 3), dtype, str(dtype))
+    assert_absent_zero(got, 0, str(dtype))
+
+
+def test_default_tiling(kernels, gen):
+    inputs = make_inputs(gen, 130, 70, 300, 2, runs=(30, 90))
+    assert_close(run(kernels.routed_linear, inputs, 9), reference(inputs, 9), torch.float32, "default tiling")
+
+
+def test_partial_gradients(kernels, gen):
+    """Only the gradients asked for are computed, and they match."""
+    inputs = make_inputs(gen, 37, 21, 19, 2, runs=(3, 6))
+    ref = reference(inputs, 5)
+    tiling = small_tilings(kernels)[0]
+    for frozen in (("weight", "bias"), ("x",), ("x", "weight")):
+        leaves = {k: v.clone().requires_grad_(k not in frozen) for k, v in inputs.items() if k != "modality"}
+        y = kernels.routed_linear(**leaves, modality=inputs["modality"], tiling=tiling)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        (y * w.to(y.device, y.dtype)).sum().backward()
+        for name, leaf in leaves.items():
+            if name in frozen:
+                assert leaf.grad is None
+            else:
+                assert_close({f"d{name}": leaf.grad}, {f"d{name}": ref[f"d{name}"]}, torch.float32, f"{frozen}")
+
+
+def test_forward_without_gradients(kernels, gen):
+    inputs = make_inputs(gen, 37, 21, 19, 3, runs=(2, 5))
+    with torch.no_grad():
+        y = kernels.routed_linear(**inputs, tiling=small_tilings(kernels)[1])
+    assert_close({"y": y}, {"y": reference(inputs, 0)["y"]}, torch.float32, "no grad")
+
+
+def test_no_tokens(kernels, gen):
+    inputs = make_inputs(gen, 0, 21, 19, 2)
+    got = run(kernels.routed_linear, inputs, 1)
+    assert got["y"].shape == (0, 19) and got["dx"].shape == (0, 21)
+    assert (got["dweight"] == 0).all() and (got["dbias"] == 0).all()
+    assert got["dweight"].shape == (2, 19, 21) and got["dbias"].shape == (2, 19)
+
+
+def test_refuses_float64(kernels, gen):
+    inputs = make_inputs(gen, 8, 5, 7, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        kernels.routed_linear(**inputs)
+
+
+def test_tiling_checks(kernels):
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.Tiling(block_k=48)
+    with pytest.raises(ValueError, match="at least 16"):
+        kernels.Tiling(dw_block_n=8)
+    with pytest.raises(ValueError, match="at least 1"):
+        kernels.Tiling(group=0)
+    assert kernels.default_tiling(torch.float32) != kernels.default_tiling(torch.bfloat16) == kernels.Tiling()
+
+
+def test_front_door(kernels, gen):
+    import momkit.kernels.triton as plugin
+    from importlib.metadata import entry_points
+
+    from momkit import ops
+    from momkit.registry import Registry, use_registry
+
+    registry = Registry.from_entry_points()
+    if "momkit.kernels.triton" not in {ep.value for ep in entry_points(group="momkit")}:
+        registry.register(plugin, distribution="momkit")
+    inputs = make_inputs(gen, 2 * 19, 21, 19, 3, runs=(2, 9))
+    inputs["x"] = inputs["x"].view(2, 19, 21)
+    inputs["modality"] = inputs["modality"].view(2, 19)
+    with use_registry(registry):
+        y = ops.routed_linear(**inputs, backend="triton")
+    ref = per_token(inputs["x"].double().view(-1, 21), inputs["weight"].double(), inputs["bias"].double(),
+                    inputs["modality"].view(-1)).view(2, 19, 19)
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= TOLERANCE[torch.float32]
+
+
+def large_tilings(kernels, dtype):
+    """The default tiling of ``dtype`` and smaller and asymmetric ones."""
+    if dtype == torch.float32:
+        others = [kernels.Tiling(block_n=32, block_o=64, block_k=32, warps=4, stages=2,
+                                 dx_block_n=64, dx_block_k=64, dx_block_o=16, dx_warps=2, dx_stages=2,
+                                 dw_block_o=64, dw_block_k=64, dw_block_n=16, dw_warps=4, dw_stages=2, group=4)]
+    else:
+        others = [kernels.Tiling(block_n=64, block_o=128, block_k=64, warps=4, stages=4,
+                                 dx_block_n=64, dx_block_k=128, dx_block_o=64, dx_warps=4, dx_stages=4,
+                                 dw_block_o=64, dw_block_k=128, dw_block_n=32, dw_warps=4, dw_stages=4, group=1),
+                  kernels.Tiling(block_n=128, block_o=128, block_k=32, warps=4, stages=5,
+                                 dx_block_n=256, dx_block_k=128, dx_block_o=32, dx_warps=8, dx_stages=3,
+                                 dw_block_o=256, dw_block_k=64, dw_block_n=64, dw_warps=8, dw_stages=3, group=16)]
+    return [kernels.default_tiling(dtype), *others]
+
+
+LARGE = [
+    dict(n=4096 + 17, k=1024, o=2048, m=2, runs=(1024, 1024)),
+    dict(n=4096 + 17, k=1024, o=2048, m=3, absent=1),
+    dict(n=4096 + 17, k=1000, o=1500, m=3, runs=(50, 300), bias=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", LARGE, ids=case_id)
+def test_large_shapes(cuda_kernels, gen, case, dtype):
+    inputs = make_inputs(gen, **case, dtype=dtype)
+    ref = reference(inputs, 11, fn=per_modality)
+    for tiling in large_tilings(cuda_kernels, dtype):
+        got = run(cuda_kernels.routed_linear, inputs, 11, tiling=tiling)
+        assert_close(got, ref, dtype, f"{tiling}")
+        assert_absent_zero(got, case.get("absent"), f"{tiling}")
+
+
+def test_no_host_synchronisation(cuda_kernels, gen):
+    """Forward and backward make no call that waits for the device (CUDA's sync debug mode raises on one)."""
+    inputs = make_inputs(gen, 4096 + 17, 1024, 2048, 3, runs=(1, 40), dtype=torch.bfloat16)
+    run(cuda_kernels.routed_linear, inputs, 2)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if k != "modality"}
+    dy = torch.randn(inputs["x"].shape[0], 2048, generator=gen).to(DEVICE, torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = cuda_kernels.routed_linear(**leaves, modality=inputs["modality"])
+        torch.autograd.grad(y, list(leaves.values()), dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
