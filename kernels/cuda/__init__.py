@@ -1,0 +1,91 @@
+"""The ``cuda`` backend: the scans and the decoding update through mamba_ssm's kernels, for CUDA GPUs.
+
+A thin adapter, not a reimplementation: momkit's front doors take mamba_ssm's own arguments, so each call is
+passed on as is, after the front door's checks. ``selective_scan`` runs mamba_ssm's compiled CUDA kernel
+(``selective_scan_fn``), ``ssd_scan`` its Triton SSD (``mamba_chunk_scan_combined``) and
+``selective_state_update`` its Triton decoding update. It implements none of momkit's extensions (a
+per-modality ``A``, ``seq_idx`` in the selective scan), so a routed ``A_log`` or packed documents need the
+``triton`` or ``reference`` backend; the front door says so. Two differences from momkit's own kernels, both
+mamba_ssm's: ``selective_scan_fn`` does not differentiate its last state (so a call that returns it while an
+input requires a gradient is refused here rather than given a silently partial gradient), and the SSD kernels
+compute float32 products in tf32 (relative error about 1e-3 against float64, where momkit's reach 1e-6).
+
+Install it with the optional extra ``momkit[cuda]`` (mamba_ssm compiles its CUDA extension at install time).
+The backend is listed by :func:`momkit.ops.available_backends` only where mamba_ssm and its compiled kernel
+import and a GPU is present; it has a lower priority than ``triton``, so ``backend="auto"`` picks it only where
+Triton is missing. Choose it by name: ``scan_backend: cuda`` in a spec, ``backend="cuda"`` in a call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from momkit import hookimpl
+from momkit.ops import ScanBackend
+
+
+@functools.cache
+def _available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import mamba_ssm.ops.selective_scan_interface  # noqa: F401
+        import mamba_ssm.ops.triton.selective_state_update  # noqa: F401
+        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _refuse_float64(name: str, t: torch.Tensor) -> None:
+    if t.dtype == torch.float64:
+        raise ValueError(f"the cuda backend takes float32, bfloat16 or float16 {name}, got torch.float64; "
+                         f"use backend='reference' for float64")
+
+
+def _selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, modality,
+                    seq_idx):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    _refuse_float64("u", u)
+    if return_last_state and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)):
+        raise ValueError("the cuda backend's selective scan (mamba_ssm's selective_scan_fn) does not "
+                         "differentiate the last state; call it with return_last_state=False, under "
+                         "torch.no_grad(), or with backend='triton' or 'reference'")
+    return selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                             return_last_state=return_last_state)
+
+
+def _ssd_scan(*, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
+              return_final_states, modality):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    _refuse_float64("x", x)
+    return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                     initial_states=initial_states,
+                                     seq_idx=None if seq_idx is None else seq_idx.to(torch.int32),
+                                     dt_softplus=dt_softplus, return_final_states=return_final_states)
+
+
+def _selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, modality):
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    _refuse_float64("state", state)
+    return selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+@hookimpl
+def momkit_scan_backends():
+    return [ScanBackend(
+        name="cuda",
+        description="mamba_ssm's kernels (momkit[cuda]): CUDA selective scan, Triton SSD and decoding update",
+        selective_scan=_selective_scan,
+        ssd_scan=_ssd_scan,
+        selective_state_update=_selective_state_update,
+        devices=("cuda",),
+        priority=5,
+        is_available=_available,
+    )]
