@@ -1,151 +1,297 @@
-"""GPU benchmark of the Triton selective scan (Mamba-1) at the shapes of ``shared/BENCHMARKS.md``.
+"""GPU benchmark of the Triton backend against its peers, measured side by side in one run.
 
-Run from the repository root on a machine with a CUDA GPU: ``python benchmarks/gpu_scan.py``; add
-``--sweep`` to time every tiling of :data:`SWEEP` first (for choosing ``default_tiling``).
+Run from the repository root on a machine with a CUDA GPU: ``python benchmarks/gpu_scan.py`` (about three
+minutes on an H200). Where mamba_ssm is installed (``momkit[cuda]``), its kernels, called through momkit's
+``cuda`` backend, are the peer of both scans in the same run; elsewhere the peer columns quote the H200
+figures of BENCHMARKS.md (2026-11-22), marked "(quoted)".
 
-What runs, per shape ``b x d x l`` (n = 16; ``u, delta, z, B, C`` bfloat16 and ``A, D, delta_bias`` float32;
-``delta_softplus``; ``z`` given), all through ``momkit.kernels.triton.selective_scan``:
+One table, a row per operation and shape; times are medians of ``triton.testing.do_bench`` (25 ms warm-up,
+100 ms of repeats) of each backend's callable, called directly (no front-door checks in the timing):
 
-- forward: no autograd; fwd+bwd: the forward with every input requiring a gradient, then
-  ``torch.autograd.grad`` of the output with a fixed random output gradient. Each time is the median of
-  ``triton.testing.do_bench`` (25 ms warm-up, 100 ms of repeats), as in BENCHMARKS.md.
-- bytes moved per second, counted as BENCHMARKS.md counts them: ``u, delta, z, out`` as ``(b, d, l)`` and
-  ``B, C`` as ``(b, n, l)``, bfloat16, each once, over the forward time.
-- the ratio of each time to mamba_ssm 2.3.2's ``selective_scan_fn`` (its CUDA kernel) as BENCHMARKS.md
-  gives it. Those figures were measured on an NVIDIA H200 on 2026-11-22, not in this run (mamba_ssm cannot be
-  built here in the time); the device of this run is printed above the table.
-- the floor of the forward (METHOD.md's two numbers): the larger of the bytes over the 4.27 TB/s copy rate
-  BENCHMARKS.md measured and one ``exp`` per state update at 16 per multiprocessor per clock at 1.98 GHz.
+- ``selective_scan`` (Mamba-1) at ``b x d x l``, n = 16; ``u, delta, z, B, C`` bfloat16, ``A, D,
+  delta_bias`` float32, ``delta_softplus``; peer: mamba_ssm's ``selective_scan_fn`` (CUDA).
+- ``ssd_scan`` (Mamba-2) at ``b x l x h``, chunk 256, one group, n = 128, p = 64; ``x, dt, B, C`` bfloat16,
+  ``A, D, dt_bias`` float32, ``dt_softplus``; peer: mamba_ssm's ``mamba_chunk_scan_combined`` (Triton).
+- routed linear: 65,536 tokens, 2048 -> 4096, bfloat16, 2 modalities in runs of 1024; peer: one dense
+  ``F.linear`` of all tokens (the floor: routing adds no FLOPs).
+- a Mixture-of-Mamba layer (``mamba`` backbone, preset ``mom``) against the dense Mamba layer of the same
+  shape: batch 8, length 2048, d_model 1024, bfloat16 autocast as in training, two modalities in runs of
+  1024; both on the ``triton`` backend.
 
-Below the table: the reference backend's forward at the first shape; the relative error
-``|x - ref| / |ref|`` of the output and of every gradient at the first shape against the reference backend
-run in float64 on the same bfloat16-rounded inputs; and whether every output and gradient is finite at
-length 65536.
+Columns: forward and forward+backward (fwd+bwd: every input requiring a gradient, then
+``torch.autograd.grad`` of the output with a fixed random output gradient); the reference backend's forward
+(``-`` where it has no such row); forward bytes over forward time, each input and output counted once; the
+peer's times and momkit's time over the peer's. Below it: relative errors against float64 at the first shape of
+each scan, finiteness at length 65,536, and decoding speed (a 24-layer d_model 1024 MoM model, batch 1:
+``Model.generate``, eager; the 24 blocks' step captured in one CUDA graph, which capture refuses if any layer
+synchronises with the host; and mamba_ssm's dense ``MambaLMHeadModel.generate`` where it is installed).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
+import time
 
 import torch
+import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from momkit.kernels.reference.selective_scan import selective_scan as reference_scan
-from momkit.kernels.triton.selective_scan import Tiling, default_tiling
-from momkit.kernels.triton.selective_scan import selective_scan as triton_scan
+from momkit import Batch, build_block, build_model
+from momkit.registry import get_registry
 
-STATE = 16
-SHAPES = [(8, 2048, 2048), (8, 2048, 8192), (1, 4096, 65536)]
-MAMBA_SSM_H200_MS = {(8, 2048, 2048): (0.590, 3.04), (8, 2048, 8192): (2.52, 12.3), (1, 4096, 65536): (5.85, 26.9)}
-COPY_BYTES_PER_S = 4.27e12
-EXP_PER_S = 16 * 132 * 1.98e9
-GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-SWEEP = [Tiling(256, 4, 1, 4, 1, 2, 1), Tiling(256, 4, 1, 4, 1, 2, 2), Tiling(128, 4, 1, 2, 1, 4, 2),
-         Tiling(128, 4, 2, 2, 1, 4, 1), Tiling(256, 4, 2, 4, 2, 2, 2), Tiling(256, 4, 4, 4, 4, 2, 1),
-         Tiling(64, 8, 4, 2, 1, 2, 1), Tiling(256, 2, 1, 2, 1, 4, 2), Tiling(128, 8, 4, 4, 1, 2, 1),
-         Tiling(256, 8, 2, 8, 1, 2, 2)]
+SCAN_SHAPES = [(8, 2048, 2048), (8, 2048, 8192), (1, 4096, 65536)]
+SSD_SHAPES = [(8, 2048, 32), (8, 8192, 32), (1, 65536, 64)]
+QUOTED = {  # BENCHMARKS.md, H200, 2026-11-22: (forward ms, fwd+bwd ms)
+    ("selective_scan", (8, 2048, 2048)): (0.590, 3.04), ("selective_scan", (8, 2048, 8192)): (2.52, 12.3),
+    ("selective_scan", (1, 4096, 65536)): (5.85, 26.9), ("ssd_scan", (8, 2048, 32)): (0.464, 3.84),
+    ("ssd_scan", (8, 8192, 32)): (1.24, 5.46), ("ssd_scan", (1, 65536, 64)): (2.53, 10.6),
+}
+SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+SSD_GRADS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
 
-def make_inputs(batch, dim, length, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-
-    def randn(*shape, dtype=torch.bfloat16):
-        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
-
-    delta = 0.5 * randn(batch, dim, length, dtype=torch.float32) - 1.0
-    return dict(u=randn(batch, dim, length), delta=delta.bfloat16(), A=-torch.exp(0.5 * randn(dim, STATE)).float(),
-                B=randn(batch, STATE, length), C=randn(batch, STATE, length), D=randn(dim, dtype=torch.float32),
-                z=randn(batch, dim, length), delta_bias=0.3 * randn(dim, dtype=torch.float32),
-                delta_softplus=True, modality=None, seq_idx=None)
+def median_ms(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def forward(scan, inputs, **extra):
-    with torch.no_grad():
-        return scan(**inputs, return_last_state=False, **extra)
+def once_ms(fn):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
 
 
-def forward_backward(scan, inputs, dout, **extra):
-    leaves = {k: inputs[k].detach().requires_grad_(True) for k in GRADS}
-    out = scan(**{**inputs, **leaves}, return_last_state=False, **extra)
+def randn(gen, *shape, dtype=torch.bfloat16, scale=1.0, shift=0.0):
+    return (scale * torch.randn(*shape, generator=gen, device="cuda") + shift).to(dtype)
+
+
+def scan_inputs(batch, dim, length, gen):
+    n = 16
+    return dict(u=randn(gen, batch, dim, length), delta=randn(gen, batch, dim, length, scale=0.5, shift=-1.0),
+                A=-torch.exp(randn(gen, dim, n, dtype=torch.float32, scale=0.5)),
+                B=randn(gen, batch, n, length), C=randn(gen, batch, n, length),
+                D=randn(gen, dim, dtype=torch.float32), z=randn(gen, batch, dim, length),
+                delta_bias=randn(gen, dim, dtype=torch.float32, scale=0.3), delta_softplus=True,
+                return_last_state=False, modality=None, seq_idx=None)
+
+
+def ssd_inputs(batch, length, heads, gen):
+    p, n = 64, 128
+    return dict(x=randn(gen, batch, length, heads, p), dt=randn(gen, batch, length, heads, scale=0.5, shift=-1.0),
+                A=-torch.exp(randn(gen, heads, dtype=torch.float32, scale=0.5)),
+                B=randn(gen, batch, length, 1, n), C=randn(gen, batch, length, 1, n), chunk_size=256,
+                D=randn(gen, heads, dtype=torch.float32), z=None,
+                dt_bias=randn(gen, heads, dtype=torch.float32, scale=0.3), initial_states=None, seq_idx=None,
+                dt_softplus=True, return_final_states=False, modality=None)
+
+
+def fwd_bwd(fn, inputs, grads, dout):
+    leaves = {k: inputs[k].detach().requires_grad_(True) for k in grads}
+    out = fn(**{**inputs, **leaves})
     return out, dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), dout)))
 
 
-def median_ms(fn, **kwargs):
-    return do_bench(fn, warmup=25, rep=100, return_mode="median", **kwargs)
+def forward(fn, inputs):
+    with torch.no_grad():
+        return fn(**inputs)
 
 
 def rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
-def sweep():
-    print("| b × d × l | tiling | forward (ms) | fwd+bwd (ms) |\n|---|---|---|---|")
-    for shape in SHAPES:
-        inputs = make_inputs(*shape)
-        dout = torch.randn_like(inputs["u"])
-        for tiling in SWEEP:
-            fwd = median_ms(lambda: forward(triton_scan, inputs, tiling=tiling))
-            both = median_ms(lambda: forward_backward(triton_scan, inputs, dout, tiling=tiling))
-            print(f"| {' × '.join(map(str, shape))} | {tiling} | {fwd:.3f} | {both:.3f} |", flush=True)
-        del inputs, dout
+def as_float64(inputs):
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def scan_rows(op, shapes, make, grads, nbytes, backends, peer, notes):
+    rows = []
+    triton_fn, reference_fn = getattr(backends["triton"], op), getattr(backends["reference"], op)
+    peer_fn = getattr(peer, op) if peer is not None else None
+    for index, shape in enumerate(shapes):
+        gen = torch.Generator(device="cuda").manual_seed(index)
+        inputs = make(*shape, gen)
+        probe = forward(triton_fn, inputs)
+        dout = torch.randn(probe.shape, generator=gen, device="cuda").to(probe.dtype)
+        fwd = median_ms(lambda: forward(triton_fn, inputs))
+        both = median_ms(lambda: fwd_bwd(triton_fn, inputs, grads, dout))
+        ref = once_ms(lambda: forward(reference_fn, inputs)) if index < 2 else None
+        if peer_fn is not None:
+            peer_fwd = median_ms(lambda: forward(peer_fn, inputs))
+            peer_both = median_ms(lambda: fwd_bwd(peer_fn, inputs, grads, dout))
+            peer_name = f"{peer.name} backend (this run)"
+        else:
+            (peer_fwd, peer_both), peer_name = QUOTED[(op, shape)], "mamba_ssm, H200 (quoted)"
+        rows.append((f"`{op}`", " × ".join(map(str, shape)), fwd, both, ref, nbytes(*shape) / fwd / 1e9, peer_name,
+                     peer_fwd, peer_both))
+        if index == 0:
+            out, got = fwd_bwd(triton_fn, inputs, grads, dout)
+            ref_out, ref_grads = fwd_bwd(reference_fn, as_float64(inputs), grads, dout.double())
+            errors = ", ".join(f"d{k} {rel(got[k], ref_grads[k]):.1e}" for k in grads)
+            notes.append(f"- `{op}` relative error against float64 at {rows[-1][1]} (bfloat16 inputs): out "
+                         f"{rel(out, ref_out):.1e}, {errors}")
+            del out, got, ref_out, ref_grads
+        if 65536 in shape:
+            out, got = fwd_bwd(triton_fn, inputs, grads, dout)
+            finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in got.values())
+            notes.append(f"- `{op}` at length 65,536 ({rows[-1][1]}): output and every gradient finite: "
+                         f"{'yes' if finite else 'NO'}")
+            del out, got
+        del inputs, dout, probe
         torch.cuda.empty_cache()
-    print()
+    return rows
+
+
+def runs_of(batch, length, run, n_modalities=2):
+    return (torch.arange(length, device="cuda") // run % n_modalities).repeat(batch, 1)
+
+
+def routed_linear_row(backends):
+    tokens, k, o, m = 65536, 2048, 4096, 2
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = randn(gen, tokens, k)
+    weight = randn(gen, m, o, k, scale=k ** -0.5)
+    bias = randn(gen, m, o, scale=0.1)
+    modality = runs_of(1, tokens, 1024).view(-1)
+    dout = randn(gen, tokens, o)
+    inputs = dict(x=x, weight=weight, bias=bias, modality=modality)
+    dense = dict(input=x, weight=weight[0], bias=bias[0])
+    routed = backends["triton"].routed_linear
+    fwd = median_ms(lambda: forward(routed, inputs))
+    both = median_ms(lambda: fwd_bwd(routed, inputs, ("x", "weight", "bias"), dout))
+    ref = median_ms(lambda: forward(backends["reference"].routed_linear, inputs))
+    peer_fwd = median_ms(lambda: forward(F.linear, dense))
+    peer_both = median_ms(lambda: fwd_bwd(F.linear, dense, ("input", "weight", "bias"), dout))
+    nbytes = 2 * (tokens * k + m * o * k + tokens * o)
+    return ("routed linear", f"{tokens} × {k} → {o}, 2 modalities", fwd, both, ref, nbytes / fwd / 1e9,
+            "one dense `F.linear` (this run)", peer_fwd, peer_both)
+
+
+def layer_spec(routing):
+    return {"modalities": ["text", "image"], "backbone": {"kind": "mamba", "d_model": 1024, "d_state": 16},
+            "routing": {"specific": routing}, "scan_backend": "triton"}
+
+
+def layer_row():
+    batch, length, d = 8, 2048, 1024
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = randn(gen, batch, length, d, dtype=torch.float32)
+    modality = runs_of(batch, length, 1024)
+    dout = randn(gen, batch, length, d, dtype=torch.float32)
+    times = {}
+    for routing in ("mom", "dense"):
+        block = build_block(layer_spec(routing)).cuda()
+
+        def step(block=block):
+            leaf = x.detach().requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = block(leaf, modality)
+            torch.autograd.grad(y, [leaf, *block.parameters()], dout)
+
+        def fwd(block=block):
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                block(x, modality)
+
+        times[routing] = (median_ms(fwd), median_ms(step))
+        del block
+    return ("MoM layer (`mamba`, preset `mom`)", f"{batch} × {length}, d_model {d}", *times["mom"], None, None,
+            "dense Mamba layer (this run)", *times["dense"])
+
+
+def decode_notes(notes):
+    spec = {"name": "decode", "modalities": ["text", "image"],
+            "backbone": {"kind": "mamba", "d_model": 1024, "n_layers": 24, "d_state": 16},
+            "routing": {"specific": "mom"}, "scan_backend": "auto"}
+    model = build_model(spec).cuda().to(torch.bfloat16).eval()
+    new_tokens = 512
+    prompt = Batch(modality=torch.zeros(1, 16, dtype=torch.int64, device="cuda"),
+                   tokens=torch.randint(0, 256, (1, 16), device="cuda"))
+    model.generate(prompt, 8, temperature=0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(prompt, new_tokens, temperature=0)
+    torch.cuda.synchronize()
+    eager = new_tokens / (time.perf_counter() - start)
+
+    state = model.allocate_state(1)
+    h = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    modality = torch.ones(1, dtype=torch.int64, device="cuda")
+
+    def blocks():
+        out = h
+        for block, block_state in zip(model.blocks, state):
+            out = block.step(out, modality, block_state)
+        return out
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                blocks()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            blocks()
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            graph.replay()
+        torch.cuda.synchronize()
+    graphed = new_tokens / (time.perf_counter() - start)
+    notes.append(f"- decoding, 24-layer d_model 1024 MoM (`mamba`, preset `mom`, {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
+                 f"parameters), bfloat16, batch 1, prompt 16, {new_tokens} new tokens, greedy: `Model.generate` "
+                 f"eager {eager:.0f} tokens/s; the 24 blocks' step captured in one CUDA graph (no host "
+                 f"synchronisation in any layer) {graphed:.0f} steps/s")
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except ImportError:
+        notes.append("- mamba_ssm's `MambaLMHeadModel.generate` (dense Mamba-1, 24 layers, d_model 1024), quoted "
+                     "from BENCHMARKS.md: 68 tokens/s eager, 1,059 tokens/s with CUDA graphs")
+        return
+    peer = MambaLMHeadModel(MambaConfig(d_model=1024, n_layer=24, vocab_size=50277, ssm_cfg={"layer": "Mamba1"}),
+                            device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 50277, (1, 16), device="cuda")
+    rates = {}
+    for cg in (False, True):
+        peer.generate(ids, max_length=16 + 8, cg=cg)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        peer.generate(ids, max_length=16 + new_tokens, cg=cg)
+        torch.cuda.synchronize()
+        rates[cg] = new_tokens / (time.perf_counter() - start)
+    notes.append(f"- mamba_ssm's `MambaLMHeadModel.generate` (dense Mamba-1, 24 layers, d_model 1024), this run: "
+                 f"{rates[False]:.0f} tokens/s eager, {rates[True]:.0f} tokens/s with CUDA graphs")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="time every tiling of SWEEP first")
-    args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
-    print("# momkit GPU selective-scan benchmark\n")
+    print("# momkit GPU benchmark\n")
     print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"- device: {props.name}, {props.multi_processor_count} multiprocessors; torch {torch.__version__}, "
-          f"Triton {triton.__version__}")
-    print("- mamba_ssm columns: this run's time over mamba_ssm 2.3.2's `selective_scan_fn` as measured on an "
-          "NVIDIA H200 (BENCHMARKS.md, 2026-11-22), not in this run\n")
-    if args.sweep:
-        sweep()
-    rows, notes = [], []
-    for shape in SHAPES:
-        batch, dim, length = shape
-        inputs = make_inputs(*shape)
-        dout = torch.randn_like(inputs["u"])
-        tiling = default_tiling(dim, length)
-        fwd = median_ms(lambda: forward(triton_scan, inputs))
-        both = median_ms(lambda: forward_backward(triton_scan, inputs, dout))
-        nbytes = 2 * (4 * batch * dim * length + 2 * batch * STATE * length)
-        floor = max(nbytes / COPY_BYTES_PER_S, batch * dim * length * STATE / EXP_PER_S) * 1e3
-        peer_fwd, peer_both = MAMBA_SSM_H200_MS[shape]
-        rows.append(f"| {' × '.join(map(str, shape))} | {fwd:.3f} | {both:.3f} | {nbytes / fwd / 1e9:.2f} | "
-                    f"{fwd / floor:.1f}× | {fwd / peer_fwd:.2f} | {both / peer_both:.2f} | {tiling.chunk}, "
-                    f"{tiling.block_d}/{tiling.block_d_bwd}, {tiling.warps}/{tiling.warps_bwd}, "
-                    f"{tiling.unroll}/{tiling.unroll_bwd} |")
-        if shape == SHAPES[0]:
-            ref_fwd = do_bench(lambda: forward(reference_scan, inputs), warmup=1, rep=1, return_mode="median")
-            notes.append(f"- reference backend (chunked PyTorch, float32 arithmetic) forward at "
-                         f"{' × '.join(map(str, shape))}: {ref_fwd:.1f} ms ({ref_fwd / fwd:.0f}× the Triton "
-                         f"forward)")
-            out, grads = forward_backward(triton_scan, inputs, dout)
-            wide = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-            ref_out, ref_grads = forward_backward(reference_scan, wide, dout.double())
-            errors = ", ".join(f"d{k} {rel(grads[k], ref_grads[k]):.1e}" for k in GRADS)
-            notes.append(f"- relative error against float64 at {' × '.join(map(str, shape))}: out "
-                         f"{rel(out, ref_out):.1e}, {errors}")
-            del out, grads, wide, ref_out, ref_grads
-        if length == 65536:
-            out, grads = forward_backward(triton_scan, inputs, dout)
-            finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in grads.values())
-            notes.append(f"- no NaN or inf at length 65536 ({' × '.join(map(str, shape))}), output and every "
-                         f"gradient: {'yes' if finite else 'NO'}")
-            del out, grads
-        del inputs, dout
-        torch.cuda.empty_cache()
-    print("| b × d × l | forward (ms) | fwd+bwd (ms) | fwd bytes / time (TB/s) | fwd / floor "
-          "| fwd / mamba_ssm (H200) | fwd+bwd / mamba_ssm (H200) | chunk, channels, warps, unroll (fwd/bwd) |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+          f"Triton {triton.__version__}\n", flush=True)
+    backends = get_registry().scan_backends
+    peer = backends["cuda"] if backends["cuda"].is_available() else None
+    notes = []
+    rows = scan_rows("selective_scan", SCAN_SHAPES, scan_inputs, SCAN_GRADS,
+                     lambda b, d, l: 2 * (4 * b * d * l + 2 * b * 16 * l), backends, peer, notes)
+    rows += scan_rows("ssd_scan", SSD_SHAPES, ssd_inputs, SSD_GRADS,
+                      lambda b, l, h: 2 * (2 * b * l * h * 64 + b * l * h + 2 * b * l * 128), backends, peer, notes)
+    rows.append(routed_linear_row(backends))
+    rows.append(layer_row())
+    decode_notes(notes)
+    print("| operation | shape | forward (ms) | fwd+bwd (ms) | reference fwd (ms) | fwd TB/s | peer | peer fwd (ms) "
+          "| peer fwd+bwd (ms) | fwd / peer | fwd+bwd / peer |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for op, shape, fwd, both, ref, rate, peer_name, peer_fwd, peer_both in rows:
+        print(f"| {op} | {shape} | {fwd:.3f} | {both:.3f} | {'-' if ref is None else f'{ref:.1f}'} | "
+              f"{'-' if rate is None else f'{rate:.2f}'} | {peer_name} | {peer_fwd:.3f} | {peer_both:.3f} | "
+              f"{fwd / peer_fwd:.2f} | {both / peer_both:.2f} |")
     print()
     print("\n".join(notes))
 
