@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_tiers import DEVICE, INTERPRETING, as_float64, assert_close, tiers
+from triton_tiers import DEVICE, INTERPRETING, as_float64, assert_close, linear_loss_grads, tiers
 
 from momkit.kernels.reference.naive import naive_selective_scan
 
@@ -66,17 +66,7 @@ def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, 
 
 
 def run(fn, inputs, gen, **extra):
-    """Output, last state and gradients of every tensor input for a random linear loss of both.
-
-    The loss weights are drawn in float64 and rounded to the output's dtype, so that a low-precision run and
-    its float64 reference differentiate the same loss.
-    """
-    leaves = {k: inputs[k].clone().requires_grad_(True) for k in GRAD_INPUTS if inputs[k] is not None}
-    out, last = fn(**{**inputs, **leaves}, return_last_state=True, **extra)
-    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-    w_last = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(last.device, last.dtype)
-    grads = torch.autograd.grad((out * w_out).sum() + (last * w_last).sum(), list(leaves.values()))
-    return {"out": out, "last": last, **{f"d{k}": g for k, g in zip(leaves, grads)}}
+    return linear_loss_grads(fn, inputs, GRAD_INPUTS, gen, "last", **extra)
 
 
 def reference(inputs, seed):

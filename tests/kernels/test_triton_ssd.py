@@ -15,7 +15,7 @@ against the per-token recurrence in float64 on the same (rounded) inputs: at mos
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_tiers import DEVICE, as_float64, assert_close, tiers
+from triton_tiers import DEVICE, as_float64, assert_close, linear_loss_grads, tiers
 
 from momkit.kernels.reference.naive import naive_ssd_scan
 
@@ -66,17 +66,7 @@ def make_inputs(gen, batch, length, heads, headdim, groups, state, *, dtype=torc
 
 
 def run(fn, inputs, gen, **extra):
-    """Output, final state and gradients of every tensor input for a random linear loss of both.
-
-    The loss weights are drawn in float64 and rounded to the output's dtype, so that a low-precision run and
-    its float64 reference differentiate the same loss.
-    """
-    leaves = {k: inputs[k].clone().requires_grad_(True) for k in GRAD_INPUTS if inputs[k] is not None}
-    out, final = fn(**{**inputs, **leaves}, return_final_states=True, **extra)
-    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-    w_final = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final.device, final.dtype)
-    grads = torch.autograd.grad((out * w_out).sum() + (final * w_final).sum(), list(leaves.values()))
-    return {"out": out, "final": final, **{f"d{k}": g for k, g in zip(leaves, grads)}}
+    return linear_loss_grads(fn, inputs, GRAD_INPUTS, gen, "final", **extra)
 
 
 def reference(inputs, seed):

@@ -53,3 +53,20 @@ def assert_close(got: dict, ref: dict, dtype: torch.dtype, label: str) -> None:
         err = (x.double() - ref[name]).norm().item() / (scale or 1.0)
         kind = "relative" if scale else "absolute (the reference is zero)"
         assert err <= tol, f"{label}: {name} {kind} error {err:.2e} > {tol:.0e}"
+
+
+def linear_loss_grads(fn, inputs: dict, grad_inputs: tuple, gen: torch.Generator, state: str, **extra) -> dict:
+    """Output, state and gradients of every tensor input named in ``grad_inputs`` for a random linear loss of
+    the output and the state; ``state`` is ``"last"`` (``return_last_state``) or ``"final"``
+    (``return_final_states``).
+
+    The loss weights are drawn in float64 and rounded to the output's dtype, so that a low-precision run and
+    its float64 reference differentiate the same loss.
+    """
+    flag = {"last": "return_last_state", "final": "return_final_states"}[state]
+    leaves = {k: inputs[k].clone().requires_grad_(True) for k in grad_inputs if inputs[k] is not None}
+    out, end = fn(**{**inputs, **leaves}, **{flag: True}, **extra)
+    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    w_end = torch.randn(end.shape, generator=gen, dtype=torch.float64).to(end.device, end.dtype)
+    grads = torch.autograd.grad((out * w_out).sum() + (end * w_end).sum(), list(leaves.values()))
+    return {"out": out, state: end, **{f"d{k}": g for k, g in zip(leaves, grads)}}
