@@ -146,3 +146,27 @@ def test_conv_state_update_checks(gen):
         ops.conv_state_update(x, conv_state, weight, activation="relu")
     with pytest.raises(ValueError, match=r"weight has shape \(2, 5, 4\); expected \(c, k\) = \(5, 4\)"):
         ops.conv_state_update(x, conv_state, weight.expand(2, 5, 4))
+
+
+def test_auto_passes_over_a_backend_lacking_the_dtype(gen):
+    from momkit import hookimpl
+    from momkit.kernels import reference
+    from momkit.registry import Registry, use_registry
+
+    class Fast:
+        @hookimpl
+        def momkit_scan_backends(self):
+            return [ops.ScanBackend(name="fast", description="float32 only", routed_linear=lambda **kw: "fast",
+                                    devices=("cpu",), priority=10, dtypes=frozenset({torch.float32}))]
+
+    registry = Registry()
+    registry.register(reference, distribution="momkit")
+    registry.register(Fast(), distribution="tests")
+    args = routed_args(gen)
+    with use_registry(registry):
+        assert ops.routed_linear(**args) == "fast"
+        wide = {k: v.double() if v.is_floating_point() else v for k, v in args.items()}
+        torch.testing.assert_close(ops.routed_linear(**wide), ops.routed_linear(**wide, backend="reference"))
+        with pytest.raises(ValueError, match=r"scan backend 'fast' cannot run routed_linear on cpu in "
+                                             r"torch.float64 in this process; backends that can: \['reference'\]"):
+            ops.routed_linear(**wide, backend="fast")

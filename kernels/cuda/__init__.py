@@ -39,17 +39,10 @@ def _available() -> bool:
     return True
 
 
-def _refuse_float64(name: str, t: torch.Tensor) -> None:
-    if t.dtype == torch.float64:
-        raise ValueError(f"the cuda backend takes float32, bfloat16 or float16 {name}, got torch.float64; "
-                         f"use backend='reference' for float64")
-
-
 def _selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, modality,
                     seq_idx):
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    _refuse_float64("u", u)
     if return_last_state and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)):
         raise ValueError("the cuda backend's selective scan (mamba_ssm's selective_scan_fn) does not "
@@ -63,7 +56,6 @@ def _ssd_scan(*, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
               return_final_states, modality):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    _refuse_float64("x", x)
     return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                      initial_states=initial_states,
                                      seq_idx=None if seq_idx is None else seq_idx.to(torch.int32),
@@ -73,7 +65,6 @@ def _ssd_scan(*, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
 def _selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, modality):
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
-    _refuse_float64("state", state)
     return selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
@@ -87,5 +78,6 @@ def momkit_scan_backends():
         selective_state_update=_selective_state_update,
         devices=("cuda",),
         priority=5,
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         is_available=_available,
     )]

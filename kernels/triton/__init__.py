@@ -79,5 +79,6 @@ def momkit_scan_backends():
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),
         priority=10,
         extensions=frozenset({"modality", "seq_idx"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         is_available=_available,
     )]

@@ -28,32 +28,36 @@ def available_backends() -> list[str]:
     return [b.name for b in get_registry().scan_backends.values() if b.is_available()]
 
 
-def resolve_backend(name: str, device: torch.device | str, op: str, extensions=frozenset()) -> ScanBackend:
+def resolve_backend(name: str, device: torch.device | str, op: str, extensions=frozenset(),
+                    dtype: torch.dtype | None = None) -> ScanBackend:
     """The backend ``name`` (or, for ``"auto"``, the best one) that runs ``op`` on ``device``.
 
-    ``extensions`` are the front-door extensions the call uses (see :class:`ScanBackend`).
+    ``extensions`` are the front-door extensions the call uses (see :class:`ScanBackend`), ``dtype`` the dtype
+    of its main input (any, if ``None``).
 
     Raises:
-        ValueError: ``name`` is not registered, cannot run here, or lacks ``op``, the device or an extension;
-            the message lists the backends that would do.
+        ValueError: ``name`` is not registered, cannot run here, or lacks ``op``, the device, an extension or
+            the dtype; the message lists the backends that would do.
     """
     from momkit.registry import get_registry
 
-    return _resolve(get_registry(), name, torch.device(device).type, op, frozenset(extensions))
+    return _resolve(get_registry(), name, torch.device(device).type, op, frozenset(extensions), dtype)
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve(registry, name: str, device_type: str, op: str, extensions: frozenset[str]) -> ScanBackend:
+def _resolve(registry, name: str, device_type: str, op: str, extensions: frozenset[str],
+             dtype: torch.dtype | None) -> ScanBackend:
     """:func:`resolve_backend` for one registry, remembered: a registry is fixed once looked up, and decoding
     asks the same question for every layer and position."""
     backends = registry.scan_backends
 
     def fits(b: ScanBackend) -> bool:
         return (getattr(b, op) is not None and device_type in b.devices and extensions <= b.extensions
-                and b.is_available())
+                and (dtype is None or b.dtypes is None or dtype in b.dtypes) and b.is_available())
 
     suitable = sorted((b for b in backends.values() if fits(b)), key=lambda b: -b.priority)
-    need = f"{op} on {device_type}" + "".join(f" with {e}" for e in sorted(extensions))
+    need = (f"{op} on {device_type}" + ("" if dtype is None else f" in {dtype}")
+            + "".join(f" with {e}" for e in sorted(extensions)))
     if name == "auto":
         if not suitable:
             raise ValueError(f"no scan backend runs {need}; registered backends: {sorted(backends)}")
@@ -98,7 +102,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         when ``return_last_state``.
     """
     check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx)
-    impl = resolve_backend(backend, u.device, "selective_scan", _extensions(modality=modality, seq_idx=seq_idx))
+    impl = resolve_backend(backend, u.device, "selective_scan", _extensions(modality=modality, seq_idx=seq_idx),
+                           u.dtype)
     return impl.selective_scan(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                                delta_softplus=delta_softplus, return_last_state=return_last_state,
                                modality=modality, seq_idx=seq_idx)
@@ -134,7 +139,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         inputs) when ``return_final_states``.
     """
     check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, modality)
-    impl = resolve_backend(backend, x.device, "ssd_scan", _extensions(modality=modality))
+    impl = resolve_backend(backend, x.device, "ssd_scan", _extensions(modality=modality), x.dtype)
     return impl.ssd_scan(x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                          initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
                          return_final_states=return_final_states, modality=modality)
@@ -161,7 +166,7 @@ def routed_linear(x, weight, bias, modality, *, backend="auto"):
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_routed_linear(x, weight, bias, modality)
-    impl = resolve_backend(backend, x.device, "routed_linear")
+    impl = resolve_backend(backend, x.device, "routed_linear", dtype=x.dtype)
     return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality)
 
 
@@ -193,7 +198,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         ``out``, shaped as ``x``, in ``x``'s dtype.
     """
     check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, modality)
-    impl = resolve_backend(backend, state.device, "selective_state_update", _extensions(modality=modality))
+    impl = resolve_backend(backend, state.device, "selective_state_update",
+                           _extensions(modality=modality), state.dtype)
     return impl.selective_state_update(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                                        dt_softplus=dt_softplus, modality=modality)
 
@@ -217,6 +223,6 @@ def conv_state_update(x, conv_state, weight, bias=None, activation=None, *, moda
         ``out (b, c)`` in ``x``'s dtype.
     """
     check_conv_state_update(x, conv_state, weight, bias, activation, modality)
-    impl = resolve_backend(backend, x.device, "conv_state_update", _extensions(modality=modality))
+    impl = resolve_backend(backend, x.device, "conv_state_update", _extensions(modality=modality), x.dtype)
     return impl.conv_state_update(x=x, conv_state=conv_state, weight=weight, bias=bias, activation=activation,
                                   modality=modality)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 
 def _always() -> bool:
     return True
@@ -40,6 +42,8 @@ class ScanBackend:
         devices: Device types (``"cpu"``, ``"cuda"``) the backend runs on.
         priority: Among available backends for a device, ``backend="auto"`` picks the highest.
         extensions: The extensions (above) the backend implements.
+        dtypes: The dtypes of the inputs it computes on (the main input's: ``u``, ``x`` or ``state``), or
+            ``None`` for every floating dtype; ``backend="auto"`` passes over a backend that lacks a call's.
         is_available: Whether the backend can run in this process (its compiler or library imports).
     """
 
@@ -53,4 +57,5 @@ class ScanBackend:
     devices: tuple[str, ...] = ("cpu",)
     priority: int = 0
     extensions: frozenset[str] = frozenset()
+    dtypes: frozenset[torch.dtype] | None = None
     is_available: Callable[[], bool] = field(default=_always)
