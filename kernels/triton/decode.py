@@ -159,6 +159,6 @@ def conv_state_update(*, x, conv_state, weight, bias, activation, modality):
     _conv_update_kernel[grid](
         x, conv_state, weight, bias, modality, out, channels, width, *_strides(modality, 1),
         *x.stride(), *conv_state.stride(), *_param_strides(weight, 2), *_param_strides(bias, 1), *out.stride(),
-        HAS_BIAS=bias is not None, HAS_MOD=modality is not None, SILU=activation == "silu", BLOCK_C=block_c, BLOCK_K=block_k,
-        num_warps=4)
+        HAS_BIAS=bias is not None, HAS_MOD=modality is not None, SILU=activation == "silu", BLOCK_C=block_c,
+        BLOCK_K=block_k, num_warps=4)
     return out

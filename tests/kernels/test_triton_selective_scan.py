@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_reference_selective_scan import documents
 from triton_tiers import DEVICE, INTERPRETING, as_float64, assert_close, linear_loss_grads, tiers
 
 from momkit.kernels.reference.naive import naive_selective_scan
@@ -26,15 +27,6 @@ GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 LOW = ("u", "delta", "z", "B", "C")
 
 kernels, cuda_kernels = tiers("momkit.kernels.triton.selective_scan")
-
-
-def documents(gen, batch, length):
-    """``(b, l)`` int32 document index with random boundaries, including one-position documents."""
-    starts = torch.rand(batch, length, generator=gen) < 0.15
-    starts[:, 0] = False
-    if length > 3:
-        starts[0, length - 1] = starts[0, length - 2] = True
-    return starts.cumsum(1).to(torch.int32)
 
 
 def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, dtype=torch.float32, D=True,

@@ -14,7 +14,7 @@ against the per-token recurrence in float64 on the same (rounded) inputs: at mos
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_reference_ssd import make_inputs as reference_inputs
 from triton_tiers import DEVICE, as_float64, assert_close, linear_loss_grads, tiers
 
 from momkit.kernels.reference.naive import naive_ssd_scan
@@ -36,33 +36,15 @@ def documents(gen, batch, length):
     return torch.where(ids % 3 == 2, 0, ids).to(torch.int32)
 
 
-def make_inputs(gen, batch, length, heads, headdim, groups, state, *, dtype=torch.float32, D="hp", z=True,
-                bias=True, softplus=True, initial=True, n_modalities=None, packed=False):
-    """Random inputs on ``DEVICE``: ``x, dt, B, C, z`` in ``dtype``; ``A, D, dt_bias, initial_states`` in
-    float32."""
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    dt = 0.5 * randn(batch, length, heads) - 1.0
-    inputs = dict(
-        x=randn(batch, length, heads, headdim),
-        dt=dt if softplus else F.softplus(dt),
-        A=-torch.exp(randn(heads) if n_modalities is None else randn(n_modalities, heads)),
-        B=randn(batch, length, groups, state),
-        C=randn(batch, length, groups, state),
-        D={None: None, "h": randn(heads), "hp": randn(heads, headdim)}[D],
-        z=randn(batch, length, heads, headdim) if z else None,
-        dt_bias=0.3 * randn(heads) if bias else None,
-        initial_states=randn(batch, heads, headdim, state) if initial else None,
-    )
-    inputs = {k: None if v is None else v.to(DEVICE, dtype if k in LOW else torch.float32)
-              for k, v in inputs.items()}
-    inputs["dt_softplus"] = softplus
-    inputs["modality"] = (None if n_modalities is None
-                          else torch.randint(0, n_modalities, (batch, length), generator=gen).to(DEVICE))
-    inputs["seq_idx"] = documents(gen, batch, length).to(DEVICE) if packed else None
-    return inputs
+def make_inputs(gen, batch, length, heads, headdim, groups, state, *, dtype=torch.float32, n_modalities=None,
+                packed=False, **options):
+    """The reference tests' random inputs (``options``: ``D``, ``z``, ``bias``, ``softplus``, ``initial``) on
+    ``DEVICE``: ``x, dt, B, C, z`` in ``dtype``; ``A, D, dt_bias, initial_states`` in float32."""
+    seq_idx = documents(gen, batch, length) if packed else None
+    inputs = reference_inputs(gen, batch, length, heads, headdim, groups, state, modalities=n_modalities,
+                              seq_idx=seq_idx, **options)
+    return {k: v.to(DEVICE, dtype if k in LOW else torch.float32) if torch.is_tensor(v) and v.is_floating_point()
+            else v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def run(fn, inputs, gen, **extra):
