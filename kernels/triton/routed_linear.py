@@ -8,11 +8,14 @@ Tokens are never sorted, gathered or scattered: every kernel reads ``x`` and ``d
 happens inside the tiles.
 
 Forward and ``dx``. One kernel computes ``out_i = a_i B_{m_i}`` with ``B (M, R, C)`` row-major:
-``y = x W_m^T + b_m`` with ``B = W^T (M, K, O)``, a transposed copy made for each forward (``M O K`` elements,
-small beside the activations; Hopper's tensor cores are fed faster from a weight tile contiguous along the output
-dimension), and ``dx = dy W_m`` with ``B = W`` as it is. A program owns a ``(token tile, output tile)`` block of
-``out`` (grouped along tokens, ``Tiling.group`` token tiles at a time, so that programs running together share
-tiles of ``a`` and ``B`` in L2). It loads its tokens' modality ids first. When they are all one modality ``m``, the
+``y = x W_m^T + b_m`` with ``B = W^T (M, K, O)``, and ``dx = dy W_m`` with ``B = W`` as it is. For many tokens
+the forward reads ``W^T`` from a transposed copy made for the call (``M O K`` elements, small beside the
+activations; Hopper's tensor cores are fed faster from a weight tile contiguous along the output dimension); for
+fewer, where the copy costs more than it saves (decoding reads each weight once per token), it reads ``W`` in
+place through its strides; ``Tiling.copy_rows`` sets the bound, and ``benchmarks/routed_linear_tiling.py``
+measures both sides of it. A program owns a ``(token tile, output tile)`` block of ``out`` (grouped along
+tokens, ``Tiling.group`` token tiles at a time, so that programs running together share tiles of ``a`` and ``B``
+in L2). It loads its tokens' modality ids first. When they are all one modality ``m``, the
 common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with ``B_m`` and
 adds ``b_m``. A mixed tile instead runs that loop once for each modality present between the smallest and largest
 id of the tile, loading the rows of the other modalities as zeros, sums the results and gathers the bias per row;
@@ -43,7 +46,7 @@ device, by the torch ops above and inside the kernels. ``N = 0`` launches nothin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
@@ -51,6 +54,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+FEW_ROWS = 16
+FEW_ROWS_BLOCK_O = 32
+FEW_ROWS_BLOCK_K = 128
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class Tiling:
         dw_stages: pipeline stages of ``dweight``'s loop.
         group: token tiles (forward, ``dx``) or ``O`` tiles (``dweight``) whose programs are launched together
             across all output tiles, for reuse in L2; any positive number.
+        copy_rows: the forward reads a transposed copy of the weight when the call has at least this many
+            tokens, and the weight in place otherwise; any number from 0 (always copy).
     """
 
     block_n: int = 128
@@ -97,10 +105,15 @@ class Tiling:
     dw_warps: int = 4
     dw_stages: int = 3
     group: int = 8
+    copy_rows: int = 16384
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "copy_rows":
+                if value < 0:
+                    raise ValueError(f"Tiling.copy_rows must be at least 0, got {value}")
+                continue
             if f.name.endswith("stages") or f.name == "group":
                 if value < 1:
                     raise ValueError(f"Tiling.{f.name} must be at least 1, got {value}")
@@ -111,20 +124,27 @@ class Tiling:
                 raise ValueError(f"Tiling.{f.name} must be at least 16 (tl.dot's smallest size), got {value}")
 
 
-def default_tiling(dtype: torch.dtype) -> Tiling:
-    """The default tiling for inputs of ``dtype``.
+def default_tiling(dtype: torch.dtype, rows: int | None = None) -> Tiling:
+    """The default tiling for ``rows`` tokens (any number when ``None``) of ``dtype``.
 
     16-bit inputs take :class:`Tiling`'s defaults: ``128 x 256`` output tiles in steps of 64 with four pipeline
     stages in eight warps for the forward and ``dx``; ``128 x 128`` blocks of ``dweight`` in steps of 64 tokens
     with three stages in four warps, small enough in shared memory for two programs to share a multiprocessor.
     float32 operands take twice the shared memory per element and IEEE products do not run on tensor cores, so
-    float32 takes smaller tiles and steps.
+    float32 takes smaller tiles and steps. Up to ``FEW_ROWS`` tokens (decoding), the forward takes tiles of 16
+    tokens by ``FEW_ROWS_BLOCK_O`` outputs in steps of ``FEW_ROWS_BLOCK_K``: reading the weight is then the whole
+    cost, and narrow output tiles spread it over many programs (``benchmarks/routed_linear_tiling.py``).
     """
     if dtype == torch.float32:
-        return Tiling(block_n=64, block_o=128, block_k=32, warps=4,
-                      dx_block_n=64, dx_block_k=128, dx_block_o=32, dx_warps=4,
-                      dw_block_o=64, dw_block_k=128, dw_block_n=32)
-    return Tiling()
+        tiling = Tiling(block_n=64, block_o=128, block_k=32, warps=4,
+                        dx_block_n=64, dx_block_k=128, dx_block_o=32, dx_warps=4,
+                        dw_block_o=64, dw_block_k=128, dw_block_n=32)
+    else:
+        tiling = Tiling()
+    if rows is not None and rows <= FEW_ROWS:
+        tiling = replace(tiling, block_n=16, block_o=FEW_ROWS_BLOCK_O, block_k=FEW_ROWS_BLOCK_K, warps=4,
+                         stages=3)
+    return tiling
 
 
 @triton.jit
@@ -172,28 +192,29 @@ def _grouped(pid, tiles_a, tiles_b, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, n_cols, BLOCK_R: tl.constexpr):
-    """``acc + a[rows] @ b`` with ``a (n, n_red)`` and ``b (n_red, n_cols)`` row-major; rows where ``row_mask``
-    is off are read as zeros. ``rows`` is int64."""
+def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, stride_r, stride_c,
+                 BLOCK_R: tl.constexpr):
+    """``acc + a[rows] @ b`` with ``a (n, n_red)`` row-major and ``b (n_red, n_cols)`` of strides
+    ``(stride_r, stride_c)``; rows where ``row_mask`` is off are read as zeros. ``rows`` is int64."""
     red = tl.arange(0, BLOCK_R)
     a_ptrs = a_ptr + rows[:, None] * n_red + red[None, :]
-    b_ptrs = b_ptr + red[:, None] * n_cols + cols[None, :]
+    b_ptrs = b_ptr + red[:, None] * stride_r + cols[None, :] * stride_c
     for start in range(0, n_red, BLOCK_R):
         red_mask = red < n_red - start
         a = tl.load(a_ptrs, mask=row_mask[:, None] & red_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=red_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _dot(a, b, acc)
         a_ptrs += BLOCK_R
-        b_ptrs += BLOCK_R * n_cols
+        b_ptrs += BLOCK_R * stride_r
     return acc
 
 
 @triton.jit
-def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, out_ptr, n_rows, n_red, n_cols, b_stride,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                      GROUP: tl.constexpr):
-    """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, n_red)``, ``b (M, n_red, n_cols)`` row-major with
-    ``b_stride = n_red n_cols``, ``out (N, n_cols)``; see the module docstring."""
+def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, out_ptr, n_rows, n_red, n_cols, stride_m, stride_r,
+                      stride_c, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
+    """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, n_red)`` row-major, ``b (M, n_red, n_cols)`` of strides
+    ``(stride_m, stride_r, stride_c)``, ``out (N, n_cols)``; see the module docstring."""
     pid_n, pid_c = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_C), GROUP)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -206,16 +227,16 @@ def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, out_ptr, n_rows, n_red, n
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     mask = row_mask[:, None] & col_mask[None, :]
     if m_lo == m_hi:
-        acc = _reduce_rows(acc, a_ptr, b_ptr + m_lo.to(tl.int64) * b_stride, rows, row_mask, cols, col_mask,
-                           n_red, n_cols, BLOCK_R)
+        acc = _reduce_rows(acc, a_ptr, b_ptr + m_lo.to(tl.int64) * stride_m, rows, row_mask, cols, col_mask,
+                           n_red, stride_r, stride_c, BLOCK_R)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + m_lo * n_cols + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     else:
         for m in range(m_lo, m_hi + 1):
             sel = mods == m
             if tl.max(sel.to(tl.int32), 0) > 0:
-                acc = _reduce_rows(acc, a_ptr, b_ptr + tl.cast(m, tl.int64) * b_stride, rows, sel, cols, col_mask,
-                                   n_red, n_cols, BLOCK_R)
+                acc = _reduce_rows(acc, a_ptr, b_ptr + tl.cast(m, tl.int64) * stride_m, rows, sel, cols, col_mask,
+                                   n_red, stride_r, stride_c, BLOCK_R)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + mods[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], _cast(acc, out_ptr.dtype.element_ty), mask=mask)
@@ -309,13 +330,13 @@ def _weight_grad_kernel(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, co
 
 
 def _routed_mm(a, b, bias, modality, block_n, block_c, block_r, warps, stages, group):
-    """``out[i] = a[i] @ b[modality[i]] (+ bias[modality[i]])``: ``a (N, R)``, ``b (M, R, C)`` contiguous,
-    ``out (N, C)``."""
+    """``out[i] = a[i] @ b[modality[i]] (+ bias[modality[i]])``: ``a (N, R)`` contiguous, ``b (M, R, C)`` of any
+    strides, ``out (N, C)``."""
     n_rows, n_red = a.shape
     n_cols = b.shape[2]
     out = a.new_empty((n_rows, n_cols))
     grid = (triton.cdiv(n_rows, block_n) * triton.cdiv(n_cols, block_c),)
-    _routed_mm_kernel[grid](a, b, bias, modality, out, n_rows, n_red, n_cols, n_red * n_cols,
+    _routed_mm_kernel[grid](a, b, bias, modality, out, n_rows, n_red, n_cols, *b.stride(),
                             HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=block_r,
                             GROUP=group, num_warps=warps, num_stages=stages)
     return out
@@ -365,8 +386,10 @@ class RoutedLinearFn(torch.autograd.Function):
         if x.shape[0] == 0:
             return x.new_empty((0, weight.shape[1]))
         t = tiling
-        return _routed_mm(x, weight.transpose(1, 2).contiguous(), bias, modality, t.block_n, t.block_o, t.block_k,
-                          t.warps, t.stages, t.group)
+        weight_t = weight.transpose(1, 2)
+        if x.shape[0] >= t.copy_rows:
+            weight_t = weight_t.contiguous()
+        return _routed_mm(x, weight_t, bias, modality, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group)
 
     @staticmethod
     @once_differentiable
@@ -396,8 +419,8 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         weight: ``(M, O, K)`` in ``x``'s dtype.
         bias: ``(M, O)`` or ``None``.
         modality: ``(N,)`` int64 ids in ``0..M-1`` (checked by the caller).
-        tiling: block sizes, warps and stages (:func:`default_tiling` of ``x``'s dtype when ``None``); the
-            result does not depend on it beyond rounding.
+        tiling: block sizes, warps and stages (:func:`default_tiling` of ``x``'s dtype and ``N`` when
+            ``None``); the result does not depend on it beyond rounding.
 
     Returns:
         ``y (N, O)`` in ``x``'s dtype. Gradients come in each input's dtype; a modality absent from
@@ -412,4 +435,4 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"the triton routed linear computes in float32 but {', '.join(wide)} is torch.float64; "
                          f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
     return RoutedLinearFn.apply(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                                modality.contiguous(), tiling or default_tiling(x.dtype))
+                                modality.contiguous(), tiling or default_tiling(x.dtype, x.shape[0]))

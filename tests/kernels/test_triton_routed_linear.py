@@ -105,10 +105,12 @@ def case_id(case):
 
 
 def small_tilings(kernels):
-    """A square tiling of the smallest blocks, and one whose blocks differ kernel to kernel and axis to axis."""
+    """A square tiling of the smallest blocks whose forward reads a transposed copy of the weight, and one whose
+    blocks differ kernel to kernel and axis to axis and whose forward reads the weight in place."""
     return (kernels.Tiling(block_n=16, block_o=16, block_k=16, warps=2, stages=1,
                            dx_block_n=16, dx_block_k=16, dx_block_o=16, dx_warps=2, dx_stages=1,
-                           dw_block_o=16, dw_block_k=16, dw_block_n=16, dw_warps=2, dw_stages=1, group=2),
+                           dw_block_o=16, dw_block_k=16, dw_block_n=16, dw_warps=2, dw_stages=1, group=2,
+                           copy_rows=0),
             kernels.Tiling(block_n=32, block_o=16, block_k=32, warps=4, stages=2,
                            dx_block_n=16, dx_block_k=32, dx_block_o=16, dx_warps=2, dx_stages=3,
                            dw_block_o=32, dw_block_k=16, dw_block_n=32, dw_warps=4, dw_stages=2, group=3))
@@ -132,8 +134,10 @@ def test_small_shapes_16_bit(kernels, gen, dtype):
     assert_absent_zero(got, 0, str(dtype))
 
 
-def test_default_tiling(kernels, gen):
-    inputs = make_inputs(gen, 130, 70, 300, 2, runs=(30, 90))
+@pytest.mark.parametrize("n", [130, 16, 3])
+def test_default_tiling(kernels, gen, n):
+    """The default tilings, that of a few tokens (decoding) included."""
+    inputs = make_inputs(gen, n, 70, 300, 2, runs=(2, 90))
     assert_close(run(kernels.routed_linear, inputs, 9), reference(inputs, 9), torch.float32, "default tiling")
 
 
@@ -182,7 +186,11 @@ def test_tiling_checks(kernels):
         kernels.Tiling(dw_block_n=8)
     with pytest.raises(ValueError, match="at least 1"):
         kernels.Tiling(group=0)
+    with pytest.raises(ValueError, match="copy_rows must be at least 0"):
+        kernels.Tiling(copy_rows=-1)
     assert kernels.default_tiling(torch.float32) != kernels.default_tiling(torch.bfloat16) == kernels.Tiling()
+    assert kernels.default_tiling(torch.bfloat16, kernels.FEW_ROWS).block_n == 16
+    assert kernels.default_tiling(torch.bfloat16, kernels.FEW_ROWS + 1) == kernels.Tiling()
 
 
 def test_front_door(kernels, gen):
@@ -206,7 +214,8 @@ def test_front_door(kernels, gen):
 
 
 def large_tilings(kernels, dtype):
-    """The default tiling of ``dtype`` and smaller and asymmetric ones."""
+    """The default tiling of ``dtype`` (whose forward reads the weight in place at these sizes) and smaller and
+    asymmetric ones; the last 16-bit one reads a transposed copy."""
     if dtype == torch.float32:
         others = [kernels.Tiling(block_n=32, block_o=64, block_k=32, warps=4, stages=2,
                                  dx_block_n=64, dx_block_k=64, dx_block_o=16, dx_warps=2, dx_stages=2,
@@ -217,7 +226,8 @@ def large_tilings(kernels, dtype):
                                  dw_block_o=64, dw_block_k=128, dw_block_n=32, dw_warps=4, dw_stages=4, group=1),
                   kernels.Tiling(block_n=128, block_o=128, block_k=32, warps=4, stages=5,
                                  dx_block_n=256, dx_block_k=128, dx_block_o=32, dx_warps=8, dx_stages=3,
-                                 dw_block_o=256, dw_block_k=64, dw_block_n=64, dw_warps=8, dw_stages=3, group=16)]
+                                 dw_block_o=256, dw_block_k=64, dw_block_n=64, dw_warps=8, dw_stages=3, group=16,
+                                 copy_rows=0)]
     return [kernels.default_tiling(dtype), *others]
 
 
