@@ -1,4 +1,5 @@
-"""The CPU benchmark script runs end to end on small shapes."""
+"""The benchmark scripts that run without a GPU: the CPU benchmark on small shapes, and the GPU profile's table
+printed from kept CSV files."""
 
 import subprocess
 import sys
@@ -16,3 +17,34 @@ def test_cpu_scan_quick_runs():
     assert result.returncode == 0, result.stderr
     assert "| shape | implementation | forward (ms) | fwd+bwd (ms) |" in result.stdout
     assert "### selective_scan" in result.stdout and "### ssd_scan" in result.stdout
+
+
+NCU_RAW = """==PROF== Disconnected
+"ID","Kernel Name","gpu__time_duration.sum","launch__registers_per_thread",\
+"sm__maximum_warps_per_active_cycle_pct","sm__warps_active.avg.pct_of_peak_sustained_active",\
+"dram__bytes_read.sum","dram__bytes_write.sum","gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",\
+"sm__throughput.avg.pct_of_peak_sustained_elapsed","sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",\
+"sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"
+"","","nsecond","register/thread","%","%","byte","byte","%","%","%","%"
+"0","_fwd_kernel(float*, int)","1,234,500","96","31.25","28.1","200,000,000","80,200,000","7.2","48.2","21.3","0.4"
+"1","void at::vectorized_elementwise_kernel<4>(int)","2,500","16","100","6","0","0","0","0","0","0"
+"2","void at::reduce_kernel<128>(int)","3,100","32","100","25","1,000","0","0","0","0","0"
+"""
+
+
+def test_gpu_profile_prints_its_table_from_kept_csv(tmp_path):
+    pytest.importorskip("triton")
+    script = ROOT / "benchmarks" / "gpu_profile.py"
+    (tmp_path / "selective_scan-triton.csv").write_text(NCU_RAW)
+    result = subprocess.run([sys.executable, str(script), "--from-csv", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "| selective_scan/triton | `_fwd_kernel` | 1234.5 | 96 | 31 | 28 | 280.2 | 7 | 48 | 21 | 0 |" in lines
+    assert "| selective_scan/triton | 2 kernels under 20 µs each" in result.stdout
+    assert "| 5.6 |" in result.stdout and "ssd_scan" not in result.stdout
+
+    empty = subprocess.run([sys.executable, str(script), "--from-csv", str(tmp_path / "none")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert empty.returncode != 0 and "Traceback" not in empty.stderr
+    assert "no CSV of gpu_profile.py" in empty.stderr and "selective_scan-triton.csv" in empty.stderr
