@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from momkit.ops.checks import check_ids
 from momkit.registry import get_registry
 from momkit.spec import BlockSpec, ModelSpec
 
@@ -59,11 +60,7 @@ class Block(nn.Module):
             raise ValueError(f"modality must be int64, got {modality.dtype}")
         if modality.device != x.device:
             raise ValueError(f"modality is on {modality.device} but x is on {x.device}")
-        if modality.device.type == "cpu" and modality.numel() and (int(modality.min()) < 0
-                                                                    or int(modality.max()) >= self.n_modalities):
-            ids = ", ".join(f"{i} = {name}" for i, name in enumerate(self.modalities))
-            raise ValueError(f"modality holds ids in [{int(modality.min())}, {int(modality.max())}]; "
-                             f"valid ids: {ids}")
+        check_ids(modality, self.n_modalities, names=self.modalities)
         if seq_idx is not None and (not isinstance(seq_idx, torch.Tensor) or seq_idx.shape != modality.shape
                                     or seq_idx.dtype not in (torch.int32, torch.int64)
                                     or seq_idx.device != x.device):

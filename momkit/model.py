@@ -11,6 +11,7 @@ from torch import nn
 from momkit.batch import Batch
 from momkit.blocks import build_block
 from momkit.generation import Generation, generate
+from momkit.ops.checks import check_ids
 from momkit.registry import get_registry
 from momkit.routing import RMSNorm
 from momkit.spec import ModelSpec
@@ -82,10 +83,8 @@ class Model(nn.Module):
         if not isinstance(modality, torch.Tensor) or modality.dim() != 2 or modality.dtype != torch.int64:
             got = f"{tuple(modality.shape)} {modality.dtype}" if isinstance(modality, torch.Tensor) else modality
             raise ValueError(f"batch.modality must be a (b, l) int64 tensor, got {got}")
-        names = ", ".join(f"{i} = {m.name}" for i, m in enumerate(self.modalities))
-        if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= len(self.modalities)):
-            raise ValueError(f"batch.modality holds ids in [{int(modality.min())}, {int(modality.max())}]; "
-                             f"valid ids: {names}")
+        check_ids(modality, len(self.modalities), names=[m.name for m in self.modalities], label="batch.modality",
+                  cpu_only=False)
         continuous = [m.name for m in self.modalities if not m.discrete]
         unknown = sorted(set(batch.latents) - set(continuous))
         if unknown:

@@ -50,12 +50,17 @@ def _check_A(A, modality, labels: tuple[str, str], shape: tuple, batch: int, len
     check_ids(modality, A.shape[0], "A")
 
 
-def check_ids(modality: torch.Tensor, count: int, holder: str) -> None:
-    """On the CPU, check that every id of ``modality`` indexes one of the ``count`` modalities of ``holder``."""
-    if modality.device.type == "cpu" and modality.numel() and (int(modality.min()) < 0
-                                                                or int(modality.max()) >= count):
-        raise ValueError(f"modality holds ids in [{int(modality.min())}, {int(modality.max())}] but {holder} has "
-                         f"{count} modalities; valid ids are 0..{count - 1}")
+def check_ids(modality: torch.Tensor, count: int, holder: str | None = None, names=None, label: str = "modality",
+              cpu_only: bool = True) -> None:
+    """Check that every id of ``modality`` indexes one of ``count`` modalities (those of ``holder``, or named
+    ``names`` in id order, for the message); with ``cpu_only``, only for a tensor on the CPU."""
+    if (cpu_only and modality.device.type != "cpu") or not modality.numel():
+        return
+    low, high = int(modality.min()), int(modality.max())
+    if low < 0 or high >= count:
+        owner = "" if holder is None else f" but {holder} has {count} modalities"
+        valid = ", ".join(f"{i} = {name}" for i, name in enumerate(names)) if names else f"0..{count - 1}"
+        raise ValueError(f"{label} holds ids in [{low}, {high}]{owner}; valid ids: {valid}")
 
 
 def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx) -> None:
