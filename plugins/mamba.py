@@ -35,8 +35,22 @@ SUBLAYERS = ("norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "ou
 MOM = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def check_dt_range(config) -> None:
+    """Refuse a ``config`` whose ``dt_min`` exceeds its ``dt_max``."""
+    if config.dt_min > config.dt_max:
+        raise ValueError(f"dt_min ({config.dt_min}) must not exceed dt_max ({config.dt_max})")
+
+
+def initial_dt_bias(config, shape: tuple[int, ...]) -> torch.Tensor:
+    """mamba_ssm's step-size initialisation, shared by Mamba and Mamba-2: biases of ``shape`` whose softplus is
+    log-uniform in ``[config.dt_min, config.dt_max]``, floored at ``config.dt_init_floor``."""
+    dt = torch.exp(torch.rand(shape) * (math.log(config.dt_max) - math.log(config.dt_min))
+                   + math.log(config.dt_min)).clamp(min=config.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
 
 
 class MambaConfig(BackboneConfig):
@@ -56,8 +70,7 @@ class MambaConfig(BackboneConfig):
 
     @model_validator(mode="after")
     def _dt_range(self) -> MambaConfig:
-        if self.dt_min > self.dt_max:
-            raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        check_dt_range(self)
         if isinstance(self.dt_rank, int) and self.dt_rank < 1:
             raise ValueError(f"dt_rank must be a positive int or 'auto', got {self.dt_rank}")
         return self
@@ -105,9 +118,7 @@ class MambaBlock(Block):
         cfg = self.config
         bound = cfg.rank ** -0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
-        dt = torch.exp(torch.rand_like(self.dt_proj.bias) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias.copy_(initial_dt_bias(cfg, tuple(self.dt_proj.bias.shape)))
 
     def _split(self, x_dbl: torch.Tensor):
         return x_dbl.split([self.config.rank, self.config.d_state, self.config.d_state], dim=-1)
@@ -119,9 +130,9 @@ class MambaBlock(Block):
         u = F.silu(self.conv1d(x_in, modality, seq_idx))
         dt_low, B, C = self._split(self.x_proj(u, modality))
         dt = self.dt_proj(dt_low, modality)
-        A = -torch.exp(_at_least_fp32(self.A_log))
+        A = -torch.exp(at_least_fp32(self.A_log))
         routed_D = self.routing("D") is not None
-        y = ops.selective_scan(u.mT, dt.mT, A, B.mT, C.mT, D=None if routed_D else _at_least_fp32(self.D),
+        y = ops.selective_scan(u.mT, dt.mT, A, B.mT, C.mT, D=None if routed_D else at_least_fp32(self.D),
                                z=None if routed_D else z.mT, delta_softplus=True,
                                modality=None if self.routing("A_log") is None else modality,
                                seq_idx=seq_idx, backend=self.scan_backend).mT
@@ -147,7 +158,7 @@ class MambaBlock(Block):
         dt_low, B, C = self._split(self.x_proj(u, modality))
         routed = self.routing("A_log") is not None or self.routing("D") is not None
         y = ops.selective_state_update(state.ssm, u, self.dt_proj(dt_low, modality), -torch.exp(
-            _at_least_fp32(self.A_log)), B, C, D=_at_least_fp32(self.D), z=z, dt_softplus=True,
+            at_least_fp32(self.A_log)), B, C, D=at_least_fp32(self.D), z=z, dt_softplus=True,
             modality=modality if routed else None, backend=self.scan_backend)
         return x + self.out_proj(y, modality)
 

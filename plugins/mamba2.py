@@ -29,7 +29,6 @@ before the scan and a routed ``D`` applied after it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,15 +39,12 @@ from torch import nn
 from momkit import hookimpl, ops
 from momkit.blocks import Block
 from momkit.descriptors import Backbone
+from momkit.plugins.mamba import at_least_fp32, check_dt_range, initial_dt_bias
 from momkit.routing import CausalConv1d, Linear, RMSNorm
 from momkit.spec import BackboneConfig
 
 SUBLAYERS = ("norm", "in_proj", "conv1d", "dt_bias", "A_log", "D", "gate_norm", "out_proj")
 MOM = ("in_proj", "out_proj")
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _divisors(n: int) -> str:
@@ -75,8 +71,7 @@ class Mamba2Config(BackboneConfig):
 
     @model_validator(mode="after")
     def _shapes(self) -> Mamba2Config:
-        if self.dt_min > self.dt_max:
-            raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        check_dt_range(self)
         if self.d_inner % self.headdim:
             raise ValueError(f"headdim ({self.headdim}) must divide d_inner = expand * d_model = {self.d_inner}; "
                              f"valid headdims: {_divisors(self.d_inner)}")
@@ -142,7 +137,7 @@ class Mamba2Block(Block):
         self.in_proj = Linear(d, 2 * di + 2 * gn + h, bias=config.bias, n_modalities=self.routing("in_proj"))
         self.conv1d = CausalConv1d(config.conv_dim, config.d_conv, bias=config.conv_bias,
                                    n_modalities=self.routing("conv1d"))
-        self.dt_bias = nn.Parameter(self._inverse_softplus_dt(self._copies("dt_bias") + (h,)))
+        self.dt_bias = nn.Parameter(initial_dt_bias(self.config, self._copies("dt_bias") + (h,)))
         self.A_log = nn.Parameter(torch.empty(self._copies("A_log") + (h,)).uniform_(1, 16).log())
         self.D = nn.Parameter(torch.ones(self._copies("D") + (h,)))
         self.gate_norm = GatedRMSNorm(di, di // config.ngroups, eps=config.norm_eps,
@@ -152,13 +147,6 @@ class Mamba2Block(Block):
     def _copies(self, sublayer: str) -> tuple[int, ...]:
         """The leading shape of a parameter of ``sublayer``: ``(M,)`` routed, ``()`` shared."""
         return () if self.routing(sublayer) is None else (self.n_modalities,)
-
-    def _inverse_softplus_dt(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """Mamba-2's step-size initialisation: ``softplus(dt_bias)`` log-uniform in [dt_min, dt_max], floored."""
-        cfg = self.config
-        dt = torch.exp(torch.rand(shape) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
-        return dt + torch.log(-torch.expm1(-dt))
 
     def _split_in_proj(self, zxbcdt: torch.Tensor):
         """``(..., 2 di + 2 g n + h)`` -> ``z (..., di)``, ``xBC (..., conv_dim)``, ``dt (..., h)``."""
@@ -180,8 +168,8 @@ class Mamba2Block(Block):
         routed_dt_bias, routed_D = self.routing("dt_bias") is not None, self.routing("D") is not None
         if routed_dt_bias:
             dt = dt + self.dt_bias[modality]
-        A = -torch.exp(_at_least_fp32(self.A_log))
-        y = ops.ssd_scan(xs, dt, A, B, C, self.config.chunk_size, D=None if routed_D else _at_least_fp32(self.D),
+        A = -torch.exp(at_least_fp32(self.A_log))
+        y = ops.ssd_scan(xs, dt, A, B, C, self.config.chunk_size, D=None if routed_D else at_least_fp32(self.D),
                          z=None, dt_bias=None if routed_dt_bias else self.dt_bias, seq_idx=seq_idx,
                          dt_softplus=True, modality=None if self.routing("A_log") is None else modality,
                          backend=self.scan_backend)
@@ -211,8 +199,8 @@ class Mamba2Block(Block):
             return t.reshape(*t.shape, *(1,) * (1 + len(extra))).expand(*t.shape, p, *extra)
 
         routed = any(self.routing(name) is not None for name in ("dt_bias", "A_log", "D"))
-        y = ops.selective_state_update(state.ssm, xs, over_p(dt), over_p(-torch.exp(_at_least_fp32(self.A_log)), n),
-                                       B, C, D=over_p(_at_least_fp32(self.D)), dt_bias=over_p(self.dt_bias),
+        y = ops.selective_state_update(state.ssm, xs, over_p(dt), over_p(-torch.exp(at_least_fp32(self.A_log)), n),
+                                       B, C, D=over_p(at_least_fp32(self.D)), dt_bias=over_p(self.dt_bias),
                                        dt_softplus=True, modality=modality if routed else None,
                                        backend=self.scan_backend)
         y = self.gate_norm(y.flatten(-2), z, modality)
