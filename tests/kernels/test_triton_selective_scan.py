@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_reference_selective_scan import documents
+from test_reference_selective_scan import make_inputs as reference_inputs
 from triton_tiers import DEVICE, INTERPRETING, as_float64, assert_close, linear_loss_grads, tiers
 
 from momkit.kernels.reference.naive import naive_selective_scan
@@ -31,30 +31,15 @@ kernels, cuda_kernels = tiers("momkit.kernels.triton.selective_scan")
 
 def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, dtype=torch.float32, D=True,
                 z=True, bias=True, softplus=True, packed=False):
-    """Random inputs on ``DEVICE``: ``u, delta, z, B, C`` in ``dtype``, ``A, D, delta_bias`` in float32."""
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    bc = (batch, state, length) if groups is None else (batch, groups, state, length)
-    delta = 0.5 * randn(batch, dim, length) - 1.0
-    inputs = dict(
-        u=randn(batch, dim, length),
-        delta=delta if softplus else F.softplus(delta),
-        A=-torch.exp(randn(*((dim, state) if n_modalities is None else (n_modalities, dim, state)))),
-        B=randn(*bc),
-        C=randn(*bc),
-        D=randn(dim) if D else None,
-        z=randn(batch, dim, length) if z else None,
-        delta_bias=0.3 * randn(dim) if bias else None,
-    )
-    inputs = {k: None if v is None else v.to(DEVICE, dtype if k in LOW else torch.float32)
-              for k, v in inputs.items()}
+    """The reference tests' random inputs on ``DEVICE``: ``u, delta, z, B, C`` in ``dtype``, ``A, D, delta_bias``
+    in float32; without ``softplus``, ``delta`` comes already through softplus."""
+    inputs = reference_inputs(gen, batch, dim, state, length, groups, n_modalities, D=D, z=z, bias=bias,
+                              packed=packed)
+    if not softplus:
+        inputs["delta"] = F.softplus(inputs["delta"])
     inputs["delta_softplus"] = softplus
-    inputs["modality"] = (None if n_modalities is None
-                          else torch.randint(0, n_modalities, (batch, length), generator=gen).to(DEVICE))
-    inputs["seq_idx"] = documents(gen, batch, length).to(DEVICE) if packed else None
-    return inputs
+    return {k: v if not torch.is_tensor(v) else v.to(DEVICE, dtype if k in LOW else torch.float32)
+            if v.is_floating_point() else v.to(DEVICE) for k, v in inputs.items()}
 
 
 def run(fn, inputs, gen, **extra):
