@@ -7,7 +7,7 @@ Shapes: ``x (N, K)``, ``weight (M, O, K)``, ``bias (M, O)``, ``modality (N,)`` w
 Tokens are never sorted, gathered or scattered: every kernel reads ``x`` and ``dy`` in place, and routing
 happens inside the tiles.
 
-Forward and ``dx``. One kernel computes ``out_i = a_i B_{m_i}`` with ``B (M, R, C)`` row-major:
+Forward and ``dx``. One kernel computes ``out_i = a_i B_{m_i}`` with ``B (M, R, C)`` read through its strides:
 ``y = x W_m^T + b_m`` with ``B = W^T (M, K, O)``, and ``dx = dy W_m`` with ``B = W`` as it is. For many tokens
 the forward reads ``W^T`` from a transposed copy made for the call (``M O K`` elements, small beside the
 activations; Hopper's tensor cores are fed faster from a weight tile contiguous along the output dimension); for
