@@ -46,12 +46,14 @@ device, by the torch ops above and inside the kernels. ``N = 0`` launches nothin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from momkit.kernels.triton.tiling import check_tiling
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 FEW_ROWS = 16
@@ -108,20 +110,7 @@ class Tiling:
     copy_rows: int = 16384
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "copy_rows":
-                if value < 0:
-                    raise ValueError(f"Tiling.copy_rows must be at least 0, got {value}")
-                continue
-            if f.name.endswith("stages") or f.name == "group":
-                if value < 1:
-                    raise ValueError(f"Tiling.{f.name} must be at least 1, got {value}")
-                continue
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"Tiling.{f.name} must be a power of two, got {value}")
-            if not f.name.endswith("warps") and value < 16:
-                raise ValueError(f"Tiling.{f.name} must be at least 16 (tl.dot's smallest size), got {value}")
+        check_tiling(self, counts=("stages", "group"), sizes=("copy_rows",))
 
 
 def default_tiling(dtype: torch.dtype, rows: int | None = None) -> Tiling:

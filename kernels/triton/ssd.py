@@ -68,12 +68,14 @@ vary from run to run.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from momkit.kernels.triton.tiling import check_tiling
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -146,16 +148,7 @@ class Tiling:
     dbc_stages: int = 3
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name.endswith(("stages", "heads")):
-                if value < 1:
-                    raise ValueError(f"Tiling.{f.name} must be at least 1, got {value}")
-                continue
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"Tiling.{f.name} must be a power of two, got {value}")
-            if not (f.name.endswith("warps") or f.name == "block_h") and value < 16:
-                raise ValueError(f"Tiling.{f.name} must be at least 16 (tl.dot's smallest size), got {value}")
+        check_tiling(self, counts=("stages", "heads"), small=("block_h",))
 
 
 def default_tiling(batch: int, heads: int) -> Tiling:

@@ -1,0 +1,26 @@
+"""The checks that the Triton kernels' ``Tiling`` dataclasses share."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+
+def check_tiling(tiling, counts: tuple[str, ...], small: tuple[str, ...] = (), sizes: tuple[str, ...] = ()) -> None:
+    """Refuse a field of the dataclass ``tiling`` that its kernels cannot take.
+
+    A field named in ``sizes`` must be at least 0, one whose name ends in one of ``counts`` at least 1; every
+    other is a block size or a warp count, a power of two, and at least 16 (``tl.dot``'s smallest size) unless its
+    name ends in ``warps`` or is in ``small``.
+    """
+    for f in fields(tiling):
+        name, value = f.name, getattr(tiling, f.name)
+        if name in sizes:
+            if value < 0:
+                raise ValueError(f"Tiling.{name} must be at least 0, got {value}")
+        elif name.endswith(counts):
+            if value < 1:
+                raise ValueError(f"Tiling.{name} must be at least 1, got {value}")
+        elif value < 1 or value & (value - 1):
+            raise ValueError(f"Tiling.{name} must be a power of two, got {value}")
+        elif not (name.endswith("warps") or name in small) and value < 16:
+            raise ValueError(f"Tiling.{name} must be at least 16 (tl.dot's smallest size), got {value}")
