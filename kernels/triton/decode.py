@@ -25,12 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from momkit.kernels.triton.tiling import pow2
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 @triton.jit
@@ -108,8 +107,8 @@ def selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
         B, C = B[:, None], C[:, None]
     batch, heads, channels, n = state.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_n = max(16, _pow2(n))
-    block_p = max(1, min(_pow2(channels), 4096 // block_n))
+    block_n = max(16, pow2(n))
+    block_p = max(1, min(pow2(channels), 4096 // block_n))
     grid = (triton.cdiv(channels, block_p), batch * heads)
     _state_update_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, modality, out,
@@ -153,8 +152,8 @@ def conv_state_update(*, x, conv_state, weight, bias, activation, modality):
     batch, channels = x.shape
     width = conv_state.shape[-1]
     out = torch.empty_like(x)
-    block_k = _pow2(width)
-    block_c = max(1, min(_pow2(channels), 2048 // block_k))
+    block_k = pow2(width)
+    block_c = max(1, min(pow2(channels), 2048 // block_k))
     grid = (triton.cdiv(channels, block_c), batch)
     _conv_update_kernel[grid](
         x, conv_state, weight, bias, modality, out, channels, width, *_strides(modality, 1),

@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from momkit.kernels.triton.tiling import pow2
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -73,9 +75,6 @@ class Tiling:
                 raise ValueError(f"Tiling.{name} must be a power of two, got {value}")
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
 
 def default_tiling(dim: int, length: int, groups: int = 1) -> Tiling:
     """The tiling measured fastest at the Mamba-1 shapes of ``benchmarks/gpu_scan.py`` on an H200.
@@ -83,8 +82,8 @@ def default_tiling(dim: int, length: int, groups: int = 1) -> Tiling:
     Chunks of up to 128 positions; four channels a program; the forward in two warps, four states side by
     side; the backward, which holds more tiles live, in one warp, two states side by side.
     """
-    chunk = min(128, max(16, _pow2(length)))
-    block = min(4, _pow2(dim // groups))
+    chunk = min(128, max(16, pow2(length)))
+    block = min(4, pow2(dim // groups))
     return Tiling(chunk=chunk, block_d=block, block_d_bwd=block, warps=2, warps_bwd=1, unroll=4, unroll_bwd=2)
 
 
@@ -348,7 +347,7 @@ class SelectiveScanFn(torch.autograd.Function):
         _fwd_kernel[grid](u, delta, A.float().contiguous(), Bg, Cg, D, z, delta_bias, modality, seq_idx, out,
                           states, dim, length, state, dim // groups, n_chunks, n_slots,
                           **_flags(D, z, delta_bias, delta_softplus, modality, seq_idx),
-                          BLOCK_D=tiling.block_d, CHUNK=tiling.chunk, UNROLL=min(tiling.unroll, _pow2(state)),
+                          BLOCK_D=tiling.block_d, CHUNK=tiling.chunk, UNROLL=min(tiling.unroll, pow2(state)),
                           num_warps=tiling.warps)
         if save:
             ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, modality, seq_idx, states)
@@ -382,7 +381,7 @@ class SelectiveScanFn(torch.autograd.Function):
                           dim, length, state, dim // groups, ctx.n_chunks, 1 if modality is None else A.shape[0],
                           **_flags(D, z, delta_bias, ctx.delta_softplus, modality, seq_idx),
                           BLOCK_D=tiling.block_d_bwd, CHUNK=tiling.chunk,
-                          UNROLL=min(tiling.unroll_bwd, _pow2(state)), num_warps=tiling.warps_bwd)
+                          UNROLL=min(tiling.unroll_bwd, pow2(state)), num_warps=tiling.warps_bwd)
         if ctx.b_dim == 3:
             dB, dC = dB[:, 0], dC[:, 0]
         return (du, ddelta, dA.to(A.dtype), dB.to(Bg.dtype), dC.to(Cg.dtype),

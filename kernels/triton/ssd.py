@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from momkit.kernels.triton.tiling import check_tiling
+from momkit.kernels.triton.tiling import check_tiling, pow2
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -160,9 +160,6 @@ def default_tiling(batch: int, heads: int) -> Tiling:
         return Tiling(state_p=16, state_warps=2)
     return Tiling()
 
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 @triton.jit
@@ -761,7 +758,7 @@ def _dt_bwd_kernel(dt_ptr, bias_ptr, A_ptr, mod_ptr, dtp_ptr, dxx_ptr, outof_ptr
 
 def _block(size: int, extent: int) -> int:
     """A tiling block clamped to the power of two (at least 16) that covers ``extent``."""
-    return min(size, max(16, _pow2(extent)))
+    return min(size, max(16, pow2(extent)))
 
 
 class _Plan:
@@ -775,13 +772,13 @@ class _Plan:
         self.n_mod = 1 if modality is None else A.shape[0]
         self.tiling = tiling
         t = self.chunk
-        self.block_t = _pow2(t)
-        self.block_h = max(1, min(tiling.block_h, _pow2(self.heads), 8192 // self.block_t))
+        self.block_t = pow2(t)
+        self.block_h = max(1, min(tiling.block_h, pow2(self.heads), 8192 // self.block_t))
         self.state_p = _block(tiling.state_p, self.dim)
         self.state_n = _block(tiling.state_n, self.state)
         self.state_t = _block(tiling.state_t, t)
-        self.block_p = max(16, _pow2(self.dim))
-        self.block_n = max(16, _pow2(self.state))
+        self.block_p = max(16, pow2(self.dim))
+        self.block_n = max(16, pow2(self.state))
         low = x.dtype if x.dtype == B.dtype == C.dtype and x.dtype != torch.float32 else torch.float32
         dot = dict(DT={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(low, tl.float32),
                    PREC="ieee" if low == torch.float32 else "tf32")

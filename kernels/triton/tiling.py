@@ -1,4 +1,5 @@
-"""The checks that the Triton kernels' ``Tiling`` dataclasses share."""
+"""What the Triton kernels' tilings share: the check of their ``Tiling`` dataclasses, and block sizes rounded
+up to powers of two."""
 
 from __future__ import annotations
 
@@ -24,3 +25,8 @@ def check_tiling(tiling, counts: tuple[str, ...], small: tuple[str, ...] = (), s
             raise ValueError(f"Tiling.{name} must be a power of two, got {value}")
         elif not (name.endswith("warps") or name in small) and value < 16:
             raise ValueError(f"Tiling.{name} must be at least 16 (tl.dot's smallest size), got {value}")
+
+
+def pow2(x: int) -> int:
+    """The smallest power of two that is at least ``x`` (1 for ``x <= 1``)."""
+    return 1 << max(0, (x - 1).bit_length())
