@@ -162,6 +162,7 @@ class MambaBlock(Block):
             modality=modality if routed else None, backend=self.scan_backend)
         return x + self.out_proj(y, modality)
 
+
 def build(config: MambaConfig, modalities: list[str], routed: frozenset[str], scan_backend: str) -> MambaBlock:
     return MambaBlock(config, modalities, routed, scan_backend)
 

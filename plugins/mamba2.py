@@ -206,6 +206,7 @@ class Mamba2Block(Block):
         y = self.gate_norm(y.flatten(-2), z, modality)
         return x + self.out_proj(y, modality)
 
+
 def build(config: Mamba2Config, modalities: list[str], routed: frozenset[str], scan_backend: str) -> Mamba2Block:
     return Mamba2Block(config, modalities, routed, scan_backend)
 

@@ -75,7 +75,6 @@ class Tiling:
                 raise ValueError(f"Tiling.{name} must be a power of two, got {value}")
 
 
-
 def default_tiling(dim: int, length: int, groups: int = 1) -> Tiling:
     """The tiling measured fastest at the Mamba-1 shapes of ``benchmarks/gpu_scan.py`` on an H200.
 

@@ -161,7 +161,6 @@ def default_tiling(batch: int, heads: int) -> Tiling:
     return Tiling()
 
 
-
 @triton.jit
 def _round_bf16(v):
     """``v`` rounded to the nearest bfloat16 (ties to even), as float32."""
@@ -516,8 +515,6 @@ def _state_bwd_kernel(dout_ptr, z_ptr, C_ptr, cs_ptr, runs_ptr, states_ptr, dfin
                                     nmask, heads, dim, state, groups, HAS_Z, HAS_SEQ, DT, PREC, BLOCK_T)
     if HAS_INIT:
         tl.store(dinit_ptr + own, g, mask=tile_mask)
-
-
 
 
 @triton.jit
