@@ -32,7 +32,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from gpu_scan import SCAN_GRADS, SSD_GRADS, fwd_bwd, randn, runs_of, scan_inputs, ssd_inputs
+from gpu_scan import SCAN_GRADS, SSD_GRADS, fwd_bwd, routed_linear_inputs, scan_inputs, ssd_inputs
 
 from momkit.registry import get_registry
 
@@ -50,14 +50,11 @@ def workload(op: str, impl: str):
     """The callable of one forward and backward of ``op`` on ``impl``, its inputs built."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     if op == "routed_linear":
-        tokens, k, o, m = 65536, 2048, 4096, 2
-        x, weight, bias = randn(gen, tokens, k), randn(gen, m, o, k, scale=k ** -0.5), randn(gen, m, o, scale=0.1)
-        dout = randn(gen, tokens, o)
+        routed, dense, dout = routed_linear_inputs(gen)
         if impl == "dense":
-            inputs, grads, fn = dict(input=x, weight=weight[0], bias=bias[0]), ("input", "weight", "bias"), F.linear
+            inputs, grads, fn = dense, ("input", "weight", "bias"), F.linear
         else:
-            inputs = dict(x=x, weight=weight, bias=bias, modality=runs_of(1, tokens, 1024).view(-1))
-            grads, fn = ("x", "weight", "bias"), get_registry().scan_backends[impl].routed_linear
+            inputs, grads, fn = routed, ("x", "weight", "bias"), get_registry().scan_backends[impl].routed_linear
     else:
         make, shape, grads = ((scan_inputs, (8, 2048, 2048), SCAN_GRADS) if op == "selective_scan"
                               else (ssd_inputs, (8, 8192, 32), SSD_GRADS))

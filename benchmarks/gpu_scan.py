@@ -149,16 +149,22 @@ def runs_of(batch, length, run, n_modalities=2):
     return (torch.arange(length, device="cuda") // run % n_modalities).repeat(batch, 1)
 
 
-def routed_linear_row(backends):
+def routed_linear_inputs(gen):
+    """The routed linear layer's arguments (65,536 tokens, 2048 -> 4096, two modalities in runs of 1024), those
+    of one dense ``F.linear`` of the same tokens, and an output gradient."""
     tokens, k, o, m = 65536, 2048, 4096, 2
-    gen = torch.Generator(device="cuda").manual_seed(7)
     x = randn(gen, tokens, k)
     weight = randn(gen, m, o, k, scale=k ** -0.5)
     bias = randn(gen, m, o, scale=0.1)
     modality = runs_of(1, tokens, 1024).view(-1)
-    dout = randn(gen, tokens, o)
-    inputs = dict(x=x, weight=weight, bias=bias, modality=modality)
-    dense = dict(input=x, weight=weight[0], bias=bias[0])
+    return (dict(x=x, weight=weight, bias=bias, modality=modality), dict(input=x, weight=weight[0], bias=bias[0]),
+            randn(gen, tokens, o))
+
+
+def routed_linear_row(backends):
+    inputs, dense, dout = routed_linear_inputs(torch.Generator(device="cuda").manual_seed(7))
+    tokens, k = inputs["x"].shape
+    m, o = inputs["bias"].shape
     routed = backends["triton"].routed_linear
     fwd = median_ms(lambda: forward(routed, inputs))
     both = median_ms(lambda: fwd_bwd(routed, inputs, ("x", "weight", "bias"), dout))
