@@ -32,7 +32,8 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from gpu_scan import SCAN_GRADS, SSD_GRADS, fwd_bwd, routed_linear_inputs, scan_inputs, ssd_inputs
+from gpu_scan import (SCAN_GRADS, SCAN_SHAPES, SSD_GRADS, SSD_SHAPES, fwd_bwd, routed_linear_inputs, scan_inputs,
+                      ssd_inputs)
 
 from momkit.registry import get_registry
 
@@ -56,8 +57,8 @@ def workload(op: str, impl: str):
         else:
             inputs, grads, fn = routed, ("x", "weight", "bias"), get_registry().scan_backends[impl].routed_linear
     else:
-        make, shape, grads = ((scan_inputs, (8, 2048, 2048), SCAN_GRADS) if op == "selective_scan"
-                              else (ssd_inputs, (8, 8192, 32), SSD_GRADS))
+        make, shape, grads = ((scan_inputs, SCAN_SHAPES[0], SCAN_GRADS) if op == "selective_scan"
+                              else (ssd_inputs, SSD_SHAPES[1], SSD_GRADS))
         inputs, fn = make(*shape, gen), getattr(get_registry().scan_backends[impl], op)
         with torch.no_grad():
             dout = torch.randn(fn(**inputs).shape, generator=gen, device="cuda").to(torch.bfloat16)
