@@ -31,6 +31,7 @@ from typing import Any, Union
 import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from momkit.errors import SpecError
 from momkit.spec import ModelSpec, StrictModel, read_mapping
 from momkit.train import METRICS_FILE, RESULT_FILE, SPEC_FILE, spec_text, train
 
@@ -63,16 +64,16 @@ class SuiteSpec(StrictModel):
     def _grid_not_empty(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
         empty = [k for k, v in value.items() if not v]
         if empty:
-            raise ValueError(f"grid field(s) {', '.join(map(repr, empty))} have no values; give at least one")
+            raise SpecError(f"grid field(s) {', '.join(map(repr, empty))} have no values; give at least one")
         return value
 
     @model_validator(mode="after")
     def _variants_and_baseline(self) -> SuiteSpec:
         names = list(self.all_variants())
         if not names:
-            raise ValueError("the suite has no variants: give `variants` and/or a `grid`")
+            raise SpecError("the suite has no variants: give `variants` and/or a `grid`")
         if self.baseline not in names:
-            raise ValueError(f"baseline {self.baseline!r} is not a variant; variants: {', '.join(names)}")
+            raise SpecError(f"baseline {self.baseline!r} is not a variant; variants: {', '.join(names)}")
         return self
 
     def all_variants(self) -> dict[str, dict[str, Any]]:
@@ -95,7 +96,7 @@ def _set(data: dict, dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ValueError(f"cannot set {dotted!r}: {key!r} is not a mapping in the spec")
+            raise SpecError(f"cannot set {dotted!r}: {key!r} is not a mapping in the spec")
     node[keys[-1]] = value
 
 
@@ -114,7 +115,7 @@ def variant_specs(suite: SuiteSpec, base: dict[str, Any]) -> dict[str, dict[int,
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
                                      for e in exc.errors())
-                raise ValueError(f"variant {name!r} (seed {seed}) is not a valid spec: {problems}") from None
+                raise SpecError(f"variant {name!r} (seed {seed}) is not a valid spec: {problems}") from None
     return specs
 
 
@@ -138,9 +139,9 @@ def run_suite(suite: SuiteSpec, base: dict[str, Any], out_dir: str | Path, *, ma
         cluster: submitit's cluster (``None`` detects Slurm; ``debug`` runs the jobs in this process).
     """
     if launcher not in ("local", "slurm"):
-        raise ValueError(f"unknown launcher {launcher!r}; use local or slurm")
+        raise SpecError(f"unknown launcher {launcher!r}; use local or slurm")
     if workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers}")
+        raise SpecError(f"workers must be a positive int, got {workers}")
     specs = variant_specs(suite, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def _fan_out(runs: list, workers: int, max_steps: int | None, device: str | None
     failed = [(path, r) for path, r in results if r.returncode]
     if failed:
         path, result = failed[0]
-        raise ValueError(f"{len(failed)} run(s) failed; {path}: {result.stderr.strip()[-2000:]}")
+        raise SpecError(f"{len(failed)} run(s) failed; {path}: {result.stderr.strip()[-2000:]}")
 
 
 def _submit(runs: list, out: Path, parameters: dict[str, Any], cluster: str | None, max_steps: int | None,
@@ -194,7 +195,7 @@ def _submit(runs: list, out: Path, parameters: dict[str, Any], cluster: str | No
     try:
         import submitit
     except ImportError as exc:
-        raise ValueError("--launcher slurm needs submitit: pip install 'momkit[slurm]'") from exc
+        raise SpecError("--launcher slurm needs submitit: pip install 'momkit[slurm]'") from exc
     executor = submitit.AutoExecutor(folder=out / "slurm", cluster=cluster)
     executor.update_parameters(**parameters)
     jobs = [executor.submit(train, spec, path, max_steps=max_steps, device=device, progress=False)
@@ -239,7 +240,7 @@ def report(out_dir: str | Path) -> list[dict]:
     """Rebuild ``summary.csv``, ``summary.md`` and the plots of ``out_dir`` from its run logs."""
     out = Path(out_dir)
     if not (out / SUITE_FILE).exists():
-        raise ValueError(f"{out} holds no suite (no {SUITE_FILE}); run `momkit ablate` there first")
+        raise SpecError(f"{out} holds no suite (no {SUITE_FILE}); run `momkit ablate` there first")
     meta = json.loads((out / SUITE_FILE).read_text())
     curves = {v: [_eval_curve(run_dir(out, v, s) / METRICS_FILE) for s in meta["seeds"]] for v in meta["variants"]}
     finished = {v: all((run_dir(out, v, s) / RESULT_FILE).exists() for s in meta["seeds"]) for v in meta["variants"]}

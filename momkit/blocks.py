@@ -1,37 +1,89 @@
-"""The block contract shared by every backbone, and :func:`build_block`."""
+"""The block contract: :class:`Block`, the abstract base of every backbone's layer, and :class:`Layout`.
+
+This module is the contract in code. A backbone subclasses :class:`Block` and implements its three abstract
+methods; the model calls only the methods defined here, with the signatures defined here, and
+:mod:`momkit.testing` checks that a block keeps the promises their docstrings make.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
+from momkit.configs import BackboneConfig
+from momkit.errors import SpecError
 from momkit.ops.checks import check_ids
-from momkit.registry import get_registry
-from momkit.spec import BlockSpec, ModelSpec
 
 
-class Block(nn.Module):
-    """Base class of backbone blocks: one pre-norm residual layer over interleaved modalities.
-
-    Subclasses implement ``forward(x, modality, seq_idx=None)`` for ``x (b, l, d_model)``, ``modality (b, l)``
-    int64 and, for packed documents, ``seq_idx (b, l)`` (no position sees another document),
-    ``allocate_state(batch_size)`` and ``step(x_t, modality_t, state)`` for ``x_t (b, d_model)`` and
-    ``modality_t (b,)``, which updates ``state`` in place; and call :meth:`check_inputs` first, so that a
-    caller's mistake is a ``ValueError`` before any kernel runs.
+@dataclass(frozen=True)
+class Layout:
+    """What a block reads about each position besides its vector: one object, so that a new per-position fact
+    does not change every backbone's signature.
 
     Attributes:
-        d_model: Width of the residual stream.
-        modalities: Modality names; a token of modality id ``i`` is of ``modalities[i]``.
-        routed: The sublayers that hold one weight set per modality.
+        modality: ``(b, l)`` int64 modality id of each position, the index into the spec's modalities (``(b,)``
+            for one decoding step).
+        seq_idx: optional ``(b, l)`` int32 or int64 document index of each position for packed sequences; no
+            position may see a position of another document. ``None`` for a decoding step (a decoding state
+            holds one document per row).
     """
 
-    def __init__(self, d_model: int, modalities: list[str], routed: frozenset[str]):
+    modality: torch.Tensor
+    seq_idx: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, modality: torch.Tensor | Layout, seq_idx: torch.Tensor | None = None) -> Layout:
+        """``modality`` as a layout: a :class:`Layout` as it is, a tensor with ``seq_idx`` beside it."""
+        if isinstance(modality, Layout):
+            if seq_idx is not None:
+                raise SpecError("seq_idx was given beside a Layout; put it in the Layout (Layout(modality, "
+                                "seq_idx)) instead")
+            return modality
+        return cls(modality, seq_idx)
+
+
+class Block(nn.Module, ABC):
+    """Abstract base of backbone blocks: one pre-norm residual layer over interleaved modalities.
+
+    A backbone's block class subclasses this and implements :meth:`run`, :meth:`run_step` and
+    :meth:`allocate_state`; the registry refuses a backbone whose block class leaves one of them abstract. It
+    is built as ``BlockClass(config, modalities, routed, backend)`` and must call this ``__init__`` first.
+
+    Callers use :meth:`forward` (``block(x, modality)``) and :meth:`step`, which check their inputs (a
+    ``SpecError`` naming the bad argument, before any kernel runs) and then call the backbone's :meth:`run`
+    and :meth:`run_step`. Every kernel operation of the block (scans, routed linear layers, decoding updates)
+    is called with ``backend=self.backend``, the spec's ``scan_backend``.
+
+    Args:
+        config: The backbone's validated options (a subclass of :class:`momkit.spec.BackboneConfig`).
+        modalities: Modality names; a token of modality id ``i`` is of ``modalities[i]``.
+        routed: The sublayers that hold one weight set per modality.
+        backend: The kernel backend of every kernel operation: a registered name or ``"auto"``.
+
+    Attributes:
+        supports_prefill: Class attribute: whether :meth:`run` takes a decoding state (prefill); ``False``
+            unless the backbone sets it, and then :meth:`forward` refuses a state.
+        config: The backbone's options.
+        d_model: Width of the residual stream.
+        modalities: Modality names.
+        routed: The routed sublayers.
+        backend: The kernel backend name.
+    """
+
+    supports_prefill: ClassVar[bool] = False
+
+    def __init__(self, config: BackboneConfig, modalities: Sequence[str], routed: frozenset[str],
+                 backend: str = "auto"):
         super().__init__()
-        self.d_model = d_model
+        self.config = config
+        self.d_model = config.d_model
         self.modalities = list(modalities)
         self.routed = frozenset(routed)
+        self.backend = backend
 
     @property
     def n_modalities(self) -> int:
@@ -39,48 +91,87 @@ class Block(nn.Module):
         return len(self.modalities)
 
     def routing(self, sublayer: str) -> int | None:
-        """``n_modalities`` for a routed ``sublayer``, ``None`` for a shared one (see :mod:`momkit.routing`)."""
+        """``n_modalities`` for a routed ``sublayer``, ``None`` for a shared one: the ``n_modalities`` argument of
+        the routed layers of :mod:`momkit.routing`."""
         return self.n_modalities if sublayer in self.routed else None
 
-    def check_inputs(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                     step: bool = False) -> None:
-        """Check ``x (b, l, d_model)``, ``modality (b, l)`` and the optional ``seq_idx (b, l)`` of packed
-        documents (``(b, d_model)`` and ``(b,)`` for a step)."""
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | Layout, seq_idx: torch.Tensor | None = None, *,
+                state: Any = None) -> torch.Tensor:
+        """The block over whole sequences: ``x (b, l, d_model)`` -> ``(b, l, d_model)``.
+
+        Args:
+            x: ``(b, l, d_model)`` floating-point inputs.
+            modality: ``(b, l)`` int64 modality ids, or a :class:`Layout` (then without ``seq_idx``).
+            seq_idx: optional ``(b, l)`` document index of packed sequences.
+            state: optional decoding state from :meth:`allocate_state`; see :meth:`run`.
+        """
+        layout = Layout.of(modality, seq_idx)
+        self.check_inputs(x, layout)
+        if state is not None and not self.supports_prefill:
+            raise SpecError(f"{type(self).__name__} does not take a decoding state in forward (no prefill); "
+                            f"feed the positions one by one through step instead")
+        return self.run(x, layout, state)
+
+    def step(self, x: torch.Tensor, modality: torch.Tensor | Layout, state: Any) -> torch.Tensor:
+        """One position per sequence: ``x (b, d_model)``, ``modality (b,)`` int64 (or a :class:`Layout` of it)
+        -> ``(b, d_model)``; advances ``state`` (from :meth:`allocate_state`) in place."""
+        layout = Layout.of(modality)
+        self.check_inputs(x, layout, step=True)
+        return self.run_step(x, layout, state)
+
+    @abstractmethod
+    def run(self, x: torch.Tensor, layout: Layout, state: Any = None) -> torch.Tensor:
+        """The block over whole sequences, on checked inputs: ``x (b, l, d_model)`` -> ``(b, l, d_model)``.
+
+        Position ``t``'s output depends only on positions ``<= t`` of its own document (``layout.seq_idx``),
+        and each token meets only the weights of its own modality in routed sublayers; a modality absent from
+        the batch gets exactly zero gradient.
+
+        ``state`` (prefill) is ``None``, or, for a class that sets :attr:`supports_prefill`, a decoding state from
+        :meth:`allocate_state`: the block then starts from it and leaves in it the state after the last
+        position, as if each position had gone through :meth:`run_step`.
+        """
+
+    @abstractmethod
+    def run_step(self, x: torch.Tensor, layout: Layout, state: Any) -> torch.Tensor:
+        """One position per sequence, on checked inputs: ``x (b, d_model)``, ``layout.modality (b,)`` ->
+        ``(b, d_model)``, equal (to rounding) to that position's output of :meth:`run` over the whole sequence;
+        updates ``state`` in place."""
+
+    @abstractmethod
+    def allocate_state(self, batch_size: int, max_length: int | None = None) -> Any:
+        """A fresh decoding state for ``batch_size`` sequences, on the block's device, before any position.
+
+        ``max_length`` is the number of positions the caller means to feed (``None``: unknown); a block whose
+        state grows with the sequence (a KV cache) may size itself by it, others ignore it. The state may be any
+        object; the caller only passes it back to :meth:`step` and :meth:`forward`.
+        """
+
+    def check_inputs(self, x: torch.Tensor, layout: Layout, step: bool = False) -> None:
+        """Check ``x (b, l, d_model)``, ``layout.modality (b, l)`` and the optional ``layout.seq_idx (b, l)``
+        (``(b, d_model)`` and ``(b,)`` for a step); a ``SpecError`` names what is wrong."""
+        modality, seq_idx = layout.modality, layout.seq_idx
         form = "(b, d_model)" if step else "(b, l, d_model)"
         if not isinstance(x, torch.Tensor) or x.dim() != (2 if step else 3) or x.shape[-1] != self.d_model:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be {form} with d_model = {self.d_model}, got {got}")
+            raise SpecError(f"x must be {form} with d_model = {self.d_model}, got {got}")
         if not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+            raise SpecError(f"x must be a floating-point tensor, got {x.dtype}")
         if not isinstance(modality, torch.Tensor) or tuple(modality.shape) != tuple(x.shape[:-1]):
             got = tuple(modality.shape) if isinstance(modality, torch.Tensor) else type(modality).__name__
-            raise ValueError(f"modality must be {'(b,)' if step else '(b, l)'} = {tuple(x.shape[:-1])} "
-                             f"to match x, got {got}")
+            raise SpecError(f"modality must be {'(b,)' if step else '(b, l)'} = {tuple(x.shape[:-1])} "
+                            f"to match x, got {got}")
         if modality.dtype != torch.int64:
-            raise ValueError(f"modality must be int64, got {modality.dtype}")
+            raise SpecError(f"modality must be int64, got {modality.dtype}")
         if modality.device != x.device:
-            raise ValueError(f"modality is on {modality.device} but x is on {x.device}")
+            raise SpecError(f"modality is on {modality.device} but x is on {x.device}")
         check_ids(modality, self.n_modalities, names=self.modalities)
+        if step and seq_idx is not None:
+            raise SpecError("a decoding step takes no seq_idx: each row of a decoding state is one document")
         if seq_idx is not None and (not isinstance(seq_idx, torch.Tensor) or seq_idx.shape != modality.shape
                                     or seq_idx.dtype not in (torch.int32, torch.int64)
                                     or seq_idx.device != x.device):
             got = (f"{tuple(seq_idx.shape)} {seq_idx.dtype} on {seq_idx.device}" if isinstance(seq_idx, torch.Tensor)
                    else type(seq_idx).__name__)
-            raise ValueError(f"seq_idx must be an int32 or int64 tensor of shape {tuple(modality.shape)} on "
-                             f"{x.device}, like modality; got {got}")
-
-
-def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
-    """Build one block from a spec: a :class:`BlockSpec`, its dict form, or a :class:`ModelSpec` (one layer).
-
-    Raises:
-        ValueError: the spec is invalid (a pydantic ``ValidationError`` naming each bad field).
-    """
-    if isinstance(spec, dict):
-        spec = BlockSpec.model_validate(spec)
-    if isinstance(spec, ModelSpec):
-        spec = spec.block()
-    if not isinstance(spec, BlockSpec):
-        raise TypeError(f"build_block takes a BlockSpec, a ModelSpec or a dict, got {type(spec).__name__}")
-    backbone = get_registry().get("backbone", spec.backbone.kind)
-    return backbone.build(spec.backbone, spec.modality_names, spec.routed, spec.scan_backend)
+            raise SpecError(f"seq_idx must be an int32 or int64 tensor of shape {tuple(modality.shape)} on "
+                            f"{x.device}, like modality; got {got}")

@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from momkit.ablate import load_suite, report, run_suite
 from momkit.accounting import account
-from momkit.blocks import build_block
-from momkit.registry import KINDS, PluginError, get_registry
+from momkit.errors import PluginError
+from momkit.model import build_block
+from momkit.registry import KINDS, get_registry
 from momkit.spec import BlockSpec, ModelSpec, load_spec
 from momkit.train import train
 

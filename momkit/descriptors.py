@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Callable, Mapping
 
+import torch
 from torch import nn
 
-from momkit.ops.backend import ScanBackend
-
-if TYPE_CHECKING:
-    from momkit.spec import BackboneConfig, DatasetConfig, ModalityConfig, ObjectiveConfig
+from momkit.blocks import Block
+from momkit.configs import BackboneConfig, DatasetConfig, ModalityConfig, ObjectiveConfig
+from momkit.errors import PluginError, SpecError
 
 __all__ = ["Backbone", "Dataset", "Modality", "Objective", "ScanBackend"]
 
@@ -63,31 +63,41 @@ class Backbone:
         name: The ``backbone.kind`` that selects it.
         description: One line for ``momkit plugins`` and the docs.
         config: Pydantic model of its options, a subclass of :class:`momkit.spec.BackboneConfig`.
+        block: Its block class, a subclass of :class:`momkit.Block` that implements the block contract; built
+            as ``block(config, modalities, routed, backend)`` (see :class:`momkit.Block`). A class that leaves
+            a method of the contract abstract is refused when the registry loads the plugin.
         sublayers: Names of its routable sublayers, the attributes of the built block.
-        presets: Named routings, each the tuple of sublayers it routes; ``dense`` (none) and ``all`` (every
-            sublayer) exist for every backbone and need not be listed.
-        build: ``build(config, modalities, routed, scan_backend) -> nn.Module``: ``modalities`` is the
-            spec's list of names, ``routed`` the frozenset of sublayers that get one weight set per modality,
-            ``scan_backend`` the name passed to the scan front doors.
         flops: ``flops(config, seq_len) -> {part: float}``: analytic forward FLOPs per token of one block,
             keyed by sublayer name, plus keys for work without weights (``scan``, ``attention``); a matmul
             of ``in -> out`` features counts ``2 * in * out``. Routing does not change them.
+        presets: Named routings, each the tuple of sublayers it routes; ``dense`` (none) and ``all`` (every
+            sublayer) exist for every backbone and need not be listed.
     """
 
     name: str
     description: str
     config: type[BackboneConfig]
+    block: type[Block]
     sublayers: tuple[str, ...]
-    build: Callable
     flops: Callable
     presets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (isinstance(self.block, type) and issubclass(self.block, Block)):
+            raise PluginError(f"backbone {self.name!r}: block must be a subclass of momkit.Block, got "
+                              f"{self.block!r}")
+        missing = sorted(self.block.__abstractmethods__)
+        if missing:
+            raise PluginError(f"backbone {self.name!r}: its block class {self.block.__name__} does not implement "
+                              f"{', '.join(missing)} of the block contract (momkit.Block: "
+                              f"{', '.join(sorted(Block.__abstractmethods__))})")
 
     def preset(self, name: str) -> tuple[str, ...]:
         """The sublayers routed by preset ``name``; ``ValueError`` listing this backbone's presets if unknown."""
         table = {"dense": (), "all": self.sublayers, **self.presets}
         if name not in table:
-            raise ValueError(f"routing preset {name!r} is not defined for backbone {self.name!r}; "
-                             f"its presets: {', '.join(sorted(table))}")
+            raise SpecError(f"routing preset {name!r} is not defined for backbone {self.name!r}; "
+                            f"its presets: {', '.join(sorted(table))}")
         return table[name]
 
 
@@ -136,3 +146,58 @@ class Dataset:
     config: type[DatasetConfig]
     build: Callable
     convert: Callable | None = None
+
+
+def _always() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ScanBackend:
+    """A kernel backend, as returned by a plugin's ``momkit_scan_backends`` hook.
+
+    A backend implements some of the kernel operations of :mod:`momkit.ops`: the two scans, the routed
+    linear layer, and the two single-position state updates of decoding. Its name selects it for all of them
+    at once: a spec's ``scan_backend`` reaches every kernel operation of the blocks built from that spec, and
+    an operation the named backend does not implement runs on the ``"auto"`` choice for that operation. The front doors check every argument
+    before they call a backend, so a backend receives tensors of consistent shapes on one device and may
+    assume them. Each callable takes its front door's arguments as keywords (the extensions included, ``None``
+    when unused) and returns what the front door returns; an operation left ``None`` is one the backend lacks.
+
+    Extensions are what momkit's front doors add to mamba_ssm's interfaces; a backend lists those it
+    implements, and the front door refuses a call that needs one the backend lacks:
+
+    - ``"modality"``: a per-modality ``A`` with a leading ``M`` and a ``modality (b, l)`` index (both scans),
+      per-modality parameters with a leading ``M`` in the state updates;
+    - ``"seq_idx"``: ``seq_idx`` for :func:`momkit.ops.selective_scan` (``ssd_scan`` always has it).
+
+    :func:`momkit.ops.routed_linear` is momkit's own (every backend that has it takes ``modality``).
+
+    Attributes:
+        name: The name a spec's ``scan_backend`` and a front door's ``backend=`` select it by.
+        description: One line for ``momkit plugins`` and the docs.
+        selective_scan: Implements :func:`momkit.ops.selective_scan`, or ``None`` if the backend lacks it.
+        ssd_scan: Implements :func:`momkit.ops.ssd_scan`, or ``None`` if the backend lacks it.
+        routed_linear: Implements :func:`momkit.ops.routed_linear`, or ``None``.
+        selective_state_update: Implements :func:`momkit.ops.selective_state_update`, or ``None``.
+        conv_state_update: Implements :func:`momkit.ops.conv_state_update`, or ``None``.
+        devices: Device types (``"cpu"``, ``"cuda"``) the backend runs on.
+        priority: Among available backends for a device, ``backend="auto"`` picks the highest.
+        extensions: The extensions (above) the backend implements.
+        dtypes: The dtypes of the inputs it computes on (the main input's: ``u``, ``x`` or ``state``), or
+            ``None`` for every floating dtype; ``backend="auto"`` passes over a backend that lacks a call's.
+        is_available: Whether the backend can run in this process (its compiler or library imports).
+    """
+
+    name: str
+    description: str
+    selective_scan: Callable | None = None
+    ssd_scan: Callable | None = None
+    routed_linear: Callable | None = None
+    selective_state_update: Callable | None = None
+    conv_state_update: Callable | None = None
+    devices: tuple[str, ...] = ("cpu",)
+    priority: int = 0
+    extensions: frozenset[str] = frozenset()
+    dtypes: frozenset[torch.dtype] | None = None
+    is_available: Callable[[], bool] = field(default=_always)

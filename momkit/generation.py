@@ -8,14 +8,12 @@ own prompt until it ends and its samples after that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from momkit.batch import Batch
-
-if TYPE_CHECKING:
-    from momkit.model import Model
+from momkit.errors import SpecError
 
 
 @dataclass(frozen=True)
@@ -92,42 +90,43 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
-def _check_options(model: Model, prompt: Batch, max_new_tokens, prompt_lengths, temperature, top_k, schedule):
+def _check_options(model: nn.Module, prompt: Batch, max_new_tokens, prompt_lengths, temperature, top_k, schedule):
     model.check(prompt)
     batch, length = prompt.modality.shape
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        raise SpecError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        raise SpecError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+        raise SpecError(f"top_k must be None or a positive int, got {top_k!r}")
     if prompt_lengths is not None:
         if tuple(prompt_lengths.shape) != (batch,) or int(prompt_lengths.min()) < 1 or \
                 int(prompt_lengths.max()) > length:
-            raise ValueError(f"prompt_lengths must be ({batch},) with values in 1..{length}, got "
-                             f"{prompt_lengths.tolist()}")
+            raise SpecError(f"prompt_lengths must be ({batch},) with values in 1..{length}, got "
+                            f"{prompt_lengths.tolist()}")
     names = [m.name for m in model.modalities]
     for rule in schedule.rules:
         if rule.count < 1:
-            raise ValueError(f"schedule rule {rule} has count {rule.count}; expected a positive int")
+            raise SpecError(f"schedule rule {rule} has count {rule.count}; expected a positive int")
     sampled = [r.then for r in schedule.rules] + ([schedule.default] if schedule.default else [])
     for name in [r.after for r in schedule.rules] + sampled:
         if name not in names:
-            raise ValueError(f"schedule names modality {name!r}; this model's modalities: {names}")
+            raise SpecError(f"schedule names modality {name!r}; this model's modalities: {names}")
     for name in sampled:
         if not model.modalities[names.index(name)].discrete:
-            raise ValueError(f"cannot sample modality {name!r}: it is continuous; generation samples discrete "
-                             f"tokens only")
+            raise SpecError(f"cannot sample modality {name!r}: it is continuous; generation samples discrete "
+                            f"tokens only")
 
 
 @torch.no_grad()
-def generate(model: Model, prompt: Batch, max_new_tokens: int, *, prompt_lengths: torch.Tensor | None = None,
+def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_lengths: torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None, schedule: ModalitySchedule | None = None,
              generator: torch.Generator | None = None) -> Generation:
     """Sample ``max_new_tokens`` tokens after each prompt.
 
     Args:
-        model: A :class:`momkit.model.Model`.
+        model: A :class:`momkit.Model` (this module reads its ``check``, ``modalities``, ``allocate_state``,
+            ``step`` and ``heads``).
         prompt: ``(b, l)`` prompts; row ``r`` uses its first ``prompt_lengths[r]`` positions (the others must
             still hold valid ids; they are not read).
         max_new_tokens: Tokens to sample per row.
@@ -162,8 +161,8 @@ def generate(model: Model, prompt: Batch, max_new_tokens: int, *, prompt_lengths
         rows.append(row)
     for r, row in enumerate(rows):
         if not model.modalities[row.default].discrete:
-            raise ValueError(f"prompt row {r} ends in continuous modality {names[row.default]!r}; give a "
-                             f"schedule whose default is a discrete modality")
+            raise SpecError(f"prompt row {r} ends in continuous modality {names[row.default]!r}; give a "
+                            f"schedule whose default is a discrete modality")
 
     state = model.allocate_state(batch, total)
     for t in range(total - 1):

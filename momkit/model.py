@@ -1,4 +1,5 @@
-"""The whole multimodal model: modality adapters, a stack of blocks, a final norm and modality heads."""
+"""The whole multimodal model: modality adapters, a stack of blocks, a final norm and modality heads; and
+:func:`build_block` and :func:`build_model`, which build them from specs through the registry."""
 
 from __future__ import annotations
 
@@ -9,12 +10,32 @@ import torch
 from torch import nn
 
 from momkit.batch import Batch
-from momkit.blocks import build_block
+from momkit.blocks import Block, Layout
+from momkit.errors import SpecError
 from momkit.generation import Generation, generate
 from momkit.ops.checks import check_ids
 from momkit.registry import get_registry
 from momkit.routing import RMSNorm
-from momkit.spec import ModelSpec
+from momkit.spec import BlockSpec, ModelSpec
+
+
+def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
+    """Build one block from a spec: a :class:`BlockSpec`, its dict form, or a :class:`ModelSpec` (one layer).
+
+    The block is the spec's backbone's block class, built as ``block(config, modalities, routed, backend)``
+    with the spec's ``scan_backend`` as the backend of every kernel operation.
+
+    Raises:
+        ValueError: the spec is invalid (a pydantic ``ValidationError`` naming each bad field).
+    """
+    if isinstance(spec, dict):
+        spec = BlockSpec.model_validate(spec)
+    if isinstance(spec, ModelSpec):
+        spec = spec.block()
+    if not isinstance(spec, BlockSpec):
+        raise TypeError(f"build_block takes a BlockSpec, a ModelSpec or a dict, got {type(spec).__name__}")
+    backbone = get_registry().get("backbone", spec.backbone.kind)
+    return backbone.block(spec.backbone, spec.modality_names, spec.routed, spec.scan_backend)
 
 
 @dataclass
@@ -82,14 +103,14 @@ class Model(nn.Module):
         modality = batch.modality
         if not isinstance(modality, torch.Tensor) or modality.dim() != 2 or modality.dtype != torch.int64:
             got = f"{tuple(modality.shape)} {modality.dtype}" if isinstance(modality, torch.Tensor) else modality
-            raise ValueError(f"batch.modality must be a (b, l) int64 tensor, got {got}")
+            raise SpecError(f"batch.modality must be a (b, l) int64 tensor, got {got}")
         check_ids(modality, len(self.modalities), names=[m.name for m in self.modalities], label="batch.modality",
                   cpu_only=False)
         continuous = [m.name for m in self.modalities if not m.discrete]
         unknown = sorted(set(batch.latents) - set(continuous))
         if unknown:
-            raise ValueError(f"batch.latents has {unknown}, not continuous modalities of this model; "
-                             f"its continuous modalities: {continuous or 'none'}")
+            raise SpecError(f"batch.latents has {unknown}, not continuous modalities of this model; "
+                            f"its continuous modalities: {continuous or 'none'}")
         for i, m in enumerate(self.modalities):
             where = modality == i
             if not bool(where.any()):
@@ -101,24 +122,24 @@ class Model(nn.Module):
                 want = (*modality.shape, m.latent_dim)
                 if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != want:
                     got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
-                    raise ValueError(f"batch.latents[{m.name!r}] must be {want} = (b, l, latent_dim) since "
-                                     f"modality {m.name!r} occurs; got {got}")
+                    raise SpecError(f"batch.latents[{m.name!r}] must be {want} = (b, l, latent_dim) since "
+                                    f"modality {m.name!r} occurs; got {got}")
         if batch.seq_idx is not None and (batch.seq_idx.shape != modality.shape or batch.seq_idx.is_floating_point()):
-            raise ValueError(f"batch.seq_idx must be an integer tensor of shape {tuple(modality.shape)}, got "
-                             f"{tuple(batch.seq_idx.shape)} {batch.seq_idx.dtype}")
+            raise SpecError(f"batch.seq_idx must be an integer tensor of shape {tuple(modality.shape)}, got "
+                            f"{tuple(batch.seq_idx.shape)} {batch.seq_idx.dtype}")
 
     @staticmethod
     def _check_tokens(tokens: Any, where: torch.Tensor, m) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.shape != where.shape or tokens.dtype != torch.int64:
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else tokens
-            raise ValueError(f"batch.tokens must be a {tuple(where.shape)} int64 tensor since discrete modality "
-                             f"{m.name!r} occurs; got {got}")
+            raise SpecError(f"batch.tokens must be a {tuple(where.shape)} int64 tensor since discrete modality "
+                            f"{m.name!r} occurs; got {got}")
         bad = where & ((tokens < 0) | (tokens >= m.vocab_size))
         if bool(bad.any()):
             row, pos = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"token id {int(tokens[row, pos])} at batch row {row}, position {pos} is out of range "
-                             f"for modality {m.name!r} (vocab_size {m.vocab_size}): valid ids are "
-                             f"0..{m.vocab_size - 1}")
+            raise SpecError(f"token id {int(tokens[row, pos])} at batch row {row}, position {pos} is out of range "
+                            f"for modality {m.name!r} (vocab_size {m.vocab_size}): valid ids are "
+                            f"0..{m.vocab_size - 1}")
 
     def embed(self, modality: torch.Tensor, tokens: torch.Tensor | None, latents: Mapping[str, torch.Tensor]):
         """``(*, d_model)`` inputs of the blocks for positions of ``modality (*)``.
@@ -141,8 +162,9 @@ class Model(nn.Module):
         """Run the model on ``batch``; see :class:`ModelOutput`."""
         self.check(batch)
         h = self.embed(batch.modality, batch.tokens, batch.latents)
+        layout = Layout(batch.modality, batch.seq_idx)
         for block in self.blocks:
-            h = block(h, batch.modality, batch.seq_idx)
+            h = block(h, layout)
         h = self.final_norm(h, batch.modality)
         predictions, targets = {}, {}
         for i, m in enumerate(self.modalities):

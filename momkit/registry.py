@@ -10,8 +10,8 @@ from typing import Iterator
 import pluggy
 
 from momkit import hookspecs
-from momkit.descriptors import Backbone, Dataset, Modality, Objective
-from momkit.ops.backend import ScanBackend
+from momkit.descriptors import Backbone, Dataset, Modality, Objective, ScanBackend
+from momkit.errors import PluginError, SpecError
 
 ENTRY_POINT_GROUP = "momkit"
 
@@ -23,10 +23,6 @@ KINDS = {
     "dataset": ("momkit_datasets", Dataset),
 }
 """Each kind of registered name: ``{kind: (hook name, descriptor type)}``."""
-
-
-class PluginError(ValueError):
-    """An installed plugin is broken: it fails to import, returns a wrong type, or repeats a taken name."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,11 @@ class Registry:
             table: dict[str, Entry] = {}
             for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
                 dist = self._distributions.get(impl.plugin_name, impl.plugin_name)
-                for descriptor in impl.function() or []:
+                try:
+                    descriptors = impl.function() or []
+                except PluginError as exc:
+                    raise PluginError(f"{hook_name} of plugin {impl.plugin_name!r} ({dist}): {exc}") from exc
+                for descriptor in descriptors:
                     if not isinstance(descriptor, expected):
                         raise PluginError(f"{hook_name} of plugin {impl.plugin_name!r} ({dist}) returned "
                                         f"{descriptor!r}; expected {expected.__module__}.{expected.__name__}")
@@ -106,12 +106,12 @@ class Registry:
         """The descriptor of ``kind`` registered as ``name``.
 
         Raises:
-            ValueError: ``name`` is not registered; the message lists the registered names of ``kind``.
+            SpecError: ``name`` is not registered; the message lists the registered names of ``kind``.
         """
         table = self.tables[kind]
         if name not in table:
             known = ", ".join(table) or "none"
-            raise ValueError(f"unknown {kind.replace('_', ' ')} {name!r}; registered: {known}")
+            raise SpecError(f"unknown {kind.replace('_', ' ')} {name!r}; registered: {known}")
         return table[name].descriptor
 
     def _descriptors(self, kind: str) -> dict:

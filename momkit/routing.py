@@ -1,4 +1,4 @@
-"""Routed layers: a linear layer, an RMSNorm and a depthwise causal conv with one weight set per modality.
+"""Routed layers: a linear layer, RMSNorms and a depthwise causal conv with one weight set per modality.
 
 Each layer takes ``n_modalities``: ``None`` builds the shared layer (weights as in ``torch.nn``), an int
 ``M`` the routed one, whose every parameter gains a leading modality dimension (``weight`` of a routed
@@ -27,6 +27,17 @@ def _sharing(n_modalities: int | None) -> str:
     return "shared" if n_modalities is None else f"routed over {n_modalities} modalities"
 
 
+def no_weight_decay(param: nn.Parameter) -> nn.Parameter:
+    """Mark ``param`` as one that training does not decay, and return it."""
+    param._no_weight_decay = True
+    return param
+
+
+def decays(param: nn.Parameter) -> bool:
+    """Whether training decays ``param``: a matrix (two or more dimensions) not marked by :func:`no_weight_decay`."""
+    return param.dim() >= 2 and not getattr(param, "_no_weight_decay", False)
+
+
 def _param(n_modalities: int | None, *shape: int) -> nn.Parameter:
     full = shape if n_modalities is None else (n_modalities, *shape)
     return nn.Parameter(torch.empty(full))
@@ -35,11 +46,13 @@ def _param(n_modalities: int | None, *shape: int) -> nn.Parameter:
 class Linear(nn.Module):
     """``y = x W^T + b``, with ``W`` ``(out, in)`` shared or ``(M, out, in)`` routed by modality."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, n_modalities: int | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, n_modalities: int | None = None,
+                 backend: str = "auto"):
         super().__init__()
         self.in_features, self.out_features, self.n_modalities = in_features, out_features, n_modalities
+        self.backend = backend
         self.weight = _param(n_modalities, out_features, in_features)
-        self.bias = _param(n_modalities, out_features) if bias else None
+        self.bias = no_weight_decay(_param(n_modalities, out_features)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -52,7 +65,7 @@ class Linear(nn.Module):
         """``x (..., in)``, ``modality (...)`` -> ``(..., out)``."""
         if self.n_modalities is None:
             return F.linear(x, self.weight, self.bias)
-        return ops.routed_linear(x, self.weight, self.bias, modality)
+        return ops.routed_linear(x, self.weight, self.bias, modality, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}, " \
@@ -66,7 +79,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, n_modalities: int | None = None):
         super().__init__()
         self.dim, self.eps, self.n_modalities = dim, eps, n_modalities
-        self.weight = _param(n_modalities, dim)
+        self.weight = no_weight_decay(_param(n_modalities, dim))
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
@@ -79,6 +92,28 @@ class RMSNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}, {_sharing(self.n_modalities)}"
 
 
+class GatedRMSNorm(nn.Module):
+    """``y = rmsnorm(x * silu(z)) * w`` normalised per group of ``group_size`` channels, with ``w`` ``(d,)``
+    shared or ``(M, d)`` routed by modality (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``);
+    computed in float32 at least, returned in ``x``'s dtype."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, n_modalities: int | None = None):
+        super().__init__()
+        self.dim, self.group_size, self.eps, self.n_modalities = dim, group_size, eps, n_modalities
+        self.weight = no_weight_decay(_param(n_modalities, dim))
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``x, z (..., d)``, ``modality (...)`` -> ``(..., d)``."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        h = (x.to(wide) * F.silu(z.to(wide))).unflatten(-1, (-1, self.group_size))
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return (h * (self.weight if self.n_modalities is None else self.weight[modality])).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, group_size={self.group_size}, eps={self.eps}, {_sharing(self.n_modalities)}"
+
+
 class CausalConv1d(nn.Module):
     """Depthwise causal convolution over time: ``y_t = sum_j w[:, j] x_{t-k+1+j} + b``.
 
@@ -86,11 +121,12 @@ class CausalConv1d(nn.Module):
     its own modality.
     """
 
-    def __init__(self, dim: int, kernel_size: int, bias: bool = True, n_modalities: int | None = None):
+    def __init__(self, dim: int, kernel_size: int, bias: bool = True, n_modalities: int | None = None,
+                 backend: str = "auto"):
         super().__init__()
-        self.dim, self.kernel_size, self.n_modalities = dim, kernel_size, n_modalities
-        self.weight = _param(n_modalities, dim, kernel_size)
-        self.bias = _param(n_modalities, dim) if bias else None
+        self.dim, self.kernel_size, self.n_modalities, self.backend = dim, kernel_size, n_modalities, backend
+        self.weight = no_weight_decay(_param(n_modalities, dim, kernel_size))
+        self.bias = no_weight_decay(_param(n_modalities, dim)) if bias else None
         bound = 1 / math.sqrt(kernel_size)
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
@@ -123,7 +159,7 @@ class CausalConv1d(nn.Module):
         first) in place and return the output ``(b, d)``, through ``activation`` (``None`` or ``"silu"``);
         ``modality (b,)``."""
         return ops.conv_state_update(x, conv_state, self.weight, self.bias, activation,
-                                     modality=None if self.n_modalities is None else modality)
+                                     modality=None if self.n_modalities is None else modality, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, kernel_size={self.kernel_size}, bias={self.bias is not None}, " \

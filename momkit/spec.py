@@ -12,75 +12,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from momkit.configs import BackboneConfig, DatasetConfig, ModalityConfig, ObjectiveConfig, StrictModel
+from momkit.errors import SpecError
 from momkit.registry import get_registry
 
+__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "ModalityConfig", "ModelSpec", "ObjectiveConfig",
+           "ParallelConfig", "RoutingSpec", "StrictModel", "TrainConfig", "load_spec", "read_mapping"]
+
 MODEL_SUBLAYERS = ("final_norm",)
-
-
-class StrictModel(BaseModel):
-    """A pydantic model that rejects unknown fields, naming them and the valid ones."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = [k for k in data if k not in cls.model_fields]
-            if unknown:
-                raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
-                                 f"valid fields: {', '.join(cls.model_fields)}")
-        return data
-
-
-class ModalityConfig(StrictModel):
-    """Settings of one modality of a spec; a modality plugin's own settings subclass this model.
-
-    A modality is discrete (``vocab_size``) or continuous (``latent_dim``): giving one clears the other's
-    default.
-    """
-
-    kind: str = Field(description="Name of a registered modality, e.g. `text`.")
-    name: str | None = Field(None, description="Name of the modality in this spec (default: `kind`), so one "
-                                                "kind can appear twice with different settings.")
-    vocab_size: int | None = Field(None, gt=0, description="Vocabulary size of discrete tokens.")
-    latent_dim: int | None = Field(None, gt=0, description="Dimension of continuous latent vectors.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_representation(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            if "latent_dim" in data and "vocab_size" not in data:
-                data = {**data, "vocab_size": None}
-            elif "vocab_size" in data and "latent_dim" not in data:
-                data = {**data, "latent_dim": None}
-        return data
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> ModalityConfig:
-        if (self.vocab_size is None) == (self.latent_dim is None):
-            raise ValueError(f"modality {self.kind!r} needs exactly one of vocab_size (discrete tokens) and "
-                             f"latent_dim (continuous vectors), got vocab_size={self.vocab_size}, "
-                             f"latent_dim={self.latent_dim}")
-        if self.name is None:
-            self.name = self.kind
-        return self
-
-    @property
-    def discrete(self) -> bool:
-        """Whether tokens are discrete ids (else continuous vectors)."""
-        return self.vocab_size is not None
-
-
-class BackboneConfig(StrictModel):
-    """Options common to every backbone; a backbone's own options subclass this model."""
-
-    kind: str = Field(description="Name of a registered backbone, e.g. `mamba`.")
-    d_model: int = Field(gt=0, description="Width of the residual stream.")
-    n_layers: int | None = Field(None, ge=1, description="Number of stacked blocks: required in a ModelSpec, "
-                                                          "not allowed in a BlockSpec (which is one block).")
 
 
 class RoutingSpec(StrictModel):
@@ -105,11 +46,11 @@ class RoutingSpec(StrictModel):
             return frozenset(s for s in (*preset, *extra) if s in valid)
         unknown = [s for s in self.specific if s not in valid]
         if unknown:
-            raise ValueError(f"routing.specific names {', '.join(map(repr, unknown))}, not a sublayer of "
-                             f"backbone {backbone.name!r}; its sublayers: {', '.join(valid)}")
+            raise SpecError(f"routing.specific names {', '.join(map(repr, unknown))}, not a sublayer of "
+                            f"backbone {backbone.name!r}; its sublayers: {', '.join(valid)}")
         repeated = sorted({s for s in self.specific if self.specific.count(s) > 1})
         if repeated:
-            raise ValueError(f"routing.specific lists {', '.join(map(repr, repeated))} more than once")
+            raise SpecError(f"routing.specific lists {', '.join(map(repr, repeated))} more than once")
         return frozenset(self.specific)
 
 
@@ -123,8 +64,8 @@ def _config_of(kind: str, value: Any) -> StrictModel:
     if isinstance(value, StrictModel):
         value = value.model_dump(exclude_unset=True)
     if not isinstance(value, dict) or "kind" not in value:
-        raise ValueError(f"a {kind} must be a mapping with a `kind`, one of "
-                         f"{', '.join(get_registry().names(kind))}; got {value!r}")
+        raise SpecError(f"a {kind} must be a mapping with a `kind`, one of "
+                        f"{', '.join(get_registry().names(kind))}; got {value!r}")
     return get_registry().get(kind, value["kind"]).config.model_validate(value)
 
 
@@ -141,8 +82,11 @@ class BlockSpec(StrictModel):
     backbone: SerializeAsAny[BackboneConfig] = Field(
         description="`kind` (a registered backbone), `d_model`, and that backbone's own options.")
     routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Routed and shared sublayers.")
-    scan_backend: str = Field("auto", description="Scan backend of the state-space scans: `auto` (the best "
-                                                  "available for the tensors' device) or a registered name.")
+    scan_backend: str = Field("auto", description="Kernel backend of every kernel operation of the blocks: the "
+                                                  "scans, the routed linear layers and the decoding updates. "
+                                                  "`auto` picks, per operation, the best available for the "
+                                                  "tensors' device and dtype; a registered name runs every "
+                                                  "operation that backend implements (the others on `auto`).")
 
     @field_validator("modalities", mode="before")
     @classmethod
@@ -167,8 +111,8 @@ class BlockSpec(StrictModel):
         names = [m.name for m in value]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"modalities names {', '.join(map(repr, repeated))} more than once; give repeated "
-                             f"kinds distinct `name`s")
+            raise SpecError(f"modalities names {', '.join(map(repr, repeated))} more than once; give repeated "
+                            f"kinds distinct `name`s")
         return value
 
     @field_validator("backbone", mode="before")
@@ -176,9 +120,9 @@ class BlockSpec(StrictModel):
     def _backbone_options(cls, value: Any) -> Any:
         config = _config_of("backbone", value)
         if cls.layers_required and config.n_layers is None:
-            raise ValueError("backbone.n_layers is required in a model spec")
+            raise SpecError("backbone.n_layers is required in a model spec")
         if not cls.layers_required and config.n_layers is not None:
-            raise ValueError("backbone.n_layers belongs to a model spec; a block spec describes one block")
+            raise SpecError("backbone.n_layers belongs to a model spec; a block spec describes one block")
         return config
 
     @field_validator("routing")
@@ -205,21 +149,6 @@ class BlockSpec(StrictModel):
     def routed(self) -> frozenset[str]:
         """The sublayers that hold one weight set per modality."""
         return self.routing.resolve(get_registry().get("backbone", self.backbone.kind), self.model_sublayers)
-
-
-class ObjectiveConfig(StrictModel):
-    """The training objective of one modality; an objective plugin's own settings subclass this model."""
-
-    kind: str = Field(description="Name of a registered objective: `next_token` (discrete modalities) or "
-                                  "`diffusion` (continuous ones).")
-    weight: float = Field(1.0, ge=0, description="Weight of this modality's loss in the training loss.")
-
-
-class DatasetConfig(StrictModel):
-    """The data a model trains and evaluates on; a dataset plugin's own settings subclass this model."""
-
-    kind: str = Field(description="Name of a registered dataset, e.g. `shapes` (built in, no download).")
-    seed: int = Field(0, description="Seed of the data: the same seed gives the same sequences.")
 
 
 class TrainConfig(StrictModel):
@@ -290,13 +219,13 @@ class ModelSpec(BlockSpec):
         names = self.modality_names
         for name, objective in self.objectives.items():
             if name not in names:
-                raise ValueError(f"objectives names modality {name!r}, not one of this spec's: {', '.join(names)}")
+                raise SpecError(f"objectives names modality {name!r}, not one of this spec's: {', '.join(names)}")
             modality = self.modalities[names.index(name)]
             if get_registry().get("objective", objective.kind).discrete != modality.discrete:
                 form = "discrete" if modality.discrete else "continuous"
                 fits = [n for n, o in get_registry().objectives.items() if o.discrete == modality.discrete]
-                raise ValueError(f"objective {objective.kind!r} does not apply to {form} modality {name!r}; "
-                                 f"objectives for {form} modalities: {', '.join(fits) or 'none'}")
+                raise SpecError(f"objective {objective.kind!r} does not apply to {form} modality {name!r}; "
+                                f"objectives for {form} modalities: {', '.join(fits) or 'none'}")
         return self
 
     def objective(self, name: str) -> ObjectiveConfig:
@@ -323,7 +252,7 @@ def load_spec(path: str | Path) -> BlockSpec | ModelSpec:
     """Read a YAML spec: a :class:`ModelSpec` if it has a ``name``, else a :class:`BlockSpec`.
 
     Raises:
-        ValueError: the file is missing, not YAML, not a mapping, or not a valid spec (a pydantic
+        SpecError: the file is missing, not YAML, not a mapping, or not a valid spec (a pydantic
             ``ValidationError``, which is a ``ValueError``, with the path of each bad field).
     """
     data = read_mapping(path, "spec")
@@ -334,11 +263,11 @@ def read_mapping(path: str | Path, what: str) -> dict[str, Any]:
     """The mapping a YAML file holds; ``ValueError`` naming the file if it is missing, not YAML or no mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{what} file {str(path)!r} does not exist")
+        raise SpecError(f"{what} file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+        raise SpecError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of {what} fields, got {type(data).__name__}")
+        raise SpecError(f"{path} must hold a mapping of {what} fields, got {type(data).__name__}")
     return data

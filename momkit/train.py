@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from momkit import routing
 from momkit.accounting import account
+from momkit.errors import SpecError
 from momkit.model import Model
 from momkit.registry import get_registry
 from momkit.spec import ModelSpec
@@ -65,9 +66,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+        raise SpecError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use cpu or auto")
+        raise SpecError(f"device {name!r} asked for, but CUDA is not available here; use cpu or auto")
     return device
 
 
@@ -319,11 +320,11 @@ def _run(spec: ModelSpec, out: Path, max_steps: int | None, dev: torch.device, r
          progress: bool) -> dict:
     t = spec.train
     if t.grad_accum % ranks.world:
-        raise ValueError(f"train.grad_accum = {t.grad_accum} must be a multiple of the number of ranks "
-                         f"({ranks.world}): the ranks share a step's micro-batches")
+        raise SpecError(f"train.grad_accum = {t.grad_accum} must be a multiple of the number of ranks "
+                        f"({ranks.world}): the ranks share a step's micro-batches")
     text = spec_text(spec)
     if (out / SPEC_FILE).exists() and (out / SPEC_FILE).read_text() != text:
-        raise ValueError(f"{out} holds a run of a different spec; use another directory or remove it")
+        raise SpecError(f"{out} holds a run of a different spec; use another directory or remove it")
     ranks.barrier()
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)

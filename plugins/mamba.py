@@ -26,34 +26,17 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from momkit import hookimpl, ops
-from momkit.blocks import Block
+from momkit.blocks import Block, Layout
 from momkit.descriptors import Backbone
-from momkit.routing import CausalConv1d, Linear, RMSNorm
-from momkit.spec import BackboneConfig
+from momkit.errors import SpecError
+from momkit.routing import CausalConv1d, Linear, RMSNorm, no_weight_decay
+from momkit.ssm import StepSizeConfig, at_least_fp32, initial_dt_bias
 
 SUBLAYERS = ("norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
 MOM = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def check_dt_range(config) -> None:
-    """Refuse a ``config`` whose ``dt_min`` exceeds its ``dt_max``."""
-    if config.dt_min > config.dt_max:
-        raise ValueError(f"dt_min ({config.dt_min}) must not exceed dt_max ({config.dt_max})")
-
-
-def initial_dt_bias(config, shape: tuple[int, ...]) -> torch.Tensor:
-    """mamba_ssm's step-size initialisation, shared by Mamba and Mamba-2: biases of ``shape`` whose softplus is
-    log-uniform in ``[config.dt_min, config.dt_max]``, floored at ``config.dt_init_floor``."""
-    dt = torch.exp(torch.rand(shape) * (math.log(config.dt_max) - math.log(config.dt_min))
-                   + math.log(config.dt_min)).clamp(min=config.dt_init_floor)
-    return dt + torch.log(-torch.expm1(-dt))
-
-
-class MambaConfig(BackboneConfig):
+class MambaConfig(StepSizeConfig):
     """Options of the ``mamba`` backbone (defaults as in mamba_ssm's ``Mamba`` module)."""
 
     d_state: int = Field(16, gt=0, description="State size n per channel.")
@@ -61,18 +44,14 @@ class MambaConfig(BackboneConfig):
     expand: int = Field(2, gt=0, description="d_inner = expand * d_model.")
     dt_rank: int | Literal["auto"] = Field("auto", description="Rank of the dt projection; `auto` is "
                                                                "ceil(d_model / 16).")
-    dt_min: float = Field(0.001, gt=0, description="Smallest initial step size.")
-    dt_max: float = Field(0.1, gt=0, description="Largest initial step size.")
-    dt_init_floor: float = Field(1e-4, gt=0, description="Floor of the initial step sizes.")
     conv_bias: bool = Field(True, description="Whether conv1d has a bias.")
     bias: bool = Field(False, description="Whether in_proj and out_proj have biases.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm.")
 
     @model_validator(mode="after")
-    def _dt_range(self) -> MambaConfig:
-        check_dt_range(self)
+    def _rank(self) -> MambaConfig:
         if isinstance(self.dt_rank, int) and self.dt_rank < 1:
-            raise ValueError(f"dt_rank must be a positive int or 'auto', got {self.dt_rank}")
+            raise SpecError(f"dt_rank must be a positive int or 'auto', got {self.dt_rank}")
         return self
 
     @property
@@ -97,19 +76,23 @@ class MambaState:
 class MambaBlock(Block):
     """One Mamba-1 layer whose sublayers are shared or routed as the spec says."""
 
-    def __init__(self, config: MambaConfig, modalities: list[str], routed: frozenset[str], scan_backend: str):
-        super().__init__(config.d_model, modalities, routed)
-        self.config, self.scan_backend = config, scan_backend
+    config: MambaConfig
+
+    def __init__(self, config: MambaConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto"):
+        super().__init__(config, modalities, routed, backend)
         d, di, n, r = config.d_model, config.d_inner, config.d_state, config.rank
         self.norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("norm"))
-        self.in_proj = Linear(d, 2 * di, bias=config.bias, n_modalities=self.routing("in_proj"))
-        self.conv1d = CausalConv1d(di, config.d_conv, bias=config.conv_bias, n_modalities=self.routing("conv1d"))
-        self.x_proj = Linear(di, r + 2 * n, bias=False, n_modalities=self.routing("x_proj"))
-        self.dt_proj = Linear(r, di, bias=True, n_modalities=self.routing("dt_proj"))
+        self.in_proj = Linear(d, 2 * di, bias=config.bias, n_modalities=self.routing("in_proj"), backend=backend)
+        self.conv1d = CausalConv1d(di, config.d_conv, bias=config.conv_bias, n_modalities=self.routing("conv1d"),
+                                   backend=backend)
+        self.x_proj = Linear(di, r + 2 * n, bias=False, n_modalities=self.routing("x_proj"), backend=backend)
+        self.dt_proj = Linear(r, di, bias=True, n_modalities=self.routing("dt_proj"), backend=backend)
         copies = () if self.routing("A_log") is None else (self.n_modalities,)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(*copies, di, 1))
-        self.D = nn.Parameter(torch.ones(*(() if self.routing("D") is None else (self.n_modalities,)), di))
-        self.out_proj = Linear(di, d, bias=config.bias, n_modalities=self.routing("out_proj"))
+        self.A_log = no_weight_decay(nn.Parameter(
+            torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(*copies, di, 1)))
+        self.D = no_weight_decay(nn.Parameter(torch.ones(*(() if self.routing("D") is None else
+                                                             (self.n_modalities,)), di)))
+        self.out_proj = Linear(di, d, bias=config.bias, n_modalities=self.routing("out_proj"), backend=backend)
         self._init_dt()
 
     @torch.no_grad()
@@ -123,9 +106,9 @@ class MambaBlock(Block):
     def _split(self, x_dbl: torch.Tensor):
         return x_dbl.split([self.config.rank, self.config.d_state, self.config.d_state], dim=-1)
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (b, l, d_model)``, ``modality (b, l)`` int64, optional ``seq_idx (b, l)`` -> ``(b, l, d_model)``."""
-        self.check_inputs(x, modality, seq_idx)
+    def run(self, x: torch.Tensor, layout: Layout, state: MambaState | None = None) -> torch.Tensor:
+        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        modality, seq_idx = layout.modality, layout.seq_idx
         x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
         u = F.silu(self.conv1d(x_in, modality, seq_idx))
         dt_low, B, C = self._split(self.x_proj(u, modality))
@@ -135,7 +118,7 @@ class MambaBlock(Block):
         y = ops.selective_scan(u.mT, dt.mT, A, B.mT, C.mT, D=None if routed_D else at_least_fp32(self.D),
                                z=None if routed_D else z.mT, delta_softplus=True,
                                modality=None if self.routing("A_log") is None else modality,
-                               seq_idx=seq_idx, backend=self.scan_backend).mT
+                               seq_idx=seq_idx, backend=self.backend).mT
         if routed_D:
             y = (y + u * self.D[modality]) * F.silu(z)
         return x + self.out_proj(y, modality)
@@ -150,21 +133,17 @@ class MambaBlock(Block):
                                            device=weight.device),
                           ssm=torch.zeros(batch_size, di, self.config.d_state, dtype=dtype, device=weight.device))
 
-    def step(self, x: torch.Tensor, modality: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """Decode one position: ``x (b, d_model)``, ``modality (b,)``; updates ``state`` in place."""
-        self.check_inputs(x, modality, step=True)
+    def run_step(self, x: torch.Tensor, layout: Layout, state: MambaState) -> torch.Tensor:
+        """Decode one position: ``x (b, d_model)``, ``layout.modality (b,)``; updates ``state`` in place."""
+        modality = layout.modality
         x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
         u = self.conv1d.step(x_in, state.conv, modality, activation="silu")
         dt_low, B, C = self._split(self.x_proj(u, modality))
         routed = self.routing("A_log") is not None or self.routing("D") is not None
         y = ops.selective_state_update(state.ssm, u, self.dt_proj(dt_low, modality), -torch.exp(
             at_least_fp32(self.A_log)), B, C, D=at_least_fp32(self.D), z=z, dt_softplus=True,
-            modality=modality if routed else None, backend=self.scan_backend)
+            modality=modality if routed else None, backend=self.backend)
         return x + self.out_proj(y, modality)
-
-
-def build(config: MambaConfig, modalities: list[str], routed: frozenset[str], scan_backend: str) -> MambaBlock:
-    return MambaBlock(config, modalities, routed, scan_backend)
 
 
 def flops(config: MambaConfig, seq_len: int) -> dict[str, float]:
@@ -189,4 +168,5 @@ def flops(config: MambaConfig, seq_len: int) -> dict[str, float]:
 @hookimpl
 def momkit_backbones():
     return [Backbone(name="mamba", description="Mamba-1 selective SSM block; preset mom = Mixture-of-Mamba",
-                     config=MambaConfig, sublayers=SUBLAYERS, presets={"mom": MOM}, build=build, flops=flops)]
+                     config=MambaConfig, block=MambaBlock, sublayers=SUBLAYERS, presets={"mom": MOM},
+                     flops=flops)]

@@ -37,21 +37,18 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from momkit import hookimpl, ops
-from momkit.blocks import Block
+from momkit.blocks import Block, Layout
+from momkit.configs import divisors
 from momkit.descriptors import Backbone
-from momkit.plugins.mamba import at_least_fp32, check_dt_range, initial_dt_bias
-from momkit.routing import CausalConv1d, Linear, RMSNorm
-from momkit.spec import BackboneConfig
+from momkit.errors import SpecError
+from momkit.routing import CausalConv1d, GatedRMSNorm, Linear, RMSNorm, no_weight_decay
+from momkit.ssm import StepSizeConfig, at_least_fp32, initial_dt_bias
 
 SUBLAYERS = ("norm", "in_proj", "conv1d", "dt_bias", "A_log", "D", "gate_norm", "out_proj")
 MOM = ("in_proj", "out_proj")
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
-
-
-class Mamba2Config(BackboneConfig):
+class Mamba2Config(StepSizeConfig):
     """Options of the ``mamba2`` backbone (defaults as in mamba_ssm's ``Mamba2`` module)."""
 
     d_state: int = Field(128, gt=0, description="State size n per head (per group of B and C).")
@@ -62,22 +59,18 @@ class Mamba2Config(BackboneConfig):
                                               "the groups of the gated RMSNorm.")
     chunk_size: int = Field(256, gt=0, description="Chunk length of the SSD scan; the result does not depend "
                                                    "on it, its cost does.")
-    dt_min: float = Field(0.001, gt=0, description="Smallest initial step size.")
-    dt_max: float = Field(0.1, gt=0, description="Largest initial step size.")
-    dt_init_floor: float = Field(1e-4, gt=0, description="Floor of the initial step sizes.")
     conv_bias: bool = Field(True, description="Whether conv1d has a bias.")
     bias: bool = Field(False, description="Whether in_proj and out_proj have biases.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm and of the gated RMSNorm.")
 
     @model_validator(mode="after")
     def _shapes(self) -> Mamba2Config:
-        check_dt_range(self)
         if self.d_inner % self.headdim:
-            raise ValueError(f"headdim ({self.headdim}) must divide d_inner = expand * d_model = {self.d_inner}; "
-                             f"valid headdims: {_divisors(self.d_inner)}")
+            raise SpecError(f"headdim ({self.headdim}) must divide d_inner = expand * d_model = {self.d_inner}; "
+                            f"valid headdims: {', '.join(map(str, divisors(self.d_inner)))}")
         if self.nheads % self.ngroups:
-            raise ValueError(f"ngroups ({self.ngroups}) must divide nheads = d_inner / headdim = {self.nheads}; "
-                             f"valid ngroups: {_divisors(self.nheads)}")
+            raise SpecError(f"ngroups ({self.ngroups}) must divide nheads = d_inner / headdim = {self.nheads}; "
+                            f"valid ngroups: {', '.join(map(str, divisors(self.nheads)))}")
         return self
 
     @property
@@ -104,45 +97,25 @@ class Mamba2State:
     ssm: torch.Tensor  # (b, nheads, headdim, d_state)
 
 
-class GatedRMSNorm(nn.Module):
-    """``y = rmsnorm(x * silu(z)) * w`` normalised per group of ``group_size`` channels, with ``w`` ``(d,)``
-    shared or ``(M, d)`` routed by modality (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``);
-    computed in float32 at least, returned in ``x``'s dtype."""
-
-    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, n_modalities: int | None = None):
-        super().__init__()
-        self.dim, self.group_size, self.eps, self.n_modalities = dim, group_size, eps, n_modalities
-        self.weight = nn.Parameter(torch.ones(dim) if n_modalities is None else torch.ones(n_modalities, dim))
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """``x, z (..., d)``, ``modality (...)`` -> ``(..., d)``."""
-        wide = torch.promote_types(x.dtype, torch.float32)
-        h = (x.to(wide) * F.silu(z.to(wide))).unflatten(-1, (-1, self.group_size))
-        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        return (h * (self.weight if self.n_modalities is None else self.weight[modality])).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        sharing = "shared" if self.n_modalities is None else f"routed over {self.n_modalities} modalities"
-        return f"{self.dim}, group_size={self.group_size}, eps={self.eps}, {sharing}"
-
-
 class Mamba2Block(Block):
     """One Mamba-2 layer whose sublayers are shared or routed as the spec says."""
 
-    def __init__(self, config: Mamba2Config, modalities: list[str], routed: frozenset[str], scan_backend: str):
-        super().__init__(config.d_model, modalities, routed)
-        self.config, self.scan_backend = config, scan_backend
+    config: Mamba2Config
+
+    def __init__(self, config: Mamba2Config, modalities: list[str], routed: frozenset[str], backend: str = "auto"):
+        super().__init__(config, modalities, routed, backend)
         d, di, h, gn = config.d_model, config.d_inner, config.nheads, config.ngroups * config.d_state
         self.norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("norm"))
-        self.in_proj = Linear(d, 2 * di + 2 * gn + h, bias=config.bias, n_modalities=self.routing("in_proj"))
+        self.in_proj = Linear(d, 2 * di + 2 * gn + h, bias=config.bias, n_modalities=self.routing("in_proj"),
+                              backend=backend)
         self.conv1d = CausalConv1d(config.conv_dim, config.d_conv, bias=config.conv_bias,
-                                   n_modalities=self.routing("conv1d"))
-        self.dt_bias = nn.Parameter(initial_dt_bias(self.config, self._copies("dt_bias") + (h,)))
-        self.A_log = nn.Parameter(torch.empty(self._copies("A_log") + (h,)).uniform_(1, 16).log())
-        self.D = nn.Parameter(torch.ones(self._copies("D") + (h,)))
+                                   n_modalities=self.routing("conv1d"), backend=backend)
+        self.dt_bias = no_weight_decay(nn.Parameter(initial_dt_bias(config, self._copies("dt_bias") + (h,))))
+        self.A_log = no_weight_decay(nn.Parameter(torch.empty(self._copies("A_log") + (h,)).uniform_(1, 16).log()))
+        self.D = no_weight_decay(nn.Parameter(torch.ones(self._copies("D") + (h,))))
         self.gate_norm = GatedRMSNorm(di, di // config.ngroups, eps=config.norm_eps,
                                       n_modalities=self.routing("gate_norm"))
-        self.out_proj = Linear(di, d, bias=config.bias, n_modalities=self.routing("out_proj"))
+        self.out_proj = Linear(di, d, bias=config.bias, n_modalities=self.routing("out_proj"), backend=backend)
 
     def _copies(self, sublayer: str) -> tuple[int, ...]:
         """The leading shape of a parameter of ``sublayer``: ``(M,)`` routed, ``()`` shared."""
@@ -160,9 +133,9 @@ class Mamba2Block(Block):
         return (xs.unflatten(-1, (cfg.nheads, cfg.headdim)), B.unflatten(-1, (cfg.ngroups, cfg.d_state)),
                 C.unflatten(-1, (cfg.ngroups, cfg.d_state)))
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (b, l, d_model)``, ``modality (b, l)`` int64, optional ``seq_idx (b, l)`` -> ``(b, l, d_model)``."""
-        self.check_inputs(x, modality, seq_idx)
+    def run(self, x: torch.Tensor, layout: Layout, state: Mamba2State | None = None) -> torch.Tensor:
+        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        modality, seq_idx = layout.modality, layout.seq_idx
         z, xBC, dt = self._split_in_proj(self.in_proj(self.norm(x, modality), modality))
         xs, B, C = self._split_xBC(F.silu(self.conv1d(xBC, modality, seq_idx)))
         routed_dt_bias, routed_D = self.routing("dt_bias") is not None, self.routing("D") is not None
@@ -172,7 +145,7 @@ class Mamba2Block(Block):
         y = ops.ssd_scan(xs, dt, A, B, C, self.config.chunk_size, D=None if routed_D else at_least_fp32(self.D),
                          z=None, dt_bias=None if routed_dt_bias else self.dt_bias, seq_idx=seq_idx,
                          dt_softplus=True, modality=None if self.routing("A_log") is None else modality,
-                         backend=self.scan_backend)
+                         backend=self.backend)
         if routed_D:
             y = y + xs * self.D[modality][..., None]
         y = self.gate_norm(y.flatten(-2), z, modality)
@@ -188,9 +161,9 @@ class Mamba2Block(Block):
                            ssm=torch.zeros(batch_size, cfg.nheads, cfg.headdim, cfg.d_state, dtype=dtype,
                                            device=weight.device))
 
-    def step(self, x: torch.Tensor, modality: torch.Tensor, state: Mamba2State) -> torch.Tensor:
-        """Decode one position: ``x (b, d_model)``, ``modality (b,)``; updates ``state`` in place."""
-        self.check_inputs(x, modality, step=True)
+    def run_step(self, x: torch.Tensor, layout: Layout, state: Mamba2State) -> torch.Tensor:
+        """Decode one position: ``x (b, d_model)``, ``layout.modality (b,)``; updates ``state`` in place."""
+        modality = layout.modality
         z, xBC, dt = self._split_in_proj(self.in_proj(self.norm(x, modality), modality))
         xs, B, C = self._split_xBC(self.conv1d.step(xBC, state.conv, modality, activation="silu"))
         p, n = self.config.headdim, self.config.d_state
@@ -202,13 +175,9 @@ class Mamba2Block(Block):
         y = ops.selective_state_update(state.ssm, xs, over_p(dt), over_p(-torch.exp(at_least_fp32(self.A_log)), n),
                                        B, C, D=over_p(at_least_fp32(self.D)), dt_bias=over_p(self.dt_bias),
                                        dt_softplus=True, modality=modality if routed else None,
-                                       backend=self.scan_backend)
+                                       backend=self.backend)
         y = self.gate_norm(y.flatten(-2), z, modality)
         return x + self.out_proj(y, modality)
-
-
-def build(config: Mamba2Config, modalities: list[str], routed: frozenset[str], scan_backend: str) -> Mamba2Block:
-    return Mamba2Block(config, modalities, routed, scan_backend)
 
 
 def flops(config: Mamba2Config, seq_len: int) -> dict[str, float]:
@@ -246,4 +215,5 @@ def flops(config: Mamba2Config, seq_len: int) -> dict[str, float]:
 def momkit_backbones():
     return [Backbone(name="mamba2",
                      description="Mamba-2 SSD block; preset mom = Mixture-of-Mamba (in_proj, out_proj)",
-                     config=Mamba2Config, sublayers=SUBLAYERS, presets={"mom": MOM}, build=build, flops=flops)]
+                     config=Mamba2Config, block=Mamba2Block, sublayers=SUBLAYERS, presets={"mom": MOM},
+                     flops=flops)]

@@ -30,19 +30,16 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from momkit import hookimpl
-from momkit.blocks import Block
+from momkit.blocks import Block, Layout
+from momkit.configs import BackboneConfig, divisors
 from momkit.descriptors import Backbone
+from momkit.errors import SpecError
 from momkit.routing import Linear, RMSNorm
-from momkit.spec import BackboneConfig
 
 SUBLAYERS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm", "ffn")
 MOT = (*SUBLAYERS, "final_norm")
 FFN_MULTIPLE = 8
 DEFAULT_CAPACITY = 256
-
-
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 class TransformerConfig(BackboneConfig):
@@ -60,19 +57,19 @@ class TransformerConfig(BackboneConfig):
 
     @model_validator(mode="after")
     def _shapes(self) -> TransformerConfig:
-        valid_heads = ", ".join(str(k) for k in _divisors(self.d_model) if self.d_model // k % 2 == 0) or "none"
+        valid_heads = ", ".join(str(k) for k in divisors(self.d_model) if self.d_model // k % 2 == 0) or "none"
         if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}) with an even "
-                             f"head_dim; valid n_heads: {valid_heads}")
+            raise SpecError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}) with an even "
+                            f"head_dim; valid n_heads: {valid_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim = d_model / n_heads = {self.d_model} / {self.n_heads} = {self.head_dim} "
-                             f"must be even for the rotary embedding; valid n_heads: {valid_heads}")
+            raise SpecError(f"head_dim = d_model / n_heads = {self.d_model} / {self.n_heads} = {self.head_dim} "
+                            f"must be even for the rotary embedding; valid n_heads: {valid_heads}")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}); valid "
-                             f"n_kv_heads: {', '.join(map(str, _divisors(self.n_heads)))}")
+            raise SpecError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}); valid "
+                            f"n_kv_heads: {', '.join(map(str, divisors(self.n_heads)))}")
         if int(self.ffn_mult * self.d_model) < 1:
-            raise ValueError(f"ffn_mult * d_model = {self.ffn_mult} * {self.d_model} must be at least 1 for a "
-                             f"feed-forward network of positive width; valid ffn_mult: >= {1 / self.d_model}")
+            raise SpecError(f"ffn_mult * d_model = {self.ffn_mult} * {self.d_model} must be at least 1 for a "
+                            f"feed-forward network of positive width; valid ffn_mult: >= {1 / self.d_model}")
         return self
 
     @property
@@ -118,11 +115,11 @@ class TransformerState:
 class SwiGLU(nn.Module):
     """``y = w2(silu(w1 x) * w3 x)``, the three linear maps all shared or all routed by modality."""
 
-    def __init__(self, dim: int, hidden: int, n_modalities: int | None = None):
+    def __init__(self, dim: int, hidden: int, n_modalities: int | None = None, backend: str = "auto"):
         super().__init__()
-        self.w1 = Linear(dim, hidden, bias=False, n_modalities=n_modalities)
-        self.w3 = Linear(dim, hidden, bias=False, n_modalities=n_modalities)
-        self.w2 = Linear(hidden, dim, bias=False, n_modalities=n_modalities)
+        self.w1 = Linear(dim, hidden, bias=False, n_modalities=n_modalities, backend=backend)
+        self.w3 = Linear(dim, hidden, bias=False, n_modalities=n_modalities, backend=backend)
+        self.w2 = Linear(hidden, dim, bias=False, n_modalities=n_modalities, backend=backend)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """``x (..., d)``, ``modality (...)`` -> ``(..., d)``."""
@@ -164,17 +161,23 @@ def document_layout(seq_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class TransformerBlock(Block):
     """One Transformer layer (attention and SwiGLU) whose sublayers are shared or routed as the spec says."""
 
-    def __init__(self, config: TransformerConfig, modalities: list[str], routed: frozenset[str]):
-        super().__init__(config.d_model, modalities, routed)
-        self.config = config
+    config: TransformerConfig
+
+    def __init__(self, config: TransformerConfig, modalities: list[str], routed: frozenset[str],
+                 backend: str = "auto"):
+        super().__init__(config, modalities, routed, backend)
         d, e = config.d_model, config.head_dim
+
+        def linear(sublayer: str, in_features: int, out_features: int) -> Linear:
+            return Linear(in_features, out_features, bias=False, n_modalities=self.routing(sublayer), backend=backend)
+
         self.attn_norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("attn_norm"))
-        self.q_proj = Linear(d, config.n_heads * e, bias=False, n_modalities=self.routing("q_proj"))
-        self.k_proj = Linear(d, config.kv_heads * e, bias=False, n_modalities=self.routing("k_proj"))
-        self.v_proj = Linear(d, config.kv_heads * e, bias=False, n_modalities=self.routing("v_proj"))
-        self.o_proj = Linear(config.n_heads * e, d, bias=False, n_modalities=self.routing("o_proj"))
+        self.q_proj = linear("q_proj", d, config.n_heads * e)
+        self.k_proj = linear("k_proj", d, config.kv_heads * e)
+        self.v_proj = linear("v_proj", d, config.kv_heads * e)
+        self.o_proj = linear("o_proj", config.n_heads * e, d)
         self.ffn_norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("ffn_norm"))
-        self.ffn = SwiGLU(d, config.ffn_hidden, n_modalities=self.routing("ffn"))
+        self.ffn = SwiGLU(d, config.ffn_hidden, n_modalities=self.routing("ffn"), backend=backend)
 
     def _qkv(self, x: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor):
         """``x (b, l, d_model)`` -> rotated ``q (b, n_heads, l, e)``, rotated ``k`` and ``v (b, n_kv_heads, l, e)``."""
@@ -194,9 +197,9 @@ class TransformerBlock(Block):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return o.transpose(1, 2).flatten(2)
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (b, l, d_model)``, ``modality (b, l)`` int64, optional ``seq_idx (b, l)`` -> ``(b, l, d_model)``."""
-        self.check_inputs(x, modality, seq_idx)
+    def run(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
+        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        modality, seq_idx = layout.modality, layout.seq_idx
         if seq_idx is None:
             positions, mask = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2]), None
         else:
@@ -210,27 +213,22 @@ class TransformerBlock(Block):
         256); it doubles whenever a step finds it full, so any number of steps works."""
         capacity = DEFAULT_CAPACITY if max_length is None else max_length
         if capacity < 1:
-            raise ValueError(f"max_length must be a positive int or None, got {max_length}")
+            raise SpecError(f"max_length must be a positive int or None, got {max_length}")
         weight, cfg = self.k_proj.weight, self.config
         shape = (batch_size, cfg.kv_heads, capacity, cfg.head_dim)
         return TransformerState(keys=torch.zeros(shape, dtype=weight.dtype, device=weight.device),
                                 values=torch.zeros(shape, dtype=weight.dtype, device=weight.device))
 
-    def step(self, x: torch.Tensor, modality: torch.Tensor, state: TransformerState) -> torch.Tensor:
-        """Decode one position: ``x (b, d_model)``, ``modality (b,)``; appends its key and value to ``state``."""
-        self.check_inputs(x, modality, step=True)
+    def run_step(self, x: torch.Tensor, layout: Layout, state: TransformerState) -> torch.Tensor:
+        """Decode one position: ``x (b, d_model)``, ``layout.modality (b,)``; appends its key and value to
+        ``state``."""
+        modality = layout.modality
         positions = torch.full((x.shape[0], 1), state.length, device=x.device)
         q, k, v = self._qkv(x[:, None], modality[:, None], positions)
         keys, values = state.append(k, v)
         o = self._attend(q, keys.to(q.dtype), values.to(q.dtype), mask=None, causal=False)[:, 0]
         h = x + self.o_proj(o, modality)
         return h + self.ffn(self.ffn_norm(h, modality), modality)
-
-
-def build(config: TransformerConfig, modalities: list[str], routed: frozenset[str],
-          scan_backend: str) -> TransformerBlock:
-    """The block of ``config``; ``scan_backend`` is unused (a Transformer block runs no scan)."""
-    return TransformerBlock(config, modalities, routed)
 
 
 def flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
@@ -261,4 +259,4 @@ def flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
 def momkit_backbones():
     return [Backbone(name="transformer", description="Transformer block (RoPE, GQA, SwiGLU); preset mot = "
                                                      "Mixture-of-Transformers", config=TransformerConfig,
-                     sublayers=SUBLAYERS, presets={"mot": MOT}, build=build, flops=flops)]
+                     block=TransformerBlock, sublayers=SUBLAYERS, presets={"mot": MOT}, flops=flops)]

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from momkit import ops
+import momkit
+from momkit import hookimpl, ops
+from momkit.descriptors import ScanBackend
+from momkit.kernels import reference
+from momkit.kernels.reference import REFERENCE
 from momkit.kernels.reference.naive import naive_selective_scan, naive_ssd_scan
+from momkit.registry import Registry, use_registry
 
 
 def selective_args(gen, b=2, d=6, n=4, l=9, groups=None):
@@ -149,14 +154,10 @@ def test_conv_state_update_checks(gen):
 
 
 def test_auto_passes_over_a_backend_lacking_the_dtype(gen):
-    from momkit import hookimpl
-    from momkit.kernels import reference
-    from momkit.registry import Registry, use_registry
-
     class Fast:
         @hookimpl
         def momkit_scan_backends(self):
-            return [ops.ScanBackend(name="fast", description="float32 only", routed_linear=lambda **kw: "fast",
+            return [ScanBackend(name="fast", description="float32 only", routed_linear=lambda **kw: "fast",
                                     devices=("cpu",), priority=10, dtypes=frozenset({torch.float32}))]
 
     registry = Registry()
@@ -170,3 +171,51 @@ def test_auto_passes_over_a_backend_lacking_the_dtype(gen):
         with pytest.raises(ValueError, match=r"scan backend 'fast' cannot run routed_linear on cpu in "
                                              r"torch.float64 in this process; backends that can: \['reference'\]"):
             ops.routed_linear(**wide, backend="fast")
+
+
+class Counting:
+    """A backend plugin of every kernel operation, each the reference's, that counts its calls."""
+
+    def __init__(self):
+        self.calls = {op: 0 for op in OPS}
+
+        def counted(op):
+            def call(**kwargs):
+                self.calls[op] += 1
+                return getattr(REFERENCE, op)(**kwargs)
+            return call
+
+        self.backend = ScanBackend(name="counting", description="counts its calls", devices=("cpu",),
+                                   priority=100, extensions=frozenset({"modality", "seq_idx"}),
+                                   **{op: counted(op) for op in OPS})
+
+    @hookimpl
+    def momkit_scan_backends(self):
+        return [self.backend]
+
+
+OPS = ("selective_scan", "ssd_scan", "routed_linear", "selective_state_update", "conv_state_update")
+USED = {"mamba": {"selective_scan", "routed_linear", "selective_state_update", "conv_state_update"},
+        "mamba2": {"ssd_scan", "routed_linear", "selective_state_update", "conv_state_update"},
+        "transformer": {"routed_linear"}}
+SMALL = {"mamba": {"d_model": 16, "d_state": 4}, "mamba2": {"d_model": 16, "d_state": 8, "headdim": 8, "chunk_size": 4},
+         "transformer": {"d_model": 16, "n_heads": 2}}
+
+
+@pytest.mark.parametrize("chosen", ["counting", "reference", "auto"])
+@pytest.mark.parametrize("kind", sorted(USED))
+def test_the_specs_backend_reaches_every_kernel_operation(gen, kind, chosen):
+    counting = Counting()
+    registry = Registry.from_entry_points()
+    registry.register(counting, distribution="tests")
+    spec = {"modalities": ["text", "image"], "backbone": {"kind": kind, **SMALL[kind]},
+            "routing": {"specific": "all"}, "scan_backend": chosen}
+    with use_registry(registry):
+        block = momkit.build_block(spec)
+        x, modality = torch.randn(2, 9, 16, generator=gen), torch.randint(0, 2, (2, 9), generator=gen)
+        block(x, modality).sum().backward()
+        state = block.allocate_state(2)
+        with torch.no_grad():
+            block.step(x[:, 0], modality[:, 0], state)
+    reached = {op for op, n in counting.calls.items() if n}
+    assert reached == (USED[kind] if chosen in ("counting", "auto") else set()), counting.calls

@@ -23,7 +23,8 @@ import functools
 import torch
 
 from momkit import hookimpl
-from momkit.ops import ScanBackend
+from momkit.descriptors import ScanBackend
+from momkit.errors import SpecError
 
 
 @functools.cache
@@ -45,9 +46,9 @@ def _selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
 
     if return_last_state and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)):
-        raise ValueError("the cuda backend's selective scan (mamba_ssm's selective_scan_fn) does not "
-                         "differentiate the last state; call it with return_last_state=False, under "
-                         "torch.no_grad(), or with backend='triton' or 'reference'")
+        raise SpecError("the cuda backend's selective scan (mamba_ssm's selective_scan_fn) does not "
+                        "differentiate the last state; call it with return_last_state=False, under "
+                        "torch.no_grad(), or with backend='triton' or 'reference'")
     return selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                              return_last_state=return_last_state)
 

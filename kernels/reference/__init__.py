@@ -6,11 +6,11 @@ the per-token recurrences they are tested against; ``routed_linear.py`` the port
 """
 
 from momkit import hookimpl
+from momkit.descriptors import ScanBackend
 from momkit.kernels.reference.decode import conv_state_update, selective_state_update
 from momkit.kernels.reference.routed_linear import routed_linear
 from momkit.kernels.reference.selective_scan import selective_scan
 from momkit.kernels.reference.ssd import ssd_scan
-from momkit.ops import ScanBackend
 
 REFERENCE = ScanBackend(
     name="reference",

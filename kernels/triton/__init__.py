@@ -18,7 +18,7 @@ import os
 import torch
 
 from momkit import hookimpl
-from momkit.ops import ScanBackend
+from momkit.descriptors import ScanBackend
 
 
 def _interpreting() -> bool:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from momkit.errors import SpecError
 from momkit.kernels.triton.tiling import pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -90,8 +91,8 @@ def _strides(t: torch.Tensor | None, dims: int) -> list[int]:
 def _refuse_float64(**tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.dtype == torch.float64:
-            raise ValueError(f"the triton backend computes in float32 and does not take float64 {name}; "
-                             f"use backend='reference' for float64")
+            raise SpecError(f"the triton backend computes in float32 and does not take float64 {name}; "
+                            f"use backend='reference' for float64")
 
 
 def selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, modality):

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from momkit.errors import SpecError
 from momkit.kernels.triton.tiling import check_tiling
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -416,12 +417,12 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         ``modality`` gets exactly zero gradient.
 
     Raises:
-        ValueError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
+        SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
     """
     named = dict(x=x, weight=weight, bias=bias)
     wide = [name for name, t in named.items() if t is not None and t.dtype == torch.float64]
     if wide:
-        raise ValueError(f"the triton routed linear computes in float32 but {', '.join(wide)} is torch.float64; "
-                         f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
+        raise SpecError(f"the triton routed linear computes in float32 but {', '.join(wide)} is torch.float64; "
+                        f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
     return RoutedLinearFn.apply(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                                 modality.contiguous(), tiling or default_tiling(x.dtype, x.shape[0]))

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from momkit.errors import SpecError
 from momkit.kernels.triton.tiling import pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -72,7 +73,7 @@ class Tiling:
         for name in ("chunk", "block_d", "block_d_bwd", "warps", "warps_bwd", "unroll", "unroll_bwd"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
-                raise ValueError(f"Tiling.{name} must be a power of two, got {value}")
+                raise SpecError(f"Tiling.{name} must be a power of two, got {value}")
 
 
 def default_tiling(dim: int, length: int, groups: int = 1) -> Tiling:
@@ -395,13 +396,13 @@ def selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, retur
     ``tiling`` overrides the tile sizes (:func:`default_tiling`); the result does not depend on it.
 
     Raises:
-        ValueError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
+        SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
     """
     named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     wide = [name for name, x in named.items() if x is not None and x.dtype == torch.float64]
     if wide:
-        raise ValueError(f"the triton scan backend computes in float32 but {', '.join(wide)} is float64; "
-                         f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
+        raise SpecError(f"the triton scan backend computes in float32 but {', '.join(wide)} is float64; "
+                        f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus,
                                       tiling)
     return (out, last) if return_last_state else out

@@ -75,6 +75,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from momkit.errors import SpecError
 from momkit.kernels.triton.tiling import check_tiling, pow2
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -935,13 +936,13 @@ def ssd_scan(*, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initia
     result depends neither on it nor, beyond rounding, on ``chunk_size``.
 
     Raises:
-        ValueError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
+        SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
     """
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
     wide = [name for name, t in named.items() if t is not None and t.dtype == torch.float64]
     if wide:
-        raise ValueError(f"the triton scan backend computes in float32 but {', '.join(wide)} is float64; "
-                         f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
+        raise SpecError(f"the triton scan backend computes in float32 but {', '.join(wide)} is float64; "
+                        f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
     b, l, h, p = x.shape
     if b == 0 or l == 0:
         out = x.new_zeros(x.shape)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from momkit.errors import SpecError
+
 
 def check_tiling(tiling, counts: tuple[str, ...], small: tuple[str, ...] = (), sizes: tuple[str, ...] = ()) -> None:
     """Refuse a field of the dataclass ``tiling`` that its kernels cannot take.
@@ -17,14 +19,14 @@ def check_tiling(tiling, counts: tuple[str, ...], small: tuple[str, ...] = (), s
         name, value = f.name, getattr(tiling, f.name)
         if name in sizes:
             if value < 0:
-                raise ValueError(f"Tiling.{name} must be at least 0, got {value}")
+                raise SpecError(f"Tiling.{name} must be at least 0, got {value}")
         elif name.endswith(counts):
             if value < 1:
-                raise ValueError(f"Tiling.{name} must be at least 1, got {value}")
+                raise SpecError(f"Tiling.{name} must be at least 1, got {value}")
         elif value < 1 or value & (value - 1):
-            raise ValueError(f"Tiling.{name} must be a power of two, got {value}")
+            raise SpecError(f"Tiling.{name} must be a power of two, got {value}")
         elif not (name.endswith("warps") or name in small) and value < 16:
-            raise ValueError(f"Tiling.{name} must be at least 16 (tl.dot's smallest size), got {value}")
+            raise SpecError(f"Tiling.{name} must be at least 16 (tl.dot's smallest size), got {value}")
 
 
 def pow2(x: int) -> int:

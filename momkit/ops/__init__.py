@@ -5,6 +5,11 @@
 reshaping a tensor; likewise :func:`selective_state_update` (mamba_ssm's function of that name) and
 :func:`conv_state_update` (causal-conv1d's ``causal_conv1d_update``) for decoding one position.
 :func:`routed_linear` is the routed projection. Every argument is checked here, before any backend runs.
+
+Each front door takes ``backend=``: a registered backend name or ``"auto"``, which picks, per operation, the
+available backend of highest priority that runs the call (its device, dtype and extensions). A named backend
+runs every operation it implements; an operation it does not implement at all runs on the ``"auto"``
+choice, so one name (a spec's ``scan_backend``) can be passed to every operation of a block.
 """
 
 from __future__ import annotations
@@ -13,39 +18,39 @@ import functools
 
 import torch
 
-from momkit.ops.backend import ScanBackend
+from momkit.descriptors import ScanBackend
+from momkit.errors import SpecError
 from momkit.ops.checks import (check_conv_state_update, check_routed_linear, check_selective_scan,
                                check_selective_state_update, check_ssd_scan)
 
-__all__ = ["ScanBackend", "available_backends", "conv_state_update", "resolve_backend", "routed_linear",
+from momkit.registry import Registry, get_registry
+
+__all__ = ["available_backends", "conv_state_update", "resolve_backend", "routed_linear",
            "selective_scan", "selective_state_update", "ssd_scan"]
 
 
 def available_backends() -> list[str]:
     """Names of the registered scan backends that can run in this process, in registry order."""
-    from momkit.registry import get_registry
-
     return [b.name for b in get_registry().scan_backends.values() if b.is_available()]
 
 
 def resolve_backend(name: str, device: torch.device | str, op: str, extensions=frozenset(),
                     dtype: torch.dtype | None = None) -> ScanBackend:
-    """The backend ``name`` (or, for ``"auto"``, the best one) that runs ``op`` on ``device``.
+    """The backend ``name`` (or, for ``"auto"``, the best one) that runs ``op`` on ``device``; for a named
+    backend that does not implement ``op`` at all, the ``"auto"`` choice.
 
     ``extensions`` are the front-door extensions the call uses (see :class:`ScanBackend`), ``dtype`` the dtype
     of its main input (any, if ``None``).
 
     Raises:
-        ValueError: ``name`` is not registered, cannot run here, or lacks ``op``, the device, an extension or
-            the dtype; the message lists the backends that would do.
+        SpecError: ``name`` is not registered or cannot run here (it lacks the device, an extension or the
+            dtype), or no backend runs the call; the message lists the backends that would do.
     """
-    from momkit.registry import get_registry
-
     return _resolve(get_registry(), name, torch.device(device).type, op, frozenset(extensions), dtype)
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve(registry, name: str, device_type: str, op: str, extensions: frozenset[str],
+def _resolve(registry: Registry, name: str, device_type: str, op: str, extensions: frozenset[str],
              dtype: torch.dtype | None) -> ScanBackend:
     """:func:`resolve_backend` for one registry, remembered: a registry is fixed once looked up, and decoding
     asks the same question for every layer and position."""
@@ -58,15 +63,17 @@ def _resolve(registry, name: str, device_type: str, op: str, extensions: frozens
     suitable = sorted((b for b in backends.values() if fits(b)), key=lambda b: -b.priority)
     need = (f"{op} on {device_type}" + ("" if dtype is None else f" in {dtype}")
             + "".join(f" with {e}" for e in sorted(extensions)))
+    if name in backends and getattr(backends[name], op) is None:
+        name = "auto"
     if name == "auto":
         if not suitable:
-            raise ValueError(f"no scan backend runs {need}; registered backends: {sorted(backends)}")
+            raise SpecError(f"no scan backend runs {need}; registered backends: {sorted(backends)}")
         return suitable[0]
     if name not in backends:
-        raise ValueError(f"unknown scan backend {name!r}; registered backends: {sorted(backends)} or 'auto'")
+        raise SpecError(f"unknown scan backend {name!r}; registered backends: {sorted(backends)} or 'auto'")
     if not fits(backends[name]):
-        raise ValueError(f"scan backend {name!r} cannot run {need} in this process; "
-                         f"backends that can: {[b.name for b in suitable] or 'none'}")
+        raise SpecError(f"scan backend {name!r} cannot run {need} in this process; "
+                        f"backends that can: {[b.name for b in suitable] or 'none'}")
     return backends[name]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from momkit.errors import SpecError
+
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -24,17 +26,17 @@ def expect_tensor(name: str, value, shapes: dict[str, tuple], device: torch.devi
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the other inputs are on {device}; "
-                         f"move every input to one device")
+        raise SpecError(f"{name} is on {value.device} but the other inputs are on {device}; "
+                        f"move every input to one device")
     if floating and value.dtype not in FLOATS:
-        raise ValueError(f"{name} has dtype {value.dtype}; expected one of {[str(d) for d in FLOATS]}")
+        raise SpecError(f"{name} has dtype {value.dtype}; expected one of {[str(d) for d in FLOATS]}")
     if not floating and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
-        raise ValueError(f"{name} has dtype {value.dtype}; expected an integer dtype (int32 or int64)")
+        raise SpecError(f"{name} has dtype {value.dtype}; expected an integer dtype (int32 or int64)")
     for shape in shapes.values():
         if value.dim() == len(shape) and all(s is None or s == v for s, v in zip(shape, value.shape)):
             return
     wanted = " or ".join(f"{label} = {_fmt(s)}" for label, s in shapes.items())
-    raise ValueError(f"{name} has shape {_fmt(value.shape)}; expected {wanted}")
+    raise SpecError(f"{name} has shape {_fmt(value.shape)}; expected {wanted}")
 
 
 def _check_A(A, modality, labels: tuple[str, str], shape: tuple, batch: int, length: int, device):
@@ -60,7 +62,7 @@ def check_ids(modality: torch.Tensor, count: int, holder: str | None = None, nam
     if low < 0 or high >= count:
         owner = "" if holder is None else f" but {holder} has {count} modalities"
         valid = ", ".join(f"{i} = {name}" for i, name in enumerate(names)) if names else f"0..{count - 1}"
-        raise ValueError(f"{label} holds ids in [{low}, {high}]{owner}; valid ids: {valid}")
+        raise SpecError(f"{label} holds ids in [{low}, {high}]{owner}; valid ids: {valid}")
 
 
 def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx) -> None:
@@ -77,8 +79,8 @@ def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx)
                   dev)
     expect_tensor("C", C, {"same as B": tuple(B.shape)}, dev)
     if B.dim() == 4 and dim % B.shape[1]:
-        raise ValueError(f"B has {B.shape[1]} groups, which does not divide d = {dim}; "
-                         f"valid group counts divide {dim}")
+        raise SpecError(f"B has {B.shape[1]} groups, which does not divide d = {dim}; "
+                        f"valid group counts divide {dim}")
     if D is not None:
         expect_tensor("D", D, {"(d,)": (dim,)}, dev)
     if z is not None:
@@ -97,14 +99,14 @@ def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
     batch, length, heads, headdim = x.shape
     dev = x.device
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        raise SpecError(f"chunk_size must be a positive int, got {chunk_size!r}")
     expect_tensor("dt", dt, {"(b, l, h)": (batch, length, heads)}, dev)
     _check_A(A, modality, ("(h,)", "(M, h)"), (heads,), batch, length, dev)
     expect_tensor("B", B, {"(b, l, g, n)": (batch, length, None, None)}, dev)
     expect_tensor("C", C, {"same as B": tuple(B.shape)}, dev)
     if heads % B.shape[2]:
-        raise ValueError(f"B has {B.shape[2]} groups, which does not divide h = {heads}; "
-                         f"valid group counts divide {heads}")
+        raise SpecError(f"B has {B.shape[2]} groups, which does not divide h = {heads}; "
+                        f"valid group counts divide {heads}")
     if D is not None:
         expect_tensor("D", D, {"(h,)": (heads,), "(h, p)": (heads, headdim)}, dev)
     if z is not None:
@@ -125,7 +127,7 @@ def check_routed_linear(x, weight, bias, modality) -> None:
                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     expect_tensor("weight", weight, {"(M, out, in)": (None, None, x.shape[-1])}, x.device)
     if weight.dtype != x.dtype:
-        raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; cast one to the other")
+        raise SpecError(f"weight has dtype {weight.dtype} but x has {x.dtype}; cast one to the other")
     if bias is not None:
         expect_tensor("bias", bias, {"(M, out)": tuple(weight.shape[:2])}, x.device)
     expect_tensor("modality", modality, {"x's leading shape": tuple(x.shape[:-1])}, x.device, floating=False)
@@ -162,15 +164,15 @@ def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, modality)
     expect_tensor("B", B, bc, dev)
     expect_tensor("C", C, {"same as B": tuple(B.shape)}, dev)
     if heads and channels[0] % B.shape[1]:
-        raise ValueError(f"B has {B.shape[1]} groups, which does not divide h = {channels[0]}; "
-                         f"valid group counts divide {channels[0]}")
+        raise SpecError(f"B has {B.shape[1]} groups, which does not divide h = {channels[0]}; "
+                        f"valid group counts divide {channels[0]}")
     for name, value in (("D", D), ("dt_bias", dt_bias)):
         if value is not None:
             _routable(name, value, channels, per_channel, modality, dev)
     if z is not None:
         expect_tensor("z", z, {form: (batch, *channels)}, dev)
     if state.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"state has dtype {state.dtype}; expected torch.float32 (or torch.float64)")
+        raise SpecError(f"state has dtype {state.dtype}; expected torch.float32 (or torch.float64)")
 
 
 def check_conv_state_update(x, conv_state, weight, bias, activation, modality) -> None:
@@ -186,4 +188,4 @@ def check_conv_state_update(x, conv_state, weight, bias, activation, modality) -
     if bias is not None:
         _routable("bias", bias, (channels,), "(c,)", modality, x.device)
     if activation not in (None, "silu"):
-        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+        raise SpecError(f"activation must be None or 'silu', got {activation!r}")

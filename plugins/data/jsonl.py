@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from pydantic import Field, model_validator
 
+from momkit.errors import SpecError
 from momkit.plugins.data.packing import Chunk, PackedSource, Piece, StreamLayout, check_split
 from momkit.spec import DatasetConfig, ModalityConfig
 
@@ -61,11 +62,11 @@ class JsonlConfig(DatasetConfig):
     @model_validator(mode="after")
     def _one_source_per_split(self) -> JsonlConfig:
         if (self.path is None) == (self.shards is None):
-            raise ValueError(f"jsonl needs exactly one of `path` (a JSON-lines file) and `shards` (a directory "
-                             f"written by convert_jsonl); got path={self.path!r}, shards={self.shards!r}")
+            raise SpecError(f"jsonl needs exactly one of `path` (a JSON-lines file) and `shards` (a directory "
+                            f"written by convert_jsonl); got path={self.path!r}, shards={self.shards!r}")
         if self.eval_path is not None and self.eval_shards is not None:
-            raise ValueError(f"give at most one of eval_path and eval_shards; got eval_path={self.eval_path!r}, "
-                             f"eval_shards={self.eval_shards!r}")
+            raise SpecError(f"give at most one of eval_path and eval_shards; got eval_path={self.eval_path!r}, "
+                            f"eval_shards={self.eval_shards!r}")
         return self
 
 
@@ -160,12 +161,12 @@ def read_jsonl(path: str | Path, modalities: Sequence[ModalityConfig]) -> Iterat
     discrete modality, ``(n, latent_dim)`` float32 vectors for a continuous one; ids index ``modalities``.
 
     Raises:
-        ValueError: the file is missing or holds no document, or a line is bad; the message names the file, the
+        SpecError: the file is missing or holds no document, or a line is bad; the message names the file, the
             line and the field (e.g. ``data.jsonl, line 7, segments[1].tokens[3]: 300 is out of range ...``).
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"jsonl file {str(path)!r} does not exist")
+        raise SpecError(f"jsonl file {str(path)!r} does not exist")
     names = [m.name for m in modalities]
     documents = 0
     with path.open("rb") as lines:
@@ -176,14 +177,14 @@ def read_jsonl(path: str | Path, modalities: Sequence[ModalityConfig]) -> Iterat
                     continue
                 document = _document(line, modalities, names)
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}, line {number}: not UTF-8 ({exc.reason})") from None
+                raise SpecError(f"{path}, line {number}: not UTF-8 ({exc.reason})") from None
             except _BadField as exc:
                 where, what = exc.args
-                raise ValueError(f"{path}, line {number}{', ' + where if where else ''}: {what}") from None
+                raise SpecError(f"{path}, line {number}{', ' + where if where else ''}: {what}") from None
             documents += 1
             yield document
     if not documents:
-        raise ValueError(f"jsonl file {str(path)!r} holds no documents")
+        raise SpecError(f"jsonl file {str(path)!r} holds no documents")
 
 
 def _lay_out(documents: Iterable[list[tuple[int, np.ndarray]]], modalities: Sequence[ModalityConfig],
@@ -194,7 +195,7 @@ def _lay_out(documents: Iterable[list[tuple[int, np.ndarray]]], modalities: Sequ
         The header's counts: ``{"documents", "positions", "modalities": [{..., "positions", "max_token"}]}``.
     """
     if len(modalities) > 256:
-        raise ValueError(f"shards hold at most 256 modalities (uint8 ids); got {len(modalities)}")
+        raise SpecError(f"shards hold at most 256 modalities (uint8 ids); got {len(modalities)}")
     stats = [{"name": m.name, "kind": m.kind, "vocab_size": m.vocab_size, "latent_dim": m.latent_dim,
               "positions": 0, "max_token": -1} for m in modalities]
     position, count = 0, 0
@@ -293,11 +294,11 @@ def convert_jsonl(jsonl_path: str | Path, out_dir: str | Path, modalities: Seque
         ``out_dir`` as a path.
 
     Raises:
-        ValueError: ``out_dir`` is not empty, or a line is bad (see :func:`read_jsonl`).
+        SpecError: ``out_dir`` is not empty, or a line is bad (see :func:`read_jsonl`).
     """
     modalities, out = list(modalities), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty directory; convert into a new directory")
+        raise SpecError(f"{out} exists and is not an empty directory; convert into a new directory")
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True)
     try:
@@ -342,29 +343,29 @@ def open_shards(directory: str | Path, modalities: Sequence[ModalityConfig]) -> 
     """Memory-map shards written by :func:`convert_jsonl`, checking their modalities against the spec's.
 
     Raises:
-        ValueError: not shards, another format version, or a modality with positions that the spec lacks or
+        SpecError: not shards, another format version, or a modality with positions that the spec lacks or
             has in another form (kind, discrete or continuous, latent_dim, too small a vocab_size).
     """
     directory = Path(directory)
     if not (directory / HEADER).is_file():
-        raise ValueError(f"{directory} has no {HEADER}: not shards written by convert_jsonl (or the conversion "
-                         f"did not finish)")
+        raise SpecError(f"{directory} has no {HEADER}: not shards written by convert_jsonl (or the conversion "
+                        f"did not finish)")
     header = json.loads((directory / HEADER).read_text())
     if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{directory} holds format {header.get('format')!r} version {header.get('version')!r}; "
-                         f"this momkit reads {FORMAT!r} version {FORMAT_VERSION}")
+        raise SpecError(f"{directory} holds format {header.get('format')!r} version {header.get('version')!r}; "
+                        f"this momkit reads {FORMAT!r} version {FORMAT_VERSION}")
     names = [m.name for m in modalities]
     to_spec = []
     for entry in header["modalities"]:
         if entry["name"] not in names:
             if entry["positions"]:
-                raise ValueError(f"shards {directory} hold modality {entry['name']!r} ({entry['positions']} "
-                                 f"positions), not a modality of the spec; its modalities: {', '.join(names)}")
+                raise SpecError(f"shards {directory} hold modality {entry['name']!r} ({entry['positions']} "
+                                f"positions), not a modality of the spec; its modalities: {', '.join(names)}")
             to_spec.append(-1)
             continue
         problem = _mismatch(entry, modalities[names.index(entry["name"])])
         if problem:
-            raise ValueError(f"modality {entry['name']!r} of shards {directory} {problem}")
+            raise SpecError(f"modality {entry['name']!r} of shards {directory} {problem}")
         to_spec.append(names.index(entry["name"]))
     arrays = {name: _map(directory / spec["file"], spec["dtype"], spec["shape"])
               for name, spec in header["arrays"].items()}
@@ -396,9 +397,9 @@ def build(config: JsonlConfig, modalities: Sequence[ModalityConfig], split: str,
         total = documents.num_documents
         held = 0 if held_out is not None else max(1, round(total * config.eval_fraction))
         if held >= total:
-            raise ValueError(f"{source} holds {total} document(s): too few to hold out eval_fraction "
-                             f"{config.eval_fraction} for eval and train on the rest; add documents, or give "
-                             f"eval_path or eval_shards")
+            raise SpecError(f"{source} holds {total} document(s): too few to hold out eval_fraction "
+                            f"{config.eval_fraction} for eval and train on the rest; add documents, or give "
+                            f"eval_path or eval_shards")
         first, count = (total - held, held) if split == "eval" else (0, total - held)
         name = f"the {split} split ({source}, documents {first}..{first + count - 1})"
     layout = StreamLayout(documents.offsets[first:first + count + 1], seq_len, first, name)

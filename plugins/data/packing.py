@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from momkit import Batch
+from momkit.errors import SpecError
 from momkit.spec import ModalityConfig
 
 SPLITS = ("train", "eval")
@@ -36,9 +37,9 @@ SPLITS = ("train", "eval")
 def check_split(split: str, seq_len: int) -> None:
     """Raise ``ValueError`` for an unknown ``split`` or a ``seq_len`` below 1."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise SpecError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+        raise SpecError(f"seq_len must be a positive int, got {seq_len!r}")
 
 
 def keyed_seed(*key) -> int:
@@ -120,7 +121,7 @@ class StreamLayout:
         name: The split, as error messages name it (e.g. ``"the eval split of data.jsonl"``).
 
     Raises:
-        ValueError: the documents hold fewer than ``seq_len`` positions.
+        SpecError: the documents hold fewer than ``seq_len`` positions.
     """
 
     def __init__(self, offsets: np.ndarray, seq_len: int, first_doc: int = 0, name: str = "the split"):
@@ -129,8 +130,8 @@ class StreamLayout:
         positions = int(offsets[-1]) - self.base
         self.rows = positions // seq_len
         if self.rows == 0:
-            raise ValueError(f"{name} has {len(offsets) - 1} documents of {positions} positions in all, fewer "
-                             f"than one row of seq_len {seq_len}; add documents or lower seq_len")
+            raise SpecError(f"{name} has {len(offsets) - 1} documents of {positions} positions in all, fewer "
+                            f"than one row of seq_len {seq_len}; add documents or lower seq_len")
 
     def pieces(self, row: int) -> list[Piece]:
         begin = self.base + row * self.seq_len
@@ -195,7 +196,7 @@ class PackedSource:
         """Batch number ``index``: ``batch_size`` rows of ``seq_len`` positions, the same for the same index."""
         batch_size = _check_batch_size(batch_size)
         if not isinstance(index, Integral) or index < 0:
-            raise ValueError(f"batch index must be a non-negative int, got {index!r}")
+            raise SpecError(f"batch index must be a non-negative int, got {index!r}")
         index = int(index)
         rows = range(index * batch_size, (index + 1) * batch_size)
         if self.layout.rows is not None:
@@ -223,5 +224,5 @@ class PackedSource:
 
 def _check_batch_size(batch_size: int) -> int:
     if not isinstance(batch_size, Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise SpecError(f"batch_size must be a positive int, got {batch_size!r}")
     return int(batch_size)

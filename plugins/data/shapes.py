@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from momkit.errors import SpecError
 from momkit.plugins.data import kmeans
 from momkit.plugins.data.packing import (Chunk, PackedSource, Piece, StreamLayout, StridedLayout, check_split,
                                          keyed_seed, segment)
@@ -94,16 +95,16 @@ class ShapesConfig(DatasetConfig):
     def _known_streams(cls, value: dict[str, str | None]) -> dict[str, str | None]:
         unknown = [s for s in value if s not in STREAMS]
         if unknown:
-            raise ValueError(f"streams names {', '.join(map(repr, unknown))}, not a stream of shapes; its "
-                             f"streams: {', '.join(STREAMS)}")
+            raise SpecError(f"streams names {', '.join(map(repr, unknown))}, not a stream of shapes; its "
+                            f"streams: {', '.join(STREAMS)}")
         return value
 
     @model_validator(mode="after")
     def _patches_tile(self) -> ShapesConfig:
         if self.image_size % self.patch_size:
             divisors = [str(d) for d in range(1, self.image_size + 1) if self.image_size % d == 0]
-            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}; its "
-                             f"divisors: {', '.join(divisors)}")
+            raise SpecError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}; its "
+                            f"divisors: {', '.join(divisors)}")
         return self
 
 
@@ -213,35 +214,35 @@ def _stream_modalities(streams: dict[str, str | None], modalities: Sequence[Moda
         if stream in streams:
             name = streams[stream]
             if name is not None and name not in names:
-                raise ValueError(f"data.streams maps stream {stream!r} to {name!r}, not a modality of the spec; "
-                                 f"its modalities: {', '.join(names)}")
+                raise SpecError(f"data.streams maps stream {stream!r} to {name!r}, not a modality of the spec; "
+                                f"its modalities: {', '.join(names)}")
             if name is not None:
                 ids[stream] = names.index(name)
             continue
         same = [i for i, m in enumerate(modalities) if m.kind == stream]
         if len(same) > 1:
             listed = ", ".join(names[i] for i in same)
-            raise ValueError(f"the spec has {len(same)} modalities of kind {stream!r} ({listed}); say which one "
-                             f"the shapes {stream} stream fills with data.streams, e.g. "
-                             f"streams: {{{stream}: {names[same[0]]}}} (null leaves the stream out)")
+            raise SpecError(f"the spec has {len(same)} modalities of kind {stream!r} ({listed}); say which one "
+                            f"the shapes {stream} stream fills with data.streams, e.g. "
+                            f"streams: {{{stream}: {names[same[0]]}}} (null leaves the stream out)")
         if same:
             ids[stream] = same[0]
     shared = sorted({names[i] for i in ids.values() if list(ids.values()).count(i) > 1})
     if shared:
-        raise ValueError(f"data.streams sends two streams of shapes to modality {shared[0]!r}; a modality takes "
-                         f"one stream")
+        raise SpecError(f"data.streams sends two streams of shapes to modality {shared[0]!r}; a modality takes "
+                        f"one stream")
     if not ids:
         listed = ", ".join(f"{m.name} ({m.kind})" for m in modalities)
-        raise ValueError(f"shapes fills modalities of kind {', '.join(STREAMS)} (or those data.streams names); "
-                         f"the spec has none of them: {listed}")
+        raise SpecError(f"shapes fills modalities of kind {', '.join(STREAMS)} (or those data.streams names); "
+                        f"the spec has none of them: {listed}")
     for stream, i in ids.items():
         m = modalities[i]
         if stream != "image" and not m.discrete:
-            raise ValueError(f"the shapes {stream} stream is discrete; modality {m.name!r} is continuous "
-                             f"(latent_dim {m.latent_dim}): give it a vocab_size, or map the stream elsewhere")
+            raise SpecError(f"the shapes {stream} stream is discrete; modality {m.name!r} is continuous "
+                            f"(latent_dim {m.latent_dim}): give it a vocab_size, or map the stream elsewhere")
         if stream == "text" and m.vocab_size < TEXT_VOCAB:
-            raise ValueError(f"the shapes text stream is bytes (ids 0..255) and needs vocab_size >= 256; "
-                             f"modality {m.name!r} has vocab_size {m.vocab_size}")
+            raise SpecError(f"the shapes text stream is bytes (ids 0..255) and needs vocab_size >= 256; "
+                            f"modality {m.name!r} has vocab_size {m.vocab_size}")
     return ids
 
 
@@ -330,9 +331,9 @@ class ShapesStore:
             else:
                 values = 3 * config.patch_size ** 2
                 if image.latent_dim > values:
-                    raise ValueError(f"modality {image.name!r} has latent_dim {image.latent_dim}, more than the "
-                                     f"{values} values of a {config.patch_size}x{config.patch_size} RGB patch; "
-                                     f"use latent_dim <= {values} or a larger patch_size")
+                    raise SpecError(f"modality {image.name!r} has latent_dim {image.latent_dim}, more than the "
+                                    f"{values} values of a {config.patch_size}x{config.patch_size} RGB patch; "
+                                    f"use latent_dim <= {values} or a larger patch_size")
                 self.image_pca = _cached(root, _key(config, "image-pca", image.latent_dim),
                                          lambda: _fit_image_pca(config, image.latent_dim))
         if "speech" in self.ids:

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from pydantic import Field, model_validator
 
+from momkit.errors import SpecError
 from momkit.plugins.data.packing import Chunk, PackedSource, Piece, StridedLayout, check_split, keyed_seed, segment
 from momkit.spec import DatasetConfig, ModalityConfig
 
@@ -27,7 +28,7 @@ class SyntheticConfig(DatasetConfig):
     @model_validator(mode="after")
     def _lengths_ordered(self) -> SyntheticConfig:
         if self.min_length > self.max_length:
-            raise ValueError(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
+            raise SpecError(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
         return self
 
 

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from momkit import Batch, hookimpl
 from momkit.descriptors import Dataset, Modality
+from momkit.errors import SpecError
 from momkit.spec import DatasetConfig, ModalityConfig
 
 
@@ -38,8 +39,8 @@ class SineWaves:
         kinds = [m.kind for m in modalities]
         for needed in ("text", "sensor"):
             if kinds.count(needed) != 1:
-                raise ValueError(f"sine_waves needs exactly one modality of kind {needed!r}; the spec has "
-                                 f"{kinds.count(needed)} (modalities: {[m.name for m in modalities]})")
+                raise SpecError(f"sine_waves needs exactly one modality of kind {needed!r}; the spec has "
+                                f"{kinds.count(needed)} (modalities: {[m.name for m in modalities]})")
         self.text, self.sensor = kinds.index("text"), kinds.index("sensor")
         self.sensor_name, self.channels = modalities[self.sensor].name, modalities[self.sensor].latent_dim
         self.config, self.seq_len = config, seq_len

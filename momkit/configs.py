@@ -1,0 +1,98 @@
+"""The settings models that plugins extend: a modality's, a backbone's, an objective's and a dataset's.
+
+Each is a pydantic model that rejects unknown fields; a plugin subclasses the one of its kind to declare its
+own settings, and :mod:`momkit.spec` validates a spec's entries by the model of the plugin each names. This
+module knows nothing of the registry, so descriptors and plugins can import it freely.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from momkit.errors import SpecError
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, ascending: the valid values of a setting that must divide ``n``."""
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+class StrictModel(BaseModel):
+    """A pydantic model that rejects unknown fields, naming them and the valid ones."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                raise SpecError(f"unknown field(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
+                                f"valid fields: {', '.join(cls.model_fields)}")
+        return data
+
+
+class ModalityConfig(StrictModel):
+    """Settings of one modality of a spec; a modality plugin's own settings subclass this model.
+
+    A modality is discrete (``vocab_size``) or continuous (``latent_dim``): giving one clears the other's
+    default.
+    """
+
+    kind: str = Field(description="Name of a registered modality, e.g. `text`.")
+    name: str | None = Field(None, description="Name of the modality in this spec (default: `kind`), so one "
+                                                "kind can appear twice with different settings.")
+    vocab_size: int | None = Field(None, gt=0, description="Vocabulary size of discrete tokens.")
+    latent_dim: int | None = Field(None, gt=0, description="Dimension of continuous latent vectors.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_representation(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "latent_dim" in data and "vocab_size" not in data:
+                data = {**data, "vocab_size": None}
+            elif "vocab_size" in data and "latent_dim" not in data:
+                data = {**data, "latent_dim": None}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModalityConfig:
+        if (self.vocab_size is None) == (self.latent_dim is None):
+            raise SpecError(f"modality {self.kind!r} needs exactly one of vocab_size (discrete tokens) and "
+                            f"latent_dim (continuous vectors), got vocab_size={self.vocab_size}, "
+                            f"latent_dim={self.latent_dim}")
+        if self.name is None:
+            self.name = self.kind
+        return self
+
+    @property
+    def discrete(self) -> bool:
+        """Whether tokens are discrete ids (else continuous vectors)."""
+        return self.vocab_size is not None
+
+
+class BackboneConfig(StrictModel):
+    """Options common to every backbone; a backbone's own options subclass this model."""
+
+    kind: str = Field(description="Name of a registered backbone, e.g. `mamba`.")
+    d_model: int = Field(gt=0, description="Width of the residual stream.")
+    n_layers: int | None = Field(None, ge=1, description="Number of stacked blocks: required in a ModelSpec, "
+                                                          "not allowed in a BlockSpec (which is one block).")
+
+
+class ObjectiveConfig(StrictModel):
+    """The training objective of one modality; an objective plugin's own settings subclass this model."""
+
+    kind: str = Field(description="Name of a registered objective: `next_token` (discrete modalities) or "
+                                  "`diffusion` (continuous ones).")
+    weight: float = Field(1.0, ge=0, description="Weight of this modality's loss in the training loss.")
+
+
+class DatasetConfig(StrictModel):
+    """The data a model trains and evaluates on; a dataset plugin's own settings subclass this model."""
+
+    kind: str = Field(description="Name of a registered dataset, e.g. `shapes` (built in, no download).")
+    seed: int = Field(0, description="Seed of the data: the same seed gives the same sequences.")

@@ -1,0 +1,43 @@
+"""What the state-space backbones share: the step-size options and their initialisation, and float32 promotion.
+
+A backbone whose block has a data-dependent step size ``dt = softplus(... + dt_bias)`` (Mamba, Mamba-2, and
+third-party variants) subclasses :class:`StepSizeConfig` for its options and draws its biases with
+:func:`initial_dt_bias`, as mamba_ssm's modules do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field, model_validator
+
+from momkit.configs import BackboneConfig
+from momkit.errors import SpecError
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or in its own dtype if that is wider (float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class StepSizeConfig(BackboneConfig):
+    """Backbone options of the initial step sizes (defaults as in mamba_ssm's ``Mamba`` and ``Mamba2``)."""
+
+    dt_min: float = Field(0.001, gt=0, description="Smallest initial step size.")
+    dt_max: float = Field(0.1, gt=0, description="Largest initial step size.")
+    dt_init_floor: float = Field(1e-4, gt=0, description="Floor of the initial step sizes.")
+
+    @model_validator(mode="after")
+    def _dt_range(self) -> StepSizeConfig:
+        if self.dt_min > self.dt_max:
+            raise SpecError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        return self
+
+
+def initial_dt_bias(config: StepSizeConfig, shape: tuple[int, ...]) -> torch.Tensor:
+    """mamba_ssm's step-size initialisation: biases of ``shape`` whose softplus is log-uniform in
+    ``[config.dt_min, config.dt_max]``, floored at ``config.dt_init_floor``."""
+    dt = torch.exp(torch.rand(shape) * (math.log(config.dt_max) - math.log(config.dt_min))
+                   + math.log(config.dt_min)).clamp(min=config.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
