@@ -1,5 +1,7 @@
-"""A plugin installed as its own distribution adds a modality and a dataset that a spec then trains on."""
+"""A plugin installed as its own distribution adds a modality, a dataset and a backbone; a spec trains on them,
+and the plugin's own tests run momkit's block contract checks on its backbone."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +33,23 @@ def test_plugin_registers_through_its_entry_point(installed):
     registry = Registry.from_entry_points()
     assert registry.tables["modality"]["sensor"].distribution == "momkit-sensors"
     assert registry.tables["dataset"]["sine_waves"].distribution == "momkit-sensors"
+    assert registry.tables["backbone"]["ema"].distribution == "momkit-sensors"
+
+
+def test_plugin_backbone_passes_the_contract_suite(installed):
+    """The plugin's tests, run as its author runs them: pytest over its `tests/` folder."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN / "tests")],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7 passed" in result.stdout
 
 
 def test_spec_using_the_plugin_trains(installed, tmp_path):
     with use_registry(Registry.from_entry_points()):
         data = yaml.safe_load((PLUGIN / "sensors.yaml").read_text())
-        data["backbone"].update(d_model=16, n_layers=1)
+        data["backbone"] = {"kind": "ema", "d_model": 16, "n_layers": 1}
+        data["routing"] = {"specific": "all"}
         data["train"].update(steps=6, batch_size=2, seq_len=64, eval_every=3, eval_batches=1)
         spec = ModelSpec.model_validate(data)
         result = train(spec, tmp_path, progress=False)

@@ -1,8 +1,10 @@
-"""An example momkit plugin, installed as its own distribution: a modality and a dataset.
+"""An example momkit plugin, installed as its own distribution: a modality, a dataset and a backbone.
 
 - modality ``sensor``: continuous readings of a multi-channel sensor, ``latent_dim`` channels per position;
 - dataset ``sine_waves``: documents made of a text caption ("wave 3 hz") followed by a recording of that
-  sine wave, so that a model can learn to denoise or predict a recording from its caption.
+  sine wave, so that a model can learn to denoise or predict a recording from its caption;
+- backbone ``ema``: a gated exponential moving average over time (:mod:`momkit_sensors.ema`), whose tests
+  (``tests/``) run momkit's block contract checks.
 
 momkit finds both through the ``momkit`` entry point in this package's ``pyproject.toml``.
 """
@@ -15,9 +17,10 @@ import torch
 from pydantic import Field
 
 from momkit import Batch, hookimpl
-from momkit.descriptors import Dataset, Modality
+from momkit.descriptors import Backbone, Dataset, Modality
 from momkit.errors import SpecError
 from momkit.spec import DatasetConfig, ModalityConfig
+from momkit_sensors import ema
 
 
 class SensorConfig(ModalityConfig):
@@ -90,3 +93,9 @@ def momkit_modalities():
 def momkit_datasets():
     return [Dataset(name="sine_waves", description="captioned sine-wave recordings", config=SineWavesConfig,
                     build=SineWaves)]
+
+
+@hookimpl
+def momkit_backbones():
+    return [Backbone(name="ema", description="gated exponential moving average (example plugin)",
+                     config=ema.EmaConfig, block=ema.EmaBlock, sublayers=ema.SUBLAYERS, flops=ema.flops)]
