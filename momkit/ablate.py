@@ -33,7 +33,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from momkit.errors import SpecError
 from momkit.spec import ModelSpec, StrictModel, read_mapping
-from momkit.train import METRICS_FILE, RESULT_FILE, SPEC_FILE, spec_text, train
+from momkit.rundir import RunDir
+from momkit.train import train
 
 SUITE_FILE = "suite.json"
 
@@ -148,14 +149,14 @@ def run_suite(suite: SuiteSpec, base: dict[str, Any], out_dir: str | Path, *, ma
     (out / SUITE_FILE).write_text(json.dumps({"name": suite.name, "baseline": suite.baseline,
                                               "variants": list(specs), "seeds": suite.seeds}, indent=1))
     runs = [(spec, run_dir(out, name, seed)) for name, by_seed in specs.items() for seed, spec in by_seed.items()]
-    pending = [(spec, path) for spec, path in runs if not (path / RESULT_FILE).exists()]
+    pending = [(spec, run) for spec, run in runs if not run.finished]
     if launcher == "slurm":
         _submit(pending, out, suite.slurm, cluster, max_steps, device)
     elif workers > 1:
         _fan_out(pending, workers, max_steps, device)
     else:
-        for spec, path in pending:
-            train(spec, path, max_steps=max_steps, device=device, progress=progress)
+        for spec, run in pending:
+            train(spec, run.path, max_steps=max_steps, device=device, progress=progress)
     report(out)
 
 
@@ -166,27 +167,26 @@ def _fan_out(runs: list, workers: int, max_steps: int | None, device: str | None
     for slot in range(workers):
         slots.put(slot)
 
-    def one(spec, path: Path) -> tuple[Path, subprocess.CompletedProcess]:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / SPEC_FILE).write_text(spec_text(spec))
+    def one(spec, run: RunDir) -> tuple[RunDir, subprocess.CompletedProcess]:
+        run.write_spec(spec)
         slot = slots.get()
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-        command = [sys.executable, "-m", "momkit", "train", str(path / SPEC_FILE), "--out", str(path), "--quiet"]
+        command = [sys.executable, "-m", "momkit", "train", str(run.spec_file), "--out", str(run.path), "--quiet"]
         command += ["--max-steps", str(max_steps)] if max_steps else []
         command += ["--device", device] if device else []
         try:
-            return path, subprocess.run(command, env=env, capture_output=True, text=True)
+            return run, subprocess.run(command, env=env, capture_output=True, text=True)
         finally:
             slots.put(slot)
 
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda run: one(*run), runs))
-    failed = [(path, r) for path, r in results if r.returncode]
+    failed = [(run, r) for run, r in results if r.returncode]
     if failed:
-        path, result = failed[0]
-        raise SpecError(f"{len(failed)} run(s) failed; {path}: {result.stderr.strip()[-2000:]}")
+        run, result = failed[0]
+        raise SpecError(f"{len(failed)} run(s) failed; {run.path}: {result.stderr.strip()[-2000:]}")
 
 
 def _submit(runs: list, out: Path, parameters: dict[str, Any], cluster: str | None, max_steps: int | None,
@@ -198,20 +198,15 @@ def _submit(runs: list, out: Path, parameters: dict[str, Any], cluster: str | No
         raise SpecError("--launcher slurm needs submitit: pip install 'momkit[slurm]'") from exc
     executor = submitit.AutoExecutor(folder=out / "slurm", cluster=cluster)
     executor.update_parameters(**parameters)
-    jobs = [executor.submit(train, spec, path, max_steps=max_steps, device=device, progress=False)
-            for spec, path in runs]
+    jobs = [executor.submit(train, spec, run.path, max_steps=max_steps, device=device, progress=False)
+            for spec, run in runs]
     for job in jobs:
         job.result()
 
 
-def run_dir(out: Path, variant: str, seed: int) -> Path:
-    return out / "runs" / variant.replace("/", "_") / f"seed{seed}"
-
-
-def _eval_curve(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == "eval"]
+def run_dir(out: Path, variant: str, seed: int) -> RunDir:
+    """The run directory of ``variant`` and ``seed`` in suite directory ``out``."""
+    return RunDir(out / "runs" / variant.replace("/", "_") / f"seed{seed}")
 
 
 def flops_to_match(curve: list[tuple[float, float]], target: float, budget: float) -> float | None:
@@ -242,8 +237,8 @@ def report(out_dir: str | Path) -> list[dict]:
     if not (out / SUITE_FILE).exists():
         raise SpecError(f"{out} holds no suite (no {SUITE_FILE}); run `momkit ablate` there first")
     meta = json.loads((out / SUITE_FILE).read_text())
-    curves = {v: [_eval_curve(run_dir(out, v, s) / METRICS_FILE) for s in meta["seeds"]] for v in meta["variants"]}
-    finished = {v: all((run_dir(out, v, s) / RESULT_FILE).exists() for s in meta["seeds"]) for v in meta["variants"]}
+    curves = {v: [run_dir(out, v, s).eval_curve() for s in meta["seeds"]] for v in meta["variants"]}
+    finished = {v: all(run_dir(out, v, s).finished for s in meta["seeds"]) for v in meta["variants"]}
     keys = sorted({k for cs in curves.values() for c in cs for r in c for k in r if k.startswith("loss/")})
     base = meta["baseline"]
     rows = []

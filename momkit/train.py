@@ -1,14 +1,8 @@
 """Training one model spec: AdamW with warm-up and cosine decay, held-out evaluation, FLOPs, checkpoints.
 
-A run lives in one directory:
-
-- ``spec.yaml``: the spec it trains (a re-run with a different spec in the same directory is refused);
-- ``metrics.jsonl``: one JSON object per line, ``{"split": "train" | "eval", "step", "flops", "tokens",
-  "loss", "loss/<modality>", ...}``, training lines adding the learning rate and the wall-clock ``time``
-  (Unix seconds), evaluation lines ``"ppl/<modality>"`` for discrete modalities;
-- ``checkpoint/``: model and optimiser (``torch.distributed.checkpoint``) and the counters of the last saved
-  step, replaced whole at every save;
-- ``result.json``: the final evaluation, written when the run has finished.
+A run lives in one directory, laid out as :class:`momkit.rundir.RunDir` says (spec, metrics, checkpoint,
+result). AdamW decays every parameter that :func:`momkit.routing.decays` names (matrices, less those that their
+layer or backbone marks with :func:`momkit.routing.no_weight_decay`).
 
 Batches are addressed by index and the objectives' noise is seeded by micro-batch, so a run resumed from a
 checkpoint continues exactly as if it had not stopped. The loop never looks at a backbone's or a modality's
@@ -31,32 +25,25 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import yaml
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torchmetrics import MeanMetric
 from tqdm import tqdm
 
-from momkit import routing
 from momkit.accounting import account
 from momkit.errors import SpecError
 from momkit.model import Model
 from momkit.registry import get_registry
+from momkit.routing import decays
+from momkit.rundir import RunDir
 from momkit.spec import ModelSpec
-
-SPEC_FILE, METRICS_FILE, CHECKPOINT_DIR, RESULT_FILE = "spec.yaml", "metrics.jsonl", "checkpoint", "result.json"
-PROGRESS_FILE = "progress.json"
-
-
-def spec_text(spec: ModelSpec) -> str:
-    """The YAML a run directory keeps of its spec (``momkit train`` reads it back)."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,11 +135,13 @@ def learning_rate(step: int, spec: ModelSpec) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _optimizer(model: nn.Module, spec: ModelSpec) -> torch.optim.AdamW:
-    """AdamW decaying the matrices of linear layers and embeddings only."""
-    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (routing.Linear, nn.Linear, nn.Embedding))}
-    decay = [p for p in model.parameters() if id(p) in matrices]
-    rest = [p for p in model.parameters() if id(p) not in matrices]
+def _optimizer(model: nn.Module, spec: ModelSpec, decayed: set[str] | None = None) -> torch.optim.AdamW:
+    """AdamW decaying the parameters named in ``decayed``, by default those :func:`decays` picks; a sharded
+    model passes the names taken before sharding, which replaces the parameters and their marks."""
+    if decayed is None:
+        decayed = {name for name, p in model.named_parameters() if decays(p)}
+    decay = [p for name, p in model.named_parameters() if name in decayed]
+    rest = [p for name, p in model.named_parameters() if name not in decayed]
     groups = [{"params": decay, "weight_decay": spec.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=spec.train.lr, betas=spec.train.betas)
 
@@ -218,9 +207,10 @@ def _single_process_quietly():
         yield
 
 
-def _save(out: Path, model: nn.Module, optimizer, ranks: _Ranks, progress: dict) -> None:
-    """Write ``out/checkpoint`` from every rank: into a fresh directory, then swapped in by rank 0."""
-    fresh, old = out / (CHECKPOINT_DIR + ".tmp"), out / (CHECKPOINT_DIR + ".old")
+def _save(run: RunDir, model: nn.Module, optimizer, ranks: _Ranks, progress: dict) -> None:
+    """Write the checkpoint from every rank: into a fresh directory, then swapped in by rank 0."""
+    target = run.checkpoint_dir
+    fresh, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
     if ranks.main:
         shutil.rmtree(fresh, ignore_errors=True)
     ranks.barrier()
@@ -229,27 +219,22 @@ def _save(out: Path, model: nn.Module, optimizer, ranks: _Ranks, progress: dict)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=fresh)
     ranks.barrier()
     if ranks.main:
-        (fresh / PROGRESS_FILE).write_text(json.dumps(progress))
-        if (out / CHECKPOINT_DIR).exists():
-            os.replace(out / CHECKPOINT_DIR, old)
-        os.replace(fresh, out / CHECKPOINT_DIR)
+        (fresh / run.progress_file.name).write_text(json.dumps(progress))
+        if target.exists():
+            os.replace(target, old)
+        os.replace(fresh, target)
         shutil.rmtree(old, ignore_errors=True)
     ranks.barrier()
 
 
-def _load(out: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model and optimiser from ``out/checkpoint`` (written on any number of ranks); its counters."""
+def _load(run: RunDir, model: nn.Module, optimizer) -> dict:
+    """Restore model and optimiser from the checkpoint (written on any number of ranks); its counters."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     with _single_process_quietly():
-        dcp.load(state, checkpoint_id=out / CHECKPOINT_DIR)
+        dcp.load(state, checkpoint_id=run.checkpoint_dir)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return json.loads((out / CHECKPOINT_DIR / PROGRESS_FILE).read_text())
-
-
-def _flops_of(batch, per_token: list[float]) -> float:
-    counts = torch.bincount(batch.modality.flatten(), minlength=len(per_token)).tolist()
-    return float(sum(c * f for c, f in zip(counts, per_token)))
+    return json.loads(run.progress_file.read_text())
 
 
 def _move(batch, device: torch.device):
@@ -292,6 +277,113 @@ def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec,
     return record
 
 
+@dataclass
+class _Progress:
+    """The counters a checkpoint keeps: optimiser steps done, training FLOPs and tokens so far, and the last
+    evaluation record."""
+
+    step: int = 0
+    flops: float = 0.0
+    tokens: int = 0
+    eval: dict = field(default_factory=dict)
+
+
+@dataclass
+class _StepStats:
+    """What one optimiser step measured over its micro-batches (summed over ranks by :meth:`summed`): per
+    modality the summed loss and the number of predictions, the training FLOPs and the tokens."""
+
+    loss_sums: list[float]
+    counts: list[float]
+    flops: float = 0.0
+    tokens: float = 0.0
+
+    @classmethod
+    def empty(cls, n_modalities: int) -> _StepStats:
+        return cls([0.0] * n_modalities, [0.0] * n_modalities)
+
+    def add(self, parts: dict, batch, per_token: list[float]) -> None:
+        """Count one micro-batch: its objectives' ``{name: (loss_sum, count)}`` in modality order, its FLOPs."""
+        for i, (summed, count) in enumerate(parts.values()):
+            self.loss_sums[i] += float(summed.detach())
+            self.counts[i] += count
+        counts = torch.bincount(batch.modality.flatten(), minlength=len(per_token)).tolist()
+        self.flops += float(sum(c * f for c, f in zip(counts, per_token)))
+        self.tokens += batch.modality.numel()
+
+    def summed(self, ranks: _Ranks) -> _StepStats:
+        n = len(self.counts)
+        values = ranks.total(*self.loss_sums, *self.counts, self.flops, self.tokens)
+        return _StepStats(values[:n], values[n:2 * n], values[-2], values[-1])
+
+    def losses(self, names: list[str]) -> dict[str, float]:
+        """``{"loss/<name>": mean loss}`` of the modalities that had predictions."""
+        return {f"loss/{n}": s / c for n, s, c in zip(names, self.loss_sums, self.counts) if c}
+
+
+@dataclass
+class _Trainer:
+    """What a run builds before its first step: the model (and its data-parallel wrapper), the optimiser, the
+    objectives, both data sources and the training FLOPs per token of each modality."""
+
+    spec: ModelSpec
+    device: torch.device
+    model: Model
+    wrapped: nn.Module
+    optimizer: torch.optim.AdamW
+    objectives: _Objectives
+    train_source: object
+    eval_source: object
+    per_token: list[float]
+    autocast: Callable
+
+    @classmethod
+    def build(cls, spec: ModelSpec, device: torch.device, ranks: _Ranks) -> _Trainer:
+        t = spec.train
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        torch.manual_seed(t.seed)
+        model = Model(spec).to(device)
+        decayed = {name for name, p in model.named_parameters() if decays(p)}
+        wrapped = _parallel(model, spec, ranks, device)
+        optimizer = _optimizer(model, spec, decayed)
+        objectives = _Objectives.of(spec)
+        data = spec.dataset()
+        build = get_registry().get("dataset", data.kind).build
+        train_source = build(data, spec.modalities, "train", t.seq_len)
+        eval_source = build(data, spec.modalities, "eval", t.seq_len)
+        acc = account(spec, seq_len=t.seq_len)
+        per_token = [sum(acc.training_flops[m.name].values()) for m in spec.modalities]
+        return cls(spec, device, model, wrapped, optimizer, objectives, train_source, eval_source, per_token, autocast)
+
+    def step(self, step: int, ranks: _Ranks) -> _StepStats:
+        """One optimiser step: this rank's micro-batches forward and backward, clipping, the update."""
+        t = self.spec.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, self.spec)
+        stats = _StepStats.empty(len(self.spec.modalities))
+        for micro in range(ranks.rank, t.grad_accum, ranks.world):
+            index = step * t.grad_accum + micro
+            batch = _move(self.train_source.batch(index, t.batch_size), self.device)
+            generator = torch.Generator().manual_seed(t.seed * 1_000_003 + index)
+            with self.autocast():
+                loss, parts = self.objectives.evaluate(self.wrapped, batch, generator)
+            (loss * ranks.world / t.grad_accum).backward()
+            stats.add(parts, batch, self.per_token)
+        stats = stats.summed(ranks)
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def evaluate(self, done: _Progress, ranks: _Ranks) -> dict:
+        """The evaluation record at ``done``'s step."""
+        return {"split": "eval", "step": done.step, "flops": done.flops, "tokens": done.tokens,
+                **evaluate(self.model, self.objectives, self.eval_source, self.spec, self.device, self.autocast,
+                           ranks)}
+
+
 def train(spec: ModelSpec, out_dir: str | Path, *, max_steps: int | None = None, device: str | None = None,
           progress: bool = True) -> dict:
     """Train ``spec`` in ``out_dir`` and return its final evaluation; resume or skip what is already there.
@@ -300,110 +392,74 @@ def train(spec: ModelSpec, out_dir: str | Path, *, max_steps: int | None = None,
         spec: The model spec with its ``train`` and ``data`` settings.
         out_dir: The run directory (created if missing).
         max_steps: Stop after this many optimiser steps instead of ``spec.train.steps`` (the schedule keeps
-            its length, so a run stopped early can be continued).
+            its length, so a run stopped early can be continued). A run stopped before its first evaluation
+            is evaluated at its last step; that record is returned, not logged (the metrics of a run continued
+            later stay those of an uninterrupted run).
         device: Overrides ``spec.train.device``.
         progress: Show a progress bar with the live loss per modality.
 
     Returns:
         The last evaluation record (also in ``result.json`` once the run has finished all its steps).
     """
-    t = spec.train
-    dev = _device(device or t.device)
+    dev = _device(device or spec.train.device)
     ranks = _Ranks.start(dev)
     try:
-        return _run(spec, Path(out_dir), max_steps, dev, ranks, progress and ranks.main)
+        return _run(spec, RunDir(out_dir), max_steps, dev, ranks, progress and ranks.main)
     finally:
         ranks.stop()
 
 
-def _run(spec: ModelSpec, out: Path, max_steps: int | None, dev: torch.device, ranks: _Ranks,
+def _run(spec: ModelSpec, run: RunDir, max_steps: int | None, dev: torch.device, ranks: _Ranks,
          progress: bool) -> dict:
     t = spec.train
     if t.grad_accum % ranks.world:
         raise SpecError(f"train.grad_accum = {t.grad_accum} must be a multiple of the number of ranks "
                         f"({ranks.world}): the ranks share a step's micro-batches")
-    text = spec_text(spec)
-    if (out / SPEC_FILE).exists() and (out / SPEC_FILE).read_text() != text:
-        raise SpecError(f"{out} holds a run of a different spec; use another directory or remove it")
+    run.check_spec(spec)
     ranks.barrier()
     if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SPEC_FILE).write_text(text)
+        run.write_spec(spec)
     ranks.barrier()
-    if (out / RESULT_FILE).exists():
-        return json.loads((out / RESULT_FILE).read_text())
+    if run.finished:
+        return run.result()
 
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda")
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    torch.manual_seed(t.seed)
-    model = Model(spec).to(dev)
-    wrapped = _parallel(model, spec, ranks, dev)
-    optimizer = _optimizer(model, spec)
-    objectives = _Objectives.of(spec)
-    data = spec.dataset()
-    build = get_registry().get("dataset", data.kind).build
-    train_source = build(data, spec.modalities, "train", t.seq_len)
-    eval_source = build(data, spec.modalities, "eval", t.seq_len)
-    acc = account(spec, seq_len=t.seq_len)
-    per_token = [sum(acc.training_flops[m.name].values()) for m in spec.modalities]
-
-    step, flops, tokens, record = 0, 0.0, 0, {}
-    if (out / CHECKPOINT_DIR / PROGRESS_FILE).exists():
-        progress_state = _load(out, model, optimizer)
-        step, flops, tokens, record = (progress_state[k] for k in ("step", "flops", "tokens", "eval"))
-    log = _Log(out / METRICS_FILE, step, ranks.main)
-
-    def checkpoint() -> None:
-        _save(out, model, optimizer, ranks, {"step": step, "flops": flops, "tokens": tokens, "eval": record})
-
+    trainer = _Trainer.build(spec, dev, ranks)
+    done = _Progress(**_load(run, trainer.model, trainer.optimizer)) if run.has_checkpoint else _Progress()
     last = min(t.steps, max_steps if max_steps is not None else t.steps)
-    bar = tqdm(total=last, initial=step, disable=not progress, desc=spec.name, dynamic_ncols=True)
+    _loop(trainer, run, done, last, ranks, progress)
+    if done.step == t.steps and ranks.main:
+        run.write_result(done.eval)
+    return done.eval or trainer.evaluate(done, ranks)
+
+
+def _loop(trainer: _Trainer, run: RunDir, done: _Progress, last: int, ranks: _Ranks, progress: bool) -> None:
+    """Train from ``done.step`` to step ``last``, logging, evaluating and checkpointing as the spec says;
+    ``done`` always describes the last finished step (what a checkpoint saves)."""
+    spec, t = trainer.spec, trainer.spec.train
+    log = _Log(run.metrics_file, done.step, ranks.main)
+    bar = tqdm(total=last, initial=done.step, disable=not progress, desc=spec.name, dynamic_ncols=True)
     between_steps = True
     try:
-        while step < last:
+        while done.step < last:
             between_steps = False
-            lr = learning_rate(step, spec)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            names = objectives.names
-            sums = [0.0] * (2 * len(names) + 2)  # loss sum and count per modality, then FLOPs and tokens
-            for micro in range(ranks.rank, t.grad_accum, ranks.world):
-                index = step * t.grad_accum + micro
-                batch = _move(train_source.batch(index, t.batch_size), dev)
-                generator = torch.Generator().manual_seed(t.seed * 1_000_003 + index)
-                with autocast():
-                    loss, parts = objectives.evaluate(wrapped, batch, generator)
-                (loss * ranks.world / t.grad_accum).backward()
-                for i, name in enumerate(names):
-                    summed, count = parts[name]
-                    sums[2 * i] += float(summed.detach())
-                    sums[2 * i + 1] += count
-                sums[-2] += _flops_of(batch, per_token)
-                sums[-1] += batch.modality.numel()
-            sums = ranks.total(*sums)
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done, flops, tokens = step + 1, flops + sums[-2], tokens + int(sums[-1])
-            losses = {f"loss/{n}": sums[2 * i] / sums[2 * i + 1] for i, n in enumerate(names) if sums[2 * i + 1]}
-            log.write({"split": "train", "step": done, "flops": flops, "tokens": tokens, "lr": lr,
-                       "time": time.time(), "loss": sum(losses.values()), **losses})
-            if done % t.eval_every == 0 or done == t.steps:
-                record = {"split": "eval", "step": done, "flops": flops, "tokens": tokens,
-                          **evaluate(model, objectives, eval_source, spec, dev, autocast, ranks)}
-                log.write(record)
-            step, between_steps = done, True
-            if step % t.checkpoint_every == 0 or step == last:
-                checkpoint()
+            stats = trainer.step(done.step, ranks)
+            step = _Progress(done.step + 1, done.flops + stats.flops, done.tokens + int(stats.tokens), done.eval)
+            losses = stats.losses(trainer.objectives.names)
+            log.write({"split": "train", "step": step.step, "flops": step.flops, "tokens": step.tokens,
+                       "lr": learning_rate(done.step, spec), "time": time.time(), "loss": sum(losses.values()),
+                       **losses})
+            if step.step % t.eval_every == 0 or step.step == t.steps:
+                step.eval = trainer.evaluate(step, ranks)
+                log.write(step.eval)
+            done.step, done.flops, done.tokens, done.eval = step.step, step.flops, step.tokens, step.eval
+            between_steps = True
+            if done.step % t.checkpoint_every == 0 or done.step == last:
+                _save(run, trainer.model, trainer.optimizer, ranks, asdict(done))
             bar.update(1)
             bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in losses.items()})
     except KeyboardInterrupt:
         if between_steps:
-            checkpoint()
+            _save(run, trainer.model, trainer.optimizer, ranks, asdict(done))
         raise
     finally:
         bar.close()
-    if step == t.steps and ranks.main:
-        (out / RESULT_FILE).write_text(json.dumps(record, indent=1))
-    return record

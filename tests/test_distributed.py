@@ -13,6 +13,7 @@ import yaml
 
 from momkit.model import Model
 from momkit.spec import ModelSpec
+from momkit.rundir import RunDir
 from momkit.train import _load, _optimizer
 
 SPEC = {
@@ -45,7 +46,7 @@ def momkit(tmp_path, ranks, out, *args, strategy="ddp"):
 def parameters(out, strategy):
     spec = ModelSpec.model_validate({**SPEC, "parallel": {"strategy": strategy}})
     model = Model(spec)
-    _load(out, model, _optimizer(model, spec))
+    _load(RunDir(out), model, _optimizer(model, spec))
     return model.state_dict()
 
 

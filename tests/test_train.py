@@ -3,10 +3,13 @@
 import json
 
 import pytest
-import torch
+from torch import nn
 
+from momkit import routing as routing_layers
+from momkit.model import Model
+from momkit.routing import decays
 from momkit.spec import ModelSpec
-from momkit.train import learning_rate, train
+from momkit.train import _optimizer, learning_rate, train
 
 
 def toy_spec(**train_changes):
@@ -87,14 +90,25 @@ def test_learning_rate_schedule(toy_registry):
     assert learning_rate(55, spec) == pytest.approx(0.55)
 
 
-def test_weight_decay_spares_norms_and_state_parameters(toy_registry):
-    from momkit.model import Model
-    from momkit.train import _optimizer
+@pytest.mark.parametrize("kind,routing", [("mamba", "all"), ("mamba", "mom"), ("mamba2", "all"),
+                                          ("transformer", "mot")])
+def test_weight_decay_falls_on_the_matrices_of_linear_layers_and_embeddings(toy_registry, kind, routing):
+    """Declared by the parameters (``no_weight_decay``), decay falls where it always has: on the weights of linear
+    layers (routed or shared) and embeddings, never on norms, biases, conv taps or the state parameters."""
+    spec = toy_spec().model_dump()
+    spec["backbone"] = {"kind": kind, "d_model": 32, "n_layers": 1, **({"headdim": 16} if kind == "mamba2" else {})}
+    spec["routing"] = {"specific": routing}
+    model = Model(ModelSpec.model_validate(spec))
+    matrices = {f"{name}.weight" for name, m in model.named_modules()
+                if isinstance(m, (routing_layers.Linear, nn.Linear, nn.Embedding))}
+    decayed = {name for name, p in model.named_parameters() if decays(p)}
+    assert decayed == matrices
+    groups = _optimizer(model, toy_spec(), decayed).param_groups
+    assert [len(g["params"]) for g in groups] == [len(matrices), len(list(model.parameters())) - len(matrices)]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
 
-    model = Model(toy_spec())
-    decayed, plain = _optimizer(model, toy_spec()).param_groups
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith("weight") for p in decayed["params"])
-    assert any(names[id(p)].endswith("A_log") for p in plain["params"])
-    assert any("norm" in names[id(p)] for p in plain["params"])
-    assert torch.is_tensor(decayed["params"][0])
+
+def test_a_run_stopped_before_its_first_evaluation_evaluates_at_its_last_step(toy_registry, tmp_path):
+    result = train(toy_spec(), tmp_path, max_steps=3, progress=False)
+    assert result["step"] == 3 and result["split"] == "eval" and result["loss/text"] > 0
+    assert [r["split"] for r in lines(tmp_path)] == ["train"] * 3

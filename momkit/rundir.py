@@ -1,0 +1,89 @@
+"""The directory of one training run, and every file name in it.
+
+- ``spec.yaml``: the spec the run trains (a run of a different spec in the same directory is refused);
+- ``metrics.jsonl``: one JSON object per line, ``{"split": "train" | "eval", "step", "flops", "tokens",
+  "loss", "loss/<modality>", ...}``, training lines adding the learning rate and the wall-clock ``time``
+  (Unix seconds), evaluation lines ``"ppl/<modality>"`` for discrete modalities;
+- ``checkpoint/``: model and optimiser (``torch.distributed.checkpoint``) and ``progress.json``, the counters of
+  the last saved step, replaced whole at every save;
+- ``result.json``: the final evaluation, written when the run has finished all its steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from momkit.errors import SpecError
+from momkit.spec import ModelSpec
+
+
+class RunDir:
+    """The files of the run in directory ``path`` (which need not exist yet)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def spec_file(self) -> Path:
+        return self.path / "spec.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def progress_file(self) -> Path:
+        """The counters saved with the checkpoint, inside :attr:`checkpoint_dir`."""
+        return self.checkpoint_dir / "progress.json"
+
+    @property
+    def result_file(self) -> Path:
+        return self.path / "result.json"
+
+    @staticmethod
+    def spec_text(spec: ModelSpec) -> str:
+        """The YAML a run directory keeps of its spec (``momkit train`` reads it back)."""
+        return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+    def check_spec(self, spec: ModelSpec) -> None:
+        """A ``SpecError`` if the directory holds a run of another spec (the same fields in another order are
+        the same spec)."""
+        if self.spec_file.exists() and yaml.safe_load(self.spec_file.read_text()) != spec.model_dump(mode="json"):
+            raise SpecError(f"{self.path} holds a run of a different spec; use another directory or remove it")
+
+    def write_spec(self, spec: ModelSpec) -> None:
+        """Create the directory and write ``spec`` into it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.spec_file.write_text(self.spec_text(spec))
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has finished all its steps (its result is written)."""
+        return self.result_file.exists()
+
+    def result(self) -> dict:
+        """The final evaluation of a finished run."""
+        return json.loads(self.result_file.read_text())
+
+    def write_result(self, record: dict) -> None:
+        self.result_file.write_text(json.dumps(record, indent=1))
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return self.progress_file.exists()
+
+    def eval_curve(self) -> list[dict]:
+        """The evaluation lines of ``metrics.jsonl``, in order (none if the run has not started)."""
+        if not self.metrics_file.exists():
+            return []
+        return [r for r in map(json.loads, self.metrics_file.read_text().splitlines()) if r["split"] == "eval"]
