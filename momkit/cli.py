@@ -1,15 +1,15 @@
 """The ``momkit`` command line: ``validate``, ``plugins``, ``info``, ``train``, ``ablate``, ``report``,
-``convert``, ``demo``.
+``convert``.
 
-A user's mistake (a bad spec, a missing file) prints what is wrong and exits with status 2, never a
-traceback.
+A user's mistake (a bad spec, a missing file, a broken plugin installation: a :class:`momkit.SpecError`)
+prints what is wrong and exits with status 2, never a traceback; any other error, such as a bug in a plugin,
+keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from momkit.ablate import load_suite, report, run_suite
 from momkit.accounting import account
-from momkit.errors import PluginError
+from momkit.errors import SpecError
 from momkit.model import build_block
 from momkit.registry import KINDS, get_registry
 from momkit.spec import BlockSpec, ModelSpec, load_spec
@@ -25,10 +25,6 @@ from momkit.train import train
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    """A mistake of the user's, reported as a message and exit status 2."""
 
 
 def _describe(path: str, exc: ValidationError) -> str:
@@ -43,9 +39,9 @@ def _load(path: str) -> BlockSpec | ModelSpec:
     try:
         return load_spec(path)
     except ValidationError as exc:
-        raise UsageError(_describe(path, exc)) from None
-    except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
+        raise SpecError(_describe(path, exc)) from None
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -81,7 +77,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def _model_spec(path: str) -> ModelSpec:
     spec = _load(path)
     if not isinstance(spec, ModelSpec):
-        raise UsageError(f"{path}: this command needs a model spec (with `name` and `backbone.n_layers`), "
+        raise SpecError(f"{path}: this command needs a model spec (with `name` and `backbone.n_layers`), "
                          f"not a block spec")
     return spec
 
@@ -120,12 +116,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     spec = _model_spec(args.spec)
     out = Path(args.out) if args.out else Path("runs") / spec.name
-    try:
-        record = train(spec, out, max_steps=args.max_steps, device=args.device, progress=not args.quiet)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    record = train(spec, out, max_steps=args.max_steps, device=args.device, progress=not args.quiet)
     losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
-    print(f"{out}: step {record.get('step', 0)}, held-out loss {losses or 'not evaluated yet'}")
+    print(f"{out}: step {record['step']}, held-out loss {losses}")
     return 0
 
 
@@ -133,14 +126,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     try:
         suite, base = load_suite(args.suite)
     except ValidationError as exc:
-        raise UsageError(_describe(args.suite, exc)) from None
-    except ValueError as exc:
-        raise UsageError(f"{args.suite}: {exc}") from None
+        raise SpecError(_describe(args.suite, exc)) from None
     try:
         run_suite(suite, base, args.out, max_steps=args.max_steps, device=args.device, workers=args.workers,
                   launcher=args.launcher)
-    except ValueError as exc:
-        raise UsageError(f"{args.suite}: {exc}") from None
+    except SpecError as exc:
+        raise SpecError(f"{args.suite}: {exc}") from None
     print((Path(args.out) / "summary.md").read_text())
     print(f"tables and plots in {args.out}")
     return 0
@@ -153,71 +144,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dataset = registry.get("dataset", kind)
     if dataset.convert is None:
         able = [name for name, d in registry.datasets.items() if d.convert is not None]
-        raise UsageError(f"{args.spec}: dataset {kind!r} has no converter; datasets with one: {able or 'none'}")
+        raise SpecError(f"{args.spec}: dataset {kind!r} has no converter; datasets with one: {able or 'none'}")
     try:
         out = dataset.convert(args.input, args.out, spec.modalities)
-    except ValueError as exc:
-        raise UsageError(f"{args.input}: {exc}") from None
+    except SpecError as exc:
+        raise SpecError(f"{args.input}: {exc}") from None
     print(f"{args.input} -> {out}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        report(args.dir)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    report(args.dir)
     print((Path(args.dir) / "summary.md").read_text())
-    return 0
-
-
-def _random_interleaved(batch: int, length: int, n_modalities: int, generator: torch.Generator) -> torch.Tensor:
-    """``(b, l)`` modality ids in runs of random length, as in an interleaved document."""
-    modality = torch.empty(batch, length, dtype=torch.int64)
-    for row in modality:
-        t = 0
-        while t < length:
-            run = int(torch.randint(1, max(2, length // 4), (1,), generator=generator))
-            row[t:t + run] = int(torch.randint(0, n_modalities, (1,), generator=generator))
-            t += run
-    return modality
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    spec = _load(args.spec)
-    layers = spec.backbone.n_layers if isinstance(spec, ModelSpec) else 1
-    torch.manual_seed(args.seed)
-    blocks = torch.nn.ModuleList(build_block(spec) for _ in range(layers))
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, args.length, spec.backbone.d_model, generator=g)
-    modality = _random_interleaved(args.batch, args.length, len(spec.modality_names), g)
-    print(f"{args.spec}: {_summary(spec)}")
-    print(f"{layers} block(s), {_parameters(blocks):,} parameters; batch {args.batch} x length {args.length}, "
-          f"token counts per modality: " + ", ".join(
-              f"{name} {int((modality == i).sum())}" for i, name in enumerate(spec.modality_names)))
-
-    start = time.perf_counter()
-    y = x
-    for block in blocks:
-        y = block(y, modality)
-    forward = time.perf_counter() - start
-    y.square().mean().backward()
-    backward = time.perf_counter() - start - forward
-    print(f"forward {forward * 1e3:.1f} ms, backward {backward * 1e3:.1f} ms")
-
-    steps = min(args.decode, args.length)
-    states = [block.allocate_state(args.batch) for block in blocks]
-    start = time.perf_counter()
-    worst = 0.0
-    with torch.no_grad():
-        for t in range(steps):
-            y_t = x[:, t]
-            for block, state in zip(blocks, states):
-                y_t = block.step(y_t, modality[:, t], state)
-            worst = max(worst, float((y_t - y[:, t]).abs().max()))
-    per_token = (time.perf_counter() - start) / max(steps, 1)
-    print(f"decoded {steps} positions token by token: {per_token * 1e3:.2f} ms per position, "
-          f"largest difference from the full forward {worst:.2e}")
     return 0
 
 
@@ -272,14 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild a suite directory's tables and plots from its run logs")
     p.add_argument("dir", help="suite directory written by momkit ablate")
     p.set_defaults(run=cmd_report)
-    p = sub.add_parser("demo", help="build a spec's blocks and run forward, backward and token-by-token "
-                                    "decoding on a random interleaved batch")
-    p.add_argument("spec", help="path of a YAML spec")
-    p.add_argument("--batch", type=_positive, default=2, help="sequences per batch (default 2)")
-    p.add_argument("--length", type=_positive, default=512, help="positions per sequence (default 512)")
-    p.add_argument("--decode", type=_positive, default=64, help="positions to decode step by step (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.set_defaults(run=cmd_demo)
     return parser
 
 
@@ -287,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, PluginError) as exc:
+    except SpecError as exc:
         print(exc, file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

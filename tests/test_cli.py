@@ -2,11 +2,16 @@
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
+from momkit import SpecError, hookimpl
 from momkit.cli import main
+from momkit.descriptors import Dataset
+from momkit.registry import Registry, use_registry
+from momkit.spec import DatasetConfig
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 
@@ -18,6 +23,8 @@ def test_validate_accepts_shipped_examples(path, capsys):
     assert len(out.splitlines()) == 1 and "valid model spec" in out and "parameters per block" in out
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_validate_rejects_broken_spec_without_traceback(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: broken\nmodalities: [text, image]\n"
@@ -45,6 +52,8 @@ def test_user_errors_exit_2(tmp_path, capsys, content, message):
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_console_script_and_plugins_listing():
     script = Path(sys.executable).parent / "momkit"
     result = subprocess.run([str(script), "plugins"], capture_output=True, text=True)
@@ -55,20 +64,48 @@ def test_console_script_and_plugins_listing():
     assert ["modality", "image", "momkit"] in [row[:3] for row in rows]
 
 
-def test_demo_runs_forward_backward_and_decoding(capsys):
-    spec = Path(__file__).parents[1] / "examples" / "mamba_mom.yaml"
-    assert main(["demo", str(spec), "--length", "48", "--decode", "12", "--batch", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "forward" in out and "backward" in out
-    worst = float(out.rsplit("largest difference from the full forward ", 1)[1].split()[0])
-    assert worst < 1e-4
-
-
-def test_demo_rejects_bad_arguments(capsys):
+def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["demo", "x.yaml", "--length", "0"])
+        main(["train", "x.yaml", "--max-steps", "0"])
     assert info.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+TINY = ("name: tiny\nmodalities: [text, image]\nbackbone: {kind: mamba, d_model: 16, n_layers: 1, d_state: 4}\n"
+        "routing: {specific: mom}\ndata: {kind: %s}\n"
+        "train: {steps: 20, batch_size: 2, seq_len: 32, eval_every: 10, eval_batches: 1}\n")
+
+
+def test_train_stopped_before_its_first_evaluation_reports_a_held_out_loss(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY % "synthetic")
+    assert main(["train", str(spec), "--out", str(tmp_path / "run"), "--max-steps", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "step 3, held-out loss text " in out and "not evaluated" not in out
+
+
+def failing_dataset(error):
+    """A registry whose ``broken`` dataset raises ``error`` when built."""
+    def build(config, modalities, split, seq_len):
+        raise error
+
+    plugin = types.ModuleType("broken_dataset")
+    plugin.momkit_datasets = hookimpl(lambda: [Dataset(name="broken", description="raises", config=DatasetConfig,
+                                                       build=build)])
+    registry = Registry.from_entry_points()
+    registry.register(plugin, distribution="tests")
+    return registry
+
+
+def test_a_plugins_user_error_is_one_line_and_its_bug_a_traceback(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY % "broken")
+    with use_registry(failing_dataset(SpecError("the shards in /data are missing; convert them first"))):
+        assert main(["train", str(spec), "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "the shards in /data are missing; convert them first"
+    with use_registry(failing_dataset(ValueError("index out of range in the plugin"))):
+        with pytest.raises(ValueError, match="index out of range in the plugin"):
+            main(["train", str(spec), "--out", str(tmp_path / "b"), "--quiet"])
 
 
 def _info_rows(path, capsys):
