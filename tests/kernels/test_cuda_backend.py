@@ -11,14 +11,12 @@ they skip, and the backend must report itself unavailable.
 
 import pytest
 import torch
-from test_reference_ssd import GRAD_INPUTS as SSD_GRADS
-from test_reference_ssd import make_inputs as ssd_inputs
-from test_triton_selective_scan import GRAD_INPUTS, make_inputs, reference
-from triton_tiers import as_float64, assert_close
 
 from momkit import ops
 from momkit.kernels.reference.naive import naive_selective_scan, naive_ssd_scan
 from momkit.registry import get_registry
+from tests.kernels.conftest import (SELECTIVE_SCAN_GRADS, SSD_GRADS, as_float64, assert_close,
+                                    selective_device_inputs, selective_reference, ssd_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,7 @@ def output_loss(fn, inputs, seed):
     """Output, last state (without gradients) and the gradients of a random linear loss of the output."""
     with torch.no_grad():
         _, last = fn(**inputs, return_last_state=True)
-    leaves = {k: inputs[k].clone().requires_grad_(True) for k in GRAD_INPUTS if inputs[k] is not None}
+    leaves = {k: inputs[k].clone().requires_grad_(True) for k in SELECTIVE_SCAN_GRADS if inputs[k] is not None}
     out = fn(**{**inputs, **leaves})
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     grads = torch.autograd.grad((out * weight.to(out.device, out.dtype)).sum(), list(leaves.values()))
@@ -61,20 +59,20 @@ def output_loss(fn, inputs, seed):
     dict(batch=2, dim=6, state=4, length=37, dtype=torch.float32),
 ], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_selective_scan(cuda_backend, gen, case):
-    inputs = make_inputs(gen, **case)
+    inputs = selective_device_inputs(gen, **case)
     assert_close(output_loss(scan, inputs, 5), output_loss(naive_selective_scan, as_float64(inputs), 5),
                  case["dtype"], "cuda")
 
 
 def test_selective_scan_refuses_a_differentiated_last_state(cuda_backend, gen):
-    inputs = make_inputs(gen, 1, 8, 4, 16)
+    inputs = selective_device_inputs(gen, 1, 8, 4, 16)
     inputs["u"].requires_grad_(True)
     with pytest.raises(ValueError, match="does not differentiate the last state"):
         scan(**inputs, return_last_state=True)
 
 
 def test_selective_scan_refuses_extensions(cuda_backend, gen):
-    inputs = make_inputs(gen, 2, 6, 4, 19, n_modalities=2)
+    inputs = selective_device_inputs(gen, 2, 6, 4, 19, n_modalities=2)
     with pytest.raises(ValueError, match="'cuda' cannot run selective_scan on cuda in torch.float32 with modality"):
         scan(**inputs)
 
@@ -120,8 +118,8 @@ def test_ssd_scan(cuda_backend, gen, case):
 
 
 def test_state_update_matches_triton_layout(cuda_backend, gen):
-    inputs = make_inputs(gen, 2, 24, 8, 9)
-    ref = reference(inputs, 1)
+    inputs = selective_device_inputs(gen, 2, 24, 8, 9)
+    ref = selective_reference(inputs, 1)
     state = torch.zeros(2, 24, 8, device="cuda")
     outs = [ops.selective_state_update(state, inputs["u"][..., t], inputs["delta"][..., t], inputs["A"],
                                        inputs["B"][..., t], inputs["C"][..., t], D=inputs["D"], z=inputs["z"][..., t],

@@ -6,44 +6,11 @@ import torch.nn.functional as F
 
 from momkit.kernels.reference.naive import naive_selective_scan
 from momkit.kernels.reference.selective_scan import selective_scan
-
-GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def documents(gen, batch, length):
-    """``(b, l)`` int32 document index with random boundaries, including one-position documents."""
-    starts = torch.rand(batch, length, generator=gen) < 0.15
-    starts[:, 0] = False
-    if length > 3:
-        starts[0, length - 1] = starts[0, length - 2] = True
-    return starts.cumsum(1).to(torch.int32)
-
-
-def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, dtype=torch.float64, D=True,
-                z=True, bias=True, packed=False):
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    bc = (batch, state, length) if groups is None else (batch, groups, state, length)
-    a_shape = (dim, state) if n_modalities is None else (n_modalities, dim, state)
-    return dict(
-        u=randn(batch, dim, length),
-        delta=0.5 * randn(batch, dim, length) - 1.0,
-        A=-torch.exp(randn(*a_shape)),
-        B=randn(*bc),
-        C=randn(*bc),
-        D=randn(dim) if D else None,
-        z=randn(batch, dim, length) if z else None,
-        delta_bias=0.3 * randn(dim) if bias else None,
-        delta_softplus=True,
-        modality=None if n_modalities is None else torch.randint(0, n_modalities, (batch, length), generator=gen),
-        seq_idx=documents(gen, batch, length) if packed else None,
-    )
-
+from tests.kernels.conftest import SELECTIVE_SCAN_GRADS, selective_inputs
 
 def grads(fn, inputs, gen, chunk_length=None):
     """Output, last state and gradients of every tensor input for a random linear loss of both."""
-    leaves = {k: inputs[k].clone().requires_grad_(True) for k in GRAD_INPUTS if inputs[k] is not None}
+    leaves = {k: inputs[k].clone().requires_grad_(True) for k in SELECTIVE_SCAN_GRADS if inputs[k] is not None}
     kwargs = {**inputs, **leaves}
     extra = {} if chunk_length is None else {"chunk_length": chunk_length}
     out, last = fn(return_last_state=True, **kwargs, **extra)
@@ -68,7 +35,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("chunk_length", [1, 8, 16, None])
 def test_matches_per_token_reference(gen, case, chunk_length):
-    inputs = make_inputs(gen, **case)
+    inputs = selective_inputs(gen, **case)
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     out, last, g = grads(selective_scan, inputs, torch.Generator().manual_seed(seed), chunk_length)
     ref_out, ref_last, ref_g = grads(naive_selective_scan, inputs, torch.Generator().manual_seed(seed))
@@ -81,7 +48,7 @@ def test_matches_per_token_reference(gen, case, chunk_length):
 @pytest.mark.parametrize("D,z,bias,softplus", [(False, False, False, False), (True, False, True, True),
                                                (False, True, False, True)])
 def test_optional_arguments(gen, D, z, bias, softplus):
-    inputs = make_inputs(gen, 2, 4, 3, 19, D=D, z=z, bias=bias)
+    inputs = selective_inputs(gen, 2, 4, 3, 19, D=D, z=z, bias=bias)
     inputs["delta_softplus"] = softplus
     if not softplus:
         inputs["delta"] = F.softplus(inputs["delta"])
@@ -94,8 +61,8 @@ def test_optional_arguments(gen, D, z, bias, softplus):
 
 
 def test_gradcheck(gen):
-    inputs = make_inputs(gen, 1, 3, 2, 7, groups=1, n_modalities=2, packed=True)
-    leaves = [k for k in GRAD_INPUTS if inputs[k] is not None]
+    inputs = selective_inputs(gen, 1, 3, 2, 7, groups=1, n_modalities=2, packed=True)
+    leaves = [k for k in SELECTIVE_SCAN_GRADS if inputs[k] is not None]
 
     def fn(*tensors):
         kwargs = {**inputs, **dict(zip(leaves, tensors))}
@@ -105,7 +72,7 @@ def test_gradcheck(gen):
 
 
 def test_float32_and_bfloat16_against_float64(gen):
-    inputs = make_inputs(gen, 2, 16, 8, 300)
+    inputs = selective_inputs(gen, 2, 16, 8, 300)
     ref = naive_selective_scan(**inputs)
     out32 = selective_scan(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
                               for k, v in inputs.items()}, return_last_state=False)
@@ -119,7 +86,7 @@ def test_float32_and_bfloat16_against_float64(gen):
 
 
 def test_long_sequence_stays_finite(gen):
-    inputs = make_inputs(gen, 1, 4, 4, 20000)
+    inputs = selective_inputs(gen, 1, 4, 4, 20000)
     out = selective_scan(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
                             for k, v in inputs.items()}, return_last_state=False)
     assert torch.isfinite(out).all()

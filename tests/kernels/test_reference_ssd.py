@@ -2,47 +2,14 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from momkit.kernels.reference.naive import naive_ssd_scan
 from momkit.kernels.reference.ssd import ssd_scan
-
-GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
-
-
-def documents(batch, lengths):
-    """``seq_idx (b, l)`` of documents of the given lengths, shifted per batch row so rows differ."""
-    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    return torch.stack([ids.roll(3 * i) if i else ids for i in range(batch)])
-
-
-def make_inputs(gen, batch, length, heads, headdim, groups, state, *, D="hp", z=True, bias=True, softplus=True,
-                initial=True, modalities=None, seq_idx=None, dtype=torch.float64):
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    dt = 0.5 * randn(batch, length, heads) - 1.0
-    inputs = dict(
-        x=randn(batch, length, heads, headdim),
-        dt=dt if softplus else F.softplus(dt),
-        A=-torch.exp(randn(heads) if modalities is None else randn(modalities, heads)),
-        B=randn(batch, length, groups, state),
-        C=randn(batch, length, groups, state),
-        D={None: None, "h": randn(heads), "hp": randn(heads, headdim)}[D],
-        z=randn(batch, length, heads, headdim) if z else None,
-        dt_bias=0.3 * randn(heads) if bias else None,
-        initial_states=randn(batch, heads, headdim, state) if initial else None,
-        seq_idx=seq_idx,
-        dt_softplus=softplus,
-        modality=(None if modalities is None
-                  else torch.randint(0, modalities, (batch, length), generator=gen)),
-    )
-    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-
+from tests.kernels.conftest import SSD_GRADS, documents, ssd_inputs
 
 def run(fn, inputs, weights_seed, **extra):
     """Output, final state and gradients of every tensor input for a random linear loss of both."""
-    leaves = {k: inputs[k].clone().requires_grad_(True) for k in GRAD_INPUTS if inputs[k] is not None}
+    leaves = {k: inputs[k].clone().requires_grad_(True) for k in SSD_GRADS if inputs[k] is not None}
     out, final = fn(**{**inputs, **leaves}, return_final_states=True, **extra)
     gen = torch.Generator().manual_seed(weights_seed)
     loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
@@ -85,19 +52,19 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("chunk_size", [1, 8, 16, 64])
 def test_matches_per_token_reference(gen, case, chunk_size):
-    check_against_reference(gen, make_inputs(gen, **case), chunk_size)
+    check_against_reference(gen, ssd_inputs(gen, **case), chunk_size)
 
 
 @pytest.mark.parametrize("length,chunk_size", [(16, 16), (17, 16), (48, 16), (70, 16), (15, 4), (9, 100)])
 def test_lengths_around_the_chunk_size(gen, length, chunk_size):
-    check_against_reference(gen, make_inputs(gen, 2, length, 4, 3, 2, 4), chunk_size)
+    check_against_reference(gen, ssd_inputs(gen, 2, length, 4, 3, 2, 4), chunk_size)
 
 
 @pytest.mark.parametrize("D", [None, "h", "hp"])
 @pytest.mark.parametrize("z,bias,softplus,initial", [(False, False, False, False), (True, True, True, False),
                                                      (False, False, True, True), (True, False, False, True)])
 def test_optional_arguments(gen, D, z, bias, softplus, initial):
-    inputs = make_inputs(gen, 2, 23, 4, 3, 2, 4, D=D, z=z, bias=bias, softplus=softplus, initial=initial)
+    inputs = ssd_inputs(gen, 2, 23, 4, 3, 2, 4, D=D, z=z, bias=bias, softplus=softplus, initial=initial)
     check_against_reference(gen, inputs, 8)
 
 
@@ -115,18 +82,18 @@ PACKINGS = {
 @pytest.mark.parametrize("routed", [False, True])
 def test_packed_documents(gen, lengths, chunk_size, routed):
     seq_idx = documents(2, lengths)
-    inputs = make_inputs(gen, 2, seq_idx.shape[1], 4, 3, 2, 4, seq_idx=seq_idx, modalities=2 if routed else None)
+    inputs = ssd_inputs(gen, 2, seq_idx.shape[1], 4, 3, 2, 4, seq_idx=seq_idx, modalities=2 if routed else None)
     check_against_reference(gen, inputs, chunk_size)
 
 
 def test_seq_idx_that_returns_to_an_earlier_id(gen):
     """The state restarts at every change of ``seq_idx``, even back to an id seen before."""
     seq_idx = torch.tensor([[0] * 5 + [1] * 4 + [0] * 6 + [2] + [0] * 3])
-    check_against_reference(gen, make_inputs(gen, 1, 19, 2, 3, 1, 4, seq_idx=seq_idx), 4)
+    check_against_reference(gen, ssd_inputs(gen, 1, 19, 2, 3, 1, 4, seq_idx=seq_idx), 4)
 
 
 def test_output_alone_without_final_state(gen):
-    inputs = make_inputs(gen, 2, 21, 4, 3, 2, 4, seq_idx=documents(2, [6, 9, 6]))
+    inputs = ssd_inputs(gen, 2, 21, 4, 3, 2, 4, seq_idx=documents(2, [6, 9, 6]))
     x = inputs["x"].clone().requires_grad_(True)
     out = ssd_scan(**{**inputs, "x": x}, chunk_size=8, return_final_states=False)
     ref = naive_ssd_scan(**{**inputs, "x": x})
@@ -140,7 +107,7 @@ def test_output_alone_without_final_state(gen):
 @pytest.mark.parametrize("chunk_size", [1, 4, 16])
 def test_inference_without_gradients(gen, chunk_size):
     """Under ``torch.no_grad`` the scan keeps two chunk states only; the result is the same."""
-    inputs = make_inputs(gen, 2, 37, 4, 3, 2, 4, modalities=2, seq_idx=documents(2, [8, 1, 20, 8]))
+    inputs = ssd_inputs(gen, 2, 37, 4, 3, 2, 4, modalities=2, seq_idx=documents(2, [8, 1, 20, 8]))
     ref_out, ref_final = naive_ssd_scan(**inputs, return_final_states=True)
     with torch.no_grad():
         out, final = ssd_scan(**inputs, chunk_size=chunk_size, return_final_states=True)
@@ -149,7 +116,7 @@ def test_inference_without_gradients(gen, chunk_size):
 
 
 def test_result_does_not_depend_on_chunk_size(gen):
-    inputs = make_inputs(gen, 2, 67, 4, 8, 2, 8, seq_idx=documents(2, [20, 1, 30, 16]))
+    inputs = ssd_inputs(gen, 2, 67, 4, 8, 2, 8, seq_idx=documents(2, [20, 1, 30, 16]))
     outs = [ssd_scan(**inputs, chunk_size=k, return_final_states=True) for k in (1, 5, 16, 32, 67, 1000)]
     for out, final in outs[1:]:
         assert_exact(out, outs[0][0], "out")
@@ -157,16 +124,16 @@ def test_result_does_not_depend_on_chunk_size(gen):
 
 
 def test_empty_sequence(gen):
-    inputs = make_inputs(gen, 2, 0, 4, 3, 2, 4)
+    inputs = ssd_inputs(gen, 2, 0, 4, 3, 2, 4)
     out, final = ssd_scan(**inputs, chunk_size=8, return_final_states=True)
     assert out.shape == (2, 0, 4, 3)
     torch.testing.assert_close(final, inputs["initial_states"], rtol=0, atol=0)
 
 
 def test_gradcheck(gen):
-    inputs = make_inputs(gen, 2, 9, 2, 2, 1, 3, modalities=2, seq_idx=documents(2, [3, 1, 5]))
-    leaves = [k for k in GRAD_INPUTS if inputs[k] is not None]
-    assert len(leaves) == len(GRAD_INPUTS)
+    inputs = ssd_inputs(gen, 2, 9, 2, 2, 1, 3, modalities=2, seq_idx=documents(2, [3, 1, 5]))
+    leaves = [k for k in SSD_GRADS if inputs[k] is not None]
+    assert len(leaves) == len(SSD_GRADS)
 
     def fn(*tensors):
         return ssd_scan(**{**inputs, **dict(zip(leaves, tensors))}, chunk_size=4, return_final_states=True)
@@ -175,7 +142,7 @@ def test_gradcheck(gen):
 
 
 def test_float32_against_float64(gen):
-    inputs = make_inputs(gen, 2, 70, 4, 8, 2, 8, seq_idx=documents(2, [30, 1, 39]))
+    inputs = ssd_inputs(gen, 2, 70, 4, 8, 2, 8, seq_idx=documents(2, [30, 1, 39]))
     ref_out, ref_final = naive_ssd_scan(**inputs, return_final_states=True)
     low = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
     out, final = ssd_scan(**low, chunk_size=16, return_final_states=True)
@@ -185,7 +152,7 @@ def test_float32_against_float64(gen):
 
 
 def test_bfloat16_smoke(gen):
-    inputs = make_inputs(gen, 2, 40, 4, 8, 2, 8)
+    inputs = ssd_inputs(gen, 2, 40, 4, 8, 2, 8)
     ref = naive_ssd_scan(**inputs)
     low = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
     low["x"].requires_grad_(True)

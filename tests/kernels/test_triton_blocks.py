@@ -8,11 +8,11 @@ must agree to 1e-4. Under ``TRITON_INTERPRET=1`` on the CPU, or on a CUDA GPU.
 
 import pytest
 import torch
-from triton_tiers import DEVICE, assert_close, tiers
 
 from momkit import build_block
+from tests.kernels.conftest import DEVICE, assert_close
 
-kernels, cuda_kernels = tiers("momkit.kernels.triton")
+KERNELS = "momkit.kernels.triton"
 
 BACKBONES = {
     "mamba": {"kind": "mamba", "d_model": 16, "d_state": 4},

@@ -18,9 +18,10 @@ whole tiles, and with one modality absent, whose gradients must then be exactly 
 
 import pytest
 import torch
-from triton_tiers import DEVICE, TOLERANCE, as_float64, assert_close as assert_near, tiers
 
-kernels, cuda_kernels = tiers("momkit.kernels.triton.routed_linear")
+from tests.kernels.conftest import DEVICE, TOLERANCE, as_float64, assert_close as assert_near
+
+KERNELS = "momkit.kernels.triton.routed_linear"
 
 
 def modalities(gen, n, m, runs=(1, 1), absent=None):

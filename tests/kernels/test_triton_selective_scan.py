@@ -17,37 +17,12 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_reference_selective_scan import make_inputs as reference_inputs
-from triton_tiers import DEVICE, INTERPRETING, as_float64, assert_close, linear_loss_grads, tiers
 
 from momkit.kernels.reference.naive import naive_selective_scan
+from tests.kernels.conftest import (DEVICE, INTERPRETING, as_float64, assert_close, selective_device_inputs,
+                                    selective_grads, selective_reference)
 
-GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-LOW = ("u", "delta", "z", "B", "C")
-
-kernels, cuda_kernels = tiers("momkit.kernels.triton.selective_scan")
-
-
-def make_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, dtype=torch.float32, D=True,
-                z=True, bias=True, softplus=True, packed=False):
-    """The reference tests' random inputs on ``DEVICE``: ``u, delta, z, B, C`` in ``dtype``, ``A, D, delta_bias``
-    in float32; without ``softplus``, ``delta`` comes already through softplus."""
-    inputs = reference_inputs(gen, batch, dim, state, length, groups, n_modalities, D=D, z=z, bias=bias,
-                              packed=packed)
-    if not softplus:
-        inputs["delta"] = F.softplus(inputs["delta"])
-    inputs["delta_softplus"] = softplus
-    return {k: v if not torch.is_tensor(v) else v.to(DEVICE, dtype if k in LOW else torch.float32)
-            if v.is_floating_point() else v.to(DEVICE) for k, v in inputs.items()}
-
-
-def run(fn, inputs, gen, **extra):
-    return linear_loss_grads(fn, inputs, GRAD_INPUTS, gen, "last", **extra)
-
-
-def reference(inputs, seed):
-    return run(naive_selective_scan, as_float64(inputs), torch.Generator().manual_seed(seed))
+KERNELS = "momkit.kernels.triton.selective_scan"
 
 
 SMALL = [
@@ -68,26 +43,26 @@ def case_id(case):
 
 @pytest.mark.parametrize("case", SMALL, ids=case_id)
 def test_small_shapes_float32(kernels, gen, case):
-    inputs = make_inputs(gen, **case)
-    ref = reference(inputs, 7)
+    inputs = selective_device_inputs(gen, **case)
+    ref = selective_reference(inputs, 7)
     for tiling in (kernels.Tiling(chunk=8, block_d=4, block_d_bwd=2),
                    kernels.Tiling(chunk=16, block_d=2, block_d_bwd=4, warps=2, warps_bwd=1, unroll=4, unroll_bwd=1)):
-        got = run(kernels.selective_scan, inputs, torch.Generator().manual_seed(7), tiling=tiling)
+        got = selective_grads(kernels.selective_scan, inputs, torch.Generator().manual_seed(7), tiling=tiling)
         assert_close(got, ref, torch.float32, f"{tiling}")
 
 
 @pytest.mark.parametrize("case", [SMALL[0], SMALL[7]], ids=case_id)
 def test_small_shapes_bfloat16(kernels, gen, case):
-    inputs = make_inputs(gen, **case, dtype=torch.bfloat16)
-    got = run(kernels.selective_scan, inputs, torch.Generator().manual_seed(3),
+    inputs = selective_device_inputs(gen, **case, dtype=torch.bfloat16)
+    got = selective_grads(kernels.selective_scan, inputs, torch.Generator().manual_seed(3),
               tiling=kernels.Tiling(chunk=16, block_d=4, block_d_bwd=4))
     assert got["out"].dtype == got["du"].dtype == got["dB"].dtype == torch.bfloat16
     assert got["last"].dtype == got["dA"].dtype == torch.float32
-    assert_close(got, reference(inputs, 3), torch.bfloat16, "bfloat16")
+    assert_close(got, selective_reference(inputs, 3), torch.bfloat16, "bfloat16")
 
 
 def test_forward_without_gradients(kernels, gen):
-    inputs = make_inputs(gen, 2, 6, 4, 37)
+    inputs = selective_device_inputs(gen, 2, 6, 4, 37)
     out, last = kernels.selective_scan(**inputs, return_last_state=True)
     ref_out, ref_last = naive_selective_scan(**as_float64(inputs), return_last_state=True)
     assert_close({"out": out, "last": last}, {"out": ref_out, "last": ref_last}, torch.float32, "no grad")
@@ -103,7 +78,7 @@ def test_front_door_and_registry(kernels, gen):
     registry = Registry.from_entry_points()
     if "momkit.kernels.triton" not in {ep.value for ep in entry_points(group="momkit")}:
         registry.register(plugin, distribution="momkit")
-    inputs = make_inputs(gen, 2, 6, 4, 19, n_modalities=2, packed=True)
+    inputs = selective_device_inputs(gen, 2, 6, 4, 19, n_modalities=2, packed=True)
     with use_registry(registry):
         backend = registry.get("scan_backend", "triton")
         assert backend.is_available()
@@ -117,7 +92,7 @@ def test_front_door_and_registry(kernels, gen):
 
 
 def test_refuses_float64(kernels, gen):
-    inputs = as_float64(make_inputs(gen, 1, 4, 2, 8))
+    inputs = as_float64(selective_device_inputs(gen, 1, 4, 2, 8))
     with pytest.raises(ValueError, match="float64"):
         kernels.selective_scan(**inputs, return_last_state=False)
 
@@ -150,15 +125,15 @@ def large_tilings(kernels):
 @pytest.mark.parametrize("case", LARGE, ids=lambda c: case_id({k: v for k, v in c.items() if k != "dtype"})
                          + f"-{str(c['dtype'])[6:]}")
 def test_large_shapes_at_several_tilings(cuda_kernels, gen, case):
-    inputs = make_inputs(gen, **case)
-    ref = reference(inputs, 11)
+    inputs = selective_device_inputs(gen, **case)
+    ref = selective_reference(inputs, 11)
     for tiling in large_tilings(cuda_kernels):
-        got = run(cuda_kernels.selective_scan, inputs, torch.Generator().manual_seed(11), tiling=tiling)
+        got = selective_grads(cuda_kernels.selective_scan, inputs, torch.Generator().manual_seed(11), tiling=tiling)
         assert_close(got, ref, case["dtype"], f"{tiling}")
 
 
 def test_long_sequence_stays_finite(cuda_kernels, gen):
-    inputs = make_inputs(gen, 1, 32, 16, 65536, dtype=torch.bfloat16)
-    got = run(cuda_kernels.selective_scan, inputs, torch.Generator().manual_seed(5))
+    inputs = selective_device_inputs(gen, 1, 32, 16, 65536, dtype=torch.bfloat16)
+    got = selective_grads(cuda_kernels.selective_scan, inputs, torch.Generator().manual_seed(5))
     for name, x in got.items():
         assert torch.isfinite(x).all(), name

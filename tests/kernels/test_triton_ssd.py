@@ -14,15 +14,13 @@ against the per-token recurrence in float64 on the same (rounded) inputs: at mos
 
 import pytest
 import torch
-from test_reference_ssd import make_inputs as reference_inputs
-from triton_tiers import DEVICE, as_float64, assert_close, linear_loss_grads, tiers
 
 from momkit.kernels.reference.naive import naive_ssd_scan
+from tests.kernels.conftest import DEVICE, SSD_GRADS, as_float64, assert_close, linear_loss_grads, ssd_inputs
 
-GRAD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 LOW = ("x", "dt", "B", "C", "z")
 
-kernels, cuda_kernels = tiers("momkit.kernels.triton.ssd")
+KERNELS = "momkit.kernels.triton.ssd"
 
 
 def documents(gen, batch, length):
@@ -41,14 +39,14 @@ def make_inputs(gen, batch, length, heads, headdim, groups, state, *, dtype=torc
     """The reference tests' random inputs (``options``: ``D``, ``z``, ``bias``, ``softplus``, ``initial``) on
     ``DEVICE``: ``x, dt, B, C, z`` in ``dtype``; ``A, D, dt_bias, initial_states`` in float32."""
     seq_idx = documents(gen, batch, length) if packed else None
-    inputs = reference_inputs(gen, batch, length, heads, headdim, groups, state, modalities=n_modalities,
+    inputs = ssd_inputs(gen, batch, length, heads, headdim, groups, state, modalities=n_modalities,
                               seq_idx=seq_idx, **options)
     return {k: v.to(DEVICE, dtype if k in LOW else torch.float32) if torch.is_tensor(v) and v.is_floating_point()
             else v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def run(fn, inputs, gen, **extra):
-    return linear_loss_grads(fn, inputs, GRAD_INPUTS, gen, "final", **extra)
+    return linear_loss_grads(fn, inputs, SSD_GRADS, gen, "final", **extra)
 
 
 def reference(inputs, seed):
