@@ -24,7 +24,8 @@ with :data:`hookimpl`, and listed under the ``momkit`` entry-point group of its 
 Every hook returns a list of descriptors. The registry indexes them by their ``name``; two descriptors of
 one kind with one name, from two plugins, are an error that names both distributions. momkit's own
 backbones, modalities and scan backends are registered exactly this way, through its own entry points.
-A plugin implements only the hooks it needs.
+A plugin implements only the hooks it needs. A plugin raises :class:`momkit.SpecError` for what its user
+can fix (the command line prints it as one line); any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def momkit_backbones():
 
     A backbone is one kind of residual layer (Mamba, Mamba-2, Transformer). Its descriptor gives the pydantic
     model of its options (a subclass of :class:`momkit.spec.BackboneConfig`, so a typo in an option is an
-    error), the names of its routable sublayers, its named routing presets, and a ``build`` function
-    returning an ``nn.Module`` with the block contract: ``y = block(x, modality)`` for ``x (b, l, d_model)``
-    and ``modality (b, l)`` int64, ``state = block.allocate_state(batch_size)`` and
-    ``y_t = block.step(x_t, modality_t, state)`` for decoding one position.
+    error), its block class, the names of its routable sublayers and its named routing presets. The block
+    class subclasses :class:`momkit.Block`, whose abstract methods and their docstrings are the block
+    contract; the registry refuses a class that leaves one of them abstract. :mod:`momkit.testing` checks a
+    backbone against the contract, as momkit's own tests check the built-in ones.
     """
 
 
@@ -73,12 +74,14 @@ def momkit_objectives():
 
 @hookspec
 def momkit_scan_backends():
-    """Return the scan backends this plugin provides, a list of :class:`momkit.ops.ScanBackend`.
+    """Return the kernel backends this plugin provides, a list of :class:`momkit.descriptors.ScanBackend`.
 
-    A backend implements :func:`momkit.ops.selective_scan` and/or :func:`momkit.ops.ssd_scan` for some
-    devices. The front doors check every argument before they call it. ``backend="auto"`` picks, among the
-    backends whose ``is_available()`` is true and that run on the inputs' device, the one of highest
-    ``priority``. A backend's tests compare it with the per-token float64 reference, forward and backward.
+    A backend implements some of the kernel operations of :mod:`momkit.ops` (the scans, the routed linear
+    layer, the decoding updates) for some devices. A spec's ``scan_backend`` names the backend of every kernel
+    operation of the blocks it builds; an operation the named backend lacks runs on ``"auto"``, which picks,
+    per operation, among the backends whose ``is_available()`` is true and that run the call's device, dtype
+    and extensions, the one of highest ``priority``. The front doors check every argument before they call a
+    backend. A backend's tests compare it with the per-token float64 reference, forward and backward.
     """
 
 

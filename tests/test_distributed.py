@@ -16,6 +16,8 @@ from momkit.spec import ModelSpec
 from momkit.rundir import RunDir
 from momkit.train import _load, _optimizer
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 SPEC = {
     "name": "ranks", "modalities": ["text", "image"], "routing": {"specific": "mom"},
     "backbone": {"kind": "mamba", "d_model": 16, "n_layers": 2, "d_state": 4},

@@ -1,7 +1,9 @@
 """momkit.testing's checks fail on blocks that break the contract, and the registry refuses an incomplete
 block class, naming the missing method."""
 
+import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +99,16 @@ def test_an_incomplete_block_class_is_refused_at_registration():
     with pytest.raises(PluginError, match=r"momkit_backbones of plugin .*\(tests\): backbone 'faulty': its block "
                                           r"class NoStep does not implement run_step"):
         registry_with(NoStep).names("backbone")
+
+
+def test_the_docs_example_backbone_passes_every_check():
+    """The MLP backbone of docs/concepts/plugins.md, written from the docs alone, keeps the contract."""
+    page = (Path(__file__).parents[1] / "docs" / "concepts" / "plugins.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page[page.index("## Example: a backbone"):], re.S).group(1)
+    plugin = types.ModuleType("mlp_plugin")
+    exec(compile(code, "plugins.md", "exec"), plugin.__dict__)
+    registry = Registry.from_entry_points()
+    registry.register(plugin, distribution="docs")
+    with use_registry(registry):
+        run_checks(ContractCase(backbone={"kind": "mlp", "d_model": 16},
+                                routings={"dense": "dense", "all": "all", "up": ["up"]}))

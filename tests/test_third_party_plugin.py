@@ -13,6 +13,8 @@ from momkit.registry import Registry, use_registry
 from momkit.spec import ModelSpec
 from momkit.train import train
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 PLUGIN = Path(__file__).parents[1] / "examples" / "plugins" / "momkit-sensors"
 
 
