@@ -1,8 +1,10 @@
-"""What the state-space backbones share: the step-size options and their initialisation, and float32 promotion.
+"""What the state-space backbones share: the options of the Mamba-style mixer (inner width, causal conv,
+projection biases, initial step sizes), the step sizes' initialisation, and float32 promotion.
 
-A backbone whose block has a data-dependent step size ``dt = softplus(... + dt_bias)`` (Mamba, Mamba-2, and
-third-party variants) subclasses :class:`StepSizeConfig` for its options and draws its biases with
-:func:`initial_dt_bias`, as mamba_ssm's modules do.
+A backbone whose block widens the stream to ``d_inner = expand * d_model``, runs a depthwise causal conv and
+has a data-dependent step size ``dt = softplus(... + dt_bias)`` (Mamba, Mamba-2, and third-party variants)
+subclasses :class:`SSMConfig` for its options and draws its biases with :func:`initial_dt_bias`, as
+mamba_ssm's modules do.
 """
 
 from __future__ import annotations
@@ -21,21 +23,30 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class StepSizeConfig(BackboneConfig):
-    """Backbone options of the initial step sizes (defaults as in mamba_ssm's ``Mamba`` and ``Mamba2``)."""
+class SSMConfig(BackboneConfig):
+    """Backbone options of the Mamba-style mixer (defaults as in mamba_ssm's ``Mamba`` and ``Mamba2``)."""
 
+    expand: int = Field(2, gt=0, description="d_inner = expand * d_model.")
+    d_conv: int = Field(4, gt=0, description="Kernel width of the depthwise causal conv.")
+    conv_bias: bool = Field(True, description="Whether conv1d has a bias.")
+    bias: bool = Field(False, description="Whether in_proj and out_proj have biases.")
     dt_min: float = Field(0.001, gt=0, description="Smallest initial step size.")
     dt_max: float = Field(0.1, gt=0, description="Largest initial step size.")
     dt_init_floor: float = Field(1e-4, gt=0, description="Floor of the initial step sizes.")
 
     @model_validator(mode="after")
-    def _dt_range(self) -> StepSizeConfig:
+    def _dt_range(self) -> SSMConfig:
         if self.dt_min > self.dt_max:
             raise SpecError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
         return self
 
+    @property
+    def d_inner(self) -> int:
+        """Width of the mixer: ``expand * d_model``."""
+        return self.expand * self.d_model
 
-def initial_dt_bias(config: StepSizeConfig, shape: tuple[int, ...]) -> torch.Tensor:
+
+def initial_dt_bias(config: SSMConfig, shape: tuple[int, ...]) -> torch.Tensor:
     """mamba_ssm's step-size initialisation: biases of ``shape`` whose softplus is log-uniform in
     ``[config.dt_min, config.dt_max]``, floored at ``config.dt_init_floor``."""
     dt = torch.exp(torch.rand(shape) * (math.log(config.dt_max) - math.log(config.dt_min))

@@ -30,22 +30,18 @@ from momkit.blocks import Block, Layout
 from momkit.descriptors import Backbone
 from momkit.errors import SpecError
 from momkit.routing import CausalConv1d, Linear, RMSNorm, no_weight_decay
-from momkit.ssm import StepSizeConfig, at_least_fp32, initial_dt_bias
+from momkit.ssm import SSMConfig, at_least_fp32, initial_dt_bias
 
 SUBLAYERS = ("norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj")
 MOM = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
-class MambaConfig(StepSizeConfig):
+class MambaConfig(SSMConfig):
     """Options of the ``mamba`` backbone (defaults as in mamba_ssm's ``Mamba`` module)."""
 
     d_state: int = Field(16, gt=0, description="State size n per channel.")
-    d_conv: int = Field(4, gt=0, description="Kernel width of the depthwise causal conv.")
-    expand: int = Field(2, gt=0, description="d_inner = expand * d_model.")
     dt_rank: int | Literal["auto"] = Field("auto", description="Rank of the dt projection; `auto` is "
                                                                "ceil(d_model / 16).")
-    conv_bias: bool = Field(True, description="Whether conv1d has a bias.")
-    bias: bool = Field(False, description="Whether in_proj and out_proj have biases.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm.")
 
     @model_validator(mode="after")
@@ -53,11 +49,6 @@ class MambaConfig(StepSizeConfig):
         if isinstance(self.dt_rank, int) and self.dt_rank < 1:
             raise SpecError(f"dt_rank must be a positive int or 'auto', got {self.dt_rank}")
         return self
-
-    @property
-    def d_inner(self) -> int:
-        """Width of the mixer: ``expand * d_model``."""
-        return self.expand * self.d_model
 
     @property
     def rank(self) -> int:

@@ -42,25 +42,21 @@ from momkit.configs import divisors
 from momkit.descriptors import Backbone
 from momkit.errors import SpecError
 from momkit.routing import CausalConv1d, GatedRMSNorm, Linear, RMSNorm, no_weight_decay
-from momkit.ssm import StepSizeConfig, at_least_fp32, initial_dt_bias
+from momkit.ssm import SSMConfig, at_least_fp32, initial_dt_bias
 
 SUBLAYERS = ("norm", "in_proj", "conv1d", "dt_bias", "A_log", "D", "gate_norm", "out_proj")
 MOM = ("in_proj", "out_proj")
 
 
-class Mamba2Config(StepSizeConfig):
+class Mamba2Config(SSMConfig):
     """Options of the ``mamba2`` backbone (defaults as in mamba_ssm's ``Mamba2`` module)."""
 
     d_state: int = Field(128, gt=0, description="State size n per head (per group of B and C).")
-    d_conv: int = Field(4, gt=0, description="Kernel width of the depthwise causal conv.")
-    expand: int = Field(2, gt=0, description="d_inner = expand * d_model.")
     headdim: int = Field(64, gt=0, description="Channels per head p; nheads = d_inner / headdim.")
     ngroups: int = Field(1, gt=0, description="Groups of B and C, each shared by nheads / ngroups heads; also "
                                               "the groups of the gated RMSNorm.")
     chunk_size: int = Field(256, gt=0, description="Chunk length of the SSD scan; the result does not depend "
                                                    "on it, its cost does.")
-    conv_bias: bool = Field(True, description="Whether conv1d has a bias.")
-    bias: bool = Field(False, description="Whether in_proj and out_proj have biases.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm and of the gated RMSNorm.")
 
     @model_validator(mode="after")
@@ -72,11 +68,6 @@ class Mamba2Config(StepSizeConfig):
             raise SpecError(f"ngroups ({self.ngroups}) must divide nheads = d_inner / headdim = {self.nheads}; "
                             f"valid ngroups: {', '.join(map(str, divisors(self.nheads)))}")
         return self
-
-    @property
-    def d_inner(self) -> int:
-        """Width of the mixer: ``expand * d_model``."""
-        return self.expand * self.d_model
 
     @property
     def nheads(self) -> int:
