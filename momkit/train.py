@@ -343,8 +343,9 @@ class _Trainer:
         bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         torch.manual_seed(t.seed)
-        model = Model(spec).to(device)
+        model = Model(spec)
         decayed = {name for name, p in model.named_parameters() if decays(p)}
+        model = model.to(device)
         wrapped = _parallel(model, spec, ranks, device)
         optimizer = _optimizer(model, spec, decayed)
         objectives = _Objectives.of(spec)
