@@ -59,16 +59,6 @@ class Mamba2Config(SSMConfig):
                                                    "on it, its cost does.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm and of the gated RMSNorm.")
 
-    @model_validator(mode="after")
-    def _shapes(self) -> Mamba2Config:
-        if self.d_inner % self.headdim:
-            raise SpecError(f"headdim ({self.headdim}) must divide d_inner = expand * d_model = {self.d_inner}; "
-                            f"valid headdims: {', '.join(map(str, divisors(self.d_inner)))}")
-        if self.nheads % self.ngroups:
-            raise SpecError(f"ngroups ({self.ngroups}) must divide nheads = d_inner / headdim = {self.nheads}; "
-                            f"valid ngroups: {', '.join(map(str, divisors(self.nheads)))}")
-        return self
-
     @property
     def nheads(self) -> int:
         """Number of heads: ``d_inner / headdim``."""
@@ -78,6 +68,16 @@ class Mamba2Config(SSMConfig):
     def conv_dim(self) -> int:
         """Channels of the conv, ``x``, ``B`` and ``C`` together: ``d_inner + 2 * ngroups * d_state``."""
         return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @model_validator(mode="after")
+    def _shapes(self) -> Mamba2Config:
+        if self.d_inner % self.headdim:
+            raise SpecError(f"headdim ({self.headdim}) must divide d_inner = expand * d_model = {self.d_inner}; "
+                            f"valid headdims: {', '.join(map(str, divisors(self.d_inner)))}")
+        if self.nheads % self.ngroups:
+            raise SpecError(f"ngroups ({self.ngroups}) must divide nheads = d_inner / headdim = {self.nheads}; "
+                            f"valid ngroups: {', '.join(map(str, divisors(self.nheads)))}")
+        return self
 
 
 @dataclass
