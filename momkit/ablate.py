@@ -92,13 +92,24 @@ def _label(value: Any) -> str:
 
 
 def _set(data: dict, dotted: str, value: Any) -> None:
+    """Set the field at ``dotted`` in ``data``: mapping keys, and list indices (``layers.1.routing.specific``)
+    into lists the spec already has; missing mappings on the way are created."""
     keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise SpecError(f"cannot set {dotted!r}: {key!r} is not a mapping in the spec")
-    node[keys[-1]] = value
+    node: Any = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[:depth]) or "the spec"
+        if isinstance(node, list):
+            if not (key.isdigit() and int(key) < len(node)):
+                raise SpecError(f"cannot set {dotted!r}: {where} is a list of {len(node)} entries; valid "
+                                f"indices: {', '.join(map(str, range(len(node)))) or 'none'}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise SpecError(f"cannot set {dotted!r}: {where} is not a mapping or a list in the spec")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
 
 
 def variant_specs(suite: SuiteSpec, base: dict[str, Any]) -> dict[str, dict[int, ModelSpec]]:

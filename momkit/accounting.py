@@ -26,12 +26,28 @@ TRAINING_FACTOR = 3.0
 
 @dataclass(frozen=True)
 class SublayerParameters:
-    """Parameters of one sublayer summed over the blocks (or of one model-level part)."""
+    """Parameters of one sublayer summed over the blocks that have it (or of one model-level part).
+
+    In a stack of several backbones (a spec with ``layers``) the name is ``<backbone>.<sublayer>``.
+    """
 
     name: str
-    routed: bool
     total: int
     active: int
+    layers: int
+    routed_layers: int
+
+    @property
+    def routed(self) -> bool:
+        """Whether every layer that has the sublayer routes it."""
+        return self.routed_layers == self.layers
+
+    @property
+    def routing(self) -> str:
+        """``routed``, ``shared``, or ``routed in k of n layers`` where a stack routes it in some layers only."""
+        if self.routed_layers in (0, self.layers):
+            return "routed" if self.routed_layers else "shared"
+        return f"routed in {self.routed_layers} of {self.layers} layers"
 
 
 @dataclass(frozen=True)
@@ -66,34 +82,63 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _size(part: torch.nn.Module | torch.Tensor) -> int:
+    """Parameters of a sublayer: a module's, or a parameter's own elements."""
+    return _numel(part) if isinstance(part, torch.nn.Module) else part.numel()
+
+
+def _distinct(layers: list) -> list[tuple]:
+    """``[(layer spec, how many layers have it)]``, in order of first appearance."""
+    counted: list[list] = []
+    for layer in layers:
+        for entry in counted:
+            if entry[0] == layer:
+                entry[1] += 1
+                break
+        else:
+            counted.append([layer, 1])
+    return [tuple(entry) for entry in counted]
+
+
 def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
     """Parameters and training FLOPs of ``spec`` at sequence length ``seq_len`` (which matters to the parts whose
     cost per token grows with the context: attention, chunked scans)."""
     with torch.device("meta"):
         model = Model(spec)
     routed, n_modalities = spec.routed, len(spec.modalities)
-    backbone = get_registry().get("backbone", spec.backbone.kind)
+    registry = get_registry()
+    layer_specs = spec.blocks()
+    kinds = list(dict.fromkeys(b.backbone.kind for b in layer_specs))
+    qualify = len(kinds) > 1
     sublayers = []
-    for name in backbone.sublayers:
-        total = sum(_numel(getattr(block, name)) if isinstance(getattr(block, name), torch.nn.Module)
-                    else getattr(block, name).numel() for block in model.blocks)
-        sublayers.append(SublayerParameters(name, name in routed, total,
-                                            total // n_modalities if name in routed else total))
+    for kind in kinds:
+        mine = [(block, layer) for block, layer in zip(model.blocks, layer_specs) if layer.backbone.kind == kind]
+        for name in registry.get("backbone", kind).sublayers:
+            sizes = [(_size(getattr(block, name)), name in block.routed) for block, _ in mine]
+            total = sum(size for size, _ in sizes)
+            active = sum(size // n_modalities if is_routed else size for size, is_routed in sizes)
+            routed_layers = sum(is_routed for _, is_routed in sizes)
+            sublayers.append(SublayerParameters(f"{kind}.{name}" if qualify else name, total, active, len(mine),
+                                                routed_layers))
     norm = _numel(model.final_norm)
-    sublayers.append(SublayerParameters("final_norm", "final_norm" in routed, norm,
-                                        norm // n_modalities if "final_norm" in routed else norm))
+    sublayers.append(SublayerParameters("final_norm", norm, norm // n_modalities if "final_norm" in routed else norm,
+                                        1, int("final_norm" in routed)))
     adapters = {m.name: _numel(model.adapters[m.name]) for m in spec.modalities}
     heads = {m.name: _numel(model.heads[m.name]) for m in spec.modalities}
     blocks_active = sum(s.active for s in sublayers)
     active = {m.name: blocks_active + adapters[m.name] + heads[m.name] for m in spec.modalities}
 
-    per_block = backbone.flops(spec.backbone, seq_len)
-    layers = spec.backbone.n_layers
+    per_layer: dict[str, float] = {}
+    for layer, count in _distinct(layer_specs):
+        kind = layer.backbone.kind
+        for part, value in registry.get("backbone", kind).flops(layer.backbone, seq_len).items():
+            key = f"{kind}.{part}" if qualify else part
+            per_layer[key] = per_layer.get(key, 0.0) + count * value
     d_model = spec.backbone.d_model
     flops = {}
     for m in spec.modalities:
         width = m.vocab_size if m.discrete else m.latent_dim
-        parts = {part: layers * value for part, value in per_block.items()}
+        parts = dict(per_layer)
         parts["final_norm"] = 4.0 * d_model
         parts["adapter"] = 0.0 if m.discrete else 2.0 * m.latent_dim * d_model
         parts["head"] = 2.0 * d_model * width

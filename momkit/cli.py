@@ -9,6 +9,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -48,7 +49,21 @@ def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _pattern(spec: ModelSpec) -> str:
+    """The layer pattern of a spec with ``layers``: each entry's backbone and routed sublayers, and the repeats."""
+    entries = spec.blocks()[:len(spec.layers)]
+    runs = itertools.groupby(f"{b.backbone.kind} (routed: {', '.join(sorted(b.routed)) or 'none'})" for b in entries)
+    described = ", ".join(text if n == 1 else f"{n} x {text}" for text, n in ((t, len(list(g))) for t, g in runs))
+    return f"pattern [{described}] x {spec.backbone.n_layers // len(entries)}"
+
+
 def _summary(spec: BlockSpec | ModelSpec) -> str:
+    if isinstance(spec, ModelSpec) and spec.stacked:
+        with torch.device("meta"):
+            blocks = torch.nn.ModuleList(build_block(b) for b in spec.blocks())
+        return (f"valid model spec {spec.name!r}, {spec.backbone.n_layers} layers, d_model {spec.backbone.d_model}, "
+                f"{_pattern(spec)}; modalities {', '.join(spec.modality_names)}; scan backend {spec.scan_backend}; "
+                f"{_parameters(blocks):,} parameters in the blocks")
     with torch.device("meta"):
         block = build_block(spec)
     b = spec.backbone
@@ -97,9 +112,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     spec = _model_spec(args.spec)
     acc = account(spec, seq_len=args.seq_len)
     names = spec.modality_names
-    print(f"{args.spec}: {spec.name}, {spec.backbone.n_layers} x {spec.backbone.kind} d_model "
-          f"{spec.backbone.d_model}, modalities {', '.join(names)}\n")
-    rows = [[s.name, "routed" if s.routed else "shared", f"{s.total:,}", f"{s.active:,}"] for s in acc.sublayers]
+    layers = (f"{spec.backbone.n_layers} layers, {_pattern(spec)}," if spec.stacked else
+              f"{spec.backbone.n_layers} x {spec.backbone.kind}")
+    print(f"{args.spec}: {spec.name}, {layers} d_model {spec.backbone.d_model}, modalities {', '.join(names)}\n")
+    rows = [[s.name, s.routing, f"{s.total:,}", f"{s.active:,}"] for s in acc.sublayers]
     rows += [[f"adapter {n}", "per modality", f"{acc.adapters[n]:,}", ""] for n in names]
     rows += [[f"head {n}", "per modality", f"{acc.heads[n]:,}", ""] for n in names]
     rows.append(["total", "", f"{acc.total:,}", ""])

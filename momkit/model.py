@@ -20,7 +20,8 @@ from momkit.spec import BlockSpec, ModelSpec
 
 
 def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
-    """Build one block from a spec: a :class:`BlockSpec`, its dict form, or a :class:`ModelSpec` (one layer).
+    """Build one block from a spec: a :class:`BlockSpec`, its dict form, or a :class:`ModelSpec` without
+    ``layers`` (one of its identical layers).
 
     The block is the spec's backbone's block class, built as ``block(config, modalities, routed, backend)``
     with the spec's ``scan_backend`` as the backend of every kernel operation.
@@ -88,7 +89,7 @@ class Model(nn.Module):
         d_model = spec.backbone.d_model
         kinds = [registry.get("modality", m.kind) for m in spec.modalities]
         self.adapters = nn.ModuleDict({m.name: k.build_adapter(m, d_model) for m, k in zip(spec.modalities, kinds)})
-        self.blocks = nn.ModuleList(build_block(spec) for _ in range(spec.backbone.n_layers))
+        self.blocks = nn.ModuleList(build_block(block) for block in spec.blocks())
         n = len(spec.modalities) if "final_norm" in spec.routed else None
         self.final_norm = RMSNorm(d_model, n_modalities=n)
         self.heads = nn.ModuleDict({m.name: k.build_head(m, d_model) for m, k in zip(spec.modalities, kinds)})

@@ -18,8 +18,9 @@ from momkit.configs import BackboneConfig, DatasetConfig, ModalityConfig, Object
 from momkit.errors import SpecError
 from momkit.registry import get_registry
 
-__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "ModalityConfig", "ModelSpec", "ObjectiveConfig",
-           "ParallelConfig", "RoutingSpec", "StrictModel", "TrainConfig", "load_spec", "read_mapping"]
+__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "LayerSpec", "ModalityConfig", "ModelSpec",
+           "ObjectiveConfig", "ParallelConfig", "RoutingSpec", "StrictModel", "TrainConfig", "load_spec",
+           "read_mapping"]
 
 MODEL_SUBLAYERS = ("final_norm",)
 
@@ -186,8 +187,22 @@ class ParallelConfig(StrictModel):
                                       "over the ranks.")
 
 
+class LayerSpec(StrictModel):
+    """One entry of a model's layer pattern: a backbone with its options, and its routing."""
+
+    backbone: dict[str, Any] | None = Field(
+        None, description="`kind` and that backbone's options; `d_model` comes from the model's `backbone`. "
+                          "Left out: the model's `backbone` (less `n_layers`).")
+    routing: RoutingSpec | None = Field(None, description="Routed and shared sublayers of this entry. Left out: "
+                                                          "the model's `routing` (less `final_norm`).")
+
+
 class ModelSpec(BlockSpec):
-    """A model: a named stack of ``backbone.n_layers`` blocks of one BlockSpec, with how to train it."""
+    """A model: a named stack of ``backbone.n_layers`` blocks, with how to train it.
+
+    Every block is the spec's ``backbone`` with its ``routing``, unless ``layers`` gives a pattern of blocks,
+    repeated to the model's depth (see :meth:`blocks`).
+    """
 
     layers_required: ClassVar[bool] = True
     model_sublayers: ClassVar[tuple[str, ...]] = MODEL_SUBLAYERS
@@ -201,6 +216,11 @@ class ModelSpec(BlockSpec):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Multi-process training under "
                                                                                  "`torchrun`.")
+    layers: list[LayerSpec] | None = Field(
+        None, description="A pattern of layers, repeated to `backbone.n_layers` (a multiple of its length): each "
+                          "entry `{backbone, routing}`, a field left out taking the model's. For example "
+                          "`[{}, {backbone: {kind: ffn}, routing: {specific: dense}}]` alternates the model's "
+                          "backbone with feed-forward layers. Left out: every layer is the model's backbone.")
 
     @field_validator("objectives", mode="before")
     @classmethod
@@ -239,13 +259,63 @@ class ModelSpec(BlockSpec):
         """The spec's ``data``, or the built-in ``shapes`` dataset."""
         return self.data if self.data is not None else _config_of("dataset", {"kind": "shapes"})
 
-    def block(self) -> BlockSpec:
-        """The spec of one of the model's blocks (the routing of the model-level sublayers left out)."""
+    @model_validator(mode="after")
+    def _layer_pattern(self) -> ModelSpec:
+        if self.layers is None:
+            return self
+        if not self.layers:
+            raise SpecError("layers is an empty pattern; give at least one entry, or leave layers out")
+        n, period = self.backbone.n_layers, len(self.layers)
+        if n % period:
+            raise SpecError(f"backbone.n_layers ({n}) must be a multiple of the {period} entries of layers; "
+                            f"valid n_layers: {period}, {2 * period}, {3 * period}, ...")
+        for i in range(period):
+            self._entry(i)
+        return self
+
+    def _entry(self, i: int) -> BlockSpec:
+        """The block spec of entry ``i`` of ``layers``: a ``SpecError`` names the entry and the field at fault."""
+        data = self._block_data()
+        entry = self.layers[i]
+        if entry.backbone is not None:
+            if "d_model" in entry.backbone:
+                raise SpecError(f"layers.{i}.backbone.d_model: the layers share the model's d_model "
+                                f"({self.backbone.d_model}); set backbone.d_model instead")
+            data["backbone"] = {**entry.backbone, "d_model": self.backbone.d_model}
+        if entry.routing is not None:
+            data["routing"] = entry.routing.model_dump()
+        try:
+            return BlockSpec.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise SpecError(f"layers.{i}: {problems}") from None
+
+    def _block_data(self) -> dict[str, Any]:
         data = self.model_dump(include=set(BlockSpec.model_fields))
         data["backbone"].pop("n_layers")
         data["routing"]["specific"] = (self.routing.specific if isinstance(self.routing.specific, str) else
                                        [s for s in self.routing.specific if s not in MODEL_SUBLAYERS])
-        return BlockSpec.model_validate(data)
+        return data
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the spec gives a pattern of layers (``layers``)."""
+        return self.layers is not None
+
+    def block(self) -> BlockSpec:
+        """The spec of every block of a model without ``layers`` (the routing of the model-level sublayers left
+        out); ``SpecError`` for a model with ``layers``, whose blocks differ (see :meth:`blocks`)."""
+        if self.stacked:
+            raise SpecError(f"model spec {self.name!r} gives a pattern of layers; take its blocks from blocks()")
+        return BlockSpec.model_validate(self._block_data())
+
+    def blocks(self) -> list[BlockSpec]:
+        """The spec of each of the ``backbone.n_layers`` blocks, bottom first: the pattern of ``layers``
+        repeated, or :meth:`block` for every layer."""
+        if not self.stacked:
+            return [self.block() for _ in range(self.backbone.n_layers)]
+        pattern = [self._entry(i) for i in range(len(self.layers))]
+        return [pattern[i % len(pattern)] for i in range(self.backbone.n_layers)]
 
 
 def load_spec(path: str | Path) -> BlockSpec | ModelSpec:

@@ -1,6 +1,8 @@
-"""The Transformer backbone with modality routing: Mixture-of-Transformers (Liang et al. 2024).
+"""The Transformer backbones with modality routing: Mixture-of-Transformers (Liang et al. 2024).
 
-One block is two pre-norm residual layers, attention then a SwiGLU feed-forward network::
+Three backbones: ``transformer``, whose block is two pre-norm residual layers, attention then a SwiGLU
+feed-forward network, and its two halves on their own, ``attention`` and ``ffn``, for layer stacks (Mamba with
+attention every k-th layer, Mamba alternating with feed-forward layers)::
 
     x ─ attn_norm ─┬─ q_proj ─ rope ─┐
                    ├─ k_proj ─ rope ─┼─ causal self-attention ─ o_proj ─ + x ─ h
@@ -16,7 +18,8 @@ embeddings (RoPE) use the half-split convention: channels ``i`` and ``i + head_d
 Every sublayer can be routed. The ``mot`` preset routes all of them, and in a model the final norm too, as
 in the Mixture-of-Transformers paper: every non-embedding parameter (the four attention projections, the
 feed-forward network and the norms) is modality-specific, while the self-attention over the whole
-interleaved sequence stays shared.
+interleaved sequence stays shared. The ``ffn`` backbone's sublayers are ``norm`` and the SwiGLU's three
+matrices ``w1``, ``w2`` and ``w3``, each routable on its own.
 """
 
 from __future__ import annotations
@@ -36,27 +39,26 @@ from momkit.descriptors import Backbone
 from momkit.errors import SpecError
 from momkit.routing import Linear, RMSNorm
 
-SUBLAYERS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm", "ffn")
-MOT = (*SUBLAYERS, "final_norm")
+ATTENTION = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj")
+FFN = ("norm", "w1", "w2", "w3")
+SUBLAYERS = (*ATTENTION, "ffn_norm", "ffn")
 FFN_MULTIPLE = 8
 DEFAULT_CAPACITY = 256
 
 
-class TransformerConfig(BackboneConfig):
-    """Options of the ``transformer`` backbone (feed-forward sizing, RoPE base and norm epsilon as in LLaMA)."""
+class AttentionConfig(BackboneConfig):
+    """Options of the ``attention`` backbone (RoPE base and norm epsilon as in LLaMA)."""
 
     n_heads: int = Field(8, gt=0, description="Query heads; head_dim = d_model / n_heads, which must be even "
                                               "for the rotary embedding.")
     n_kv_heads: int | None = Field(None, gt=0, description="Key/value heads, each shared by n_heads / n_kv_heads "
                                                            "query heads (grouped-query attention); `None` is "
                                                            "n_heads (multi-head attention).")
-    ffn_mult: float = Field(8 / 3, gt=0, description="Hidden width of the SwiGLU feed-forward network: "
-                                                     "int(ffn_mult * d_model) rounded up to a multiple of 8.")
     rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position embedding's angles.")
-    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of both RMSNorms.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm.")
 
     @model_validator(mode="after")
-    def _shapes(self) -> TransformerConfig:
+    def _heads(self) -> AttentionConfig:
         valid_heads = ", ".join(str(k) for k in divisors(self.d_model) if self.d_model // k % 2 == 0) or "none"
         if self.d_model % self.n_heads:
             raise SpecError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}) with an even "
@@ -67,9 +69,6 @@ class TransformerConfig(BackboneConfig):
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise SpecError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}); valid "
                             f"n_kv_heads: {', '.join(map(str, divisors(self.n_heads)))}")
-        if int(self.ffn_mult * self.d_model) < 1:
-            raise SpecError(f"ffn_mult * d_model = {self.ffn_mult} * {self.d_model} must be at least 1 for a "
-                            f"feed-forward network of positive width; valid ffn_mult: >= {1 / self.d_model}")
         return self
 
     @property
@@ -82,10 +81,31 @@ class TransformerConfig(BackboneConfig):
         """The number of key/value heads, ``n_kv_heads`` resolved."""
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
+
+class FFNConfig(BackboneConfig):
+    """Options of the ``ffn`` backbone (feed-forward sizing as in LLaMA)."""
+
+    ffn_mult: float = Field(8 / 3, gt=0, description="Hidden width of the SwiGLU feed-forward network: "
+                                                     "int(ffn_mult * d_model) rounded up to a multiple of 8.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm.")
+
+    @model_validator(mode="after")
+    def _width(self) -> FFNConfig:
+        if int(self.ffn_mult * self.d_model) < 1:
+            raise SpecError(f"ffn_mult * d_model = {self.ffn_mult} * {self.d_model} must be at least 1 for a "
+                            f"feed-forward network of positive width; valid ffn_mult: >= {1 / self.d_model}")
+        return self
+
     @property
     def ffn_hidden(self) -> int:
         """Hidden width of the feed-forward network: ``int(ffn_mult * d_model)`` rounded up to a multiple of 8."""
         return math.ceil(int(self.ffn_mult * self.d_model) / FFN_MULTIPLE) * FFN_MULTIPLE
+
+
+class TransformerConfig(AttentionConfig, FFNConfig):
+    """Options of the ``transformer`` backbone: the ``attention`` backbone's and the ``ffn`` backbone's."""
+
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of both RMSNorms.")
 
 
 @dataclass
@@ -123,7 +143,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """``x (..., d)``, ``modality (...)`` -> ``(..., d)``."""
-        return self.w2(F.silu(self.w1(x, modality)) * self.w3(x, modality), modality)
+        return swiglu(x, modality, self.w1, self.w3, self.w2)
+
+
+def swiglu(x: torch.Tensor, modality: torch.Tensor, w1: Linear, w3: Linear, w2: Linear) -> torch.Tensor:
+    """``w2(silu(w1 x) * w3 x)`` for ``x (..., d)``, ``modality (...)``."""
+    return w2(F.silu(w1(x, modality)) * w3(x, modality), modality)
 
 
 def rotary(t: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -158,12 +183,12 @@ def document_layout(seq_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
 
 
-class TransformerBlock(Block):
-    """One Transformer layer (attention and SwiGLU) whose sublayers are shared or routed as the spec says."""
+class AttentionBlock(Block):
+    """One pre-norm causal self-attention layer whose sublayers are shared or routed as the spec says."""
 
-    config: TransformerConfig
+    config: AttentionConfig
 
-    def __init__(self, config: TransformerConfig, modalities: list[str], routed: frozenset[str],
+    def __init__(self, config: AttentionConfig, modalities: list[str], routed: frozenset[str],
                  backend: str = "auto"):
         super().__init__(config, modalities, routed, backend)
         d, e = config.d_model, config.head_dim
@@ -176,8 +201,6 @@ class TransformerBlock(Block):
         self.k_proj = linear("k_proj", d, config.kv_heads * e)
         self.v_proj = linear("v_proj", d, config.kv_heads * e)
         self.o_proj = linear("o_proj", config.n_heads * e, d)
-        self.ffn_norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("ffn_norm"))
-        self.ffn = SwiGLU(d, config.ffn_hidden, n_modalities=self.routing("ffn"), backend=backend)
 
     def _qkv(self, x: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor):
         """``x (b, l, d_model)`` -> rotated ``q (b, n_heads, l, e)``, rotated ``k`` and ``v (b, n_kv_heads, l, e)``."""
@@ -198,15 +221,14 @@ class TransformerBlock(Block):
         return o.transpose(1, 2).flatten(2)
 
     def run(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
-        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        """``x (b, l, d_model)`` -> ``x + attention``, ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
         modality, seq_idx = layout.modality, layout.seq_idx
         if seq_idx is None:
             positions, mask = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2]), None
         else:
             positions, mask = document_layout(seq_idx)
         q, k, v = self._qkv(x, modality, positions)
-        h = x + self.o_proj(self._attend(q, k, v, mask, causal=mask is None), modality)
-        return h + self.ffn(self.ffn_norm(h, modality), modality)
+        return x + self.o_proj(self._attend(q, k, v, mask, causal=mask is None), modality)
 
     def allocate_state(self, batch_size: int, max_length: int | None = None) -> TransformerState:
         """An empty KV cache for ``batch_size`` sequences with room for ``max_length`` positions (``None``:
@@ -227,21 +249,70 @@ class TransformerBlock(Block):
         q, k, v = self._qkv(x[:, None], modality[:, None], positions)
         keys, values = state.append(k, v)
         o = self._attend(q, keys.to(q.dtype), values.to(q.dtype), mask=None, causal=False)[:, 0]
-        h = x + self.o_proj(o, modality)
-        return h + self.ffn(self.ffn_norm(h, modality), modality)
+        return x + self.o_proj(o, modality)
 
 
-def flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per token of one block; the attention's grow with ``seq_len``.
+class TransformerBlock(AttentionBlock):
+    """One Transformer layer (attention and SwiGLU) whose sublayers are shared or routed as the spec says."""
 
-    With ``d = d_model``, ``h`` query heads and ``g`` key/value heads of ``e`` channels (``h e = d``) and the
-    feed-forward width ``f``: each matmul of ``in -> out`` features counts ``2 in out`` and each RMSNorm
-    ``4 d``. ``attention`` counts the score product ``q k^T`` and the value product ``p v``, ``2 e`` each per
-    head and key, over the causal average context of ``seq_len / 2`` keys: ``2 * 2 * d * seq_len / 2``
-    (grouped-query attention shares keys, not products, so ``g`` does not enter). The softmax, the rotary
-    embedding and the SwiGLU gate are elementwise, ``O(d)`` against ``O(d^2)``, and are not counted.
+    config: TransformerConfig
+
+    def __init__(self, config: TransformerConfig, modalities: list[str], routed: frozenset[str],
+                 backend: str = "auto"):
+        super().__init__(config, modalities, routed, backend)
+        self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, n_modalities=self.routing("ffn_norm"))
+        self.ffn = SwiGLU(config.d_model, config.ffn_hidden, n_modalities=self.routing("ffn"), backend=backend)
+
+    def run(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
+        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        h = super().run(x, layout)
+        return h + self.ffn(self.ffn_norm(h, layout.modality), layout.modality)
+
+    def run_step(self, x: torch.Tensor, layout: Layout, state: TransformerState) -> torch.Tensor:
+        """Decode one position: ``x (b, d_model)``, ``layout.modality (b,)``; appends its key and value to
+        ``state``."""
+        h = super().run_step(x, layout, state)
+        return h + self.ffn(self.ffn_norm(h, layout.modality), layout.modality)
+
+
+class FFNBlock(Block):
+    """One pre-norm SwiGLU feed-forward layer, ``y = x + w2(silu(w1 n) * w3 n)`` with ``n = norm(x)``, whose
+    four sublayers are shared or routed as the spec says. Position-wise: it keeps no decoding state."""
+
+    config: FFNConfig
+
+    def __init__(self, config: FFNConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto"):
+        super().__init__(config, modalities, routed, backend)
+        d, f = config.d_model, config.ffn_hidden
+        self.norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("norm"))
+        self.w1 = Linear(d, f, bias=False, n_modalities=self.routing("w1"), backend=backend)
+        self.w3 = Linear(d, f, bias=False, n_modalities=self.routing("w3"), backend=backend)
+        self.w2 = Linear(f, d, bias=False, n_modalities=self.routing("w2"), backend=backend)
+
+    def run(self, x: torch.Tensor, layout: Layout, state: None = None) -> torch.Tensor:
+        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        return x + swiglu(self.norm(x, layout.modality), layout.modality, self.w1, self.w3, self.w2)
+
+    def run_step(self, x: torch.Tensor, layout: Layout, state: None) -> torch.Tensor:
+        """One position, ``x (b, d_model)``: the same map as :meth:`run`."""
+        return self.run(x, layout)
+
+    def allocate_state(self, batch_size: int, max_length: int | None = None) -> None:
+        """No state: the layer is position-wise."""
+        return None
+
+
+def attention_flops(config: AttentionConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one attention layer; they grow with ``seq_len``.
+
+    With ``d = d_model``, ``h`` query heads and ``g`` key/value heads of ``e`` channels (``h e = d``): each
+    matmul of ``in -> out`` features counts ``2 in out`` and the RMSNorm ``4 d``. ``attention`` counts the score
+    product ``q k^T`` and the value product ``p v``, ``2 e`` each per head and key, over the causal average
+    context of ``seq_len / 2`` keys: ``2 * 2 * d * seq_len / 2`` (grouped-query attention shares keys, not
+    products, so ``g`` does not enter). The softmax and the rotary embedding are elementwise, ``O(d)`` against
+    ``O(d^2)``, and are not counted.
     """
-    d, e, f = config.d_model, config.head_dim, config.ffn_hidden
+    d, e = config.d_model, config.head_dim
     h, g = config.n_heads, config.kv_heads
     return {
         "attn_norm": 4.0 * d,
@@ -250,13 +321,34 @@ def flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
         "v_proj": 2.0 * d * g * e,
         "attention": 2.0 * 2.0 * h * e * seq_len / 2,
         "o_proj": 2.0 * h * e * d,
-        "ffn_norm": 4.0 * d,
-        "ffn": 3 * 2.0 * d * f,
     }
+
+
+def ffn_flops(config: FFNConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one feed-forward layer of width ``f``: ``4 d`` for the RMSNorm, ``2 d f`` for
+    each of the three matrices (the SwiGLU gate, elementwise, is not counted)."""
+    d, f = config.d_model, config.ffn_hidden
+    return {"norm": 4.0 * d, "w1": 2.0 * d * f, "w2": 2.0 * f * d, "w3": 2.0 * d * f}
+
+
+def flops(config: TransformerConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one Transformer block: :func:`attention_flops`, then ``ffn_norm`` (``4 d``)
+    and ``ffn``, the three matrices of :func:`ffn_flops` together."""
+    return {**attention_flops(config, seq_len), "ffn_norm": 4.0 * config.d_model,
+            "ffn": 3 * 2.0 * config.d_model * config.ffn_hidden}
 
 
 @hookimpl
 def momkit_backbones():
-    return [Backbone(name="transformer", description="Transformer block (RoPE, GQA, SwiGLU); preset mot = "
-                                                     "Mixture-of-Transformers", config=TransformerConfig,
-                     block=TransformerBlock, sublayers=SUBLAYERS, presets={"mot": MOT}, flops=flops)]
+    return [
+        Backbone(name="transformer", description="Transformer block (RoPE, GQA, SwiGLU); preset mot = "
+                                                 "Mixture-of-Transformers", config=TransformerConfig,
+                 block=TransformerBlock, sublayers=SUBLAYERS, presets={"mot": (*SUBLAYERS, "final_norm")},
+                 flops=flops),
+        Backbone(name="attention", description="the Transformer's attention layer alone, for stacks; preset mot = "
+                                               "every sublayer", config=AttentionConfig, block=AttentionBlock,
+                 sublayers=ATTENTION, presets={"mot": (*ATTENTION, "final_norm")}, flops=attention_flops),
+        Backbone(name="ffn", description="SwiGLU feed-forward layer alone, for stacks; preset mot = every "
+                                         "sublayer", config=FFNConfig, block=FFNBlock, sublayers=FFN,
+                 presets={"mot": (*FFN, "final_norm")}, flops=ffn_flops),
+    ]

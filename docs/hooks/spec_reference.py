@@ -201,8 +201,8 @@ def _plugin_settings(descriptor, kind_field: str, linked: dict[type, str], base:
 
 def render() -> str:
     import momkit
-    from momkit.spec import (BackboneConfig, BlockSpec, DatasetConfig, ModalityConfig, ModelSpec, ObjectiveConfig,
-                             RoutingSpec, TrainConfig)
+    from momkit.spec import (BackboneConfig, BlockSpec, DatasetConfig, LayerSpec, ModalityConfig, ModelSpec,
+                             ObjectiveConfig, RoutingSpec, TrainConfig)
 
     try:
         registry = momkit.get_registry()
@@ -211,13 +211,15 @@ def render() -> str:
     except Exception as exc:  # a broken plugin must not produce a silently incomplete page
         raise PluginError(f"spec reference: the momkit registry failed to load: {exc}") from exc
 
-    linked = {m: _anchor(m) for m in (BlockSpec, ModelSpec, RoutingSpec, ModalityConfig, BackboneConfig,
+    linked = {m: _anchor(m) for m in (BlockSpec, ModelSpec, LayerSpec, RoutingSpec, ModalityConfig, BackboneConfig,
                                       ObjectiveConfig, DatasetConfig, TrainConfig)}
     lines = ["## Block and model", ""]
     lines += _section(BlockSpec, "###", linked)
     lines += _section(ModelSpec, "###", linked,
                       intro="A `ModelSpec` is a `BlockSpec` with a `name`; its `backbone.n_layers` is required.",
                       base=BlockSpec)
+    lines += _section(LayerSpec, "###", linked,
+                      intro="An entry of a `ModelSpec`'s `layers` (a pattern repeated to `backbone.n_layers`).")
     lines += ["## Modalities", ""]
     lines += _section(ModalityConfig, "###", linked,
                       intro="An entry of `modalities` is validated by the settings model of its `kind`, one of "

@@ -60,6 +60,18 @@ class TestTransformer(BackboneContract):
                      default=("mot", "mot-gqa")))
 
 
+class TestAttention(BackboneContract):
+    case = ContractCase(
+        backbone={"kind": "attention", "d_model": 32, "n_heads": 4},
+        routings={"dense": "dense", "mot-gqa": "mot", "k_proj": ["k_proj"]}, options={"mot-gqa": {"n_kv_heads": 2}},
+        unit_scale=("norm",))
+
+
+class TestFFN(BackboneContract):
+    case = ContractCase(backbone={"kind": "ffn", "d_model": 16}, routings={"dense": "dense", "all": "all", "w2": ["w2"]},
+                        unit_scale=("norm",))
+
+
 def test_fresh_states_have_the_documented_shapes(gen):
     mamba2 = TestMamba2.case.build("mom", gen)
     state = mamba2.allocate_state(2)
