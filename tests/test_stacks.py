@@ -117,3 +117,17 @@ def test_a_suite_overrides_a_field_of_one_pattern_entry():
     with pytest.raises(ValueError, match=r"'layers.2.routing.specific': layers is a list of 2 entries; "
                                          r"valid indices: 0, 1"):
         variant_specs(bad, {**BASE, "layers": [{}, FFN]})
+
+
+def test_info_and_train_on_a_stacked_spec_file(tmp_path, capsys):
+    path = tmp_path / "stack.yaml"
+    path.write_text("name: stack\nmodalities: [text, image]\n"
+                    "backbone: {kind: mamba, d_model: 16, n_layers: 2, d_state: 4}\nrouting: {specific: mom}\n"
+                    "layers: [{}, {backbone: {kind: ffn}, routing: {specific: [w1, w3]}}]\ndata: {kind: synthetic}\n"
+                    "train: {steps: 20, batch_size: 2, seq_len: 32, eval_every: 10, eval_batches: 1}\n")
+    assert main(["info", str(path), "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "pattern [mamba (routed: dt_proj, in_proj, out_proj, x_proj), ffn (routed: w1, w3)] x 1" in out
+    assert "| ffn.w1 " in out and "| mamba.in_proj " in out
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--max-steps", "2", "--quiet"]) == 0
+    assert "step 2, held-out loss text " in capsys.readouterr().out
