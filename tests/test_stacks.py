@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import yaml
 
 from momkit import Batch, build_model
 from momkit.ablate import SuiteSpec, variant_specs
 from momkit.accounting import account
 from momkit.cli import main
+from momkit.rundir import RunDir
 from momkit.spec import ModelSpec
 
 BASE = {"name": "stack", "modalities": ["text", "image"], "routing": {"specific": "mom"},
@@ -131,3 +133,9 @@ def test_info_and_train_on_a_stacked_spec_file(tmp_path, capsys):
     assert "| ffn.w1 " in out and "| mamba.in_proj " in out
     assert main(["train", str(path), "--out", str(tmp_path / "run"), "--max-steps", "2", "--quiet"]) == 0
     assert "step 2, held-out loss text " in capsys.readouterr().out
+
+
+def test_a_stacked_spec_survives_the_run_directorys_yaml():
+    stacked = spec(layers=[{}, ATTENTION])
+    again = ModelSpec.model_validate(yaml.safe_load(RunDir.spec_text(stacked)))
+    assert again == stacked and [b.backbone.kind for b in again.blocks()] == ["mamba", "attention"] * 2
