@@ -56,10 +56,18 @@ class RunDir:
         return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
     def check_spec(self, spec: ModelSpec) -> None:
-        """A ``SpecError`` if the directory holds a run of another spec (the same fields in another order are
-        the same spec)."""
-        if self.spec_file.exists() and yaml.safe_load(self.spec_file.read_text()) != spec.model_dump(mode="json"):
+        """A ``SpecError`` if the directory holds a run of another spec (the same fields in another order, or a
+        field added since at its default, make the same spec)."""
+        if self.spec_file.exists() and self._stored_spec() != spec.model_dump(mode="json"):
             raise SpecError(f"{self.path} holds a run of a different spec; use another directory or remove it")
+
+    def _stored_spec(self) -> dict | None:
+        """The stored spec validated again (so a field added since, at its default, is the same spec), or
+        ``None`` if it no longer validates."""
+        try:
+            return ModelSpec.model_validate(yaml.safe_load(self.spec_file.read_text())).model_dump(mode="json")
+        except ValueError:
+            return None
 
     def write_spec(self, spec: ModelSpec) -> None:
         """Create the directory and write ``spec`` into it."""

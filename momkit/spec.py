@@ -174,8 +174,12 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every this many steps.")
     seed: int = Field(0, description="Seed of initialisation and of the objectives' noise.")
     device: str = Field("auto", description="`auto` (CUDA if available, else CPU), `cpu`, `cuda`, `cuda:1`, ...")
-    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$", description="`bf16` autocast, `fp32`, or "
-                                                                             "`auto` (bf16 on CUDA, fp32 on CPU).")
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$",
+                           description="`bf16` autocast, `fp16` autocast with a gradient scaler (for GPUs without "
+                                       "bfloat16), `fp32`, or `auto` (bf16 on CUDA, fp32 on CPU).")
+    max_bad_steps: int = Field(20, ge=1, description="A step whose loss or gradients are not finite is skipped "
+                                                     "(no update), counted and logged; the run stops after this "
+                                                     "many such steps in a row, keeping its last checkpoint.")
 
 
 class ParallelConfig(StrictModel):

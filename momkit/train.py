@@ -279,13 +279,17 @@ def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec,
 
 @dataclass
 class _Progress:
-    """The counters a checkpoint keeps: optimiser steps done, training FLOPs and tokens so far, and the last
-    evaluation record."""
+    """The counters a checkpoint keeps: optimiser steps done, training FLOPs and tokens so far, the last
+    evaluation record, the steps skipped for non-finite values (in all, and in a row up to now), and the fp16
+    gradient scaler's state."""
 
     step: int = 0
     flops: float = 0.0
     tokens: int = 0
     eval: dict = field(default_factory=dict)
+    skipped: int = 0
+    bad_streak: int = 0
+    scaler: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -336,12 +340,15 @@ class _Trainer:
     eval_source: object
     per_token: list[float]
     autocast: Callable
+    scaler: torch.amp.GradScaler | None
 
     @classmethod
     def build(cls, spec: ModelSpec, device: torch.device, ranks: _Ranks) -> _Trainer:
         t = spec.train
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        precision = t.precision if t.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+        scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
         torch.manual_seed(t.seed)
         model = Model(spec)
         decayed = {name for name, p in model.named_parameters() if decays(p)}
@@ -355,10 +362,12 @@ class _Trainer:
         eval_source = build(data, spec.modalities, "eval", t.seq_len)
         acc = account(spec, seq_len=t.seq_len)
         per_token = [sum(acc.training_flops[m.name].values()) for m in spec.modalities]
-        return cls(spec, device, model, wrapped, optimizer, objectives, train_source, eval_source, per_token, autocast)
+        return cls(spec, device, model, wrapped, optimizer, objectives, train_source, eval_source, per_token, autocast,
+                   scaler)
 
-    def step(self, step: int, ranks: _Ranks) -> _StepStats:
-        """One optimiser step: this rank's micro-batches forward and backward, clipping, the update."""
+    def step(self, step: int, ranks: _Ranks) -> tuple[_StepStats, bool]:
+        """One optimiser step: this rank's micro-batches forward and backward, clipping, the update; and whether
+        the loss and the gradients were finite (if not, the update is skipped)."""
         t = self.spec.train
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.spec)
@@ -369,14 +378,26 @@ class _Trainer:
             generator = torch.Generator().manual_seed(t.seed * 1_000_003 + index)
             with self.autocast():
                 loss, parts = self.objectives.evaluate(self.wrapped, batch, generator)
-            (loss * ranks.world / t.grad_accum).backward()
+            loss = loss * ranks.world / t.grad_accum
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             stats.add(parts, batch, self.per_token)
         stats = stats.summed(ranks)
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        finite = math.isfinite(float(norm)) and all(math.isfinite(s) for s in stats.loss_sums)
+        if finite and self.scaler is None:
+            self.optimizer.step()
+        if self.scaler is not None:
+            if finite:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return stats
+        return stats, finite
+
+    def scaler_state(self) -> dict:
+        """The gradient scaler's state (empty without fp16), for the checkpoint."""
+        return {} if self.scaler is None else self.scaler.state_dict()
 
     def evaluate(self, done: _Progress, ranks: _Ranks) -> dict:
         """The evaluation record at ``done``'s step."""
@@ -426,36 +447,50 @@ def _run(spec: ModelSpec, run: RunDir, max_steps: int | None, dev: torch.device,
 
     trainer = _Trainer.build(spec, dev, ranks)
     done = _Progress(**_load(run, trainer.model, trainer.optimizer)) if run.has_checkpoint else _Progress()
+    if trainer.scaler is not None and done.scaler:
+        trainer.scaler.load_state_dict(done.scaler)
     last = min(t.steps, max_steps if max_steps is not None else t.steps)
     _loop(trainer, run, done, last, ranks, progress)
+    record = done.eval or trainer.evaluate(done, ranks)
+    record = {**record, "skipped_steps": done.skipped} if done.skipped else record
     if done.step == t.steps and ranks.main:
-        run.write_result(done.eval)
-    return done.eval or trainer.evaluate(done, ranks)
+        run.write_result(record)
+    return record
 
 
 def _loop(trainer: _Trainer, run: RunDir, done: _Progress, last: int, ranks: _Ranks, progress: bool) -> None:
     """Train from ``done.step`` to step ``last``, logging, evaluating and checkpointing as the spec says;
-    ``done`` always describes the last finished step (what a checkpoint saves)."""
+    ``done`` always describes the last finished step (what a checkpoint saves). A step whose loss or gradients
+    are not finite updates nothing, is logged with ``"skipped": true`` and saves no checkpoint;
+    ``train.max_bad_steps`` of them in a row stop the run with a ``SpecError``, its last checkpoint kept."""
     spec, t = trainer.spec, trainer.spec.train
     log = _Log(run.metrics_file, done.step, ranks.main)
     bar = tqdm(total=last, initial=done.step, disable=not progress, desc=spec.name, dynamic_ncols=True)
-    between_steps = True
+    between_steps, saved = True, done.step if run.has_checkpoint else None
     try:
         while done.step < last:
             between_steps = False
-            stats = trainer.step(done.step, ranks)
-            step = _Progress(done.step + 1, done.flops + stats.flops, done.tokens + int(stats.tokens), done.eval)
+            stats, finite = trainer.step(done.step, ranks)
+            step = _Progress(done.step + 1, done.flops + stats.flops, done.tokens + int(stats.tokens), done.eval,
+                             done.skipped + (not finite), 0 if finite else done.bad_streak + 1, trainer.scaler_state())
             losses = stats.losses(trainer.objectives.names)
             log.write({"split": "train", "step": step.step, "flops": step.flops, "tokens": step.tokens,
                        "lr": learning_rate(done.step, spec), "time": time.time(), "loss": sum(losses.values()),
-                       **losses})
+                       **losses, **({} if finite else {"skipped": True})})
+            if step.bad_streak >= t.max_bad_steps:
+                kept = f"its checkpoint of step {saved} is kept" if saved is not None else "no checkpoint was saved"
+                raise SpecError(f"{spec.name}: stopped at step {step.step}: the loss or the gradients were not "
+                                f"finite for {step.bad_streak} steps in a row (train.max_bad_steps); {kept}. Lower "
+                                f"train.lr, train with precision bf16 or fp32, or raise train.max_bad_steps, in a "
+                                f"new run directory")
             if step.step % t.eval_every == 0 or step.step == t.steps:
                 step.eval = trainer.evaluate(step, ranks)
                 log.write(step.eval)
-            done.step, done.flops, done.tokens, done.eval = step.step, step.flops, step.tokens, step.eval
+            vars(done).update(vars(step))
             between_steps = True
-            if done.step % t.checkpoint_every == 0 or done.step == last:
+            if finite and (done.step % t.checkpoint_every == 0 or done.step == last):
                 _save(run, trainer.model, trainer.optimizer, ranks, asdict(done))
+                saved = done.step
             bar.update(1)
             bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in losses.items()})
     except KeyboardInterrupt:

@@ -1,10 +1,13 @@
 """Training: the loss falls, a resumed run equals an uninterrupted one, a finished run is skipped."""
 
 import json
+import math
 
 import pytest
+import torch
 from torch import nn
 
+from momkit import SpecError
 from momkit import routing as routing_layers
 from momkit.model import Model
 from momkit.routing import decays
@@ -112,3 +115,65 @@ def test_a_run_stopped_before_its_first_evaluation_evaluates_at_its_last_step(to
     result = train(toy_spec(), tmp_path, max_steps=3, progress=False)
     assert result["step"] == 3 and result["split"] == "eval" and result["loss/text"] > 0
     assert [r["split"] for r in lines(tmp_path)] == ["train"] * 3
+
+
+def poisoned(monkeypatch, bad_steps):
+    """Make the training loss NaN at the (0-based) optimiser steps in ``bad_steps`` (batch size 4, one micro-batch)."""
+    import momkit.train as module
+
+    original = module._Objectives.evaluate
+    calls = {"n": 0}
+
+    def evaluate(self, model, batch, generator):
+        total, parts = original(self, model, batch, generator)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] - 1 in bad_steps:
+                total = total * float("nan")
+        return total, parts
+
+    monkeypatch.setattr(module._Objectives, "evaluate", evaluate)
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_logged(toy_registry, tmp_path, monkeypatch):
+    poisoned(monkeypatch, {5})
+    result = train(toy_spec(), tmp_path, progress=False)
+    records = lines(tmp_path)
+    skipped = [r["step"] for r in records if r.get("skipped")]
+    assert skipped == [6] and result["skipped_steps"] == 1 and math.isfinite(result["loss/text"])
+
+
+def test_a_skipped_step_leaves_the_parameters_and_the_optimiser_alone(toy_registry, monkeypatch):
+    from momkit.train import _Ranks, _Trainer
+
+    trainer = _Trainer.build(toy_spec(), torch.device("cpu"), _Ranks(0, 1, False))
+    ranks = _Ranks(0, 1, False)
+    assert trainer.step(0, ranks)[1]
+    params = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
+    poisoned(monkeypatch, {0})
+    assert not trainer.step(1, ranks)[1]
+    assert all(torch.equal(params[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, trainer.optimizer.state.values()))
+    assert all(p.grad is None for p in trainer.model.parameters())
+    monkeypatch.undo()
+    assert trainer.step(2, ranks)[1]
+    assert any(not torch.equal(params[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_its_checkpoint(toy_registry, tmp_path, monkeypatch):
+    poisoned(monkeypatch, set(range(4, 24)))
+    with pytest.raises(SpecError, match=r"stopped at step 7: the loss or the gradients were not finite for 3 steps "
+                                         r"in a row \(train.max_bad_steps\); its checkpoint of step 4 is kept"):
+        train(toy_spec(checkpoint_every=2, max_bad_steps=3), tmp_path, progress=False)
+    assert json.loads((tmp_path / "checkpoint" / "progress.json").read_text())["step"] == 4
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_exactly(toy_registry, tmp_path):
+    spec = toy_spec(precision="fp16", steps=16)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    result = train(spec, whole, progress=False)
+    assert math.isfinite(result["loss/text"]) and result["loss/text"] < lines(whole)[0]["loss/text"]
+    train(spec, split, max_steps=7, progress=False)
+    train(spec, split, progress=False)
+    assert lines(split) == lines(whole)
