@@ -6,9 +6,9 @@ deterministic routing, the parameters active per token therefore equal the dense
 grows by ``M - 1`` copies of every routed sublayer.
 
 FLOPs are analytic: each backbone reports its forward FLOPs per token by sublayer (see
-:class:`momkit.descriptors.Backbone`), a modality's adapter and head count as the matmuls they are, and
-training costs three times the forward pass (the backward pass computes gradients of both the inputs and
-the weights).
+:class:`momkit.descriptors.Backbone`), a modality's adapter (with a continuous modality's step embedding) and
+head count as the matmuls they are, and training costs three times the forward pass (the backward pass
+computes gradients of both the inputs and the weights).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class Accounting:
 
     Attributes:
         sublayers: Block sublayers summed over layers, then ``final_norm``.
-        adapters: ``{modality: parameters}`` of each modality's input adapter.
+        adapters: ``{modality: parameters}`` of each modality's input adapter (with, for a continuous one, its
+            diffusion-step embedding).
         heads: ``{modality: parameters}`` of each modality's output head.
         total: Every parameter of the model.
         active: ``{modality: parameters}`` used by one token of that modality.
@@ -85,6 +86,12 @@ def _numel(module: torch.nn.Module) -> int:
 def _size(part: torch.nn.Module | torch.Tensor) -> int:
     """Parameters of a sublayer: a module's, or a parameter's own elements."""
     return _numel(part) if isinstance(part, torch.nn.Module) else part.numel()
+
+
+def _step_embedding_flops(embedding: torch.nn.Module) -> float:
+    """Forward FLOPs per token of a :class:`momkit.model.TimestepEmbedding`: its two matmuls."""
+    first, last = embedding.mlp[0], embedding.mlp[2]
+    return 2.0 * (first.in_features * first.out_features + last.in_features * last.out_features)
 
 
 def _distinct(layers: list) -> list[tuple]:
@@ -123,7 +130,8 @@ def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
     norm = _numel(model.final_norm)
     sublayers.append(SublayerParameters("final_norm", norm, norm // n_modalities if "final_norm" in routed else norm,
                                         1, int("final_norm" in routed)))
-    adapters = {m.name: _numel(model.adapters[m.name]) for m in spec.modalities}
+    steps = {m.name: _numel(model.timestep_embeddings[m.name]) for m in spec.modalities if not m.discrete}
+    adapters = {m.name: _numel(model.adapters[m.name]) + steps.get(m.name, 0) for m in spec.modalities}
     heads = {m.name: _numel(model.heads[m.name]) for m in spec.modalities}
     blocks_active = sum(s.active for s in sublayers)
     active = {m.name: blocks_active + adapters[m.name] + heads[m.name] for m in spec.modalities}
@@ -140,7 +148,8 @@ def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
         width = m.vocab_size if m.discrete else m.latent_dim
         parts = dict(per_layer)
         parts["final_norm"] = 4.0 * d_model
-        parts["adapter"] = 0.0 if m.discrete else 2.0 * m.latent_dim * d_model
+        parts["adapter"] = 0.0 if m.discrete else 2.0 * m.latent_dim * d_model + _step_embedding_flops(
+            model.timestep_embeddings[m.name])
         parts["head"] = 2.0 * d_model * width
         flops[m.name] = {part: TRAINING_FACTOR * value for part, value in parts.items()}
     return Accounting(sublayers=sublayers, adapters=adapters, heads=heads, total=_numel(model), active=active,

@@ -19,15 +19,19 @@ class Batch:
         latents: ``{name: (b, l, latent_dim)}`` for each continuous modality that occurs, read at its positions.
         seq_idx: optional ``(b, l)`` integer document index for packed sequences; no position sees another
             document.
+        timesteps: ``{name: (b, l)}`` float diffusion step of the latents of a continuous modality, read at its
+            positions (a diffusion objective sets it when it noises them); a continuous modality left out is
+            clean, step 0.
     """
 
     modality: torch.Tensor
     tokens: torch.Tensor | None = None
     latents: Mapping[str, torch.Tensor] = field(default_factory=dict)
     seq_idx: torch.Tensor | None = None
+    timesteps: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Batch:
         """The batch on ``device``."""
         move = (lambda t: None if t is None else t.to(device))
         return Batch(move(self.modality), move(self.tokens), {k: v.to(device) for k, v in self.latents.items()},
-                     move(self.seq_idx))
+                     move(self.seq_idx), {k: v.to(device) for k, v in self.timesteps.items()})

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -71,6 +72,31 @@ def _next_of(modality: torch.Tensor, seq_idx: torch.Tensor | None, i: int) -> tu
     return follows, target
 
 
+class TimestepEmbedding(nn.Module):
+    """A diffusion step as a ``d_model`` vector, added to the adapter's output of a continuous modality's
+    noised latents (as Transfusion conditions on the step): sinusoidal features of the step, then
+    ``Linear, SiLU, Linear``.
+
+    Args:
+        d_model: Width of the output.
+        features: Number of sinusoidal features (half cosines, half sines).
+        max_period: Longest period of the features, in steps.
+    """
+
+    def __init__(self, d_model: int, features: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.features, self.max_period = features, max_period
+        self.mlp = nn.Sequential(nn.Linear(features, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, steps: torch.Tensor) -> torch.Tensor:
+        """``steps (N,)`` float -> ``(N, d_model)``."""
+        half = self.features // 2
+        weight = self.mlp[0].weight
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=steps.device) / half)
+        angles = steps.to(freqs.dtype)[:, None] * freqs
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(weight.dtype))
+
+
 class Model(nn.Module):
     """A model built from a :class:`momkit.ModelSpec` by :func:`build_model`.
 
@@ -80,6 +106,8 @@ class Model(nn.Module):
         blocks: The ``n_layers`` blocks.
         final_norm: RMSNorm after the last block, routed when the spec routes ``final_norm``.
         heads: ``{name: module}`` mapping ``d_model`` to a modality's logits or latents.
+        timestep_embeddings: ``{name: TimestepEmbedding}`` of each continuous modality, added to its
+            adapter's output at its positions for the diffusion step of ``batch.timesteps`` (0 if not given).
     """
 
     def __init__(self, spec: ModelSpec):
@@ -93,6 +121,8 @@ class Model(nn.Module):
         n = len(spec.modalities) if "final_norm" in spec.routed else None
         self.final_norm = RMSNorm(d_model, n_modalities=n)
         self.heads = nn.ModuleDict({m.name: k.build_head(m, d_model) for m, k in zip(spec.modalities, kinds)})
+        self.timestep_embeddings = nn.ModuleDict({m.name: TimestepEmbedding(d_model) for m in spec.modalities
+                                                  if not m.discrete})
 
     @property
     def modalities(self):
@@ -125,6 +155,15 @@ class Model(nn.Module):
                     got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
                     raise SpecError(f"batch.latents[{m.name!r}] must be {want} = (b, l, latent_dim) since "
                                     f"modality {m.name!r} occurs; got {got}")
+        unknown = sorted(set(batch.timesteps) - set(continuous))
+        if unknown:
+            raise SpecError(f"batch.timesteps has {unknown}, not continuous modalities of this model; "
+                            f"its continuous modalities: {continuous or 'none'}")
+        for name, steps in batch.timesteps.items():
+            if not isinstance(steps, torch.Tensor) or steps.shape != modality.shape or not steps.is_floating_point():
+                got = f"{tuple(steps.shape)} {steps.dtype}" if isinstance(steps, torch.Tensor) else steps
+                raise SpecError(f"batch.timesteps[{name!r}] must be a float tensor of shape {tuple(modality.shape)}, "
+                                f"got {got}")
         if batch.seq_idx is not None and (batch.seq_idx.shape != modality.shape or batch.seq_idx.is_floating_point()):
             raise SpecError(f"batch.seq_idx must be an integer tensor of shape {tuple(modality.shape)}, got "
                             f"{tuple(batch.seq_idx.shape)} {batch.seq_idx.dtype}")
@@ -142,27 +181,33 @@ class Model(nn.Module):
                             f"for modality {m.name!r} (vocab_size {m.vocab_size}): valid ids are "
                             f"0..{m.vocab_size - 1}")
 
-    def embed(self, modality: torch.Tensor, tokens: torch.Tensor | None, latents: Mapping[str, torch.Tensor]):
-        """``(*, d_model)`` inputs of the blocks for positions of ``modality (*)``.
+    def embed(self, modality: torch.Tensor, tokens: torch.Tensor | None, latents: Mapping[str, torch.Tensor],
+              timesteps: Mapping[str, torch.Tensor] | None = None):
+        """``(*, d_model)`` inputs of the blocks for positions of ``modality (*)``: each adapter's output, plus,
+        for a continuous modality, the embedding of its latents' diffusion step (``timesteps``; 0 if absent).
 
-        Every adapter runs, on no positions for an absent modality, so that every parameter takes part in
-        every forward pass (its gradient is zero, never missing, which data-parallel reductions rely on).
+        Every adapter and step embedding runs, on no positions for an absent modality, so that every parameter
+        takes part in every forward pass (its gradient is zero, never missing, which data-parallel reductions
+        rely on).
         """
         weight = next(self.parameters())
         h = torch.zeros(*modality.shape, self.spec.backbone.d_model, dtype=weight.dtype, device=weight.device)
+        timesteps = timesteps or {}
         for i, m in enumerate(self.modalities):
             where = modality == i
             if m.discrete:
                 inputs = tokens[where] if tokens is not None else torch.zeros(0, dtype=torch.int64, device=h.device)
-            else:
-                inputs = latents[m.name][where] if m.name in latents else h.new_zeros(0, m.latent_dim)
-            h[where] = self.adapters[m.name](inputs).to(h.dtype)
+                h[where] = self.adapters[m.name](inputs).to(h.dtype)
+                continue
+            inputs = latents[m.name][where] if m.name in latents else h.new_zeros(0, m.latent_dim)
+            steps = timesteps[m.name][where] if m.name in timesteps else h.new_zeros(inputs.shape[0])
+            h[where] = (self.adapters[m.name](inputs) + self.timestep_embeddings[m.name](steps)).to(h.dtype)
         return h
 
     def forward(self, batch: Batch) -> ModelOutput:
         """Run the model on ``batch``; see :class:`ModelOutput`."""
         self.check(batch)
-        h = self.embed(batch.modality, batch.tokens, batch.latents)
+        h = self.embed(batch.modality, batch.tokens, batch.latents, batch.timesteps)
         layout = Layout(batch.modality, batch.seq_idx)
         for block in self.blocks:
             h = block(h, layout)

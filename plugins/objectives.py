@@ -3,9 +3,11 @@
 ``next_token`` is the Chameleon-style loss when images are VQ tokens: every discrete token is predicted from
 the positions before it. ``diffusion`` is the Transfusion-style loss on continuous latents: each segment of a
 continuous modality (a run of its positions within one document, e.g. one image) is noised to a random
-diffusion step, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, and the model predicts ``eps`` at those
-positions, with the preceding tokens (the caption) as condition through the causal sequence. The step ``t`` is
-not given to the model as an input: it reads the noise level off the noised latents.
+diffusion step, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, and the model predicts, at those
+positions, the noise ``eps``, the clean latents ``x_0`` or the velocity ``v = sqrt(abar_t) eps -
+sqrt(1 - abar_t) x_0`` (``prediction``), with the preceding tokens (the caption) as condition through the
+causal sequence. The step ``t`` reaches the model in ``batch.timesteps``, whose embedding the model adds to the
+noised latents' adapter output (:class:`momkit.model.TimestepEmbedding`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class DiffusionConfig(ObjectiveConfig):
     timesteps: int = Field(1000, ge=1, description="Number of diffusion steps T.")
     schedule: str = Field("cosine", pattern="^(cosine|linear)$", description="Noise schedule: `cosine` "
                                                                              "(Nichol & Dhariwal) or `linear`.")
+    prediction: str = Field("noise", pattern="^(noise|x0|velocity)$",
+                            description="What the head predicts: the `noise` eps, the clean latents `x0`, or the "
+                                        "`velocity` sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho).")
 
 
 class NextToken:
@@ -53,12 +58,15 @@ class NextToken:
 
 
 def _alpha_bar(config: DiffusionConfig) -> torch.Tensor:
-    """``(T,)`` cumulative signal fraction ``abar_t`` for ``t = 1..T``."""
+    """``(T,)`` cumulative signal fraction ``abar_t`` for ``t = 1..T``: cosine (Nichol & Dhariwal), or DDPM's
+    linear betas from 1e-4 to 0.02, scaled by ``1000 / T`` as Nichol & Dhariwal's code does, so that every
+    ``T`` ends near pure noise (unchanged at ``T = 1000``)."""
     t = torch.arange(1, config.timesteps + 1, dtype=torch.float64) / config.timesteps
     if config.schedule == "cosine":
         f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         return (f / math.cos(0.008 / 1.008 * math.pi / 2) ** 2).clamp(1e-5, 1.0)
-    betas = torch.linspace(1e-4, 0.02, config.timesteps, dtype=torch.float64)
+    scale = 1000 / config.timesteps
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, config.timesteps, dtype=torch.float64).clamp(max=0.999)
     return torch.cumprod(1 - betas, 0)
 
 
@@ -72,7 +80,8 @@ def _segments(modality: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Ten
 
 
 class Diffusion:
-    """Noises one continuous modality's latents per segment and scores the predicted noise (summed MSE)."""
+    """Noises one continuous modality's latents per segment, gives the model their steps, and scores the
+    prediction (summed over positions of the mean squared error over latent channels)."""
 
     def __init__(self, config: DiffusionConfig, name: str, modality_id: int, latent_dim: int):
         self.config, self.name, self.modality_id, self.latent_dim = config, name, modality_id, latent_dim
@@ -90,12 +99,15 @@ class Diffusion:
         noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(clean.device)
         noised = torch.where(where[..., None], abar.sqrt() * clean + (1 - abar).sqrt() * noise, clean)
         latents = {**batch.latents, self.name: noised}
-        return Batch(batch.modality, batch.tokens, latents, batch.seq_idx), noise[where]
+        timesteps = {**batch.timesteps, self.name: (steps + 1).to(clean.dtype).to(clean.device)[segments]}
+        target = {"noise": noise, "x0": clean, "velocity": abar.sqrt() * noise - (1 - abar).sqrt() * clean}
+        return (Batch(batch.modality, batch.tokens, latents, batch.seq_idx, timesteps),
+                target[self.config.prediction][where])
 
-    def __call__(self, output, batch: Batch, noise: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def __call__(self, output, batch: Batch, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         predicted = output.predictions[self.name].float()
-        loss = (predicted - noise.float()).square().mean(-1).sum()
-        return loss, noise.shape[0]
+        loss = (predicted - target.float()).square().mean(-1).sum()
+        return loss, target.shape[0]
 
 
 @hookimpl
