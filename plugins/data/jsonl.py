@@ -15,8 +15,10 @@ flat binary arrays that are read through ``np.memmap``, so a batch touches only 
 - ``header.json``: format, version, counts, the modalities (name, kind, vocab_size or latent_dim, positions,
   largest token id) and each array's file, dtype and shape;
 - ``modality.bin``: ``(P,)`` uint8 index of each position's modality in the header's list;
-- ``tokens.bin``: ``(P,)`` int64 token id of each position, or, at a continuous modality's position, the row of
-  its vector in that modality's latents;
+- ``tokens.bin``: ``(P,)`` token id of each position, or, at a continuous modality's position, the row of its
+  vector in that modality's latents, in the smallest unsigned type that holds them (:func:`token_dtype`: uint8
+  or uint16 for the vocabularies of text and VQ codes, as nanoGPT's and Megatron's token files do; uint32
+  with continuous modalities); version 1 shards, with int64 ids, are still read;
 - ``offsets.bin``: ``(N + 1,)`` int64 first position of each document, then ``P``;
 - ``latents-<i>.bin``: ``(P_i, latent_dim)`` float32 vectors of continuous modality ``i`` of the header, in
   position order.
@@ -42,7 +44,8 @@ from momkit.errors import SpecError
 from momkit.plugins.data.packing import Chunk, PackedSource, Piece, StreamLayout, check_split
 from momkit.spec import DatasetConfig, ModalityConfig
 
-FORMAT, FORMAT_VERSION, HEADER = "momkit-shards", 1, "header.json"
+FORMAT, FORMAT_VERSION, HEADER = "momkit-shards", 2, "header.json"
+READABLE_VERSIONS = (1, 2)
 SEGMENT_FIELDS = ("modality", "tokens", "latents")
 
 
@@ -187,6 +190,17 @@ def read_jsonl(path: str | Path, modalities: Sequence[ModalityConfig]) -> Iterat
         raise SpecError(f"jsonl file {str(path)!r} holds no documents")
 
 
+def token_dtype(modalities: Sequence[ModalityConfig]) -> np.dtype:
+    """The smallest unsigned type of the shards' ``tokens`` array for ``modalities``: it holds every token id
+    (``0..vocab_size-1``) and, with a continuous modality, the row of each latent vector (uint32)."""
+    largest = max([m.vocab_size - 1 for m in modalities if m.discrete] +
+                  [np.iinfo(np.uint32).max for m in modalities if not m.discrete])
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
 def _lay_out(documents: Iterable[list[tuple[int, np.ndarray]]], modalities: Sequence[ModalityConfig],
              append: Callable[[str, np.ndarray], None]) -> dict:
     """Lay ``documents`` out as the shards' flat arrays, handing each part to ``append(array name, values)``.
@@ -198,6 +212,7 @@ def _lay_out(documents: Iterable[list[tuple[int, np.ndarray]]], modalities: Sequ
         raise SpecError(f"shards hold at most 256 modalities (uint8 ids); got {len(modalities)}")
     stats = [{"name": m.name, "kind": m.kind, "vocab_size": m.vocab_size, "latent_dim": m.latent_dim,
               "positions": 0, "max_token": -1} for m in modalities]
+    dtype = token_dtype(modalities)
     position, count = 0, 0
     append("offsets", np.zeros(1, dtype=np.int64))
     for document in documents:
@@ -207,10 +222,13 @@ def _lay_out(documents: Iterable[list[tuple[int, np.ndarray]]], modalities: Sequ
                 ids = values
                 stats[i]["max_token"] = max(stats[i]["max_token"], int(values.max()))
             else:
+                if stats[i]["positions"] + n > np.iinfo(dtype).max + 1:
+                    raise SpecError(f"modality {modalities[i].name!r} has more than {np.iinfo(dtype).max + 1} "
+                                    f"latent vectors, more than shards hold; convert the data in parts")
                 ids = np.arange(stats[i]["positions"], stats[i]["positions"] + n, dtype=np.int64)
                 append(f"latents-{i}", values)
             append("modality", np.full(n, i, dtype=np.uint8))
-            append("tokens", ids)
+            append("tokens", ids.astype(dtype))
             stats[i]["positions"] += n
             position += n
         append("offsets", np.array([position], dtype=np.int64))
@@ -221,7 +239,7 @@ def _lay_out(documents: Iterable[list[tuple[int, np.ndarray]]], modalities: Sequ
 def _arrays(modalities: Sequence[ModalityConfig], stats: dict) -> dict[str, dict]:
     """File, dtype and shape of each array of shards with counts ``stats``."""
     arrays = {"modality": {"dtype": "uint8", "shape": [stats["positions"]]},
-              "tokens": {"dtype": "int64", "shape": [stats["positions"]]},
+              "tokens": {"dtype": token_dtype(modalities).name, "shape": [stats["positions"]]},
               "offsets": {"dtype": "int64", "shape": [stats["documents"] + 1]}}
     for i, m in enumerate(modalities):
         if not m.discrete:
@@ -234,7 +252,8 @@ class Documents:
 
     Attributes:
         modality: ``(P,)`` uint8 index of each position's modality in the shards' list.
-        tokens: ``(P,)`` int64 token ids; at continuous positions, rows of ``latents``.
+        tokens: ``(P,)`` unsigned (or, in version 1 shards, int64) token ids; at continuous positions, rows of
+            ``latents``.
         offsets: ``(N + 1,)`` int64 first position of each document, then ``P``.
         latents: ``{i: (P_i, latent_dim)}`` float32 vectors of continuous modality ``i``.
         to_spec: ``(M,)`` int64 index in the spec's modalities of each of the shards' (-1: not in the spec, and
@@ -351,9 +370,9 @@ def open_shards(directory: str | Path, modalities: Sequence[ModalityConfig]) -> 
         raise SpecError(f"{directory} has no {HEADER}: not shards written by convert_jsonl (or the conversion "
                         f"did not finish)")
     header = json.loads((directory / HEADER).read_text())
-    if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+    if header.get("format") != FORMAT or header.get("version") not in READABLE_VERSIONS:
         raise SpecError(f"{directory} holds format {header.get('format')!r} version {header.get('version')!r}; "
-                        f"this momkit reads {FORMAT!r} version {FORMAT_VERSION}")
+                        f"this momkit reads {FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))}")
     names = [m.name for m in modalities]
     to_spec = []
     for entry in header["modalities"]:

@@ -334,6 +334,42 @@ def test_shards_read_the_same_batches_as_the_jsonl_file(tmp_path):
         convert_jsonl(path, out, spec.modalities)
 
 
+@pytest.mark.parametrize("modalities, dtype", [
+    (["text"], "uint8"), (TEXT_IMAGE, "uint16"), (["text", {"kind": "image", "vocab_size": 70000}], "uint32"),
+    (TEXT_LATENT_SPEECH, "uint32"),
+])
+def test_shards_store_tokens_in_the_smallest_unsigned_type(modalities, dtype, tmp_path):
+    path = jsonl_file(tmp_path, modalities, count=40)
+    spec = make_spec(modalities, {"kind": "jsonl", "path": str(path)})
+    out = convert_jsonl(path, tmp_path / "shards", spec.modalities)
+    header = json.loads((out / "header.json").read_text())
+    assert header["version"] == 2 and header["arrays"]["tokens"]["dtype"] == dtype
+    assert (out / "tokens.bin").stat().st_size == header["positions"] * np.dtype(dtype).itemsize
+    a = source(spec)
+    b = source(make_spec(modalities, {"kind": "jsonl", "shards": str(out)}))
+    for i in range(3):
+        assert_equal(a.batch(i, 2), b.batch(i, 2))
+
+
+def test_version_1_shards_with_int64_tokens_are_still_read(tmp_path):
+    path = jsonl_file(tmp_path, TEXT_LATENT_SPEECH, count=40)
+    spec = make_spec(TEXT_LATENT_SPEECH, {"kind": "jsonl", "path": str(path)})
+    out = convert_jsonl(path, tmp_path / "shards", spec.modalities)
+    header = json.loads((out / "header.json").read_text())
+    tokens = np.fromfile(out / "tokens.bin", dtype=header["arrays"]["tokens"]["dtype"])
+    tokens.astype(np.int64).tofile(out / "tokens.bin")
+    header["version"], header["arrays"]["tokens"]["dtype"] = 1, "int64"
+    (out / "header.json").write_text(json.dumps(header))
+    a, b = source(spec), source(make_spec(TEXT_LATENT_SPEECH, {"kind": "jsonl", "shards": str(out)}))
+    for i in range(3):
+        assert_equal(a.batch(i, 2), b.batch(i, 2))
+    header["version"] = 3
+    (out / "header.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="holds format 'momkit-shards' version 3; this momkit reads "
+                                         "'momkit-shards' versions 1, 2"):
+        source(make_spec(TEXT_LATENT_SPEECH, {"kind": "jsonl", "shards": str(out)}))
+
+
 @pytest.mark.parametrize("modalities, message", [
     (["text", {"kind": "image", "name": "image_latent", "latent_dim": 4}, "speech"],
      "modality 'image_latent' of shards .* has latent_dim 8 in the shards and 4 in the spec"),
