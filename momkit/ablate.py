@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from momkit.errors import SpecError
-from momkit.spec import ModelSpec, StrictModel, read_mapping
+from momkit.spec import ModelSpec, StrictModel, read_mapping, set_field
 from momkit.rundir import RunDir
 from momkit.train import train
 
@@ -91,27 +91,6 @@ def _label(value: Any) -> str:
     return "+".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _set(data: dict, dotted: str, value: Any) -> None:
-    """Set the field at ``dotted`` in ``data``: mapping keys, and list indices (``layers.1.routing.specific``)
-    into lists the spec already has; missing mappings on the way are created."""
-    keys = dotted.split(".")
-    node: Any = data
-    for depth, key in enumerate(keys):
-        last = depth == len(keys) - 1
-        where = ".".join(keys[:depth]) or "the spec"
-        if isinstance(node, list):
-            if not (key.isdigit() and int(key) < len(node)):
-                raise SpecError(f"cannot set {dotted!r}: {where} is a list of {len(node)} entries; valid "
-                                f"indices: {', '.join(map(str, range(len(node)))) or 'none'}")
-            key = int(key)
-        elif not isinstance(node, dict):
-            raise SpecError(f"cannot set {dotted!r}: {where} is not a mapping or a list in the spec")
-        if last:
-            node[key] = value
-        else:
-            node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
-
-
 def variant_specs(suite: SuiteSpec, base: dict[str, Any]) -> dict[str, dict[int, ModelSpec]]:
     """``{variant: {seed: ModelSpec}}``, every spec validated (``ValueError`` naming variant and field)."""
     specs = {}
@@ -120,7 +99,7 @@ def variant_specs(suite: SuiteSpec, base: dict[str, Any]) -> dict[str, dict[int,
         for seed in suite.seeds:
             data = copy.deepcopy(base)
             for dotted, value in {**suite.overrides, **changes, "train.seed": seed}.items():
-                _set(data, dotted, value)
+                set_field(data, dotted, value)
             data["name"] = f"{name}/seed{seed}"
             try:
                 specs[name][seed] = ModelSpec.model_validate(data)

@@ -1,5 +1,8 @@
 """The ``momkit`` command line: ``validate``, ``plugins``, ``info``, ``train``, ``ablate``, ``report``,
-``convert``.
+``convert``, ``diff``.
+
+The commands that read a spec (and ``ablate``) take ``KEY=VALUE`` overrides after it: dotted field paths and
+YAML values, set before validation, so a bad key or value is reported like one in the file.
 
 A user's mistake (a bad spec, a missing file, a broken plugin installation: a :class:`momkit.SpecError`)
 prints what is wrong and exits with status 2, never a traceback; any other error, such as a bug in a plugin,
@@ -10,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from pydantic import ValidationError
 
 from momkit.ablate import load_suite, report, run_suite
@@ -36,9 +42,24 @@ def _describe(path: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _load(path: str) -> BlockSpec | ModelSpec:
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """``{dotted path: value}`` of command-line ``KEY=VALUE`` items, each value read as YAML."""
+    overrides = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        if not equals or not key:
+            raise SpecError(f"override {item!r} must be KEY=VALUE, a dotted spec field and a value, for example "
+                            f"train.lr=3e-4")
+        try:
+            overrides[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from None
+    return overrides
+
+
+def _load(path: str, overrides: list[str] = ()) -> BlockSpec | ModelSpec:
     try:
-        return load_spec(path)
+        return load_spec(path, _overrides(list(overrides)))
     except ValidationError as exc:
         raise SpecError(_describe(path, exc)) from None
     except SpecError as exc:
@@ -74,7 +95,7 @@ def _summary(spec: BlockSpec | ModelSpec) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    print(f"{args.spec}: {_summary(_load(args.spec))}")
+    print(f"{args.spec}: {_summary(_load(args.spec, args.overrides))}")
     return 0
 
 
@@ -89,8 +110,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_spec(path: str) -> ModelSpec:
-    spec = _load(path)
+def _model_spec(path: str, overrides: list[str] = ()) -> ModelSpec:
+    spec = _load(path, overrides)
     if not isinstance(spec, ModelSpec):
         raise SpecError(f"{path}: this command needs a model spec (with `name` and `backbone.n_layers`), "
                          f"not a block spec")
@@ -109,7 +130,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    spec = _model_spec(args.spec)
+    spec = _model_spec(args.spec, args.overrides)
     acc = account(spec, seq_len=args.seq_len)
     names = spec.modality_names
     layers = (f"{spec.backbone.n_layers} layers, {_pattern(spec)}," if spec.stacked else
@@ -130,7 +151,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    spec = _model_spec(args.spec)
+    spec = _model_spec(args.spec, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / spec.name
     record = train(spec, out, max_steps=args.max_steps, device=args.device, progress=not args.quiet)
     losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
@@ -143,6 +164,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         suite, base = load_suite(args.suite)
     except ValidationError as exc:
         raise SpecError(_describe(args.suite, exc)) from None
+    suite = suite.model_copy(update={"overrides": {**suite.overrides, **_overrides(args.overrides)}})
     try:
         run_suite(suite, base, args.out, max_steps=args.max_steps, device=args.device, workers=args.workers,
                   launcher=args.launcher)
@@ -185,22 +207,58 @@ def _positive(text: str) -> int:
     return value
 
 
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted path: leaf value}`` of nested mappings and lists."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat = {}
+    for key, item in items:
+        flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    a, b = (_flat(_load(path).model_dump(mode="json")) for path in (args.a, args.b))
+    differ = [key for key in dict.fromkeys([*a, *b]) if a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+    if not differ:
+        print(f"{args.a} and {args.b} are the same spec")
+    for key in differ:
+        print(f"{key}: {_shown(a.get(key, _ABSENT))} -> {_shown(b.get(key, _ABSENT))}")
+    return 0
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="momkit", description="Modality-routed sequence models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    overrides = {"nargs": "*", "metavar": "KEY=VALUE",
+                 "help": "set spec fields before validation, e.g. train.lr=3e-4 backbone.d_model=512"}
     p = sub.add_parser("validate", help="check a spec against the installed plugins")
     p.add_argument("spec", help="path of a YAML spec")
+    p.add_argument("overrides", **overrides)
     p.set_defaults(run=cmd_validate)
     p = sub.add_parser("plugins", help="list every registered name and the distribution providing it")
     p.set_defaults(run=cmd_plugins)
     p = sub.add_parser("info", help="parameters (total, active per token) and training FLOPs per token of a "
                                     "model spec, by sublayer and modality")
     p.add_argument("spec", help="path of a YAML model spec")
+    p.add_argument("overrides", **overrides)
     p.add_argument("--seq-len", type=_positive, default=2048, help="sequence length for attention FLOPs "
                                                                    "(default 2048)")
     p.set_defaults(run=cmd_info)
     p = sub.add_parser("train", help="train a model spec on its data (resumes an interrupted run)")
     p.add_argument("spec", help="path of a YAML model spec")
+    p.add_argument("overrides", **overrides)
     p.add_argument("--out", help="run directory (default runs/<spec name>)")
     p.add_argument("--max-steps", type=_positive, help="stop after this many steps")
     p.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N)")
@@ -208,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("ablate", help="train every variant x seed of a suite, then write tables and plots")
     p.add_argument("suite", help="path of a YAML suite")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="set spec fields of every variant, after the suite's own overrides, e.g. train.steps=50")
     p.add_argument("--out", required=True, help="suite directory (re-running resumes and skips finished runs)")
     p.add_argument("--max-steps", type=_positive, help="stop each run after this many steps")
     p.add_argument("--device", help="override train.device of every run")
@@ -226,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild a suite directory's tables and plots from its run logs")
     p.add_argument("dir", help="suite directory written by momkit ablate")
     p.set_defaults(run=cmd_report)
+    p = sub.add_parser("diff", help="list the fields in which two specs differ (defaults filled in)")
+    p.add_argument("a", help="path of a YAML spec")
+    p.add_argument("b", help="path of another YAML spec")
+    p.set_defaults(run=cmd_diff)
     return parser
 
 

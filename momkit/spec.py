@@ -9,7 +9,7 @@ would be valid.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Mapping, Union
 
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -20,7 +20,7 @@ from momkit.registry import get_registry
 
 __all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "LayerSpec", "ModalityConfig", "ModelSpec",
            "ObjectiveConfig", "ParallelConfig", "RoutingSpec", "StrictModel", "TrainConfig", "load_spec",
-           "read_mapping"]
+           "read_mapping", "set_field"]
 
 MODEL_SUBLAYERS = ("final_norm",)
 
@@ -322,15 +322,42 @@ class ModelSpec(BlockSpec):
         return [pattern[i % len(pattern)] for i in range(self.backbone.n_layers)]
 
 
-def load_spec(path: str | Path) -> BlockSpec | ModelSpec:
+def load_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> BlockSpec | ModelSpec:
     """Read a YAML spec: a :class:`ModelSpec` if it has a ``name``, else a :class:`BlockSpec`.
+
+    ``overrides`` maps dotted field paths to values set before validation (see :func:`set_field`), as
+    ``momkit train SPEC.yaml train.lr=3e-4`` does.
 
     Raises:
         SpecError: the file is missing, not YAML, not a mapping, or not a valid spec (a pydantic
             ``ValidationError``, which is a ``ValueError``, with the path of each bad field).
     """
     data = read_mapping(path, "spec")
+    for dotted, value in (overrides or {}).items():
+        set_field(data, dotted, value)
     return (ModelSpec if "name" in data else BlockSpec).model_validate(data)
+
+
+def set_field(data: dict, dotted: str, value: Any) -> None:
+    """Set the field at ``dotted`` in the spec mapping ``data``: mapping keys, and list indices
+    (``layers.1.routing.specific``) into lists the spec already has; missing mappings on the way are created.
+    Suites and command-line overrides set fields this way; the spec is validated afterwards."""
+    keys = dotted.split(".")
+    node: Any = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[:depth]) or "the spec"
+        if isinstance(node, list):
+            if not (key.isdigit() and int(key) < len(node)):
+                raise SpecError(f"cannot set {dotted!r}: {where} is a list of {len(node)} entries; valid "
+                                f"indices: {', '.join(map(str, range(len(node)))) or 'none'}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise SpecError(f"cannot set {dotted!r}: {where} is not a mapping or a list in the spec")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
 
 
 def read_mapping(path: str | Path, what: str) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """The command line as a user runs it: exit status, one-line summaries, errors without tracebacks."""
 
+import json
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from momkit import SpecError, hookimpl, load_spec
 from momkit.cli import main
@@ -164,3 +166,46 @@ def test_convert_refuses_a_dataset_without_converter(tmp_path, capsys):
     spec.write_text("name: s\nmodalities: [text]\nbackbone: {kind: mamba, d_model: 8, n_layers: 1}\n")
     assert main(["convert", str(spec), "in.jsonl", str(tmp_path / "out")]) == 2
     assert "dataset 'shapes' has no converter; datasets with one: ['jsonl']" in capsys.readouterr().err
+
+
+def test_train_takes_overrides_validated_like_the_file(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY % "synthetic")
+    out = tmp_path / "run"
+    assert main(["train", str(spec), "train.lr=0.0005", "backbone.d_state=2", "--out", str(out), "--max-steps", "1",
+                 "--quiet"]) == 0
+    stored = yaml.safe_load((out / "spec.yaml").read_text())
+    assert stored["train"]["lr"] == 0.0005 and stored["backbone"]["d_state"] == 2
+    capsys.readouterr()
+    assert main(["train", str(spec), "train.lr=-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "train.lr: Input should be greater than 0" in capsys.readouterr().err
+    assert main(["validate", str(spec), "train.lr"]) == 2
+    assert "override 'train.lr' must be KEY=VALUE" in capsys.readouterr().err
+    assert main(["validate", str(spec), "trian.lr=1"]) == 2
+    assert "unknown field(s) 'trian' for ModelSpec; valid fields: modalities" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ablate_overrides_apply_to_every_variant(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY % "synthetic")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\nbase: tiny.yaml\nbaseline: dense\nvariants:\n  dense: {routing.specific: dense}\n"
+                     "  mom: {routing.specific: mom}\n")
+    assert main(["ablate", str(suite), "train.steps=2", "train.eval_every=2", "--out", str(tmp_path / "out")]) == 0
+    for variant in ("dense", "mom"):
+        stored = yaml.safe_load((tmp_path / "out" / "runs" / variant / "seed0" / "spec.yaml").read_text())
+        assert stored["train"]["steps"] == 2
+        assert json.loads((tmp_path / "out" / "runs" / variant / "seed0" / "result.json").read_text())["step"] == 2
+
+
+def test_diff_lists_the_fields_two_specs_differ_in(capsys):
+    examples = Path(__file__).parents[1] / "examples"
+    assert main(["diff", str(examples / "mamba_mom.yaml"), str(examples / "mamba_dense.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(lines) == ['name: "mamba-mom" -> "mamba-dense"', 'routing.specific: "mom" -> "dense"']
+    assert main(["diff", str(examples / "mamba_mom.yaml"), str(examples / "hybrid_attention.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "layers: (absent) -> " not in out and 'layers.3.backbone.kind: (absent) -> "attention"' in out
+    assert main(["diff", str(examples / "mamba_mom.yaml"), str(examples / "mamba_mom.yaml")]) == 0
+    assert "are the same spec" in capsys.readouterr().out
