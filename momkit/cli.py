@@ -221,6 +221,13 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     a, b = (_flat(_load(path).model_dump(mode="json")) for path in (args.a, args.b))
     differ = [key for key in dict.fromkeys([*a, *b]) if a.get(key, _ABSENT) != b.get(key, _ABSENT)]
@@ -229,13 +236,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for key in differ:
         print(f"{key}: {_shown(a.get(key, _ABSENT))} -> {_shown(b.get(key, _ABSENT))}")
     return 0
-
-
-_ABSENT = object()
-
-
-def _shown(value: Any) -> str:
-    return "(absent)" if value is _ABSENT else json.dumps(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

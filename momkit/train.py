@@ -289,7 +289,7 @@ class _Progress:
     eval: dict = field(default_factory=dict)
     skipped: int = 0
     bad_streak: int = 0
-    scaler: dict = field(default_factory=dict)
+    scaler: dict = field(default_factory=dict)  # read from a checkpoint; saved fresh by each save
 
 
 @dataclass
@@ -467,12 +467,15 @@ def _loop(trainer: _Trainer, run: RunDir, done: _Progress, last: int, ranks: _Ra
     log = _Log(run.metrics_file, done.step, ranks.main)
     bar = tqdm(total=last, initial=done.step, disable=not progress, desc=spec.name, dynamic_ncols=True)
     between_steps, saved = True, done.step if run.has_checkpoint else None
+
+    def checkpoint() -> None:
+        _save(run, trainer.model, trainer.optimizer, ranks, {**asdict(done), "scaler": trainer.scaler_state()})
     try:
         while done.step < last:
             between_steps = False
             stats, finite = trainer.step(done.step, ranks)
             step = _Progress(done.step + 1, done.flops + stats.flops, done.tokens + int(stats.tokens), done.eval,
-                             done.skipped + (not finite), 0 if finite else done.bad_streak + 1, trainer.scaler_state())
+                             done.skipped + (not finite), 0 if finite else done.bad_streak + 1)
             losses = stats.losses(trainer.objectives.names)
             log.write({"split": "train", "step": step.step, "flops": step.flops, "tokens": step.tokens,
                        "lr": learning_rate(done.step, spec), "time": time.time(), "loss": sum(losses.values()),
@@ -489,13 +492,13 @@ def _loop(trainer: _Trainer, run: RunDir, done: _Progress, last: int, ranks: _Ra
             vars(done).update(vars(step))
             between_steps = True
             if finite and (done.step % t.checkpoint_every == 0 or done.step == last):
-                _save(run, trainer.model, trainer.optimizer, ranks, asdict(done))
+                checkpoint()
                 saved = done.step
             bar.update(1)
             bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in losses.items()})
     except KeyboardInterrupt:
         if between_steps:
-            _save(run, trainer.model, trainer.optimizer, ranks, asdict(done))
+            checkpoint()
         raise
     finally:
         bar.close()
