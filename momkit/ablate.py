@@ -32,6 +32,7 @@ import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from momkit.errors import SpecError
+from momkit.pretrained import SUITE_SOURCE
 from momkit.spec import ModelSpec, StrictModel, read_mapping, set_field
 from momkit.rundir import RunDir
 from momkit.train import train
@@ -135,19 +136,51 @@ def run_suite(suite: SuiteSpec, base: dict[str, Any], out_dir: str | Path, *, ma
         raise SpecError(f"workers must be a positive int, got {workers}")
     specs = variant_specs(suite, base)
     out = Path(out_dir)
+    waves = _waves(specs, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / SUITE_FILE).write_text(json.dumps({"name": suite.name, "baseline": suite.baseline,
                                               "variants": list(specs), "seeds": suite.seeds}, indent=1))
-    runs = [(spec, run_dir(out, name, seed)) for name, by_seed in specs.items() for seed, spec in by_seed.items()]
-    pending = [(spec, run) for spec, run in runs if not run.finished]
-    if launcher == "slurm":
-        _submit(pending, out, suite.slurm, cluster, max_steps, device)
-    elif workers > 1:
-        _fan_out(pending, workers, max_steps, device)
-    else:
-        for spec, run in pending:
-            train(spec, run.path, max_steps=max_steps, device=device, progress=progress)
+    for wave in waves:
+        pending = [(spec, run) for spec, run in wave if not run.finished]
+        if launcher == "slurm":
+            _submit(pending, out, suite.slurm, cluster, max_steps, device)
+        elif workers > 1:
+            _fan_out(pending, workers, max_steps, device)
+        else:
+            for spec, run in pending:
+                train(spec, run.path, max_steps=max_steps, device=device, progress=progress)
     report(out)
+
+
+def _waves(specs: dict[str, dict[int, ModelSpec]], out: Path) -> list[list[tuple[ModelSpec, RunDir]]]:
+    """The runs in the order they can train: a variant whose ``init_from`` is ``variant:NAME`` starts from the
+    model of NAME's run of the same seed, so it comes in a later wave than NAME; its ``init_from`` becomes
+    that model's directory."""
+    sources = {}
+    for name, by_seed in specs.items():
+        init = next(iter(by_seed.values())).init_from
+        if init is not None and init.startswith(SUITE_SOURCE):
+            sources[name] = init[len(SUITE_SOURCE):]
+            if sources[name] not in specs:
+                raise SpecError(f"variant {name!r}: init_from {init!r} names no variant of the suite; its "
+                                f"variants: {', '.join(specs)}")
+    depth: dict[str, int] = {}
+
+    def depth_of(name: str, chain: tuple[str, ...] = ()) -> int:
+        if name in chain:
+            raise SpecError(f"variants start from each other in a cycle: {' -> '.join((*chain, name))}")
+        if name not in depth:
+            depth[name] = depth_of(sources[name], (*chain, name)) + 1 if name in sources else 0
+        return depth[name]
+
+    waves: list[list[tuple[ModelSpec, RunDir]]] = [[] for _ in range(1 + max(map(depth_of, specs), default=0))]
+    for name, by_seed in specs.items():
+        for seed, spec in by_seed.items():
+            if name in sources:
+                source = run_dir(out, sources[name], seed).model_dir.resolve()
+                spec = spec.model_copy(update={"init_from": str(source)})
+            waves[depth_of(name)].append((spec, run_dir(out, name, seed)))
+    return waves
 
 
 def _fan_out(runs: list, workers: int, max_steps: int | None, device: str | None) -> None:

@@ -58,7 +58,7 @@ class Accounting:
         sublayers: Block sublayers summed over layers, then ``final_norm``.
         adapters: ``{modality: parameters}`` of each modality's input adapter (with, for a continuous one, its
             diffusion-step embedding).
-        heads: ``{modality: parameters}`` of each modality's output head.
+        heads: ``{modality: parameters}`` of each modality's output head (none for a head tied to its adapter).
         total: Every parameter of the model.
         active: ``{modality: parameters}`` used by one token of that modality.
         training_flops: ``{modality: {part: FLOPs}}`` per token of that modality for one training step
@@ -132,7 +132,8 @@ def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
                                         1, int("final_norm" in routed)))
     steps = {m.name: _numel(model.timestep_embeddings[m.name]) for m in spec.modalities if not m.discrete}
     adapters = {m.name: _numel(model.adapters[m.name]) + steps.get(m.name, 0) for m in spec.modalities}
-    heads = {m.name: _numel(model.heads[m.name]) for m in spec.modalities}
+    heads = {m.name: _numel(model.heads[m.name]) - (model.heads[m.name].weight.numel() if m.tie_embeddings else 0)
+             for m in spec.modalities}
     blocks_active = sum(s.active for s in sublayers)
     active = {m.name: blocks_active + adapters[m.name] + heads[m.name] for m in spec.modalities}
 

@@ -1,5 +1,5 @@
 """The ``momkit`` command line: ``validate``, ``plugins``, ``info``, ``train``, ``ablate``, ``report``,
-``convert``, ``diff``.
+``convert``, ``diff``, ``import``, ``export``.
 
 The commands that read a spec (and ``ablate``) take ``KEY=VALUE`` overrides after it: dotted field paths and
 YAML values, set before validation, so a bad key or value is reported like one in the file.
@@ -25,7 +25,8 @@ from pydantic import ValidationError
 from momkit.ablate import load_suite, report, run_suite
 from momkit.accounting import account
 from momkit.errors import SpecError
-from momkit.model import build_block
+from momkit.model import SPEC_FILE, build_block
+from momkit.pretrained import export, load
 from momkit.registry import KINDS, get_registry
 from momkit.spec import BlockSpec, ModelSpec, load_spec
 from momkit.train import train
@@ -111,6 +112,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _model_spec(path: str, overrides: list[str] = ()) -> ModelSpec:
+    if Path(path).is_dir():
+        path = str(Path(path) / SPEC_FILE)
     spec = _load(path, overrides)
     if not isinstance(spec, ModelSpec):
         raise SpecError(f"{path}: this command needs a model spec (with `name` and `backbone.n_layers`), "
@@ -191,6 +194,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    model = load(args.source, _model_spec(args.spec) if args.spec else None)
+    model.save(args.out)
+    how = f"upcycled into {args.spec}" if args.spec else "imported"
+    print(f"{args.source} -> {args.out}: {how}, {model.spec.backbone.n_layers} x {model.spec.backbone.kind}, "
+          f"modalities {', '.join(model.spec.modality_names)}, {_parameters(model):,} parameters")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not (Path(args.dir) / SPEC_FILE).is_file():
+        raise SpecError(f"{args.dir} is not a momkit model directory (no {SPEC_FILE}); make one with momkit import "
+                        f"or take a finished run's model/ directory")
+    try:
+        export(load(args.dir), args.out, to=args.to)
+    except SpecError as exc:
+        raise SpecError(f"{args.dir}: {exc}") from None
+    print(f"{args.dir} -> {args.out} ({args.to})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     report(args.dir)
     print((Path(args.dir) / "summary.md").read_text())
@@ -250,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list every registered name and the distribution providing it")
     p.set_defaults(run=cmd_plugins)
     p = sub.add_parser("info", help="parameters (total, active per token) and training FLOPs per token of a "
-                                    "model spec, by sublayer and modality")
-    p.add_argument("spec", help="path of a YAML model spec")
+                                    "model spec or model directory, by sublayer and modality")
+    p.add_argument("spec", help="path of a YAML model spec, or a model directory")
     p.add_argument("overrides", **overrides)
     p.add_argument("--seq-len", type=_positive, default=2048, help="sequence length for attention FLOPs "
                                                                    "(default 2048)")
@@ -283,6 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input file, e.g. a JSON-lines file")
     p.add_argument("out", help="output directory")
     p.set_defaults(run=cmd_convert)
+    p = sub.add_parser("import", help="read a pretrained model (momkit or transformers or mamba_ssm checkpoint "
+                                      "directory, or hub id), optionally upcycle it into a spec, and save it as a "
+                                      "momkit model directory")
+    p.add_argument("source", help="checkpoint directory or hub id")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--spec", help="YAML model spec to upcycle into (its routed copies start as the dense weights)")
+    p.set_defaults(run=cmd_import)
+    p = sub.add_parser("export", help="write a dense momkit model directory as a checkpoint of another library")
+    p.add_argument("dir", help="momkit model directory (momkit import, or a finished run's model/)")
+    p.add_argument("--to", choices=["transformers"], default="transformers", help="target library")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(run=cmd_export)
     p = sub.add_parser("report", help="rebuild a suite directory's tables and plots from its run logs")
     p.add_argument("dir", help="suite directory written by momkit ablate")
     p.set_defaults(run=cmd_report)

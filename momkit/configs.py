@@ -47,6 +47,8 @@ class ModalityConfig(StrictModel):
                                                 "kind can appear twice with different settings.")
     vocab_size: int | None = Field(None, gt=0, description="Vocabulary size of discrete tokens.")
     latent_dim: int | None = Field(None, gt=0, description="Dimension of continuous latent vectors.")
+    tie_embeddings: bool = Field(False, description="Discrete modalities: the head's weight is the adapter's "
+                                                    "embedding matrix (tied input and output embeddings).")
 
     @model_validator(mode="before")
     @classmethod
@@ -64,6 +66,9 @@ class ModalityConfig(StrictModel):
             raise SpecError(f"modality {self.kind!r} needs exactly one of vocab_size (discrete tokens) and "
                             f"latent_dim (continuous vectors), got vocab_size={self.vocab_size}, "
                             f"latent_dim={self.latent_dim}")
+        if self.tie_embeddings and not self.discrete:
+            raise SpecError(f"modality {self.kind!r}: tie_embeddings applies to discrete modalities (vocab_size), "
+                            f"not to continuous ones (latent_dim {self.latent_dim}); valid: false")
         if self.name is None:
             self.name = self.kind
         return self

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -18,6 +20,10 @@ from momkit.ops.checks import check_ids
 from momkit.registry import get_registry
 from momkit.routing import RMSNorm
 from momkit.spec import BlockSpec, ModelSpec
+from momkit.weights import DEFAULT_SHARD_BYTES, save_weights
+
+DEFAULT_NORM_EPS = 1e-5
+SPEC_FILE = "spec.yaml"
 
 
 def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
@@ -119,10 +125,23 @@ class Model(nn.Module):
         self.adapters = nn.ModuleDict({m.name: k.build_adapter(m, d_model) for m, k in zip(spec.modalities, kinds)})
         self.blocks = nn.ModuleList(build_block(block) for block in spec.blocks())
         n = len(spec.modalities) if "final_norm" in spec.routed else None
-        self.final_norm = RMSNorm(d_model, n_modalities=n)
+        self.final_norm = RMSNorm(d_model, eps=getattr(spec.backbone, "norm_eps", DEFAULT_NORM_EPS), n_modalities=n)
         self.heads = nn.ModuleDict({m.name: k.build_head(m, d_model) for m, k in zip(spec.modalities, kinds)})
+        for m in spec.modalities:
+            if m.tie_embeddings:
+                self._tie(m.name)
         self.timestep_embeddings = nn.ModuleDict({m.name: TimestepEmbedding(d_model) for m in spec.modalities
                                                   if not m.discrete})
+
+    def _tie(self, name: str) -> None:
+        adapter, head = self.adapters[name], self.heads[name]
+        weight = getattr(adapter, "weight", None)
+        if not isinstance(weight, nn.Parameter) or getattr(head, "weight", None) is None or \
+                head.weight.shape != weight.shape:
+            raise SpecError(f"modality {name!r} sets tie_embeddings, but its adapter and head have no weights of "
+                            f"one shape to share (adapter {type(adapter).__name__}, head {type(head).__name__}); "
+                            f"valid: tie_embeddings false, or a (vocab_size, d_model) weight in both")
+        head.weight = weight
 
     @property
     def modalities(self):
@@ -237,6 +256,37 @@ class Model(nn.Module):
     def generate(self, prompt: Batch, max_new_tokens: int, **options) -> Generation:
         """Sample a continuation of each prompt; see :func:`momkit.generation.generate`."""
         return generate(self, prompt, max_new_tokens, **options)
+
+    def save(self, directory: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        """Write the model into ``directory``: its validated spec (``spec.yaml``) and its weights
+        (``model.safetensors``, or shards of at most ``max_shard_bytes`` and their index); :func:`momkit.load`
+        reads it back bit for bit. A tied head's weight is stored once, as its adapter's."""
+        save_model(directory, self.spec, self.state_dict(), max_shard_bytes)
+
+
+def tied_heads(spec: ModelSpec) -> set[str]:
+    """The parameter names of the heads tied to their adapters (see ``tie_embeddings``)."""
+    return {f"heads.{m.name}.weight" for m in spec.modalities if m.tie_embeddings}
+
+
+def untied(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the weights of the heads tied to their adapters, which are stored once."""
+    tied = tied_heads(spec)
+    return {name: t for name, t in state.items() if name not in tied}
+
+
+def save_model(directory: str | Path, spec: ModelSpec, state: Mapping[str, torch.Tensor],
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write a model directory from a spec and a full state dict (see :meth:`Model.save`): into a fresh
+    directory, then moved into place, so an interrupted save leaves the earlier directory whole."""
+    directory = Path(directory)
+    fresh = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(fresh, ignore_errors=True)
+    save_weights(fresh, untied(spec, state), max_shard_bytes)
+    (fresh / SPEC_FILE).write_text(spec.to_yaml())
+    if directory.exists():
+        shutil.rmtree(directory)
+    fresh.rename(directory)
 
 
 def build_model(spec: ModelSpec | dict[str, Any]) -> Model:

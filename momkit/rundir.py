@@ -6,6 +6,8 @@
   (Unix seconds), evaluation lines ``"ppl/<modality>"`` for discrete modalities;
 - ``checkpoint/``: model and optimiser (``torch.distributed.checkpoint``) and ``progress.json``, the counters of
   the last saved step, replaced whole at every save;
+- ``model/``: the trained model (``spec.yaml`` and ``model.safetensors``, see :meth:`momkit.Model.save`), which
+  :func:`momkit.load` and a spec's ``init_from`` read, written when the run has finished all its steps, before
 - ``result.json``: the final evaluation, written when the run has finished all its steps.
 """
 
@@ -47,13 +49,18 @@ class RunDir:
         return self.checkpoint_dir / "progress.json"
 
     @property
+    def model_dir(self) -> Path:
+        """The trained model, a model directory (:meth:`momkit.Model.save`) written when the run finishes."""
+        return self.path / "model"
+
+    @property
     def result_file(self) -> Path:
         return self.path / "result.json"
 
     @staticmethod
     def spec_text(spec: ModelSpec) -> str:
         """The YAML a run directory keeps of its spec (``momkit train`` reads it back)."""
-        return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        return spec.to_yaml()
 
     def check_spec(self, spec: ModelSpec) -> None:
         """A ``SpecError`` if the directory holds a run of another spec (the same fields in another order, or a

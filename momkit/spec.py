@@ -141,6 +141,10 @@ class BlockSpec(StrictModel):
             get_registry().get("scan_backend", value)
         return value
 
+    def to_yaml(self) -> str:
+        """The spec as YAML, every field written (what run and model directories keep, and read back)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
     @property
     def modality_names(self) -> list[str]:
         """The modalities' names, in modality-id order."""
@@ -180,6 +184,20 @@ class TrainConfig(StrictModel):
     max_bad_steps: int = Field(20, ge=1, description="A step whose loss or gradients are not finite is skipped "
                                                      "(no update), counted and logged; the run stops after this "
                                                      "many such steps in a row, keeping its last checkpoint.")
+    freeze: list[str] = Field(default_factory=list, description="Parameters kept fixed: `shared` (those every "
+                                                                "modality uses), `routed` (the per-modality "
+                                                                "copies of routed sublayers), or name patterns "
+                                                                "such as `adapters.text.*` (shell-style, matched "
+                                                                "against `momkit.Model` parameter names).")
+
+    @field_validator("freeze")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        empty = [i for i, p in enumerate(value) if not p.strip()]
+        if empty:
+            raise SpecError(f"train.freeze entry {empty[0]} is empty; give `shared`, `routed` or a parameter "
+                            f"name pattern")
+        return value
 
 
 class ParallelConfig(StrictModel):
@@ -220,6 +238,12 @@ class ModelSpec(BlockSpec):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Multi-process training under "
                                                                                  "`torchrun`.")
+    init_from: str | None = Field(
+        None, description="Start training from this model instead of from random weights: a momkit model "
+                          "directory, a transformers or mamba_ssm checkpoint directory, or a Hugging Face hub id; "
+                          "upcycled when this spec routes what the source shares (every routed copy starts as "
+                          "the shared weight). In a suite, `variant:NAME` is the model that variant's run of the "
+                          "same seed leaves.")
     layers: list[LayerSpec] | None = Field(
         None, description="A pattern of layers, repeated to `backbone.n_layers` (a multiple of its length): each "
                           "entry `{backbone, routing}`, a field left out taking the model's. For example "

@@ -33,13 +33,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
+    set_state_dict
 from torchmetrics import MeanMetric
 from tqdm import tqdm
 
 from momkit.accounting import account
 from momkit.errors import SpecError
-from momkit.model import Model
+from momkit.model import Model, save_model
+from momkit.pretrained import SUITE_SOURCE, fill, frozen, load
 from momkit.registry import get_registry
 from momkit.routing import decays
 from momkit.rundir import RunDir
@@ -136,12 +138,14 @@ def learning_rate(step: int, spec: ModelSpec) -> float:
 
 
 def _optimizer(model: nn.Module, spec: ModelSpec, decayed: set[str] | None = None) -> torch.optim.AdamW:
-    """AdamW decaying the parameters named in ``decayed``, by default those :func:`decays` picks; a sharded
-    model passes the names taken before sharding, which replaces the parameters and their marks."""
+    """AdamW over the trainable parameters, decaying those named in ``decayed``, by default those
+    :func:`decays` picks; a sharded model passes the names taken before sharding, which replaces the
+    parameters and their marks."""
     if decayed is None:
         decayed = {name for name, p in model.named_parameters() if decays(p)}
-    decay = [p for name, p in model.named_parameters() if name in decayed]
-    rest = [p for name, p in model.named_parameters() if name not in decayed]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decay = [p for name, p in trainable if name in decayed]
+    rest = [p for name, p in trainable if name not in decayed]
     groups = [{"params": decay, "weight_decay": spec.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=spec.train.lr, betas=spec.train.betas)
 
@@ -351,6 +355,13 @@ class _Trainer:
         scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
         torch.manual_seed(t.seed)
         model = Model(spec)
+        if spec.init_from is not None:
+            if spec.init_from.startswith(SUITE_SOURCE):
+                raise SpecError(f"init_from {spec.init_from!r} names a suite variant, which only a suite resolves "
+                                f"(momkit ablate); give a model directory, a checkpoint directory or a hub id")
+            fill(model, load(spec.init_from))
+        for name in frozen(model, t.freeze):
+            model.get_parameter(name).requires_grad_(False)
         decayed = {name for name, p in model.named_parameters() if decays(p)}
         model = model.to(device)
         wrapped = _parallel(model, spec, ranks, device)
@@ -453,8 +464,11 @@ def _run(spec: ModelSpec, run: RunDir, max_steps: int | None, dev: torch.device,
     _loop(trainer, run, done, last, ranks, progress)
     record = done.eval or trainer.evaluate(done, ranks)
     record = {**record, "skipped_steps": done.skipped} if done.skipped else record
-    if done.step == t.steps and ranks.main:
-        run.write_result(record)
+    if done.step == t.steps:
+        state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if ranks.main:
+            save_model(run.model_dir, spec, state)
+            run.write_result(record)
     return record
 
 

@@ -87,6 +87,9 @@ class FFNConfig(BackboneConfig):
 
     ffn_mult: float = Field(8 / 3, gt=0, description="Hidden width of the SwiGLU feed-forward network: "
                                                      "int(ffn_mult * d_model) rounded up to a multiple of 8.")
+    ffn_dim: int | None = Field(None, gt=0, description="Hidden width of the feed-forward network, exactly, in "
+                                                        "place of the width ffn_mult gives (a pretrained model's "
+                                                        "`intermediate_size`).")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm.")
 
     @model_validator(mode="after")
@@ -98,7 +101,10 @@ class FFNConfig(BackboneConfig):
 
     @property
     def ffn_hidden(self) -> int:
-        """Hidden width of the feed-forward network: ``int(ffn_mult * d_model)`` rounded up to a multiple of 8."""
+        """Hidden width of the feed-forward network: ``ffn_dim`` if given, else ``int(ffn_mult * d_model)`` rounded
+        up to a multiple of 8."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
         return math.ceil(int(self.ffn_mult * self.d_model) / FFN_MULTIPLE) * FFN_MULTIPLE
 
 
