@@ -383,6 +383,9 @@ def _modality_fits(source: ModelSpec, spec: ModelSpec, name: str) -> None:
         if getattr(mine, field) != getattr(theirs, field):
             raise SpecError(f"modalities.{i}.{field} is {getattr(mine, field)} in the spec, "
                             f"{getattr(theirs, field)} in the source model ({name!r})")
+    if mine.tie_embeddings and not theirs.tie_embeddings:
+        raise SpecError(f"modalities.{i}.tie_embeddings is true in the spec, false in the source model ({name!r}), "
+                        f"whose head is not its embedding; set it false")
 
 
 def _copies(spec: ModelSpec, source: ModelSpec, name: str) -> list[int]:

@@ -217,6 +217,12 @@ def test_upcycling_a_mismatched_spec_names_the_field(tmp_path):
     spec["modalities"][0]["vocab_size"] = 50
     with pytest.raises(SpecError, match="modalities.0.vocab_size is 50 in the spec, 96 in the source"):
         momkit.load(dense, spec=spec)
+    untied = _hf("llama", tie=False)
+    untied.save_pretrained(tmp_path / "untied")
+    spec = _routed_spec(momkit.load(tmp_path / "untied"))
+    spec["modalities"][0]["tie_embeddings"] = True
+    with pytest.raises(SpecError, match="modalities.0.tie_embeddings is true in the spec, false in the source"):
+        momkit.load(tmp_path / "untied", spec=spec)
 
 
 def test_unsupported_checkpoint_options_are_refused(tmp_path):
