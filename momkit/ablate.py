@@ -22,6 +22,7 @@ import json
 import math
 import os
 import queue
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from momkit.errors import SpecError
+from momkit.model import build_model
 from momkit.pretrained import SUITE_SOURCE
 from momkit.spec import ModelSpec, StrictModel, read_mapping, set_field
 from momkit.rundir import RunDir
@@ -104,10 +106,14 @@ def variant_specs(suite: SuiteSpec, base: dict[str, Any]) -> dict[str, dict[int,
             data["name"] = f"{name}/seed{seed}"
             try:
                 specs[name][seed] = ModelSpec.model_validate(data)
+                with torch.device("meta"):
+                    build_model(specs[name][seed])
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
                                      for e in exc.errors())
                 raise SpecError(f"variant {name!r} (seed {seed}) is not a valid spec: {problems}") from None
+            except SpecError as exc:
+                raise SpecError(f"variant {name!r} (seed {seed}) does not build: {exc}") from None
     return specs
 
 
@@ -281,16 +287,34 @@ def report(out_dir: str | Path) -> list[dict]:
                 row["gain"] = (target - mean) / target
                 row["flops_to_match"] = flops_to_match(_mean_curve(curves[variant], key), target, budget)
             rows.append(row)
-    _write_tables(out, meta, rows)
+    routers = _routers(curves)
+    _write_tables(out, meta, rows, routers)
     _plot(out, meta, curves, keys)
+    _plot_loads(out, routers)
     return rows
+
+
+def _routers(curves: dict) -> dict[str, dict]:
+    """Per variant with learned experts: the expert load of its last evaluation (``{modality: [shares]}``) and
+    the router-modality mutual information, averaged over its seeds."""
+    routers = {}
+    for variant, runs in curves.items():
+        last = [c[-1] for c in runs if c and "expert_load" in c[-1]]
+        if not last:
+            continue
+        names = list(last[0]["expert_load"])
+        load = {n: [sum(r["expert_load"][n][i] for r in last) / len(last)
+                    for i in range(len(last[0]["expert_load"][n]))] for n in names}
+        routers[variant] = {"load": load, "mi": sum(r["router_mi"] for r in last) / len(last),
+                            "share": sum(r["router_mi_share"] for r in last) / len(last)}
+    return routers
 
 
 def _fmt(value: float | None, pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
-def _write_tables(out: Path, meta: dict, rows: list[dict]) -> None:
+def _write_tables(out: Path, meta: dict, rows: list[dict], routers: dict[str, dict]) -> None:
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "modality", "loss", "std", "seeds", "finished", "gain",
                                                "flops_to_match"])
@@ -307,7 +331,21 @@ def _write_tables(out: Path, meta: dict, rows: list[dict]) -> None:
         status = "" if r["finished"] else " (unfinished)"
         lines.append(f"| {r['modality']} | {r['variant']}{status} | {r['loss']:.4f} ± {r['std']:.4f} | "
                      f"{_fmt(r['gain'], '{:+.2%}')} | {reached} |")
+    if routers:
+        lines += ["", "## Learned experts", "",
+                  "At the last evaluation: the mutual information between the routers' expert choice and the "
+                  "token's modality (bits, and as a share of the modality entropy: 0 when the routers ignore the "
+                  "modality, 1 when the expert determines it), and the expert load by modality (`plots/`).", "",
+                  "| variant | router-modality MI (bits) | share of modality entropy | expert load |",
+                  "| --- | --- | --- | --- |"]
+        for variant, r in routers.items():
+            lines.append(f"| {variant} | {r['mi']:.4f} | {r['share']:.1%} | "
+                         f"`plots/expert_load_{_file_name(variant)}.png` |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _file_name(variant: str) -> str:
+    return re.sub(r"[^\w.=+-]", "_", variant)
 
 
 def _plot(out: Path, meta: dict, curves: dict, keys: list[str]) -> None:
@@ -334,4 +372,26 @@ def _plot(out: Path, meta: dict, curves: dict, keys: list[str]) -> None:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "plots" / f"loss_vs_flops_{modality}.png", dpi=120)
+        plt.close(fig)
+
+
+def _plot_loads(out: Path, routers: dict[str, dict]) -> None:
+    """One heat map per variant with experts: the share of each modality's token slots on each expert id."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for variant, r in routers.items():
+        names = list(r["load"])
+        table = [r["load"][n] for n in names]
+        fig, ax = plt.subplots(figsize=(2.4 + 0.45 * len(table[0]), 1.2 + 0.5 * len(names)))
+        image = ax.imshow(table, cmap="viridis", vmin=0, aspect="auto")
+        ax.set_xticks(range(len(table[0])))
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("expert id")
+        ax.set_title(f"{variant}: expert load (MI {r['mi']:.3f} bits)", fontsize=9)
+        fig.colorbar(image, ax=ax, label="share of slots")
+        fig.tight_layout()
+        fig.savefig(out / "plots" / f"expert_load_{_file_name(variant)}.png", dpi=120)
         plt.close(fig)

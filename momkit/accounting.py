@@ -3,7 +3,9 @@
 Parameters are counted on a model built on the ``meta`` device (no memory). A routed parameter has a leading
 modality dimension ``M``; a token uses one of its ``M`` slices, so it counts ``1/M`` of it as active. With
 deterministic routing, the parameters active per token therefore equal the dense model's, while the total
-grows by ``M - 1`` copies of every routed sublayer.
+grows by ``M - 1`` copies of every routed sublayer. An expert sublayer's token uses ``top_k`` of its expert
+ids, and a block with experts runs ``top_k`` times (see :mod:`momkit.experts`), so its FLOPs are ``top_k``
+times the block's, plus the router's.
 
 FLOPs are analytic: each backbone reports its forward FLOPs per token by sublayer (see
 :class:`momkit.descriptors.Backbone`), a modality's adapter (with a continuous modality's step embedding) and
@@ -36,6 +38,7 @@ class SublayerParameters:
     active: int
     layers: int
     routed_layers: int
+    expert_layers: int = 0
 
     @property
     def routed(self) -> bool:
@@ -44,10 +47,14 @@ class SublayerParameters:
 
     @property
     def routing(self) -> str:
-        """``routed``, ``shared``, or ``routed in k of n layers`` where a stack routes it in some layers only."""
-        if self.routed_layers in (0, self.layers):
-            return "routed" if self.routed_layers else "shared"
-        return f"routed in {self.routed_layers} of {self.layers} layers"
+        """``routed``, ``experts``, ``shared``, or ``routed in k of n layers`` (``experts in ...``) where a stack
+        routes it in some layers only."""
+        for count, word in ((self.routed_layers, "routed"), (self.expert_layers, "experts")):
+            if count == self.layers:
+                return word
+            if count:
+                return f"{word} in {count} of {self.layers} layers"
+        return "shared"
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,17 @@ def _size(part: torch.nn.Module | torch.Tensor) -> int:
     return _numel(part) if isinstance(part, torch.nn.Module) else part.numel()
 
 
+def _active(block, name: str, size: int) -> int:
+    """Parameters of sublayer ``name`` (``size`` in all) that one token uses: ``1/M`` of a routed one, ``top_k``
+    of the expert ids of an expert one, the token's modality's share of a per-modality router."""
+    experts = block.experts
+    if experts is not None and name in experts.sublayers:
+        return size * experts.top_k // block.router.n_ids
+    if name == "router" and experts is not None and experts.per_modality:
+        return size // block.n_modalities
+    return size // block.n_modalities if name in block.routed else size
+
+
 def _step_embedding_flops(embedding: torch.nn.Module) -> float:
     """Forward FLOPs per token of a :class:`momkit.model.TimestepEmbedding`: its two matmuls."""
     first, last = embedding.mlp[0], embedding.mlp[2]
@@ -120,13 +138,17 @@ def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
     sublayers = []
     for kind in kinds:
         mine = [(block, layer) for block, layer in zip(model.blocks, layer_specs) if layer.backbone.kind == kind]
-        for name in registry.get("backbone", kind).sublayers:
-            sizes = [(_size(getattr(block, name)), name in block.routed) for block, _ in mine]
-            total = sum(size for size, _ in sizes)
-            active = sum(size // n_modalities if is_routed else size for size, is_routed in sizes)
-            routed_layers = sum(is_routed for _, is_routed in sizes)
-            sublayers.append(SublayerParameters(f"{kind}.{name}" if qualify else name, total, active, len(mine),
-                                                routed_layers))
+        names = list(registry.get("backbone", kind).sublayers)
+        names += ["router"] if any(block.experts is not None for block, _ in mine) else []
+        for name in names:
+            parts = [(block, getattr(block, name, None)) for block, _ in mine]
+            parts = [(block, part) for block, part in parts if part is not None]
+            total = sum(_size(part) for _, part in parts)
+            active = sum(_active(block, name, _size(part)) for block, part in parts)
+            routed_layers = sum(name in block.routed for block, _ in parts)
+            expert_layers = sum(block.experts is not None and name in block.experts.sublayers for block, _ in parts)
+            sublayers.append(SublayerParameters(f"{kind}.{name}" if qualify else name, total, active, len(parts),
+                                                routed_layers, expert_layers))
     norm = _numel(model.final_norm)
     sublayers.append(SublayerParameters("final_norm", norm, norm // n_modalities if "final_norm" in routed else norm,
                                         1, int("final_norm" in routed)))
@@ -140,7 +162,12 @@ def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
     per_layer: dict[str, float] = {}
     for layer, count in _distinct(layer_specs):
         kind = layer.backbone.kind
-        for part, value in registry.get("backbone", kind).flops(layer.backbone, seq_len).items():
+        experts = layer.routing.experts
+        parts = registry.get("backbone", kind).flops(layer.backbone, seq_len)
+        if experts is not None:
+            parts = {part: experts.top_k * value for part, value in parts.items()}
+            parts["router"] = 4.0 * layer.backbone.d_model + 2.0 * layer.backbone.d_model * experts.n_experts
+        for part, value in parts.items():
             key = f"{kind}.{part}" if qualify else part
             per_layer[key] = per_layer.get(key, 0.0) + count * value
     d_model = spec.backbone.d_model

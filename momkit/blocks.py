@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -61,20 +61,28 @@ class Block(nn.Module, ABC):
     Args:
         config: The backbone's validated options (a subclass of :class:`momkit.spec.BackboneConfig`).
         modalities: Modality names; a token of modality id ``i`` is of ``modalities[i]``.
-        routed: The sublayers that hold one weight set per modality.
+        routed: The sublayers that hold one weight set per modality (a :class:`momkit.spec.Routed`, which also
+            carries the learned experts, if any).
         backend: The kernel backend of every kernel operation: a registered name or ``"auto"``.
 
     Attributes:
         supports_prefill: Class attribute: whether :meth:`run` takes a decoding state (prefill); ``False``
             unless the backbone sets it, and then :meth:`forward` refuses a state.
+        position_wise: Class attribute: whether each output position depends on its own input position alone
+            (a feed-forward layer); such a block with experts runs on its tokens sorted by expert.
         config: The backbone's options.
         d_model: Width of the residual stream.
         modalities: Modality names.
         routed: The routed sublayers.
+        experts: The learned experts (:class:`momkit.spec.ExpertsSpec`) or ``None``. With experts,
+            :func:`momkit.build_block` gives the block its ``router`` (a :class:`momkit.experts.Router`) once it
+            is built, and ``router_stats`` holds the router's :class:`momkit.experts.RouterStats` of the last
+            forward pass.
         backend: The kernel backend name.
     """
 
     supports_prefill: ClassVar[bool] = False
+    position_wise: ClassVar[bool] = False
 
     def __init__(self, config: BackboneConfig, modalities: Sequence[str], routed: frozenset[str],
                  backend: str = "auto"):
@@ -83,7 +91,9 @@ class Block(nn.Module, ABC):
         self.d_model = config.d_model
         self.modalities = list(modalities)
         self.routed = frozenset(routed)
+        self.experts = getattr(routed, "experts", None)
         self.backend = backend
+        self.router_stats = None
 
     @property
     def n_modalities(self) -> int:
@@ -91,9 +101,45 @@ class Block(nn.Module, ABC):
         return len(self.modalities)
 
     def routing(self, sublayer: str) -> int | None:
-        """``n_modalities`` for a routed ``sublayer``, ``None`` for a shared one: the ``n_modalities`` argument of
-        the routed layers of :mod:`momkit.routing`."""
+        """The number of weight sets of ``sublayer``: ``n_modalities`` for a routed one, the number of expert ids
+        for an expert one (``n_experts``, times ``n_modalities`` with ``per_modality``), ``None`` for a shared
+        one: the ``n_modalities`` argument of the routed layers of :mod:`momkit.routing`."""
+        if self.experts is not None and sublayer in self.experts.sublayers:
+            return self.experts.n_experts * (self.n_modalities if self.experts.per_modality else 1)
         return self.n_modalities if sublayer in self.routed else None
+
+    @property
+    def branches(self) -> int:
+        """Runs of the block per position: ``top_k`` with experts, else 1 (see :mod:`momkit.experts`)."""
+        return 1 if self.experts is None else self.experts.top_k
+
+    def decoding_state(self, batch_size: int, max_length: int | None = None) -> Any:
+        """The state :meth:`step` takes: :meth:`allocate_state`'s, or with ``top_k > 1`` experts a list of one per
+        branch."""
+        if self.branches == 1:
+            return self.allocate_state(batch_size, max_length)
+        return [self.allocate_state(batch_size, max_length) for _ in range(self.branches)]
+
+    def _mix(self, x: torch.Tensor, route, run: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """``x + sum_j gates_j (run(j) - x)``, run ``j`` with the expert sublayers on the ``j``-th chosen ids."""
+        self.router_stats = route.stats
+        out = x
+        try:
+            for j in range(self.branches):
+                self.choice.ids = route.ids[..., j]
+                out = out + route.gates[..., j, None] * (run(j) - x)
+        finally:
+            self.choice.ids, self.choice.sorted = None, False
+        return out
+
+    def _sorted_run(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """:meth:`run` of a position-wise block on its tokens sorted by the current expert ids (one sequence of
+        all ``b l`` tokens), put back in place: the expert sublayers then see runs of one expert."""
+        ids = self.choice.ids.reshape(1, -1)
+        order = torch.argsort(ids[0], stable=True)
+        self.choice.ids, self.choice.sorted = ids[:, order], True
+        y = self.run(x.reshape(1, -1, x.shape[-1])[:, order], Layout(layout.modality.reshape(1, -1)[:, order]))
+        return torch.empty_like(y[0]).index_copy_(0, order, y[0]).reshape(x.shape)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | Layout, seq_idx: torch.Tensor | None = None, *,
                 state: Any = None) -> torch.Tensor:
@@ -110,14 +156,33 @@ class Block(nn.Module, ABC):
         if state is not None and not self.supports_prefill:
             raise SpecError(f"{type(self).__name__} does not take a decoding state in forward (no prefill); "
                             f"feed the positions one by one through step instead")
-        return self.run(x, layout, state)
+        if self.experts is None:
+            return self.run(x, layout, state)
+        if state is not None:
+            raise SpecError("a block with experts takes no decoding state in forward; feed positions through step")
+        run = (lambda j: self._sorted_run(x, layout)) if self.position_wise else (lambda j: self.run(x, layout))
+        return self._mix(x, self._route(x, layout.modality, self.training), run)
 
     def step(self, x: torch.Tensor, modality: torch.Tensor | Layout, state: Any) -> torch.Tensor:
         """One position per sequence: ``x (b, d_model)``, ``modality (b,)`` int64 (or a :class:`Layout` of it)
-        -> ``(b, d_model)``; advances ``state`` (from :meth:`allocate_state`) in place."""
+        -> ``(b, d_model)``; advances ``state`` (from :meth:`decoding_state`, which is :meth:`allocate_state`'s
+        without ``top_k > 1`` experts) in place."""
         layout = Layout.of(modality)
         self.check_inputs(x, layout, step=True)
-        return self.run_step(x, layout, state)
+        if self.experts is None:
+            return self.run_step(x, layout, state)
+        states = [state] if self.branches == 1 else state
+        if not isinstance(states, list) or len(states) != self.branches:
+            raise SpecError(f"a block with top_k = {self.branches} experts decodes {self.branches} branches; pass "
+                            f"the state of decoding_state(), a list of {self.branches} states")
+        return self._mix(x, self._route(x, layout.modality, False), lambda j: self.run_step(x, layout, states[j]))
+
+    def _route(self, x: torch.Tensor, modality: torch.Tensor, training: bool):
+        router = getattr(self, "router", None)
+        if router is None:
+            raise SpecError(f"this {type(self).__name__} has learned experts but no router: build it with "
+                            f"momkit.build_block, which gives it one")
+        return router(x, modality, training)
 
     @abstractmethod
     def run(self, x: torch.Tensor, layout: Layout, state: Any = None) -> torch.Tensor:

@@ -71,10 +71,20 @@ def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _experts(spec: BlockSpec) -> str:
+    """``; experts: w1, w2 (8, top 1)`` for a block spec with learned experts, else nothing."""
+    e = spec.routing.experts
+    if e is None:
+        return ""
+    each = " per modality" if e.per_modality else ""
+    return f"; experts: {', '.join(e.sublayers)} ({e.n_experts}{each}, top {e.top_k})"
+
+
 def _pattern(spec: ModelSpec) -> str:
     """The layer pattern of a spec with ``layers``: each entry's backbone and routed sublayers, and the repeats."""
     entries = spec.blocks()[:len(spec.layers)]
-    runs = itertools.groupby(f"{b.backbone.kind} (routed: {', '.join(sorted(b.routed)) or 'none'})" for b in entries)
+    runs = itertools.groupby(f"{b.backbone.kind} (routed: {', '.join(sorted(b.routed)) or 'none'}{_experts(b)})"
+                             for b in entries)
     described = ", ".join(text if n == 1 else f"{n} x {text}" for text, n in ((t, len(list(g))) for t, g in runs))
     return f"pattern [{described}] x {spec.backbone.n_layers // len(entries)}"
 
@@ -92,7 +102,8 @@ def _summary(spec: BlockSpec | ModelSpec) -> str:
     routed = ", ".join(sorted(spec.routed)) or "none (dense)"
     what = f"model spec {spec.name!r}, {b.n_layers} layers of" if isinstance(spec, ModelSpec) else "block spec,"
     return (f"valid {what} {b.kind} d_model {b.d_model}; modalities {', '.join(spec.modality_names)}; "
-            f"routed: {routed}; scan backend {spec.scan_backend}; {_parameters(block):,} parameters per block")
+            f"routed: {routed}{_experts(spec)}; scan backend {spec.scan_backend}; {_parameters(block):,} parameters "
+            f"per block")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 from momkit.batch import Batch
 from momkit.blocks import Block, Layout
 from momkit.errors import SpecError
+from momkit.experts import RouterSummary, attach
 from momkit.generation import Generation, generate
 from momkit.ops.checks import check_ids
 from momkit.registry import get_registry
@@ -43,7 +44,10 @@ def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
     if not isinstance(spec, BlockSpec):
         raise TypeError(f"build_block takes a BlockSpec, a ModelSpec or a dict, got {type(spec).__name__}")
     backbone = get_registry().get("backbone", spec.backbone.kind)
-    return backbone.block(spec.backbone, spec.modality_names, spec.routed, spec.scan_backend)
+    block = backbone.block(spec.backbone, spec.modality_names, spec.routed, spec.scan_backend)
+    if block.experts is not None:
+        attach(block, backbone.sublayers)
+    return block
 
 
 @dataclass
@@ -59,11 +63,14 @@ class ModelOutput:
         hidden: ``(b, l, d_model)`` the final-norm output.
         predictions: ``{name: (N, out)}``.
         targets: ``{name: (b, l) bool}``.
+        router: The routers' losses and loads (:class:`momkit.experts.RouterSummary`) of a model with learned
+            experts, whose ``aux_loss`` training adds to the objectives' loss; ``None`` without experts.
     """
 
     hidden: torch.Tensor
     predictions: dict[str, torch.Tensor]
     targets: dict[str, torch.Tensor]
+    router: RouterSummary | None = None
 
 
 def _next_of(modality: torch.Tensor, seq_idx: torch.Tensor | None, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,11 +245,11 @@ class Model(nn.Module):
             else:
                 source = targets[m.name] = batch.modality == i
             predictions[m.name] = self.heads[m.name](h[source])
-        return ModelOutput(hidden=h, predictions=predictions, targets=targets)
+        return ModelOutput(hidden=h, predictions=predictions, targets=targets, router=RouterSummary.of(self.blocks))
 
     def allocate_state(self, batch_size: int, max_length: int | None = None) -> list:
         """Decoding state of every block for ``batch_size`` sequences."""
-        return [block.allocate_state(batch_size, max_length) for block in self.blocks]
+        return [block.decoding_state(batch_size, max_length) for block in self.blocks]
 
     def step(self, tokens: torch.Tensor, modality: torch.Tensor, state: list,
              latents: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ from momkit.weights import load_weights, save_weights
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 IGNORED = re.compile(r".*rotary_emb\.inv_freq")
-FREEZE_WORDS = ("shared", "routed")
+FREEZE_WORDS = ("shared", "routed", "experts", "router")
 SUITE_SOURCE = "variant:"
 
 
@@ -328,17 +328,25 @@ def load(source: str | Path | Model, spec: ModelSpec | dict | str | Path | None 
     return target
 
 
+def _block_role(block, sublayer: str) -> str:
+    if sublayer in block.routed:
+        return "routed"
+    if block.experts is not None and sublayer in block.experts.sublayers:
+        return "experts"
+    return "router" if block.experts is not None and sublayer == "router" else "shared"
+
+
 def sharing(model: Model) -> dict[str, str]:
     """``{parameter name: role}``: ``routed`` for a per-modality copy of a routed sublayer (or final norm),
-    ``modality`` for a modality's own adapter, head and step embedding, ``shared`` for the rest, which every
-    modality uses."""
+    ``experts`` for the experts of an expert sublayer, ``router`` for a block's router, ``modality`` for a
+    modality's own adapter, head and step embedding, ``shared`` for the rest, which every modality uses."""
     roles = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         parts = name.split(".")
         if parts[0] in ("adapters", "heads", "timestep_embeddings"):
             roles[name] = "modality"
         elif parts[0] == "blocks":
-            roles[name] = "routed" if parts[2] in model.blocks[int(parts[1])].routed else "shared"
+            roles[name] = _block_role(model.blocks[int(parts[1])], parts[2])
         elif parts[0] == "final_norm":
             roles[name] = "routed" if "final_norm" in model.spec.routed else "shared"
         else:
@@ -347,8 +355,9 @@ def sharing(model: Model) -> dict[str, str]:
 
 
 def frozen(model: Model, patterns: list[str]) -> set[str]:
-    """The parameter names that ``train.freeze`` patterns select: the words ``shared`` and ``routed`` (see
-    :func:`sharing`) and shell-style name patterns; ``SpecError`` for a pattern that selects nothing."""
+    """The parameter names that ``train.freeze`` patterns select: the words ``shared``, ``routed``, ``experts``
+    and ``router`` (see :func:`sharing`) and shell-style name patterns; ``SpecError`` for a pattern that selects
+    nothing."""
     roles = sharing(model)
     chosen = set()
     for pattern in patterns:
@@ -357,7 +366,7 @@ def frozen(model: Model, patterns: list[str]) -> set[str]:
         if not picked:
             examples = ", ".join(list(roles)[:4])
             raise SpecError(f"train.freeze entry {pattern!r} selects no parameter of {model.spec.name!r}; give "
-                            f"{' or '.join(FREEZE_WORDS)}, or a pattern of parameter names such as {examples}")
+                            f"{', '.join(FREEZE_WORDS)}, or a pattern of parameter names such as {examples}")
         chosen |= picked
     return chosen
 
@@ -403,7 +412,8 @@ def fill(model: Model, source: Model) -> None:
 
     Blocks and the final norm must have the same structure (layer count and kinds, widths); a sublayer routed
     in ``model`` and shared in ``source`` gets the shared weight in every copy, so on a modality the source
-    knows, the filled model computes what the source did. Adapters, heads and step embeddings are copied for
+    knows, the filled model computes what the source did; so does a shared sublayer made experts (sparse
+    upcycling: every expert starts as the dense weight, the router as initialised). Adapters, heads and step embeddings are copied for
     the modalities both have (by name); the spec's other modalities keep their initialisation.
 
     Raises:
@@ -425,17 +435,19 @@ def fill(model: Model, source: Model) -> None:
             if parts[1] not in theirs.modality_names:
                 continue
             _modality_fits(theirs, spec, parts[1])
+        if roles[name] == "router" and name not in src:
+            continue
         if name not in src:
             raise SpecError(f"the source model has no parameter {name}; its structure differs from the spec's")
         value = src[name].detach()
-        if roles[name] == "routed":
-            if src_roles[name] == "routed":
-                value = value[_copies(spec, theirs, name)]
-            else:
-                value = value.expand(len(spec.modalities), *value.shape)
-        elif src_roles[name] == "routed":
-            raise SpecError(f"routing.specific: the source routes the sublayer of {name}, the spec shares it; "
-                            f"route it in the spec too")
+        if roles[name] == "routed" and src_roles[name] == "routed":
+            value = value[_copies(spec, theirs, name)]
+        elif roles[name] in ("routed", "experts") and src_roles[name] == "shared":
+            value = value.expand(*param.shape[:1], *value.shape)
+        elif roles[name] != src_roles[name]:
+            raise SpecError(f"routing: {name} is {src_roles[name]} in the source and {roles[name]} in the spec; "
+                            f"momkit upcycles shared weights into routed copies or experts, and copies the rest "
+                            f"as they are")
         if value.shape != param.shape:
             layer = int(parts[1]) if parts[0] == "blocks" else None
             found = _differences(theirs, spec, layer) or [f"{name} is {tuple(param.shape)} in the spec, "
@@ -476,6 +488,7 @@ def export(model: Model, directory: str | Path, to: str = "transformers") -> Pat
         raise SpecError(f"cannot export to {to!r}; valid targets: transformers")
     spec = model.spec
     routed = sorted(spec.routed) + sorted({s for block in spec.blocks() for s in block.routed})
+    routed += sorted({s for block in spec.blocks() if block.routing.experts for s in block.routing.experts.sublayers})
     if routed:
         raise SpecError(f"{spec.name!r} routes {', '.join(dict.fromkeys(routed))}; transformers has no routed "
                         f"model, so only dense specs export")

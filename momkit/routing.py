@@ -44,7 +44,8 @@ def _param(n_modalities: int | None, *shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """``y = x W^T + b``, with ``W`` ``(out, in)`` shared or ``(M, out, in)`` routed by modality."""
+    """``y = x W^T + b``, with ``W`` ``(out, in)`` shared, or ``(M, out, in)`` routed by modality (or by expert:
+    ``(n_ids, out, in)`` in an expert sublayer)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, n_modalities: int | None = None,
                  backend: str = "auto"):
@@ -53,6 +54,7 @@ class Linear(nn.Module):
         self.backend = backend
         self.weight = _param(n_modalities, out_features, in_features)
         self.bias = no_weight_decay(_param(n_modalities, out_features)) if bias else None
+        self.choice = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,14 +64,30 @@ class Linear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """``x (..., in)``, ``modality (...)`` -> ``(..., out)``."""
+        """``x (..., in)``, ``modality (...)`` -> ``(..., out)``. A layer of an expert sublayer applies the weights
+        of the expert ids its block's router chose (``choice``, see :mod:`momkit.experts`) instead."""
         if self.n_modalities is None:
             return F.linear(x, self.weight, self.bias)
-        return ops.routed_linear(x, self.weight, self.bias, modality, backend=self.backend)
+        if self.choice is None:
+            return ops.routed_linear(x, self.weight, self.bias, modality, backend=self.backend)
+        if self.choice.sorted or x.device.type == "cpu":
+            return ops.routed_linear(x, self.weight, self.bias, self.choice.ids, backend=self.backend)
+        return grouped_linear(x, self.weight, self.bias, self.choice.ids, self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}, " \
-               f"{_sharing(self.n_modalities)}"
+        sharing = _sharing(self.n_modalities) if self.choice is None else f"{self.n_modalities} expert weight sets"
+        return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}, {sharing}"
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+                   backend: str = "auto") -> torch.Tensor:
+    """:func:`momkit.ops.routed_linear` of tokens in any order of ids (a router's expert choices): sorted by id
+    (stably) for the call and put back after, so that the grouped kernel sees runs of one id, as runs of one
+    modality give it."""
+    flat, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    y = ops.routed_linear(flat[order], weight, bias, flat_ids[order], backend=backend)
+    return torch.empty_like(y).index_copy_(0, order, y).reshape(*x.shape[:-1], y.shape[-1])
 
 
 class RMSNorm(nn.Module):

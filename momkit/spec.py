@@ -18,28 +18,98 @@ from momkit.configs import BackboneConfig, DatasetConfig, ModalityConfig, Object
 from momkit.errors import SpecError
 from momkit.registry import get_registry
 
-__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "LayerSpec", "ModalityConfig", "ModelSpec",
-           "ObjectiveConfig", "ParallelConfig", "RoutingSpec", "StrictModel", "TrainConfig", "load_spec",
-           "read_mapping", "set_field"]
+__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "ExpertsSpec", "LayerSpec", "ModalityConfig",
+           "ModelSpec", "ObjectiveConfig", "ParallelConfig", "Routed", "RoutingSpec", "StrictModel", "TrainConfig",
+           "load_spec", "read_mapping", "set_field"]
 
 MODEL_SUBLAYERS = ("final_norm",)
 
 
+class ExpertsSpec(StrictModel):
+    """Learned experts: sublayers holding ``n_experts`` weight sets, of which a router picks ``top_k`` per token."""
+
+    sublayers: list[str] = Field(min_length=1, description="The expert sublayers: linear sublayers of the "
+                                                           "backbone (all of a Transformer's `ffn`; `w1`, `w2`, "
+                                                           "`w3` of the `ffn` backbone; Mamba's projections).")
+    n_experts: int = Field(ge=2, description="Experts (weight sets) of each expert sublayer, per modality with "
+                                             "`per_modality`.")
+    top_k: int = Field(1, ge=1, description="Experts each token uses; the block runs once per chosen expert and "
+                                            "mixes the results by the router's renormalised probabilities.")
+    capacity_factor: float | None = Field(None, gt=0, description="In training, each expert takes at most "
+                                                                  "ceil(capacity_factor * top_k * tokens / "
+                                                                  "n_experts) token slots of a batch and drops "
+                                                                  "the rest (first come, first served); `null`: "
+                                                                  "dropless. Evaluation and decoding are "
+                                                                  "dropless.")
+    balance_loss: float = Field(0.01, ge=0, description="Weight of the load-balancing loss (Switch "
+                                                         "Transformer's) added to the training loss.")
+    z_loss: float = Field(0.001, ge=0, description="Weight of the router z-loss (mean squared log-sum-exp of "
+                                                   "the router logits) added to the training loss.")
+    per_modality: bool = Field(False, description="Give each modality its own `n_experts` experts and its own "
+                                                  "router (modality x experts).")
+    gradient: str = Field("switch", pattern="^(switch|exact)$",
+                          description="The gates' gradient: `switch`, the renormalised top-k probabilities' values "
+                                      "with Switch Transformer's gradient (the task loss trains the router, also "
+                                      "at top_k 1); `exact`, their exact gradient (none at top_k 1).")
+
+    @model_validator(mode="after")
+    def _k(self) -> ExpertsSpec:
+        if self.top_k > self.n_experts:
+            raise SpecError(f"routing.experts.top_k ({self.top_k}) exceeds n_experts ({self.n_experts}); valid "
+                            f"top_k: 1..{self.n_experts}")
+        repeated = sorted({s for s in self.sublayers if self.sublayers.count(s) > 1})
+        if repeated:
+            raise SpecError(f"routing.experts.sublayers lists {', '.join(map(repr, repeated))} more than once")
+        return self
+
+
+class Routed(frozenset):
+    """The routed sublayers of a block (a frozenset of names, routed by modality) and its learned experts
+    (:class:`ExpertsSpec` or ``None``), as a block receives them."""
+
+    experts: ExpertsSpec | None
+
+    def __new__(cls, names=(), experts: ExpertsSpec | None = None):
+        routed = super().__new__(cls, names)
+        routed.experts = experts
+        return routed
+
+    def __reduce__(self):
+        return (Routed, (frozenset(self), self.experts))
+
+
 class RoutingSpec(StrictModel):
-    """Which sublayers hold one weight set per modality (routed); the rest hold one shared set."""
+    """Which sublayers hold one weight set per modality (routed); the rest hold one shared set; and which hold
+    learned experts."""
 
     specific: Union[list[str], str] = Field(
         "dense",
         description="The routed sublayers: a list of the backbone's sublayer names, or the name of a preset: "
                     "`dense` (none) and `all` (every sublayer) for every backbone, and the backbone's own, "
                     "such as `mom` (Mixture-of-Mamba) or `mot` (Mixture-of-Transformers).")
+    experts: ExpertsSpec | None = Field(None, description="Learned experts on some sublayers (a second routing "
+                                                          "mode beside the modality's); `null`: none.")
 
-    def resolve(self, backbone, model_sublayers: tuple[str, ...] = ()) -> frozenset[str]:
-        """The routed sublayers of ``backbone`` (a :class:`momkit.descriptors.Backbone`).
+    def resolve(self, backbone, model_sublayers: tuple[str, ...] = ()) -> Routed:
+        """The routed sublayers of ``backbone`` (a :class:`momkit.descriptors.Backbone`), with the experts.
 
         ``model_sublayers`` are the routable sublayers outside the blocks (a model's ``final_norm``), which
         a list may name and the ``all`` preset, or a backbone preset that lists them, routes.
         """
+        routed = self._specific(backbone, model_sublayers)
+        if self.experts is not None:
+            unknown = [s for s in self.experts.sublayers if s not in backbone.sublayers]
+            if unknown:
+                raise SpecError(f"routing.experts.sublayers names {', '.join(map(repr, unknown))}, not a sublayer "
+                                f"of backbone {backbone.name!r}; its sublayers: {', '.join(backbone.sublayers)}")
+            both = [s for s in self.experts.sublayers if s in routed]
+            if both:
+                raise SpecError(f"routing.experts.sublayers names {', '.join(map(repr, both))}, which "
+                                f"routing.specific routes by modality; leave it out of one of them (experts.per_"
+                                f"modality: true gives each modality its own experts)")
+        return Routed(routed, self.experts)
+
+    def _specific(self, backbone, model_sublayers: tuple[str, ...]) -> frozenset[str]:
         valid = (*backbone.sublayers, *model_sublayers)
         if isinstance(self.specific, str):
             preset = backbone.preset(self.specific)
@@ -151,8 +221,8 @@ class BlockSpec(StrictModel):
         return [m.name for m in self.modalities]
 
     @property
-    def routed(self) -> frozenset[str]:
-        """The sublayers that hold one weight set per modality."""
+    def routed(self) -> Routed:
+        """The sublayers that hold one weight set per modality, and the learned experts (``routed.experts``)."""
         return self.routing.resolve(get_registry().get("backbone", self.backbone.kind), self.model_sublayers)
 
 
@@ -186,9 +256,10 @@ class TrainConfig(StrictModel):
                                                      "many such steps in a row, keeping its last checkpoint.")
     freeze: list[str] = Field(default_factory=list, description="Parameters kept fixed: `shared` (those every "
                                                                 "modality uses), `routed` (the per-modality "
-                                                                "copies of routed sublayers), or name patterns "
-                                                                "such as `adapters.text.*` (shell-style, matched "
-                                                                "against `momkit.Model` parameter names).")
+                                                                "copies of routed sublayers), `experts`, `router`, "
+                                                                "or name patterns such as `adapters.text.*` "
+                                                                "(shell-style, matched against `momkit.Model` "
+                                                                "parameter names).")
 
     @field_validator("freeze")
     @classmethod

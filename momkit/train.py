@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from momkit.accounting import account
 from momkit.errors import SpecError
+from momkit.experts import RouterSummary, mutual_information
 from momkit.model import Model, save_model
 from momkit.pretrained import SUITE_SOURCE, fill, frozen, load
 from momkit.registry import get_registry
@@ -168,8 +169,9 @@ class _Objectives:
             weights.append(config.weight)
         return cls(losses, weights, spec.modality_names)
 
-    def evaluate(self, model: Model, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Weighted training loss and ``{name: (loss_sum, count)}`` of one batch.
+    def evaluate(self, model: Model, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict, RouterSummary]:
+        """Weighted training loss, ``{name: (loss_sum, count)}`` of one batch, and the routers' summary of a model
+        with learned experts (``None`` without), whose auxiliary loss the training loss includes.
 
         A modality without predictions in the batch adds its (zero) empty sum, so that its head still takes
         part in the backward pass with a zero gradient.
@@ -184,7 +186,9 @@ class _Objectives:
             summed, count = loss(output, batch, context)
             parts[name] = (summed, count)
             total = total + weight * summed / max(count, 1)
-        return total, parts
+        if output.router is not None:
+            total = total + output.router.aux_loss
+        return total, parts, output.router
 
 
 class _Log:
@@ -256,6 +260,7 @@ def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec,
     """
     model.eval()
     means = {name: MeanMetric().to(device) for name in objectives.names}
+    loads = None
     available = source.num_batches(spec.train.batch_size)
     count_batches = spec.train.eval_batches
     for k in range(math.ceil(count_batches / ranks.world)):
@@ -264,12 +269,15 @@ def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec,
         batch = _move(source.batch(index % available if available else index, spec.train.batch_size), device)
         generator = torch.Generator().manual_seed(spec.train.seed * 7919 + index)
         with autocast():
-            _, parts = objectives.evaluate(model, batch, generator)
+            _, parts, router = objectives.evaluate(model, batch, generator)
         for name, (summed, count) in parts.items():
             if count and i < count_batches:
                 means[name].update(summed.detach().float() / count, weight=count)
+        if router is not None:
+            counted = router.counts if i < count_batches else torch.zeros_like(router.counts)
+            loads = counted if loads is None else loads + counted
     model.train()
-    record = {}
+    record = {} if loads is None else _expert_load(loads, spec, ranks)
     for modality in spec.modalities:
         counted = ranks.total(float(means[modality.name].weight))[0]
         if counted:
@@ -279,6 +287,16 @@ def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec,
                 record[f"ppl/{modality.name}"] = math.exp(min(value, 50.0))
     record["loss"] = sum(v for k, v in record.items() if k.startswith("loss/"))
     return record
+
+
+def _expert_load(counts: torch.Tensor, spec: ModelSpec, ranks: _Ranks) -> dict:
+    """The evaluation's expert load: per modality, the fraction of its token slots on each expert id, and the
+    router-modality mutual information (bits, and as a share of the modality entropy)."""
+    counts = torch.tensor(ranks.total(*counts.flatten().tolist())).reshape(counts.shape)
+    info, share = mutual_information(counts)
+    load = {m.name: [round(float(c) / max(float(row.sum()), 1.0), 6) for c in row]
+            for m, row in zip(spec.modalities, counts)}
+    return {"expert_load": load, "router_mi": info, "router_mi_share": share}
 
 
 @dataclass
@@ -305,28 +323,41 @@ class _StepStats:
     counts: list[float]
     flops: float = 0.0
     tokens: float = 0.0
+    router: list[float] = field(default_factory=lambda: [0.0] * 5)  # balance, z, dropped, slots, micro-batches
 
     @classmethod
     def empty(cls, n_modalities: int) -> _StepStats:
         return cls([0.0] * n_modalities, [0.0] * n_modalities)
 
-    def add(self, parts: dict, batch, per_token: list[float]) -> None:
-        """Count one micro-batch: its objectives' ``{name: (loss_sum, count)}`` in modality order, its FLOPs."""
+    def add(self, parts: dict, batch, per_token: list[float], router: RouterSummary | None = None) -> None:
+        """Count one micro-batch: its objectives' ``{name: (loss_sum, count)}`` in modality order, its FLOPs,
+        its routers' summary."""
         for i, (summed, count) in enumerate(parts.values()):
             self.loss_sums[i] += float(summed.detach())
             self.counts[i] += count
         counts = torch.bincount(batch.modality.flatten(), minlength=len(per_token)).tolist()
         self.flops += float(sum(c * f for c, f in zip(counts, per_token)))
         self.tokens += batch.modality.numel()
+        if router is not None:
+            values = (float(router.balance.detach()), float(router.z.detach()), float(router.dropped), router.slots, 1)
+            self.router = [a + b for a, b in zip(self.router, values)]
 
     def summed(self, ranks: _Ranks) -> _StepStats:
         n = len(self.counts)
-        values = ranks.total(*self.loss_sums, *self.counts, self.flops, self.tokens)
-        return _StepStats(values[:n], values[n:2 * n], values[-2], values[-1])
+        values = ranks.total(*self.loss_sums, *self.counts, self.flops, self.tokens, *self.router)
+        return _StepStats(values[:n], values[n:2 * n], values[2 * n], values[2 * n + 1], values[2 * n + 2:])
 
     def losses(self, names: list[str]) -> dict[str, float]:
         """``{"loss/<name>": mean loss}`` of the modalities that had predictions."""
         return {f"loss/{n}": s / c for n, s, c in zip(names, self.loss_sums, self.counts) if c}
+
+    def routers(self) -> dict[str, float]:
+        """With learned experts: the mean load-balancing loss and z-loss over the micro-batches and the share of
+        token slots dropped; else nothing."""
+        balance, z, dropped, slots, batches = self.router
+        if not batches:
+            return {}
+        return {"aux/balance": balance / batches, "aux/z": z / batches, "dropped": dropped / max(slots, 1)}
 
 
 @dataclass
@@ -388,10 +419,10 @@ class _Trainer:
             batch = _move(self.train_source.batch(index, t.batch_size), self.device)
             generator = torch.Generator().manual_seed(t.seed * 1_000_003 + index)
             with self.autocast():
-                loss, parts = self.objectives.evaluate(self.wrapped, batch, generator)
+                loss, parts, router = self.objectives.evaluate(self.wrapped, batch, generator)
             loss = loss * ranks.world / t.grad_accum
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            stats.add(parts, batch, self.per_token)
+            stats.add(parts, batch, self.per_token, router)
         stats = stats.summed(ranks)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -493,7 +524,7 @@ def _loop(trainer: _Trainer, run: RunDir, done: _Progress, last: int, ranks: _Ra
             losses = stats.losses(trainer.objectives.names)
             log.write({"split": "train", "step": step.step, "flops": step.flops, "tokens": step.tokens,
                        "lr": learning_rate(done.step, spec), "time": time.time(), "loss": sum(losses.values()),
-                       **losses, **({} if finite else {"skipped": True})})
+                       **losses, **stats.routers(), **({} if finite else {"skipped": True})})
             if step.bad_streak >= t.max_bad_steps:
                 kept = f"its checkpoint of step {saved} is kept" if saved is not None else "no checkpoint was saved"
                 raise SpecError(f"{spec.name}: stopped at step {step.step}: the loss or the gradients were not "

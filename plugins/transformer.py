@@ -286,6 +286,7 @@ class FFNBlock(Block):
     four sublayers are shared or routed as the spec says. Position-wise: it keeps no decoding state."""
 
     config: FFNConfig
+    position_wise = True
 
     def __init__(self, config: FFNConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto"):
         super().__init__(config, modalities, routed, backend)

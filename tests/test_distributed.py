@@ -33,9 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def momkit(tmp_path, ranks, out, *args, strategy="ddp"):
+EXPERTS = {**SPEC, "routing": {"specific": "dense"},
+           "layers": [{}, {"backbone": {"kind": "ffn"}, "routing": {"specific": "dense", "experts": {
+               "sublayers": ["w1", "w2", "w3"], "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}}]}
+
+
+def momkit(tmp_path, ranks, out, *args, strategy="ddp", base=SPEC):
     spec = tmp_path / f"spec-{strategy}.yaml"
-    spec.write_text(yaml.safe_dump({**SPEC, "parallel": {"strategy": strategy}}))
+    spec.write_text(yaml.safe_dump({**base, "parallel": {"strategy": strategy}}))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m"] if ranks > 1 else \
         [sys.executable, "-m"]
@@ -45,8 +50,8 @@ def momkit(tmp_path, ranks, out, *args, strategy="ddp"):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def parameters(out, strategy):
-    spec = ModelSpec.model_validate({**SPEC, "parallel": {"strategy": strategy}})
+def parameters(out, strategy, base=SPEC):
+    spec = ModelSpec.model_validate({**base, "parallel": {"strategy": strategy}})
     model = Model(spec)
     _load(RunDir(out), model, _optimizer(model, spec))
     return model.state_dict()
@@ -56,13 +61,15 @@ def curve(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(a, b, strategy="ddp"):
+def assert_same_run(a, b, strategy="ddp", base=SPEC):
     for x, y in zip(curve(a), curve(b), strict=True):
         assert x.keys() == y.keys() and x["step"] == y["step"] and x["flops"] == y["flops"]
         for key in x:
-            if key.startswith(("loss", "ppl")):
+            if key.startswith(("loss", "ppl", "aux", "dropped", "router_mi")):
                 assert x[key] == pytest.approx(y[key], rel=1e-4), key
-    pa, pb = parameters(a, strategy), parameters(b, strategy)
+            if key == "expert_load":
+                assert x[key] == y[key]
+    pa, pb = parameters(a, strategy, base), parameters(b, strategy, base)
     for name in pa:
         torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -73,6 +80,13 @@ def test_two_ranks_equal_one_process(tmp_path, strategy):
     momkit(tmp_path, 2, tmp_path / "two", strategy=strategy)
     assert_same_run(tmp_path / "one", tmp_path / "two", strategy)
     assert (tmp_path / "two" / "result.json").exists()
+
+
+def test_two_ranks_equal_one_process_with_experts(tmp_path):
+    momkit(tmp_path, 1, tmp_path / "one", base=EXPERTS)
+    momkit(tmp_path, 2, tmp_path / "two", base=EXPERTS)
+    assert_same_run(tmp_path / "one", tmp_path / "two", base=EXPERTS)
+    assert any("aux/balance" in line for line in curve(tmp_path / "two"))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

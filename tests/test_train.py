@@ -125,12 +125,12 @@ def poisoned(monkeypatch, bad_steps):
     calls = {"n": 0}
 
     def evaluate(self, model, batch, generator):
-        total, parts = original(self, model, batch, generator)
+        total, parts, router = original(self, model, batch, generator)
         if model.training:
             calls["n"] += 1
             if calls["n"] - 1 in bad_steps:
                 total = total * float("nan")
-        return total, parts
+        return total, parts, router
 
     monkeypatch.setattr(module._Objectives, "evaluate", evaluate)
 

@@ -99,3 +99,21 @@ def test_built_ins_take_no_prefill_state_yet(gen):
     x, modality = TestMamba.case.inputs(gen)
     with pytest.raises(momkit.SpecError, match="MambaBlock does not take a decoding state in forward"):
         block(x, modality, state=block.allocate_state(2))
+
+
+FFN_EXPERTS = {"sublayers": ["w1", "w2", "w3"], "n_experts": 3, "top_k": 2}
+
+
+class TestFFNExperts(BackboneContract):
+    case = ContractCase(
+        backbone={"kind": "ffn", "d_model": 16}, unit_scale=("norm",),
+        routings={"experts": {"specific": "dense", "experts": FFN_EXPERTS},
+                  "norm+experts-top1": {"specific": ["norm"], "experts": {**FFN_EXPERTS, "top_k": 1}}})
+
+
+class TestMambaExperts(BackboneContract):
+    case = ContractCase(
+        backbone={"kind": "mamba", "d_model": 16, "d_state": 4, "expand": 2, "dt_rank": 3},
+        routings={"x_proj+experts": {"specific": ["x_proj", "dt_proj"],
+                                     "experts": {"sublayers": ["in_proj", "out_proj"], "n_experts": 2, "top_k": 2}}},
+        spec={"scan_backend": "reference"}, unit_scale=("A_log",))

@@ -1,0 +1,237 @@
+"""Learned experts, the second routing mode: a router per block picks, for each token, ``top_k`` of the
+``n_experts`` weight sets of the block's expert sublayers.
+
+A block with experts runs once per slot ``j < top_k``: in run ``j`` every expert sublayer applies to each
+token the weights of the token's ``j``-th expert (the same grouped routed-linear kernels as modality routing,
+with expert ids in place of modality ids), and the block's output is ``x + sum_j g_j (run_j(x) - x)``. For a
+position-wise layer (a feed-forward network) this is the usual mixture of experts; for a sequence mixer each
+slot is a branch with its own state.
+
+The router reads the block's input through a parameter-free RMS normalisation: ``p = softmax(W rms(x))``
+(``W`` per modality with ``per_modality``, whose experts are then numbered ``m * n_experts + e``). The gates
+are ``g_j = p_j / sg(sum of the chosen p)``: their values are the renormalised top-k probabilities, which sum
+to one, so experts holding identical weights compute exactly the dense layer; their gradient reaches the
+router as the Switch Transformer's gate ``p_j`` does (``sg`` stops the gradient), also for ``top_k = 1``.
+Finite differences do not see that gradient (the gate's value is locally constant at ``top_k = 1``): it is an
+estimator, as in Switch Transformer. ``gradient: exact`` gives the renormalised gates their exact gradient
+instead (which the block contract's finite-difference check uses).
+
+In training with a ``capacity_factor``, expert ``i`` takes at most ``ceil(capacity_factor * top_k * N /
+n_experts)`` token slots of the ``N`` tokens its router sees, slot 0 of every token before slot 1 and tokens
+in order; a dropped slot adds nothing (``g_j = 0``). The load-balancing loss is Switch Transformer's
+``n_experts * sum_i f_i P_i`` (``f_i`` the fraction of slots routed to expert ``i``, ``P_i`` its mean
+probability), per router; the z-loss the mean square of the logits' log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from momkit.errors import PluginError, SpecError
+from momkit.routing import Linear
+
+EPS = 1e-6
+
+
+@dataclass
+class Choice:
+    """The expert ids the expert sublayers of a block apply in the current run: ``(b, l)`` or ``(b,)``, and
+    whether the tokens come sorted by them."""
+
+    ids: torch.Tensor | None = None
+    sorted: bool = False
+
+
+
+@dataclass
+class RouterStats:
+    """What a block's router measured in its last forward pass.
+
+    Attributes:
+        balance: Load-balancing loss (a scalar tensor with gradient).
+        z: Router z-loss (a scalar tensor with gradient).
+        counts: ``(M, n_ids)`` token slots kept per modality and expert id.
+        dropped: Token slots dropped by the capacity (a scalar tensor, so routing never waits for the device).
+        slots: Token slots routed (tokens times ``top_k``).
+    """
+
+    balance: torch.Tensor
+    z: torch.Tensor
+    counts: torch.Tensor
+    dropped: torch.Tensor
+    slots: int
+
+
+@dataclass
+class Route:
+    """A router's decision: ``ids (..., top_k)`` expert ids and ``gates (..., top_k)``, and its statistics."""
+
+    ids: torch.Tensor
+    gates: torch.Tensor
+    stats: RouterStats
+
+
+def capacity_mask(ids: torch.Tensor, id_sets: torch.Tensor, tokens_per_set: torch.Tensor, n_experts: int,
+                  factor: float) -> torch.Tensor:
+    """Which slots of ``ids (N, k)`` (expert ids ``0..n_ids-1``) the capacity keeps: expert ``i`` (of router
+    set ``id_sets[i]``, which saw ``tokens_per_set[id_sets[i]]`` tokens) keeps its first
+    ``ceil(factor * k * tokens / n_experts)`` slots, slot 0 of every token before slot 1, tokens in order."""
+    n, k = ids.shape
+    order = ids.t().reshape(-1)
+    ranked = torch.argsort(order, stable=True)
+    starts = counts_of(order, len(id_sets)).cumsum(0) - counts_of(order, len(id_sets))
+    position = torch.empty_like(order)
+    position[ranked] = torch.arange(len(order), device=ids.device) - starts[order[ranked]]
+    capacity = torch.ceil(factor * k * tokens_per_set[id_sets].double() / n_experts).long()
+    return (position < capacity[order]).reshape(k, n).t()
+
+
+def counts_of(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How many times each of ``0..n-1`` occurs in ``ids``, without waiting for the device (``bincount`` on a
+    GPU reads the maximum on the host)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids.reshape(-1),
+                                                                          torch.ones_like(ids.reshape(-1)))
+
+
+class Router(nn.Module):
+    """A block's router: ``n_experts`` logits per token from ``rms(x)``, one weight matrix, or one per modality.
+
+    Args:
+        d_model: Width of the block's input.
+        experts: The :class:`momkit.spec.ExpertsSpec`.
+        n_modalities: ``M``.
+        backend: Kernel backend of the (per-modality) projection.
+    """
+
+    def __init__(self, d_model: int, experts, n_modalities: int, backend: str = "auto"):
+        super().__init__()
+        self.experts, self.n_modalities = experts, n_modalities
+        self.proj = Linear(d_model, experts.n_experts, bias=False,
+                           n_modalities=n_modalities if experts.per_modality else None, backend=backend)
+
+    @property
+    def n_ids(self) -> int:
+        """Expert ids: ``n_experts``, or ``M * n_experts`` with ``per_modality``."""
+        return self.experts.n_experts * (self.n_modalities if self.experts.per_modality else 1)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor, training: bool) -> Route:
+        """Route ``x (..., d)`` of ``modality (...)``; the capacity applies when ``training``."""
+        e, k = self.experts.n_experts, self.experts.top_k
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + EPS)
+        logits = self.proj(h.to(self.proj.weight.dtype), modality).to(wide.dtype)
+        probs = logits.softmax(-1)
+        top_p, top_e = probs.topk(k, dim=-1)
+        total = top_p.sum(-1, keepdim=True)
+        gates = top_p / (total.detach() if self.experts.gradient == "switch" else total)
+        sets = modality if self.experts.per_modality else torch.zeros_like(modality)
+        ids = top_e + (sets * e)[..., None]
+        flat_ids, flat_sets = ids.reshape(-1, k), sets.reshape(-1)
+        n_sets = self.n_modalities if self.experts.per_modality else 1
+        tokens = counts_of(flat_sets, n_sets)
+        keep = torch.ones_like(flat_ids, dtype=torch.bool)
+        if training and self.experts.capacity_factor is not None:
+            id_sets = torch.arange(self.n_ids, device=x.device) // e
+            keep = capacity_mask(flat_ids, id_sets, tokens, e, self.experts.capacity_factor)
+            gates = gates * keep.reshape(gates.shape)
+        stats = self._stats(logits.reshape(-1, e), probs.reshape(-1, e), top_e.reshape(-1, k), flat_sets, tokens,
+                            flat_ids, keep, modality.reshape(-1))
+        return Route(ids, gates.to(x.dtype), stats)
+
+    def _stats(self, logits, probs, top_e, sets, tokens, ids, keep, modality) -> RouterStats:
+        e, k = self.experts.n_experts, self.experts.top_k
+        n_sets = len(tokens)
+        picks = probs.new_zeros(len(top_e), e).scatter_add_(1, top_e, torch.ones_like(top_e, dtype=probs.dtype))
+        chosen = probs.new_zeros(n_sets, e).index_add_(0, sets, picks)
+        mass = probs.new_zeros(n_sets, e).index_add_(0, sets, probs)
+        seen = tokens.clamp(min=1).to(probs.dtype)[:, None]
+        per_set = e * (chosen / (k * seen) * mass / seen).sum(-1)
+        present = (tokens > 0).to(probs.dtype)
+        balance = (per_set * present).sum() / present.sum().clamp(min=1)
+        z = torch.logsumexp(logits, dim=-1).square().sum() / max(len(logits), 1)
+        slot_id = modality[:, None].expand_as(ids) * self.n_ids + ids
+        counts = torch.zeros(self.n_modalities * self.n_ids, dtype=torch.long, device=ids.device)
+        counts.index_add_(0, slot_id.reshape(-1), keep.reshape(-1).long())
+        return RouterStats(balance, z, counts.reshape(self.n_modalities, self.n_ids), (~keep).sum(), keep.numel())
+
+
+@dataclass
+class RouterSummary:
+    """The routers of a model's blocks over one forward pass.
+
+    Attributes:
+        aux_loss: The auxiliary loss to add to the training loss: per block, ``balance_loss`` times its
+            load-balancing loss plus ``z_loss`` times its z-loss, summed over blocks.
+        balance: Load-balancing loss, averaged over the blocks with experts.
+        z: Router z-loss, averaged over those blocks.
+        counts: ``(M, n_ids)`` kept token slots per modality and expert id, summed over the blocks whose
+            expert ids are numbered as the first's.
+        dropped: Token slots dropped by the capacity, summed over blocks (a scalar tensor).
+        slots: Token slots routed, summed over blocks.
+    """
+
+    aux_loss: torch.Tensor
+    balance: torch.Tensor
+    z: torch.Tensor
+    counts: torch.Tensor
+    dropped: torch.Tensor
+    slots: int
+
+    @classmethod
+    def of(cls, blocks) -> RouterSummary | None:
+        """The summary of the blocks with experts among ``blocks`` (after a forward pass), ``None`` if none."""
+        routed = [b for b in blocks if b.experts is not None and b.router_stats is not None]
+        if not routed:
+            return None
+        stats = [b.router_stats for b in routed]
+        aux = sum(b.experts.balance_loss * s.balance + b.experts.z_loss * s.z for b, s in zip(routed, stats))
+        counts = sum(s.counts for s in stats if s.counts.shape == stats[0].counts.shape)
+        return cls(aux, torch.stack([s.balance for s in stats]).mean(), torch.stack([s.z for s in stats]).mean(),
+                   counts, sum(s.dropped for s in stats), sum(s.slots for s in stats))
+
+
+def linear_sublayers(block: nn.Module, sublayers) -> list[str]:
+    """The sublayers of ``block`` made of :class:`momkit.routing.Linear` layers alone (which experts can hold)."""
+    linear = []
+    for name in sublayers:
+        part = getattr(block, name, None)
+        if isinstance(part, nn.Module) and all(isinstance(m, Linear) or not list(m.parameters(recurse=False))
+                                               for m in part.modules()) and any(isinstance(m, Linear)
+                                                                                for m in part.modules()):
+            linear.append(name)
+    return linear
+
+
+def attach(block, sublayers) -> None:
+    """Give a built block with experts its :class:`Router` and :class:`Choice`, and point the linear layers of
+    its expert sublayers at the choice; ``SpecError`` for an expert sublayer not made of linear layers.
+    ``sublayers`` are the backbone's."""
+    experts = block.experts
+    block.router = Router(block.d_model, experts, block.n_modalities, block.backend)
+    block.choice = Choice()
+    valid = linear_sublayers(block, sublayers)
+    for name in experts.sublayers:
+        if name not in valid:
+            raise SpecError(f"routing.experts.sublayers names {name!r}, which is not a linear sublayer of backbone "
+                            f"{block.config.kind!r}; its linear sublayers: {', '.join(valid) or 'none'}")
+        for layer in getattr(block, name).modules():
+            if isinstance(layer, Linear):
+                if layer.n_modalities != block.routing(name):
+                    raise PluginError(f"backbone {block.config.kind!r} builds sublayer {name!r} without "
+                                      f"n_modalities=self.routing({name!r}), so it cannot hold experts")
+                layer.choice = block.choice
+
+
+def mutual_information(counts: torch.Tensor) -> tuple[float, float]:
+    """Mutual information (bits) between modality and expert id of a ``(M, n_ids)`` count table, and its share
+    of the modality's entropy (1: the expert determines the modality; 0: independent)."""
+    joint = counts.double() / max(float(counts.sum()), 1.0)
+    pm, pe = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    nonzero = joint > 0
+    info = float((joint[nonzero] * torch.log2(joint[nonzero] / (pm @ pe)[nonzero])).sum())
+    entropy = float(-(pm[pm > 0] * torch.log2(pm[pm > 0])).sum())
+    return info, info / entropy if entropy > 0 else math.nan

@@ -1,0 +1,229 @@
+"""Learned experts: identical experts are the dense layer, the router learns, capacity drops match a float64
+reference dispatch, per-modality experts stay in their modality, and the specs, logs and accounting."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import momkit
+from momkit import SpecError
+from momkit.cli import main
+from momkit.experts import capacity_mask, mutual_information
+from momkit.routing import grouped_linear
+
+FFN = {"kind": "ffn", "d_model": 16}
+EXPERTS = {"sublayers": ["w1", "w2", "w3"], "n_experts": 4}
+
+
+def _block(experts: dict, backbone: dict = FFN, specific="dense", seed: int = 0):
+    torch.manual_seed(seed)
+    spec = {"modalities": ["text", "image"], "backbone": backbone,
+            "routing": {"specific": specific, "experts": experts}, "scan_backend": "reference"}
+    block = momkit.build_block(spec).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return block
+
+
+def _inputs(seed: int = 1, b: int = 2, length: int = 24, d: int = 16):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, length, d, generator=gen, dtype=torch.float64),
+            torch.randint(0, 2, (b, length), generator=gen))
+
+
+@pytest.mark.parametrize("experts,backbone,specific", [
+    ({**EXPERTS, "top_k": 2}, FFN, "dense"),
+    ({**EXPERTS, "top_k": 1, "per_modality": True}, FFN, ["norm"]),
+    ({"sublayers": ["in_proj", "x_proj", "out_proj"], "n_experts": 3, "top_k": 2},
+     {"kind": "mamba", "d_model": 16, "d_state": 4}, ["dt_proj"]),
+], ids=["ffn-top2", "ffn-per-modality", "mamba-top2"])
+def test_identical_experts_equal_the_dense_layer(experts, backbone, specific):
+    block = _block(experts, backbone, specific)
+    dense = momkit.build_block({"modalities": ["text", "image"], "backbone": backbone,
+                                "routing": {"specific": specific}, "scan_backend": "reference"}).double()
+    with torch.no_grad():
+        weights = dict(block.named_parameters())
+        for name, p in dense.named_parameters():
+            source = weights[name]
+            if source.shape != p.shape:
+                source[:] = source[:1].clone()
+                source = source[0]
+            p.copy_(source)
+    x, modality = _inputs()
+    torch.testing.assert_close(block(x, modality), dense(x, modality), rtol=1e-12, atol=1e-12)
+
+
+def test_router_learns_from_the_task_loss_at_top_1():
+    block = _block({**EXPERTS, "top_k": 1})
+    x, modality = _inputs(2)
+    (block(x, modality) * torch.randn_like(x)).sum().backward()
+    assert block.router.proj.weight.grad.abs().sum() > 0
+    exact = _block({**EXPERTS, "top_k": 1, "gradient": "exact"})
+    (exact(x, modality) * torch.randn_like(x)).sum().backward()
+    assert exact.router.proj.weight.grad.abs().max() < 1e-12
+
+
+def _reference(block, x, modality, factor):
+    """Float64 dispatch written out token by token: route, keep the first slots of each expert up to its
+    capacity (slot 0 of all tokens before slot 1), and mix the kept experts' feed-forward outputs."""
+    e, k = block.experts.n_experts, block.experts.top_k
+    flat, w = x.reshape(-1, x.shape[-1]), block.router.proj.weight
+    logits = (flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)) @ w.T
+    probs = logits.softmax(-1)
+    top_p, top_e = probs.topk(k, dim=-1)
+    capacity = math.ceil(factor * k * len(flat) / e)
+    taken, keep = [0] * e, torch.zeros_like(top_e, dtype=torch.bool)
+    for j in range(k):
+        for t in range(len(flat)):
+            if taken[top_e[t, j]] < capacity:
+                taken[top_e[t, j]] += 1
+                keep[t, j] = True
+    out = flat.clone()
+    norm = block.norm(flat, torch.zeros(len(flat), dtype=torch.long))
+    for t in range(len(flat)):
+        for j in range(k):
+            if keep[t, j]:
+                i = top_e[t, j]
+                hidden = F.silu(block.w1.weight[i] @ norm[t]) * (block.w3.weight[i] @ norm[t])
+                out[t] += top_p[t, j] / top_p[t].sum() * (block.w2.weight[i] @ hidden)
+    return out.reshape(x.shape), keep
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_capacity_drops_match_a_float64_reference(top_k):
+    block = _block({**EXPERTS, "top_k": top_k, "capacity_factor": 0.75})
+    x, modality = _inputs(3, length=30)
+    expected, keep = _reference(block, x, modality, 0.75)
+    with torch.no_grad():
+        got = block(x, modality)
+    assert 0 < block.router_stats.dropped == int((~keep).sum())
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    block.eval()
+    with torch.no_grad():
+        block(x, modality)
+    assert block.router_stats.dropped == 0
+
+
+def test_capacity_mask_serves_slot_0_first():
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
+    keep = capacity_mask(ids, torch.zeros(2, dtype=torch.long), torch.tensor([4]), 2, 0.5)
+    assert keep.tolist() == [[True, True], [True, False], [True, False], [False, False]]
+
+
+def test_per_modality_experts_stay_in_their_modality():
+    block = _block({**EXPERTS, "per_modality": True, "top_k": 2})
+    x, modality = _inputs(4)
+    block(x, modality)
+    counts = block.router_stats.counts
+    assert counts.shape == (2, 8)
+    assert counts[0, 4:].sum() == 0 and counts[1, :4].sum() == 0 and counts.sum() == 2 * modality.numel()
+    assert mutual_information(counts)[1] == pytest.approx(1.0)
+
+
+def test_mutual_information():
+    assert mutual_information(torch.tensor([[5, 5], [5, 5]]))[0] == pytest.approx(0.0)
+    info, share = mutual_information(torch.tensor([[7, 0], [0, 3]]))
+    entropy = -(0.7 * math.log2(0.7) + 0.3 * math.log2(0.3))
+    assert info == pytest.approx(entropy) and share == pytest.approx(1.0)
+
+
+def test_decoding_top_2_experts_equals_forward():
+    block = _block({"sublayers": ["in_proj", "out_proj"], "n_experts": 3, "top_k": 2},
+                   {"kind": "mamba", "d_model": 16, "d_state": 4}).eval()
+    x, modality = _inputs(5, length=12)
+    with torch.no_grad():
+        full = block(x, modality)
+        state = block.decoding_state(2)
+        steps = torch.stack([block.step(x[:, t], modality[:, t], state) for t in range(12)], dim=1)
+        with pytest.raises(SpecError, match="decodes 2 branches"):
+            block.step(x[:, 0], modality[:, 0], block.allocate_state(2))
+    torch.testing.assert_close(steps, full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("layers.1.routing.experts.top_k=9", "top_k (9) exceeds n_experts (8); valid top_k: 1..8"),
+    ("layers.1.routing.experts.sublayers=[norm]", "'norm', which is not a linear sublayer of backbone 'ffn'; its "
+                                                  "linear sublayers: w1, w2, w3"),
+    ("layers.1.routing.experts.sublayers=[w4]", "'w4', not a sublayer of backbone 'ffn'"),
+    ("layers=[{},{},{}]", "backbone.n_layers (4) must be a multiple of the 3 entries of layers"),
+])
+def test_bad_experts_specs_exit_2_naming_the_field(override, message, capsys):
+    assert main(["validate", "examples/moe_mamba.yaml", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("example", ["moe_mamba", "modality_experts"])
+def test_example_specs_train_and_log_the_router(example, tmp_path, capsys):
+    path = f"examples/{example}.yaml"
+    assert main(["info", path]) == 0
+    out = capsys.readouterr().out
+    total = int(out.split("| total")[1].split("|")[2].replace(",", ""))
+    active = int(out.split("active per text token")[1].split("|")[3].replace(",", ""))
+    assert active < total
+    assert main(["train", path, "backbone.d_model=32", "train.seq_len=64", "train.batch_size=2",
+                 "train.eval_every=5", "train.eval_batches=1", "--max-steps", "10", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if r["split"] == "train"]
+    assert len(train_lines) == 10 and all(r["aux/balance"] > 0 and "dropped" in r for r in train_lines)
+    evaluation = [r for r in lines if r["split"] == "eval"][-1]
+    assert set(evaluation["expert_load"]) == {"text", "image"} and "router_mi" in evaluation
+    assert sum(evaluation["expert_load"]["text"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_sparse_upcycling_starts_every_expert_as_the_dense_weight(tmp_path):
+    dense = {"name": "dense", "modalities": ["text", "image"],
+             "backbone": {"kind": "transformer", "d_model": 16, "n_heads": 2, "n_layers": 2}}
+    source = momkit.build_model(dense)
+    moe = {**dense, "name": "moe", "routing": {"specific": "dense", "experts": {"sublayers": ["ffn"], "n_experts": 4,
+                                                                                  "top_k": 2}}}
+    model = momkit.load(source, spec=moe)
+    for block, original in zip(model.blocks, source.blocks):
+        for copy in block.ffn.w1.weight:
+            assert torch.equal(copy, original.ffn.w1.weight)
+    tokens = torch.randint(0, 256, (2, 12))
+    batch = momkit.Batch(modality=torch.zeros_like(tokens), tokens=tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).hidden, source(batch).hidden, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SpecError, match="transformers has no routed model"):
+        momkit.export(model, tmp_path / "nope")
+
+
+def test_grouped_linear_puts_sorted_tokens_back():
+    gen = torch.Generator().manual_seed(6)
+    x, w, b = (torch.randn(3, 17, 8, generator=gen, dtype=torch.float64),
+               torch.randn(5, 6, 8, generator=gen, dtype=torch.float64), torch.randn(5, 6, generator=gen,
+                                                                                     dtype=torch.float64))
+    ids = torch.randint(0, 5, (3, 17), generator=gen)
+    expected = torch.einsum("blk,blok->blo", x, w[ids]) + b[ids]
+    torch.testing.assert_close(grouped_linear(x, w, b, ids, "reference"), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backbone,experts", [
+    (FFN, {**EXPERTS, "top_k": 2, "capacity_factor": 1.0}),
+    ({"kind": "mamba", "d_model": 16, "d_state": 4}, {"sublayers": ["in_proj", "out_proj"], "n_experts": 4}),
+], ids=["ffn", "mamba"])
+def test_triton_experts_match_the_reference_backend(backbone, experts):
+    blocks = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        blocks[backend] = momkit.build_block({"modalities": ["text", "image"], "backbone": backbone,
+                                              "routing": {"specific": "dense", "experts": experts},
+                                              "scan_backend": backend}).cuda()
+    x, modality = (t.cuda() for t in _inputs(7, b=4, length=256))
+    x = x.float().requires_grad_(True)
+    dout = torch.randn_like(x)
+    results = {}
+    for backend, block in blocks.items():
+        y = block(x, modality)
+        results[backend] = (y, *torch.autograd.grad(y, [x, *block.parameters()], dout))
+    for got, expected in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
