@@ -17,6 +17,10 @@ One table, a row per operation and shape; times are medians of ``triton.testing.
 - a Mixture-of-Mamba layer (``mamba`` backbone, preset ``mom``) against the dense Mamba layer of the same
   shape: batch 8, length 2048, d_model 1024, bfloat16 autocast as in training, two modalities in runs of
   1024; both on the ``triton`` backend.
+- an experts layer (``ffn`` backbone, ``w1``, ``w2``, ``w3`` with 8 experts, top 1, capacity factor 1.25, in
+  training mode) against the dense ``ffn`` layer of the same active size, same shape and settings.
+
+``--only`` runs some parts: ``scans``, ``routed_linear``, ``layers`` (the two layer rows), ``decode``.
 
 Columns: forward and forward+backward (fwd+bwd: every input requiring a gradient, then
 ``torch.autograd.grad`` of the output with a fixed random output gradient); the reference backend's forward
@@ -29,6 +33,7 @@ synchronises with the host; and mamba_ssm's dense ``MambaLMHeadModel.generate`` 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import time
 
@@ -176,20 +181,21 @@ def routed_linear_row(backends):
             "one dense `F.linear` (this run)", peer_fwd, peer_both)
 
 
-def layer_spec(routing):
-    return {"modalities": ["text", "image"], "backbone": {"kind": "mamba", "d_model": 1024, "d_state": 16},
-            "routing": {"specific": routing}, "scan_backend": "triton"}
+def layer_spec(backbone, routing):
+    return {"modalities": ["text", "image"], "backbone": {"d_model": 1024, **backbone}, "routing": routing,
+            "scan_backend": "triton"}
 
 
-def layer_row():
+def block_times(specs):
+    """``{name: (forward ms, fwd+bwd ms)}`` of a block of each spec at batch 8, length 2048, d_model 1024."""
     batch, length, d = 8, 2048, 1024
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = randn(gen, batch, length, d, dtype=torch.float32)
     modality = runs_of(batch, length, 1024)
     dout = randn(gen, batch, length, d, dtype=torch.float32)
     times = {}
-    for routing in ("mom", "dense"):
-        block = build_block(layer_spec(routing)).cuda()
+    for name, spec in specs.items():
+        block = build_block(spec).cuda()
 
         def step(block=block):
             leaf = x.detach().requires_grad_(True)
@@ -201,10 +207,25 @@ def layer_row():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 block(x, modality)
 
-        times[routing] = (median_ms(fwd), median_ms(step))
+        times[name] = (median_ms(fwd), median_ms(step))
         del block
-    return ("MoM layer (`mamba`, preset `mom`)", f"{batch} × {length}, d_model {d}", *times["mom"], None, None,
+    return times
+
+
+def layer_row():
+    mamba = {"kind": "mamba", "d_state": 16}
+    times = block_times({"mom": layer_spec(mamba, {"specific": "mom"}),
+                         "dense": layer_spec(mamba, {"specific": "dense"})})
+    return ("MoM layer (`mamba`, preset `mom`)", "8 × 2048, d_model 1024", *times["mom"], None, None,
             "dense Mamba layer (this run)", *times["dense"])
+
+
+def experts_row():
+    experts = {"sublayers": ["w1", "w2", "w3"], "n_experts": 8, "top_k": 1, "capacity_factor": 1.25}
+    times = block_times({"experts": layer_spec({"kind": "ffn"}, {"specific": "dense", "experts": experts}),
+                         "dense": layer_spec({"kind": "ffn"}, {"specific": "dense"})})
+    return ("experts layer (`ffn`, 8 experts, top 1, capacity 1.25)", "8 × 2048, d_model 1024", *times["experts"],
+            None, None, "dense `ffn` layer of the same active size (this run)", *times["dense"])
 
 
 def decode_notes(notes):
@@ -275,7 +296,15 @@ def decode_notes(notes):
                  f"{rates[False]:.0f} tokens/s eager, {rates[True]:.0f} tokens/s with CUDA graphs")
 
 
+PARTS = ("scans", "routed_linear", "layers", "decode")
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=PARTS,
+                        help="parts to run: the scans' rows, the routed linear row, the layer rows (MoM and "
+                             "experts), the decoding notes (default: all)")
+    parts = parser.parse_args().only
     props = torch.cuda.get_device_properties(0)
     print("# momkit GPU benchmark\n")
     print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
@@ -283,14 +312,19 @@ def main():
           f"Triton {triton.__version__}\n", flush=True)
     backends = get_registry().scan_backends
     peer = backends["cuda"] if backends["cuda"].is_available() else None
-    notes = []
-    rows = scan_rows("selective_scan", SCAN_SHAPES, scan_inputs, SCAN_GRADS,
-                     lambda b, d, l: 2 * (4 * b * d * l + 2 * b * 16 * l), backends, peer, notes)
-    rows += scan_rows("ssd_scan", SSD_SHAPES, ssd_inputs, SSD_GRADS,
-                      lambda b, l, h: 2 * (2 * b * l * h * 64 + b * l * h + 2 * b * l * 128), backends, peer, notes)
-    rows.append(routed_linear_row(backends))
-    rows.append(layer_row())
-    decode_notes(notes)
+    notes, rows = [], []
+    if "scans" in parts:
+        rows += scan_rows("selective_scan", SCAN_SHAPES, scan_inputs, SCAN_GRADS,
+                          lambda b, d, l: 2 * (4 * b * d * l + 2 * b * 16 * l), backends, peer, notes)
+        rows += scan_rows("ssd_scan", SSD_SHAPES, ssd_inputs, SSD_GRADS,
+                          lambda b, l, h: 2 * (2 * b * l * h * 64 + b * l * h + 2 * b * l * 128), backends, peer,
+                          notes)
+    if "routed_linear" in parts:
+        rows.append(routed_linear_row(backends))
+    if "layers" in parts:
+        rows += [layer_row(), experts_row()]
+    if "decode" in parts:
+        decode_notes(notes)
     print("| operation | shape | forward (ms) | fwd+bwd (ms) | reference fwd (ms) | fwd TB/s | peer | peer fwd (ms) "
           "| peer fwd+bwd (ms) | fwd / peer | fwd+bwd / peer |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
