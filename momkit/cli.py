@@ -28,7 +28,7 @@ from momkit.errors import SpecError
 from momkit.model import SPEC_FILE, build_block
 from momkit.pretrained import export, load
 from momkit.registry import KINDS, get_registry
-from momkit.spec import BlockSpec, ModelSpec, load_spec
+from momkit.spec import BlockSpec, ModelSpec, flatten, load_spec
 from momkit.train import train
 
 USAGE_ERROR = 2
@@ -242,20 +242,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    """``{dotted path: leaf value}`` of nested mappings and lists."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return {prefix: value}
-    flat = {}
-    for key, item in items:
-        flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 _ABSENT = object()
 
 
@@ -264,7 +250,7 @@ def _shown(value: Any) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    a, b = (_flat(_load(path).model_dump(mode="json")) for path in (args.a, args.b))
+    a, b = (flatten(_load(path).model_dump(mode="json")) for path in (args.a, args.b))
     differ = [key for key in dict.fromkeys([*a, *b]) if a.get(key, _ABSENT) != b.get(key, _ABSENT)]
     if not differ:
         print(f"{args.a} and {args.b} are the same spec")

@@ -148,6 +148,26 @@ class Dataset:
     convert: Callable | None = None
 
 
+@dataclass(frozen=True)
+class Logger:
+    """An experiment logger: a place a run's metrics go besides its ``metrics.jsonl`` (which momkit always
+    writes: resumption and reports read it).
+
+    Attributes:
+        name: The name ``train.loggers`` selects it by.
+        description: One line for ``momkit plugins`` and the docs.
+        open: ``open(context) -> sink`` with ``context`` a :class:`momkit.tracking.LogContext` (the run
+            directory, the spec, its tags, the step a resumed run continues from); ``sink.log(record)`` takes
+            each line of ``metrics.jsonl`` as it is written (a dict: ``split``, ``step``, ``flops``, losses, ...)
+            and ``sink.close()`` ends the run's logging. ``open`` raises :class:`momkit.SpecError` when its
+            library is missing, naming the extra that installs it.
+    """
+
+    name: str
+    description: str
+    open: Callable
+
+
 def _always() -> bool:
     return True
 

@@ -92,3 +92,12 @@ def momkit_datasets():
     A dataset yields interleaved sequences: per-position modality ids, token ids or latents, and document
     boundaries for packing. A model spec's ``data.kind`` selects it.
     """
+
+
+@hookspec
+def momkit_loggers():
+    """Return the experiment loggers this plugin provides, a list of :class:`momkit.descriptors.Logger`.
+
+    A logger receives every line of a run's ``metrics.jsonl`` as it is written; a spec's ``train.loggers``
+    selects them by name.
+    """

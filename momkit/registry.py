@@ -10,7 +10,7 @@ from typing import Iterator
 import pluggy
 
 from momkit import hookspecs
-from momkit.descriptors import Backbone, Dataset, Modality, Objective, ScanBackend
+from momkit.descriptors import Backbone, Dataset, Logger, Modality, Objective, ScanBackend
 from momkit.errors import PluginError, SpecError
 
 ENTRY_POINT_GROUP = "momkit"
@@ -21,6 +21,7 @@ KINDS = {
     "objective": ("momkit_objectives", Objective),
     "scan_backend": ("momkit_scan_backends", ScanBackend),
     "dataset": ("momkit_datasets", Dataset),
+    "logger": ("momkit_loggers", Logger),
 }
 """Each kind of registered name: ``{kind: (hook name, descriptor type)}``."""
 
@@ -141,6 +142,11 @@ class Registry:
     def datasets(self) -> dict[str, Dataset]:
         """``{name: Dataset}`` of every registered dataset."""
         return self._descriptors("dataset")
+
+    @property
+    def loggers(self) -> dict[str, Logger]:
+        """``{name: Logger}`` of every registered experiment logger."""
+        return self._descriptors("logger")
 
 
 _current: Registry | None = None

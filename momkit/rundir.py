@@ -22,6 +22,13 @@ from momkit.errors import SpecError
 from momkit.spec import ModelSpec
 
 
+def _identity(spec: ModelSpec) -> dict:
+    """The fields of ``spec`` that make the run what it is: all but ``train.loggers``."""
+    data = spec.model_dump(mode="json")
+    data["train"].pop("loggers")
+    return data
+
+
 class RunDir:
     """The files of the run in directory ``path`` (which need not exist yet)."""
 
@@ -63,16 +70,17 @@ class RunDir:
         return spec.to_yaml()
 
     def check_spec(self, spec: ModelSpec) -> None:
-        """A ``SpecError`` if the directory holds a run of another spec (the same fields in another order, or a
-        field added since at its default, make the same spec)."""
-        if self.spec_file.exists() and self._stored_spec() != spec.model_dump(mode="json"):
+        """A ``SpecError`` if the directory holds a run of another spec (the same fields in another order, a
+        field added since at its default, or other ``train.loggers``, which do not change the run, make the
+        same spec)."""
+        if self.spec_file.exists() and self._stored_spec() != _identity(spec):
             raise SpecError(f"{self.path} holds a run of a different spec; use another directory or remove it")
 
     def _stored_spec(self) -> dict | None:
         """The stored spec validated again (so a field added since, at its default, is the same spec), or
         ``None`` if it no longer validates."""
         try:
-            return ModelSpec.model_validate(yaml.safe_load(self.spec_file.read_text())).model_dump(mode="json")
+            return _identity(ModelSpec.model_validate(yaml.safe_load(self.spec_file.read_text())))
         except ValueError:
             return None
 

@@ -20,7 +20,7 @@ from momkit.registry import get_registry
 
 __all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "ExpertsSpec", "LayerSpec", "ModalityConfig",
            "ModelSpec", "ObjectiveConfig", "ParallelConfig", "Routed", "RoutingSpec", "StrictModel", "TrainConfig",
-           "load_spec", "read_mapping", "set_field"]
+           "flatten", "load_spec", "read_mapping", "set_field"]
 
 MODEL_SUBLAYERS = ("final_norm",)
 
@@ -261,6 +261,23 @@ class TrainConfig(StrictModel):
                                                                 "(shell-style, matched against `momkit.Model` "
                                                                 "parameter names).")
 
+    loggers: list[str] = Field(default_factory=list, description="Experiment loggers that receive the run's "
+                                                                 "metrics besides its metrics.jsonl: registered "
+                                                                 "names, built in `tensorboard`, `wandb` and "
+                                                                 "`mlflow` (each an optional extra). Changing them "
+                                                                 "does not change the run: a run resumes with "
+                                                                 "others.")
+
+    @field_validator("loggers")
+    @classmethod
+    def _registered_loggers(cls, value: list[str]) -> list[str]:
+        for name in value:
+            get_registry().get("logger", name)
+        repeated = sorted({n for n in value if value.count(n) > 1})
+        if repeated:
+            raise SpecError(f"train.loggers lists {', '.join(map(repr, repeated))} more than once")
+        return value
+
     @field_validator("freeze")
     @classmethod
     def _patterns(cls, value: list[str]) -> list[str]:
@@ -453,6 +470,20 @@ def set_field(data: dict, dotted: str, value: Any) -> None:
             node[key] = value
         else:
             node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted path: leaf value}`` of nested mappings and lists (the paths :func:`set_field` takes)."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat = {}
+    for key, item in items:
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 def read_mapping(path: str | Path, what: str) -> dict[str, Any]:

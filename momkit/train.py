@@ -47,6 +47,7 @@ from momkit.registry import get_registry
 from momkit.routing import decays
 from momkit.rundir import RunDir
 from momkit.spec import ModelSpec
+from momkit.tracking import LogContext, Loggers
 
 
 def resolve_device(name: str) -> torch.device:
@@ -194,17 +195,20 @@ class _Objectives:
 class _Log:
     """``metrics.jsonl``, appended line by line by rank 0; on resume, cut back to the checkpoint's step."""
 
-    def __init__(self, path: Path, resume_step: int, main: bool):
-        self.path, self.main = path, main
+    def __init__(self, path: Path, resume_step: int, main: bool, loggers: Loggers | None = None):
+        self.path, self.main, self.loggers = path, main, loggers
         if main:
             lines = path.read_text().splitlines() if path.exists() else []
             kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        """Append ``record`` to ``metrics.jsonl``, then send it to the experiment loggers."""
         if self.main:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.loggers is not None:
+                self.loggers.log(record)
 
 
 @contextmanager
@@ -509,7 +513,8 @@ def _loop(trainer: _Trainer, run: RunDir, done: _Progress, last: int, ranks: _Ra
     are not finite updates nothing, is logged with ``"skipped": true`` and saves no checkpoint;
     ``train.max_bad_steps`` of them in a row stop the run with a ``SpecError``, its last checkpoint kept."""
     spec, t = trainer.spec, trainer.spec.train
-    log = _Log(run.metrics_file, done.step, ranks.main)
+    loggers = Loggers(t.loggers, LogContext.of(run.path, spec, done.step, done.flops)) if ranks.main else None
+    log = _Log(run.metrics_file, done.step, ranks.main, loggers)
     bar = tqdm(total=last, initial=done.step, disable=not progress, desc=spec.name, dynamic_ncols=True)
     between_steps, saved = True, done.step if run.has_checkpoint else None
 
@@ -547,3 +552,5 @@ def _loop(trainer: _Trainer, run: RunDir, done: _Progress, last: int, ranks: _Ra
         raise
     finally:
         bar.close()
+        if loggers is not None:
+            loggers.close()
