@@ -8,9 +8,12 @@ resumes, so re-running the same command completes a suite. Runs go one after ano
 once in separate processes (one per GPU), or as Slurm jobs through submitit; whichever wrote the run logs,
 the summary is rebuilt from them alone.
 
-FLOPs-to-match (the Mixture-of-Mamba paper's headline metric) is, per modality, the fraction of the
-baseline's training FLOPs at which a variant's held-out loss first reaches the baseline's final held-out
-loss, linearly interpolated between evaluations of the seed-averaged curves.
+FLOPs-to-match (the Mixture-of-Mamba paper's headline metric) is, per modality, the training FLOPs at which
+a variant's held-out loss first reaches the baseline's final held-out loss, over the FLOPs at which the
+baseline's does, linearly interpolated between evaluations of the seed-averaged curves, each curve first
+fitted non-increasing (:func:`monotone`), so that a dip of evaluation noise reaches nothing early and the
+baseline is at 100% by construction. On a baseline still improving at its end this is the paper's fraction of
+the baseline's training FLOPs.
 """
 
 from __future__ import annotations
@@ -252,10 +255,46 @@ def flops_to_match(curve: list[tuple[float, float]], target: float, budget: floa
     return None
 
 
+def monotone(curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-increasing least-squares fit of ``curve``'s losses (isotonic regression, pooling adjacent
+    violators), at the same FLOPs: a dip of evaluation noise below later values is averaged with its neighbours
+    instead of counting as reached."""
+    blocks: list[list[float]] = []  # [sum of losses, count]
+    for _, loss in curve:
+        blocks.append([loss, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted = [value for total, count in blocks for value in [total / count] * int(count)]
+    return [(flops, value) for (flops, _), value in zip(curve, fitted)]
+
+
+def curve_noise(curve: list[tuple[float, float]]) -> float | None:
+    """The root mean square of the curve's departures from its :func:`monotone` fit: how far evaluation noise
+    moves the seed-averaged loss (``None`` for fewer than two evaluations)."""
+    if len(curve) < 2:
+        return None
+    fitted = monotone(curve)
+    return math.sqrt(sum((a[1] - b[1]) ** 2 for a, b in zip(curve, fitted)) / len(curve))
+
+
+def _aligned(curves: list[list[dict]], key: str) -> tuple[list[int], list[dict[int, dict]]]:
+    """The evaluation steps every seed has for ``key``, and each seed's records by step."""
+    by_step = [{r["step"]: r for r in c if key in r} for c in curves]
+    return (sorted(set.intersection(*(set(s) for s in by_step))) if by_step else []), by_step
+
+
+def _seed_band(curves: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
+    """The lowest and highest loss over the seeds at each evaluation of :func:`_mean_curve`."""
+    steps, by_step = _aligned(curves, key)
+    values = [[s[k][key] for s in by_step] for k in steps]
+    return [min(v) for v in values], [max(v) for v in values]
+
+
 def _mean_curve(curves: list[list[dict]], key: str) -> list[tuple[float, float]]:
     """Seed-averaged ``[(flops, loss)]`` over the evaluation steps every seed has."""
-    by_step = [{r["step"]: r for r in c if key in r} for c in curves]
-    steps = sorted(set.intersection(*(set(s) for s in by_step))) if by_step else []
+    steps, by_step = _aligned(curves, key)
     return [(sum(s[k]["flops"] for s in by_step) / len(by_step), sum(s[k][key] for s in by_step) / len(by_step))
             for k in steps]
 
@@ -280,12 +319,15 @@ def report(out_dir: str | Path) -> list[dict]:
                 continue
             mean = sum(finals) / len(finals)
             std = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) if len(finals) > 1 else 0.0
+            curve = _mean_curve(curves[variant], key)
             row = {"variant": variant, "modality": modality, "loss": mean, "std": std, "seeds": len(finals),
-                   "finished": finished[variant], "gain": None, "flops_to_match": None}
+                   "finished": finished[variant], "gain": None, "flops_to_match": None,
+                   "curve_noise": curve_noise(curve)}
             if base_curve:
-                target, budget = base_curve[-1][1], base_curve[-1][0]
-                row["gain"] = (target - mean) / target
-                row["flops_to_match"] = flops_to_match(_mean_curve(curves[variant], key), target, budget)
+                row["gain"] = (base_curve[-1][1] - mean) / base_curve[-1][1]
+                fitted = monotone(base_curve)
+                target = fitted[-1][1]
+                row["flops_to_match"] = flops_to_match(monotone(curve), target, flops_to_match(fitted, target, 1.0))
             rows.append(row)
     routers = _routers(curves)
     _write_tables(out, meta, rows, routers)
@@ -317,20 +359,24 @@ def _fmt(value: float | None, pattern: str) -> str:
 def _write_tables(out: Path, meta: dict, rows: list[dict], routers: dict[str, dict]) -> None:
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "modality", "loss", "std", "seeds", "finished", "gain",
-                                               "flops_to_match"])
+                                               "flops_to_match", "curve_noise"])
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# {meta['name']}", "",
              f"Held-out loss after training (mean ± std over seeds {meta['seeds']}); gain over the baseline "
-             f"`{meta['baseline']}`; FLOPs-to-match: the fraction of the baseline's training FLOPs at which the "
-             f"variant first reaches the baseline's final loss (`not reached` if it never does).", "",
-             "| modality | variant | loss | gain | FLOPs-to-match |", "| --- | --- | --- | --- | --- |"]
+             f"`{meta['baseline']}`; FLOPs-to-match: the training FLOPs at which the variant first reaches the "
+             f"baseline's final loss over those at which the baseline first reaches it, both curves (seed means) "
+             f"fitted non-increasing first, so that noise cannot reach a loss early (`not reached` if it never "
+             f"does; the baseline is 100%); curve noise: the root mean square of the seed-mean curve's "
+             f"departures from that fit.", "",
+             "| modality | variant | loss | gain | FLOPs-to-match | curve noise |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         reached = "not reached" if r["flops_to_match"] is None and r["gain"] is not None else \
             _fmt(r["flops_to_match"], "{:.1%}")
         status = "" if r["finished"] else " (unfinished)"
         lines.append(f"| {r['modality']} | {r['variant']}{status} | {r['loss']:.4f} ± {r['std']:.4f} | "
-                     f"{_fmt(r['gain'], '{:+.2%}')} | {reached} |")
+                     f"{_fmt(r['gain'], '{:+.2%}')} | {reached} | {_fmt(r['curve_noise'], '{:.2g}')} |")
     if routers:
         lines += ["", "## Learned experts", "",
                   "At the last evaluation: the mutual information between the routers' expert choice and the "
@@ -362,12 +408,16 @@ def _plot(out: Path, meta: dict, curves: dict, keys: list[str]) -> None:
             curve = _mean_curve(curves[variant], key)
             if curve:
                 style = {"linewidth": 2.5, "color": "black"} if variant == meta["baseline"] else {}
-                ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3, label=variant,
-                        **style)
+                line, = ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3,
+                                label=variant, **style)
+                low, high = _seed_band(curves[variant], key)
+                if len(curves[variant]) > 1:
+                    ax.fill_between([c[0] for c in curve], low, high, color=line.get_color(), alpha=0.15,
+                                    linewidth=0)
         ax.set_xlabel("training FLOPs")
         ax.set_yscale("log")
         ax.set_ylabel(f"held-out loss ({modality}, log scale)")
-        ax.set_title(f"{meta['name']}: {modality}")
+        ax.set_title(f"{meta['name']}: {modality} (seed mean; band: the seeds' range)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

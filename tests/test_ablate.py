@@ -1,11 +1,12 @@
 """Ablation suites: every variant trained once, tables and plots written, broken suites stopped early."""
 
 import json
+import math
 
 import pytest
 import yaml
 
-from momkit.ablate import SuiteSpec, flops_to_match, load_suite, report, run_suite
+from momkit.ablate import SuiteSpec, curve_noise, flops_to_match, load_suite, monotone, report, run_suite
 from momkit.cli import main
 
 BASE = {
@@ -83,6 +84,38 @@ def test_flops_to_match_interpolates():
     assert flops_to_match(curve, 1.5, 40.0) == pytest.approx(25.0 / 40.0)
     assert flops_to_match(curve, 3.5, 40.0) == pytest.approx(10.0 / 40.0)
     assert flops_to_match(curve, 0.5, 40.0) is None
+
+
+def test_monotone_fit_pools_noise_and_measures_it():
+    curve = [(1.0, 3.0), (2.0, 1.0), (3.0, 2.0), (4.0, 0.5)]
+    assert [loss for _, loss in monotone(curve)] == [3.0, 1.5, 1.5, 0.5]
+    assert curve_noise(curve) == pytest.approx(math.sqrt(2 * 0.25 / 4))
+    assert curve_noise(curve[:1]) is None
+
+
+def _fake_suite(out, losses):
+    """A suite directory whose runs' eval curves are ``{variant: [[loss per eval] per seed]}``."""
+    (out / "runs").mkdir(parents=True)
+    (out / "suite.json").write_text(json.dumps({"name": "fake", "baseline": "base", "variants": list(losses),
+                                                "seeds": [0, 1]}))
+    for variant, seeds in losses.items():
+        for seed, values in enumerate(seeds):
+            run = out / "runs" / variant / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.jsonl").write_text("".join(
+                json.dumps({"split": "eval", "step": 10 * (i + 1), "flops": 100.0 * (i + 1), "loss/text": v}) + "\n"
+                for i, v in enumerate(values)))
+
+
+def test_flops_to_match_is_not_fooled_by_a_noisy_flat_curve(tmp_path):
+    noisy = [3.0, 1.2, 0.9, 1.1, 1.0, 1.05, 1.0]
+    _fake_suite(tmp_path, {"base": [noisy, noisy], "same": [noisy, noisy],
+                           "faster": [[3.0, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8]] * 2})
+    rows = {r["variant"]: r for r in report(tmp_path)}
+    assert rows["base"]["flops_to_match"] == 1.0 and rows["same"]["flops_to_match"] == 1.0
+    assert rows["faster"]["flops_to_match"] < 0.7
+    assert rows["base"]["curve_noise"] > 0.01
+    assert "curve noise" in (tmp_path / "summary.md").read_text()
 
 
 def test_grid_variants_are_named_by_their_values():
