@@ -14,16 +14,13 @@ choice, so one name (a spec's ``scan_backend``) can be passed to every operation
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from momkit.descriptors import ScanBackend
 from momkit.errors import SpecError
-from momkit.ops.checks import (check_conv_state_update, check_routed_linear, check_selective_scan,
-                               check_selective_state_update, check_ssd_scan)
-
-from momkit.registry import Registry, get_registry
+from momkit.ops import dispatch, library
+from momkit.ops.checks import check_conv_state_update, check_selective_state_update
+from momkit.ops.dispatch import _extensions, resolve_backend
+from momkit.registry import get_registry
 
 __all__ = ["available_backends", "conv_state_update", "resolve_backend", "routed_linear",
            "selective_scan", "selective_state_update", "ssd_scan"]
@@ -34,51 +31,11 @@ def available_backends() -> list[str]:
     return [b.name for b in get_registry().scan_backends.values() if b.is_available()]
 
 
-def resolve_backend(name: str, device: torch.device | str, op: str, extensions=frozenset(),
-                    dtype: torch.dtype | None = None) -> ScanBackend:
-    """The backend ``name`` (or, for ``"auto"``, the best one) that runs ``op`` on ``device``; for a named
-    backend that does not implement ``op`` at all, the ``"auto"`` choice.
-
-    ``extensions`` are the front-door extensions the call uses (see :class:`ScanBackend`), ``dtype`` the dtype
-    of its main input (any, if ``None``).
-
-    Raises:
-        SpecError: ``name`` is not registered or cannot run here (it lacks the device, an extension or the
-            dtype), or no backend runs the call; the message lists the backends that would do.
-    """
-    return _resolve(get_registry(), name, torch.device(device).type, op, frozenset(extensions), dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _resolve(registry: Registry, name: str, device_type: str, op: str, extensions: frozenset[str],
-             dtype: torch.dtype | None) -> ScanBackend:
-    """:func:`resolve_backend` for one registry, remembered: a registry is fixed once looked up, and decoding
-    asks the same question for every layer and position."""
-    backends = registry.scan_backends
-
-    def fits(b: ScanBackend) -> bool:
-        return (getattr(b, op) is not None and device_type in b.devices and extensions <= b.extensions
-                and (dtype is None or b.dtypes is None or dtype in b.dtypes) and b.is_available())
-
-    suitable = sorted((b for b in backends.values() if fits(b)), key=lambda b: -b.priority)
-    need = (f"{op} on {device_type}" + ("" if dtype is None else f" in {dtype}")
-            + "".join(f" with {e}" for e in sorted(extensions)))
-    if name in backends and getattr(backends[name], op) is None:
-        name = "auto"
-    if name == "auto":
-        if not suitable:
-            raise SpecError(f"no scan backend runs {need}; registered backends: {sorted(backends)}")
-        return suitable[0]
-    if name not in backends:
-        raise SpecError(f"unknown scan backend {name!r}; registered backends: {sorted(backends)} or 'auto'")
-    if not fits(backends[name]):
-        raise SpecError(f"scan backend {name!r} cannot run {need} in this process; "
-                        f"backends that can: {[b.name for b in suitable] or 'none'}")
-    return backends[name]
-
-
-def _extensions(**used) -> frozenset[str]:
-    return frozenset(name for name, value in used.items() if value is not None)
+def _traceable(op: str, **unsupported) -> None:
+    """Refuse, while ``torch.compile`` traces, the arguments its operator of ``op`` does not take."""
+    asked = [name for name, value in unsupported.items() if value]
+    if asked:
+        raise SpecError(f"{op} with {', '.join(asked)} is not available under torch.compile; call it eagerly")
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -108,12 +65,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         ``out`` ``(b, d, l)`` in ``u``'s dtype, and the last state in float32 (float64 for float64 inputs)
         when ``return_last_state``.
     """
-    check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx)
-    impl = resolve_backend(backend, u.device, "selective_scan", _extensions(modality=modality, seq_idx=seq_idx),
-                           u.dtype)
-    return impl.selective_scan(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                               delta_softplus=delta_softplus, return_last_state=return_last_state,
-                               modality=modality, seq_idx=seq_idx)
+    if torch.compiler.is_compiling():
+        _traceable("selective_scan", return_last_state=return_last_state)
+        return library.selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus,
+                                      backend)
+    return dispatch.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                   modality, seq_idx, backend)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
@@ -145,11 +102,12 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         ``out`` ``(b, l, h, p)`` in ``x``'s dtype, and the final states in float32 (float64 for float64
         inputs) when ``return_final_states``.
     """
-    check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, modality)
-    impl = resolve_backend(backend, x.device, "ssd_scan", _extensions(modality=modality), x.dtype)
-    return impl.ssd_scan(x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
-                         initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
-                         return_final_states=return_final_states, modality=modality)
+    if torch.compiler.is_compiling():
+        _traceable("ssd_scan", return_final_states=return_final_states)
+        return library.ssd_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, modality, chunk_size,
+                                dt_softplus, backend)
+    return dispatch.ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
+                             return_final_states, modality, backend)
 
 
 def routed_linear(x, weight, bias, modality, *, backend="auto"):
@@ -172,9 +130,9 @@ def routed_linear(x, weight, bias, modality, *, backend="auto"):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    check_routed_linear(x, weight, bias, modality)
-    impl = resolve_backend(backend, x.device, "routed_linear", dtype=x.dtype)
-    return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality)
+    if torch.compiler.is_compiling():
+        return library.routed_linear(x, weight, bias, modality, backend)
+    return dispatch.routed_linear(x, weight, bias, modality, backend)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,

@@ -55,8 +55,9 @@ def _check_A(A, modality, labels: tuple[str, str], shape: tuple, batch: int, len
 def check_ids(modality: torch.Tensor, count: int, holder: str | None = None, names=None, label: str = "modality",
               cpu_only: bool = True) -> None:
     """Check that every id of ``modality`` indexes one of ``count`` modalities (those of ``holder``, or named
-    ``names`` in id order, for the message); with ``cpu_only``, only for a tensor on the CPU."""
-    if (cpu_only and modality.device.type != "cpu") or not modality.numel():
+    ``names`` in id order, for the message); with ``cpu_only``, only for a tensor on the CPU; not while
+    ``torch.compile`` traces (the traced operators check their ids when the graph runs)."""
+    if (cpu_only and modality.device.type != "cpu") or not modality.numel() or torch.compiler.is_compiling():
         return
     low, high = int(modality.min()), int(modality.max())
     if low < 0 or high >= count:

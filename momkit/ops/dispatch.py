@@ -1,0 +1,92 @@
+"""The eager path of the kernel front doors: the arguments' check, the backend's choice and the call.
+
+:mod:`momkit.ops`'s front doors call these directly, and their ``torch.library`` operators
+(:mod:`momkit.ops.library`) call them when a compiled graph runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from momkit.descriptors import ScanBackend
+from momkit.errors import SpecError
+from momkit.ops.checks import check_routed_linear, check_selective_scan, check_ssd_scan
+from momkit.registry import Registry, get_registry
+
+
+def resolve_backend(name: str, device: torch.device | str, op: str, extensions=frozenset(),
+                    dtype: torch.dtype | None = None) -> ScanBackend:
+    """The backend ``name`` (or, for ``"auto"``, the best one) that runs ``op`` on ``device``; for a named
+    backend that does not implement ``op`` at all, the ``"auto"`` choice.
+
+    ``extensions`` are the front-door extensions the call uses (see :class:`ScanBackend`), ``dtype`` the dtype
+    of its main input (any, if ``None``).
+
+    Raises:
+        SpecError: ``name`` is not registered or cannot run here (it lacks the device, an extension or the
+            dtype), or no backend runs the call; the message lists the backends that would do.
+    """
+    return _resolve(get_registry(), name, torch.device(device).type, op, frozenset(extensions), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(registry: Registry, name: str, device_type: str, op: str, extensions: frozenset[str],
+             dtype: torch.dtype | None) -> ScanBackend:
+    """:func:`resolve_backend` for one registry, remembered: a registry is fixed once looked up, and decoding
+    asks the same question for every layer and position."""
+    backends = registry.scan_backends
+
+    def fits(b: ScanBackend) -> bool:
+        return (getattr(b, op) is not None and device_type in b.devices and extensions <= b.extensions
+                and (dtype is None or b.dtypes is None or dtype in b.dtypes) and b.is_available())
+
+    suitable = sorted((b for b in backends.values() if fits(b)), key=lambda b: -b.priority)
+    need = (f"{op} on {device_type}" + ("" if dtype is None else f" in {dtype}")
+            + "".join(f" with {e}" for e in sorted(extensions)))
+    if name in backends and getattr(backends[name], op) is None:
+        name = "auto"
+    if name == "auto":
+        if not suitable:
+            raise SpecError(f"no scan backend runs {need}; registered backends: {sorted(backends)}")
+        return suitable[0]
+    if name not in backends:
+        raise SpecError(f"unknown scan backend {name!r}; registered backends: {sorted(backends)} or 'auto'")
+    if not fits(backends[name]):
+        raise SpecError(f"scan backend {name!r} cannot run {need} in this process; "
+                        f"backends that can: {[b.name for b in suitable] or 'none'}")
+    return backends[name]
+
+
+def _extensions(**used) -> frozenset[str]:
+    return frozenset(name for name, value in used.items() if value is not None)
+
+
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, modality, seq_idx,
+                   backend):
+    """:func:`momkit.ops.selective_scan`, checked and run on its backend."""
+    check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx)
+    impl = resolve_backend(backend, u.device, "selective_scan", _extensions(modality=modality, seq_idx=seq_idx),
+                           u.dtype)
+    return impl.selective_scan(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                               delta_softplus=delta_softplus, return_last_state=return_last_state,
+                               modality=modality, seq_idx=seq_idx)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, return_final_states,
+             modality, backend):
+    """:func:`momkit.ops.ssd_scan`, checked and run on its backend."""
+    check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, modality)
+    impl = resolve_backend(backend, x.device, "ssd_scan", _extensions(modality=modality), x.dtype)
+    return impl.ssd_scan(x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                         initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                         return_final_states=return_final_states, modality=modality)
+
+
+def routed_linear(x, weight, bias, modality, backend):
+    """:func:`momkit.ops.routed_linear` on inputs already in the autocast dtype, checked and run on its
+    backend."""
+    check_routed_linear(x, weight, bias, modality)
+    impl = resolve_backend(backend, x.device, "routed_linear", dtype=x.dtype)
+    return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality)
