@@ -45,3 +45,25 @@ def test_last_state_is_refused_under_compile():
     args = (torch.randn(1, 4, 6), torch.rand(1, 4, 6), -torch.rand(4, 3), torch.randn(1, 3, 6), torch.randn(1, 3, 6))
     with pytest.raises(Exception, match="return_last_state is not available under torch.compile"):
         torch.compile(scan, fullgraph=True, backend="aot_eager")(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backbone,routing,packed", CASES, ids=lambda v: v["kind"] if isinstance(v, dict) else str(v))
+def test_compiled_triton_block_equals_eager(backbone, routing, packed):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = momkit.build_block({"modalities": ["text", "image"], "backbone": backbone,
+                                "routing": {"specific": routing}, "scan_backend": "triton"}).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 64, 16, generator=gen, device="cuda", requires_grad=True)
+    modality = torch.randint(0, 2, (2, 64), generator=gen, device="cuda")
+    seq_idx = (torch.arange(64, device="cuda") >= 30).long().expand(2, 64).contiguous() if packed else None
+    weight = torch.randn(2, 64, 16, generator=gen, device="cuda")
+    compiled = torch.compile(block, fullgraph=True)
+    results = []
+    for run in (compiled, block):
+        y = run(x, modality, seq_idx)
+        results.append((y, *torch.autograd.grad((y * weight).sum(), [x, *block.parameters()])))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
