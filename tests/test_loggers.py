@@ -4,6 +4,7 @@ training run and read back equal to its metrics.jsonl; a logger from a plugin re
 import json
 import struct
 import sys
+import time
 import types
 
 import pytest
@@ -65,6 +66,8 @@ def _wandb_records(path):
             position += block - position % block
             continue
         _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0 or position + 7 + length > len(data):
+            break
         piece = data[position + 7:position + 7 + length]
         position += 7 + length
         pieces += piece
@@ -73,8 +76,6 @@ def _wandb_records(path):
             record.ParseFromString(pieces)
             records.append(record)
             pieces = b""
-        elif kind == 0:
-            break
     return records
 
 
@@ -84,7 +85,12 @@ def test_offline_wandb_run_reads_back(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert _train(tmp_path, "train.loggers=[wandb]") == 0
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = _wandb_records(run_file)
+    deadline = time.monotonic() + 60
+    while True:  # W&B's service may still be writing the run's last records after finish() returns
+        records = _wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     history = {}
     for record in records:
         if record.WhichOneof("record_type") == "history":
