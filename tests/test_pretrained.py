@@ -237,6 +237,21 @@ def test_unsupported_checkpoint_options_are_refused(tmp_path):
         momkit.load(tmp_path / "hf")
 
 
+def test_hub_id_is_downloaded_with_huggingface_hub(tmp_path, monkeypatch):
+    _hf("mamba").save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub",
+                        __import__("types").SimpleNamespace(snapshot_download=snapshot_download))
+    model = momkit.load("some-owner/mamba-tiny")
+    assert calls[0][0] == "some-owner/mamba-tiny" and "*.safetensors" in calls[0][1]
+    assert model.spec.name == "mamba-tiny" and model.spec.backbone.kind == "mamba"
+
+
 def test_missing_source_and_missing_hub_library(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match="does not exist"):
         momkit.load(tmp_path / "nowhere")
