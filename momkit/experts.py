@@ -83,7 +83,8 @@ def capacity_mask(ids: torch.Tensor, id_sets: torch.Tensor, tokens_per_set: torc
     n, k = ids.shape
     order = ids.t().reshape(-1)
     ranked = torch.argsort(order, stable=True)
-    starts = counts_of(order, len(id_sets)).cumsum(0) - counts_of(order, len(id_sets))
+    counts = counts_of(order, len(id_sets))
+    starts = counts.cumsum(0) - counts
     position = torch.empty_like(order)
     position[ranked] = torch.arange(len(order), device=ids.device) - starts[order[ranked]]
     capacity = torch.ceil(factor * k * tokens_per_set[id_sets].double() / n_experts).long()

@@ -144,13 +144,9 @@ def _mamba_ssm_options(config: dict, where: str) -> dict:
     _require(config, where, "attn_layer_idx", ([], None))
     options = {"d_model": config["d_model"], "n_layers": config["n_layer"],
                "norm_eps": config.get("norm_epsilon", 1e-5), "tie": config.get("tie_embeddings", True)}
-    shared = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand", "conv_bias": "conv_bias",
-              "bias": "bias"}
-    own = {"headdim": "headdim", "ngroups": "ngroups", "chunk_size": "chunk_size"} if layer == "Mamba2" else \
-        {"dt_rank": "dt_rank"}
-    for theirs, mine in {**shared, **own}.items():
-        if theirs in ssm:
-            options[mine] = ssm[theirs]
+    own = ("headdim", "ngroups", "chunk_size") if layer == "Mamba2" else ("dt_rank",)
+    options.update({name: ssm[name] for name in ("d_state", "d_conv", "expand", "conv_bias", "bias", *own)
+                    if name in ssm})
     if layer == "Mamba2":
         for key, supported in (("rmsnorm", True), ("norm_before_gate", False), ("d_ssm", None),
                                ("D_has_hdim", False), ("dt_limit", [0.0, math.inf])):

@@ -64,11 +64,6 @@ class RunDir:
     def result_file(self) -> Path:
         return self.path / "result.json"
 
-    @staticmethod
-    def spec_text(spec: ModelSpec) -> str:
-        """The YAML a run directory keeps of its spec (``momkit train`` reads it back)."""
-        return spec.to_yaml()
-
     def check_spec(self, spec: ModelSpec) -> None:
         """A ``SpecError`` if the directory holds a run of another spec (the same fields in another order, a
         field added since at its default, or other ``train.loggers``, which do not change the run, make the
@@ -87,7 +82,7 @@ class RunDir:
     def write_spec(self, spec: ModelSpec) -> None:
         """Create the directory and write ``spec`` into it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        self.spec_file.write_text(self.spec_text(spec))
+        self.spec_file.write_text(spec.to_yaml())
 
     @property
     def finished(self) -> bool:

@@ -8,7 +8,6 @@ from momkit import Batch, build_model
 from momkit.ablate import SuiteSpec, variant_specs
 from momkit.accounting import account
 from momkit.cli import main
-from momkit.rundir import RunDir
 from momkit.spec import ModelSpec
 
 BASE = {"name": "stack", "modalities": ["text", "image"], "routing": {"specific": "mom"},
@@ -137,5 +136,5 @@ def test_info_and_train_on_a_stacked_spec_file(tmp_path, capsys):
 
 def test_a_stacked_spec_survives_the_run_directorys_yaml():
     stacked = spec(layers=[{}, ATTENTION])
-    again = ModelSpec.model_validate(yaml.safe_load(RunDir.spec_text(stacked)))
+    again = ModelSpec.model_validate(yaml.safe_load(stacked.to_yaml()))
     assert again == stacked and [b.backbone.kind for b in again.blocks()] == ["mamba", "attention"] * 2

@@ -46,7 +46,7 @@ def _fake_gradients(inputs: list[Optional[Tensor]], grad: Tensor) -> list[Tensor
     return [t.new_empty(t.shape) if t is not None and t.is_floating_point() else grad.new_empty(0) for t in inputs]
 
 
-def _differentiable(op, backward_op, n_inputs: int, args_after: Callable[[tuple], tuple]) -> None:
+def _differentiable(op, backward_op, n_inputs: int) -> None:
     """Register ``op``'s autograd: save its inputs, and in the backward call ``backward_op(grad, *inputs,
     *other arguments)``, whose list gives the gradients of the first ``n_inputs`` (``None`` for the
     placeholders of absent or integer inputs)."""
@@ -58,7 +58,7 @@ def _differentiable(op, backward_op, n_inputs: int, args_after: Callable[[tuple]
         inputs = ctx.saved
         grads = backward_op(grad, *inputs)
         tensors = [None if t is None or not t.is_floating_point() else g for g, t in zip(grads, inputs[:n_inputs])]
-        return (*tensors, *(None for _ in args_after(inputs)))
+        return (*tensors, *(None for _ in inputs[n_inputs:]))
 
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -145,6 +145,6 @@ def _(grad, x, weight, bias, modality, backend):
     return _fake_gradients([x, weight, bias], grad)
 
 
-_differentiable(selective_scan, selective_scan_backward, 8, lambda inputs: inputs[8:])
-_differentiable(ssd_scan, ssd_scan_backward, 9, lambda inputs: inputs[9:])
-_differentiable(routed_linear, routed_linear_backward, 3, lambda inputs: inputs[3:])
+_differentiable(selective_scan, selective_scan_backward, 8)
+_differentiable(ssd_scan, ssd_scan_backward, 9)
+_differentiable(routed_linear, routed_linear_backward, 3)
