@@ -16,24 +16,31 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backbone,routing,packed", CASES, ids=lambda v: v["kind"] if isinstance(v, dict) else str(v))
-def test_compiled_block_equals_eager(backbone, routing, packed):
+def _assert_compiled_equals_eager(backbone, routing, packed, device, scan_backend, length, compile_options,
+                                  tolerance):
+    """``torch.compile(block, fullgraph=True)`` against the eager block: the output and every gradient."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = momkit.build_block({"modalities": ["text", "image"], "backbone": backbone,
-                                "routing": {"specific": routing}})
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 24, 16, generator=gen, requires_grad=True)
-    modality = torch.randint(0, 2, (2, 24), generator=gen)
-    seq_idx = (torch.arange(24) >= 10).long().expand(2, 24).contiguous() if packed else None
-    weight = torch.randn(2, 24, 16, generator=gen)
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+                                "routing": {"specific": routing}, "scan_backend": scan_backend}).to(device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(2, length, 16, generator=gen, device=device, requires_grad=True)
+    modality = torch.randint(0, 2, (2, length), generator=gen, device=device)
+    seq_idx = (torch.arange(length, device=device) >= length // 2 - 2).long().expand(2, length).contiguous() \
+        if packed else None
+    weight = torch.randn(2, length, 16, generator=gen, device=device)
+    compiled = torch.compile(block, fullgraph=True, **compile_options)
     results = []
     for run in (compiled, block):
         y = run(x, modality, seq_idx)
         results.append((y, *torch.autograd.grad((y * weight).sum(), [x, *block.parameters()])))
     for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("backbone,routing,packed", CASES, ids=lambda v: v["kind"] if isinstance(v, dict) else str(v))
+def test_compiled_block_equals_eager(backbone, routing, packed):
+    _assert_compiled_equals_eager(backbone, routing, packed, "cpu", "auto", 24, {"backend": "aot_eager"}, 1e-6)
 
 
 def test_last_state_is_refused_under_compile():
@@ -51,19 +58,4 @@ def test_last_state_is_refused_under_compile():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backbone,routing,packed", CASES, ids=lambda v: v["kind"] if isinstance(v, dict) else str(v))
 def test_compiled_triton_block_equals_eager(backbone, routing, packed):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    block = momkit.build_block({"modalities": ["text", "image"], "backbone": backbone,
-                                "routing": {"specific": routing}, "scan_backend": "triton"}).cuda()
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(2, 64, 16, generator=gen, device="cuda", requires_grad=True)
-    modality = torch.randint(0, 2, (2, 64), generator=gen, device="cuda")
-    seq_idx = (torch.arange(64, device="cuda") >= 30).long().expand(2, 64).contiguous() if packed else None
-    weight = torch.randn(2, 64, 16, generator=gen, device="cuda")
-    compiled = torch.compile(block, fullgraph=True)
-    results = []
-    for run in (compiled, block):
-        y = run(x, modality, seq_idx)
-        results.append((y, *torch.autograd.grad((y * weight).sum(), [x, *block.parameters()])))
-    for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    _assert_compiled_equals_eager(backbone, routing, packed, "cuda", "triton", 64, {}, 1e-4)
