@@ -10,7 +10,9 @@ times the block's, plus the router's.
 FLOPs are analytic: each backbone reports its forward FLOPs per token by sublayer (see
 :class:`momkit.descriptors.Backbone`), a modality's adapter (with a continuous modality's step embedding) and
 head count as the matmuls they are, and training costs three times the forward pass (the backward pass
-computes gradients of both the inputs and the weights).
+computes gradients of both the inputs and the weights). A bidirectional block's backward direction (the parts
+its backbone lists in ``backward_flops``, reported as ``<part>_b``) counts for the tokens of the bidirectional
+modalities.
 """
 
 from __future__ import annotations
@@ -143,6 +145,8 @@ def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
         for name in names:
             parts = [(block, getattr(block, name, None)) for block, _ in mine]
             parts = [(block, part) for block, part in parts if part is not None]
+            if not parts:
+                continue
             total = sum(_size(part) for _, part in parts)
             active = sum(_active(block, name, _size(part)) for block, part in parts)
             routed_layers = sum(name in block.routed for block, _ in parts)
@@ -160,21 +164,25 @@ def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
     active = {m.name: blocks_active + adapters[m.name] + heads[m.name] for m in spec.modalities}
 
     per_layer: dict[str, float] = {}
+    backward: dict[str, float] = {}
     for layer, count in _distinct(layer_specs):
         kind = layer.backbone.kind
         experts = layer.routing.experts
-        parts = registry.get("backbone", kind).flops(layer.backbone, seq_len)
+        backbone = registry.get("backbone", kind)
+        parts = backbone.flops(layer.backbone, seq_len)
         if experts is not None:
             parts = {part: experts.top_k * value for part, value in parts.items()}
             parts["router"] = 4.0 * layer.backbone.d_model + 2.0 * layer.backbone.d_model * experts.n_experts
         for part, value in parts.items():
             key = f"{kind}.{part}" if qualify else part
             per_layer[key] = per_layer.get(key, 0.0) + count * value
+            if layer.bidirectional and part in backbone.backward_flops:
+                backward[f"{key}_b"] = backward.get(f"{key}_b", 0.0) + count * value
     d_model = spec.backbone.d_model
     flops = {}
     for m in spec.modalities:
         width = m.vocab_size if m.discrete else m.latent_dim
-        parts = dict(per_layer)
+        parts = {**per_layer, **(backward if m.name in spec.bidirectional else {})}
         parts["final_norm"] = 4.0 * d_model
         parts["adapter"] = 0.0 if m.discrete else 2.0 * m.latent_dim * d_model + _step_embedding_flops(
             model.timestep_embeddings[m.name])

@@ -35,3 +35,13 @@ class Batch:
         move = (lambda t: None if t is None else t.to(device))
         return Batch(move(self.modality), move(self.tokens), {k: v.to(device) for k, v in self.latents.items()},
                      move(self.seq_idx), {k: v.to(device) for k, v in self.timesteps.items()})
+
+
+def segments(modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``(b, l)`` id of the run of one modality within one document each position is in (a segment: one image,
+    one caption), numbered ``0, 1, ...`` over the whole batch in row-major order."""
+    starts = torch.ones_like(modality, dtype=torch.bool)
+    starts[:, 1:] = modality[:, 1:] != modality[:, :-1]
+    if seq_idx is not None:
+        starts[:, 1:] |= seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts.flatten().cumsum(0).view_as(modality) - 1

@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
+from momkit.batch import segments
 from momkit.configs import BackboneConfig
 from momkit.errors import SpecError
 from momkit.ops.checks import check_ids
@@ -46,6 +47,55 @@ class Layout:
         return cls(modality, seq_idx)
 
 
+@dataclass(frozen=True)
+class Spans:
+    """Where the bidirectional spans of a batch lie, as index tensors (computed on the device, without a host
+    synchronisation or a loop over spans).
+
+    A span is a run of positions of one bidirectional modality within one document (one image); every position
+    outside the spans is its own identity.
+
+    Attributes:
+        mask: ``(b, l)`` bool, ``True`` inside a span.
+        reverse: ``(b, l)`` int64 position that position ``t`` takes when every span is reversed in place
+            (``start + end - t`` inside a span from ``start`` to ``end``, ``t`` outside): an involution, so
+            ``x.gather(1, reverse)`` reverses the spans and the same gather puts them back.
+        segments: ``(b, l)`` int64 id of each position's run of one modality within one document, increasing
+            along a row: the ``seq_idx`` under which a scan over the reversed sequence never crosses a span's
+            boundary.
+        ids: ``(b, l)`` int64 the span id of each position (its segment), ``-1`` outside the spans.
+    """
+
+    mask: torch.Tensor
+    reverse: torch.Tensor
+    segments: torch.Tensor
+    ids: torch.Tensor
+
+    @classmethod
+    def of(cls, layout: Layout, bidirectional: Sequence[int]) -> Spans:
+        """The spans of the modality ids ``bidirectional`` in ``layout``."""
+        modality = layout.modality
+        mask = torch.zeros_like(modality, dtype=torch.bool)
+        for i in bidirectional:
+            mask |= modality == i
+        runs = segments(modality, layout.seq_idx)
+        index = torch.arange(modality.shape[1], device=modality.device).expand_as(modality)
+        starts = torch.ones_like(mask)
+        starts[:, 1:] = runs[:, 1:] != runs[:, :-1]
+        ends = torch.ones_like(mask)
+        ends[:, :-1] = starts[:, 1:]
+        first = torch.where(starts, index, 0).cummax(dim=1).values
+        last = torch.where(ends, index, modality.shape[1]).flip(1).cummin(dim=1).values.flip(1)
+        return cls(mask=mask, reverse=torch.where(mask, first + last - index, index), segments=runs,
+                   ids=torch.where(mask, runs, -1))
+
+
+def reverse_spans(t: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """``t (b, l, ...)`` with every span reversed in place (and, applied again, put back)."""
+    index = spans.reverse.reshape(*spans.reverse.shape, *(1,) * (t.dim() - 2)).expand_as(t)
+    return t.gather(1, index)
+
+
 class Block(nn.Module, ABC):
     """Abstract base of backbone blocks: one pre-norm residual layer over interleaved modalities.
 
@@ -58,18 +108,24 @@ class Block(nn.Module, ABC):
     and :meth:`run_step`. Every kernel operation of the block (scans, routed linear layers, decoding updates)
     is called with ``backend=self.backend``, the spec's ``scan_backend``.
 
+    A class that sets :attr:`supports_bidirectional` is also built with the keyword ``bidirectional`` (never
+    passed to other classes) when the spec names bidirectional modalities; a position-wise block needs nothing
+    to be bidirectional and is built without it.
+
     Args:
         config: The backbone's validated options (a subclass of :class:`momkit.spec.BackboneConfig`).
         modalities: Modality names; a token of modality id ``i`` is of ``modalities[i]``.
         routed: The sublayers that hold one weight set per modality (a :class:`momkit.spec.Routed`, which also
             carries the learned experts, if any).
         backend: The kernel backend of every kernel operation: a registered name or ``"auto"``.
+        bidirectional: Names of the modalities whose spans the block sees whole (see :meth:`run`).
 
     Attributes:
         supports_prefill: Class attribute: whether :meth:`run` takes a decoding state (prefill); ``False``
             unless the backbone sets it, and then :meth:`forward` refuses a state.
         position_wise: Class attribute: whether each output position depends on its own input position alone
             (a feed-forward layer); such a block with experts runs on its tokens sorted by expert.
+        supports_bidirectional: Class attribute: whether the class takes ``bidirectional`` (spans seen whole).
         config: The backbone's options.
         d_model: Width of the residual stream.
         modalities: Modality names.
@@ -79,17 +135,26 @@ class Block(nn.Module, ABC):
             is built, and ``router_stats`` holds the router's :class:`momkit.experts.RouterStats` of the last
             forward pass.
         backend: The kernel backend name.
+        bidirectional: The bidirectional modalities' names (empty: the block is causal).
     """
 
     supports_prefill: ClassVar[bool] = False
     position_wise: ClassVar[bool] = False
+    supports_bidirectional: ClassVar[bool] = False
 
     def __init__(self, config: BackboneConfig, modalities: Sequence[str], routed: frozenset[str],
-                 backend: str = "auto"):
+                 backend: str = "auto", *, bidirectional: Sequence[str] = ()):
         super().__init__()
         self.config = config
         self.d_model = config.d_model
         self.modalities = list(modalities)
+        unknown = [name for name in bidirectional if name not in self.modalities]
+        if unknown:
+            raise SpecError(f"bidirectional names {unknown}, not modalities of this block: {self.modalities}")
+        if bidirectional and not (self.supports_bidirectional or self.position_wise):
+            raise SpecError(f"{type(self).__name__} does not support bidirectional spans (bidirectional = "
+                            f"{list(bidirectional)}); valid: an empty list")
+        self.bidirectional = tuple(bidirectional)
         self.routed = frozenset(routed)
         self.experts = getattr(routed, "experts", None)
         self.backend = backend
@@ -107,6 +172,12 @@ class Block(nn.Module, ABC):
         if self.experts is not None and sublayer in self.experts.sublayers:
             return self.experts.n_experts * (self.n_modalities if self.experts.per_modality else 1)
         return self.n_modalities if sublayer in self.routed else None
+
+    def spans(self, layout: Layout) -> Spans | None:
+        """The bidirectional spans of ``layout`` (:class:`Spans`), ``None`` for a causal block."""
+        if not self.bidirectional:
+            return None
+        return Spans.of(layout, [self.modalities.index(name) for name in self.bidirectional])
 
     @property
     def branches(self) -> int:
@@ -190,7 +261,8 @@ class Block(nn.Module, ABC):
 
         Position ``t``'s output depends only on positions ``<= t`` of its own document (``layout.seq_idx``),
         and each token meets only the weights of its own modality in routed sublayers; a modality absent from
-        the batch gets exactly zero gradient.
+        the batch gets exactly zero gradient. A bidirectional block (:attr:`bidirectional`) also lets a position
+        inside a span (:meth:`spans`) depend on the later positions of the same span, and nothing else later.
 
         ``state`` (prefill) is ``None``, or, for a class that sets :attr:`supports_prefill`, a decoding state from
         :meth:`allocate_state`: the block then starts from it and leaves in it the state after the last
@@ -201,7 +273,7 @@ class Block(nn.Module, ABC):
     def run_step(self, x: torch.Tensor, layout: Layout, state: Any) -> torch.Tensor:
         """One position per sequence, on checked inputs: ``x (b, d_model)``, ``layout.modality (b,)`` ->
         ``(b, d_model)``, equal (to rounding) to that position's output of :meth:`run` over the whole sequence;
-        updates ``state`` in place."""
+        updates ``state`` in place. A bidirectional block decodes positions outside its spans only."""
 
     @abstractmethod
     def allocate_state(self, batch_size: int, max_length: int | None = None) -> Any:

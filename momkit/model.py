@@ -32,7 +32,8 @@ def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
     ``layers`` (one of its identical layers).
 
     The block is the spec's backbone's block class, built as ``block(config, modalities, routed, backend)``
-    with the spec's ``scan_backend`` as the backend of every kernel operation.
+    with the spec's ``scan_backend`` as the backend of every kernel operation, and ``bidirectional=`` the spec's
+    bidirectional modalities when it names some and the class supports them.
 
     Raises:
         ValueError: the spec is invalid (a pydantic ``ValidationError`` naming each bad field).
@@ -44,7 +45,9 @@ def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
     if not isinstance(spec, BlockSpec):
         raise TypeError(f"build_block takes a BlockSpec, a ModelSpec or a dict, got {type(spec).__name__}")
     backbone = get_registry().get("backbone", spec.backbone.kind)
-    block = backbone.block(spec.backbone, spec.modality_names, spec.routed, spec.scan_backend)
+    options = {"bidirectional": tuple(spec.bidirectional)} if spec.bidirectional and \
+        backbone.block.supports_bidirectional else {}
+    block = backbone.block(spec.backbone, spec.modality_names, spec.routed, spec.scan_backend, **options)
     if block.experts is not None:
         attach(block, backbone.sublayers)
     return block
@@ -254,7 +257,15 @@ class Model(nn.Module):
     def step(self, tokens: torch.Tensor, modality: torch.Tensor, state: list,
              latents: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Feed one position per sequence: ``tokens (b,)``, ``modality (b,)`` (and ``latents {name: (b, dim)}``
-        for continuous ones); returns the final-norm output ``(b, d_model)`` and advances ``state``."""
+        for continuous ones); returns the final-norm output ``(b, d_model)`` and advances ``state``. A position of
+        a bidirectional modality cannot be decoded alone (its span is seen whole): ``SpecError``."""
+        if self.spec.bidirectional:
+            ids = torch.tensor([self.spec.modality_names.index(n) for n in self.spec.bidirectional],
+                               device=modality.device)
+            if bool(torch.isin(modality, ids).any()):
+                raise SpecError(f"step was given a position of bidirectional modality "
+                                f"{', '.join(self.spec.bidirectional)}, whose span is seen whole: run the sequence "
+                                f"through forward (generate does so for sequences with bidirectional spans)")
         h = self.embed(modality, tokens, latents or {})
         for block, block_state in zip(self.blocks, state):
             h = block.step(h, modality, block_state)

@@ -153,6 +153,11 @@ class BlockSpec(StrictModel):
     backbone: SerializeAsAny[BackboneConfig] = Field(
         description="`kind` (a registered backbone), `d_model`, and that backbone's own options.")
     routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Routed and shared sublayers.")
+    bidirectional: list[str] = Field(
+        default_factory=list, description="Modalities whose spans (runs of the modality within one document: one "
+                                          "image) are seen whole: a position inside a span also sees the later "
+                                          "positions of its span (a Mamba block's backward scan, a Transformer's "
+                                          "attention within the span); all else stays causal.")
     scan_backend: str = Field("auto", description="Kernel backend of every kernel operation of the blocks: the "
                                                   "scans, the routed linear layers and the decoding updates. "
                                                   "`auto` picks, per operation, the best available for the "
@@ -204,6 +209,26 @@ class BlockSpec(StrictModel):
             value.resolve(get_registry().get("backbone", backbone.kind), cls.model_sublayers)
         return value
 
+    @field_validator("bidirectional")
+    @classmethod
+    def _bidirectional_fits(cls, value: list[str], info) -> list[str]:
+        names = [m.name for m in info.data.get("modalities", [])]
+        unknown = [name for name in value if name not in names]
+        if unknown:
+            raise SpecError(f"bidirectional names {', '.join(map(repr, unknown))}, not modalities of this spec; "
+                            f"its modalities: {', '.join(names)}")
+        if len(set(value)) != len(value):
+            raise SpecError(f"bidirectional lists a modality more than once: {value}")
+        backbone = info.data.get("backbone")
+        if value and backbone is not None:
+            block = get_registry().get("backbone", backbone.kind).block
+            if not (block.supports_bidirectional or block.position_wise):
+                able = [n for n, b in get_registry().backbones.items()
+                        if b.block.supports_bidirectional or b.block.position_wise]
+                raise SpecError(f"backbone {backbone.kind!r} does not support bidirectional spans; backbones that "
+                                f"do: {', '.join(able)}")
+        return value
+
     @field_validator("scan_backend")
     @classmethod
     def _backend_registered(cls, value: str) -> str:
@@ -222,8 +247,13 @@ class BlockSpec(StrictModel):
 
     @property
     def routed(self) -> Routed:
-        """The sublayers that hold one weight set per modality, and the learned experts (``routed.experts``)."""
-        return self.routing.resolve(get_registry().get("backbone", self.backbone.kind), self.model_sublayers)
+        """The sublayers that hold one weight set per modality, and the learned experts (``routed.experts``); a
+        causal block's leave out the sublayers of a backward direction."""
+        backbone = get_registry().get("backbone", self.backbone.kind)
+        routed = self.routing.resolve(backbone, self.model_sublayers)
+        if self.bidirectional:
+            return routed
+        return Routed(routed - set(backbone.backward_sublayers), routed.experts)
 
 
 class TrainConfig(StrictModel):
@@ -362,6 +392,15 @@ class ModelSpec(BlockSpec):
                 fits = [n for n, o in get_registry().objectives.items() if o.discrete == modality.discrete]
                 raise SpecError(f"objective {objective.kind!r} does not apply to {form} modality {name!r}; "
                                 f"objectives for {form} modalities: {', '.join(fits) or 'none'}")
+        return self
+
+    @model_validator(mode="after")
+    def _bidirectional_objectives(self) -> ModelSpec:
+        for name in self.bidirectional:
+            if self.objective(name).kind == "next_token":
+                raise SpecError(f"bidirectional modality {name!r} is trained with next_token, whose targets are the "
+                                f"later positions of its span: a position that sees them predicts nothing; valid "
+                                f"bidirectional modalities: those with a non-causal objective (diffusion)")
         return self
 
     def objective(self, name: str) -> ObjectiveConfig:

@@ -13,7 +13,9 @@ each ``check_*`` function builds float64 blocks with random parameters and rando
 - :func:`check_gradients`: autograd's gradients equal finite differences, in float64, for the input and
   every parameter;
 - :func:`check_float32`: a float32 block runs forward and backward to finite values;
-- :func:`check_rejects_bad_inputs`: bad shapes, dtypes and ids are a ``SpecError`` naming the argument.
+- :func:`check_rejects_bad_inputs`: bad shapes, dtypes and ids are a ``SpecError`` naming the argument;
+- :func:`check_bidirectional_spans`: a block built with a bidirectional modality sees each span whole and
+  nothing else later, forward and backward (for a class that sets ``supports_bidirectional``).
 
 A routed sublayer's parameters are those under the block attribute of the sublayer's name (the
 :class:`momkit.descriptors.Backbone` contract), with a leading modality dimension.
@@ -86,17 +88,20 @@ class ContractCase:
         """The blocks' ``d_model``."""
         return self.backbone["d_model"]
 
-    def block_spec(self, routing: str, n_modalities: int = 2) -> dict[str, Any]:
-        """The block spec of routing ``routing`` over the first ``n_modalities`` of :data:`MODALITIES`."""
+    def block_spec(self, routing: str, n_modalities: int = 2, bidirectional: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The block spec of routing ``routing`` over the first ``n_modalities`` of :data:`MODALITIES`, with the
+        ``bidirectional`` modalities."""
         value = self.routings[routing]
         return {"modalities": list(MODALITIES[:n_modalities]),
                 "routing": dict(value) if isinstance(value, Mapping) else {"specific": value},
-                **self.spec, "backbone": {**self.backbone, **self.options.get(routing, {})}}
+                **self.spec, "backbone": {**self.backbone, **self.options.get(routing, {})},
+                "bidirectional": list(bidirectional)}
 
-    def build(self, routing: str, generator: torch.Generator, n_modalities: int = 2, exact: bool = False) -> Block:
+    def build(self, routing: str, generator: torch.Generator, n_modalities: int = 2, exact: bool = False,
+              bidirectional: tuple[str, ...] = ()) -> Block:
         """A float64 block of ``routing`` whose every parameter is random (no two modality copies coincide); with
         ``exact``, learned experts' gates get their exact gradient (``gradient: exact``)."""
-        spec = self.block_spec(routing, n_modalities)
+        spec = self.block_spec(routing, n_modalities, bidirectional)
         if exact and spec["routing"].get("experts"):
             spec["routing"]["experts"] = {**spec["routing"]["experts"], "gradient": "exact"}
         block = build_block(spec).double()
@@ -241,10 +246,15 @@ def check_gradients(case: ContractCase, routing: str, directions: int = 3) -> No
     gen = case.generator()
     block = case.build(routing, gen, exact=True)
     x, modality = case.inputs(gen, length=7)
+    _check_gradients(block, gen, x, modality, None, directions)
+
+
+def _check_gradients(block: Block, gen: torch.Generator, x: torch.Tensor, modality: torch.Tensor,
+                     seq_idx: torch.Tensor | None, directions: int) -> None:
     weight = torch.randn(x.shape, generator=gen, dtype=x.dtype)
     x.requires_grad_(True)
     params = [x, *block.parameters()]
-    (block(x, modality) * weight).sum().backward()
+    (block(x, modality, seq_idx) * weight).sum().backward()
     grads = [p.grad for p in params]
     for _ in range(directions):
         v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
@@ -254,12 +264,70 @@ def check_gradients(case: ContractCase, routing: str, directions: int = 3) -> No
             for sign in (1, -1):
                 for p, d in zip(params, v):
                     p.add_(d, alpha=sign * 1e-6)
-                values.append(float((block(x, modality) * weight).sum()))
+                values.append(float((block(x, modality, seq_idx) * weight).sum()))
                 for p, d in zip(params, v):
                     p.sub_(d, alpha=sign * 1e-6)
         measured = (values[0] - values[1]) / 2e-6
         assert abs(measured - predicted) <= 1e-6 * max(1.0, abs(measured)), \
             f"directional derivative: autograd {predicted:.10g}, finite differences {measured:.10g}"
+
+
+SPAN_LAYOUT = ((0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0),
+               (0,) * 14 + (1,) * 9)
+"""Modality ids and documents of :func:`check_bidirectional_spans`' first row: in document 0, text, an image
+span at 3-7, text at 8-9, an image span at 10-13; document 1 opens with an image span at 14-16 that touches the
+one before it (two spans: documents differ), then text."""
+
+
+def _changed_after(block: Block, gen, x, modality, seq_idx, where: slice) -> torch.Tensor:
+    """The block's output on ``x`` with row 0's positions ``where`` redrawn."""
+    x2 = x.clone()
+    x2[0, where] = torch.randn(x2[0, where].shape, generator=gen, dtype=x.dtype)
+    return block(x2, modality, seq_idx)
+
+
+def check_bidirectional_spans(case: ContractCase, routing: str) -> None:
+    """A block built with ``bidirectional: [image]`` lets a position inside an image span depend on the later
+    positions of its span, and on nothing else later: not another span, another modality or another document;
+    packed documents equal the documents run apart; its gradients match finite differences; on a batch without
+    image positions it equals the causal block with the same weights, and decodes like its forward. Passes
+    trivially for a class without ``supports_bidirectional`` (a position-wise block is bidirectional as it is)."""
+    gen = case.generator()
+    spec = case.block_spec(routing)
+    if not build_block(spec).supports_bidirectional:
+        return
+    block = case.build(routing, gen, bidirectional=("image",))
+    length = len(SPAN_LAYOUT[0])
+    x, modality = case.inputs(gen, length=length)
+    modality[0] = torch.tensor(SPAN_LAYOUT[0])
+    seq_idx = torch.zeros_like(modality)
+    seq_idx[0] = torch.tensor(SPAN_LAYOUT[1])
+    y = block(x, modality, seq_idx)
+    inside = _changed_after(block, gen, x, modality, seq_idx, slice(7, 8))
+    assert (inside[0, 3:7] - y[0, 3:7]).abs().amin(dim=-1).min() > 0 and \
+        (inside[0, 3] - y[0, 3]).abs().max() > 1e-3, "an image position ignores a later position of its own span"
+    for where, keep, what in ((slice(7, 8), 3, "positions before the span"),
+                              (slice(8, 10), 8, "the span before later text"),
+                              (slice(10, 14), 10, "an earlier span of the same modality"),
+                              (slice(14, 23), 14, "the document before")):
+        _close(_changed_after(block, gen, x, modality, seq_idx, where)[0, :keep], y[0, :keep], case.tolerance,
+               f"{what} depend(s) on row 0's positions {where.start}-{where.stop - 1}")
+    for start, end in ((0, 14), (14, length)):
+        alone = block(x[:1, start:end], modality[:1, start:end])
+        _close(y[:1, start:end], alone, case.tolerance, f"packed document [{start}, {end}) differs from it alone")
+    grad_modality = torch.tensor([[0, 1, 1, 1, 0, 1, 1]])
+    _check_gradients(case.build(routing, gen, exact=True, bidirectional=("image",)), gen,
+                     torch.randn(1, 7, case.d_model, generator=gen, dtype=torch.float64), grad_modality,
+                     torch.tensor([[0, 0, 0, 0, 0, 1, 1]]), directions=3)
+    causal = case.build(routing, gen)
+    causal.load_state_dict({k: v for k, v in block.state_dict().items() if k in causal.state_dict()})
+    text = torch.zeros_like(modality)
+    full = block(x, text)
+    _close(full, causal(x, text), case.tolerance, "without image positions, the block differs from the causal one")
+    with torch.no_grad():
+        state = block.decoding_state(x.shape[0], length)
+        steps = torch.stack([block.step(x[:, t], text[:, t], state) for t in range(length)], dim=1)
+    _close(steps, full.detach(), case.tolerance, "decoding positions outside the spans differs from forward")
 
 
 def check_float32(case: ContractCase, routing: str) -> None:
@@ -309,7 +377,7 @@ def check_rejects_bad_inputs(case: ContractCase, routing: str) -> None:
 
 CHECKS = (check_step_matches_forward, check_causal, check_packed_documents, check_identical_copies_ignore_labels,
           check_labels_matter, check_swapped_copies_equal_swapped_labels, check_absent_modality_gets_zero_gradient,
-          check_gradients, check_float32, check_rejects_bad_inputs)
+          check_gradients, check_float32, check_rejects_bad_inputs, check_bidirectional_spans)
 """Every check, in the order :class:`BackboneContract` runs them."""
 
 
@@ -353,3 +421,6 @@ class BackboneContract:
 
     def test_rejects_bad_inputs(self):
         run_checks(self.case, [check_rejects_bad_inputs])
+
+    def test_bidirectional_spans(self):
+        run_checks(self.case, [check_bidirectional_spans])

@@ -25,6 +25,12 @@ head) also stays shared: it is the part of Mamba-1's routed ``dt_proj`` that doe
 
 A routed ``A_log`` uses the scan front door's per-modality ``A``; a routed ``dt_bias`` is added to ``dt``
 before the scan and a routed ``D`` applied after it.
+
+With bidirectional modalities (the spec's ``bidirectional``) the block adds a backward direction, as Vision
+Mamba does for Mamba-1: its own ``conv1d_b``, ``dt_bias_b``, ``A_log_b`` and ``D_b`` run over every span
+reversed in place, from the shared ``in_proj``'s ``xBC`` and ``dt`` (Mamba-2 makes ``B``, ``C`` and ``dt`` in
+``in_proj``, so the backward direction's own conv is what gives it its own ``B`` and ``C``), and its output is
+added to the forward one inside the spans before ``gate_norm``.
 """
 
 from __future__ import annotations
@@ -37,14 +43,15 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from momkit import hookimpl, ops
-from momkit.blocks import Block, Layout
+from momkit.blocks import Block, Layout, reverse_spans
 from momkit.configs import divisors
 from momkit.descriptors import Backbone
 from momkit.errors import SpecError
 from momkit.routing import CausalConv1d, GatedRMSNorm, Linear, RMSNorm, no_weight_decay
 from momkit.ssm import SSMConfig, at_least_fp32, initial_dt_bias
 
-SUBLAYERS = ("norm", "in_proj", "conv1d", "dt_bias", "A_log", "D", "gate_norm", "out_proj")
+BACKWARD = ("conv1d_b", "dt_bias_b", "A_log_b", "D_b")
+SUBLAYERS = ("norm", "in_proj", "conv1d", "dt_bias", "A_log", "D", "gate_norm", "out_proj", *BACKWARD)
 MOM = ("in_proj", "out_proj")
 
 
@@ -92,18 +99,24 @@ class Mamba2Block(Block):
     """One Mamba-2 layer whose sublayers are shared or routed as the spec says."""
 
     config: Mamba2Config
+    supports_bidirectional = True
 
-    def __init__(self, config: Mamba2Config, modalities: list[str], routed: frozenset[str], backend: str = "auto"):
-        super().__init__(config, modalities, routed, backend)
+    def __init__(self, config: Mamba2Config, modalities: list[str], routed: frozenset[str], backend: str = "auto",
+                 *, bidirectional: tuple[str, ...] = ()):
+        super().__init__(config, modalities, routed, backend, bidirectional=bidirectional)
         d, di, h, gn = config.d_model, config.d_inner, config.nheads, config.ngroups * config.d_state
         self.norm = RMSNorm(d, eps=config.norm_eps, n_modalities=self.routing("norm"))
         self.in_proj = Linear(d, 2 * di + 2 * gn + h, bias=config.bias, n_modalities=self.routing("in_proj"),
                               backend=backend)
-        self.conv1d = CausalConv1d(config.conv_dim, config.d_conv, bias=config.conv_bias,
-                                   n_modalities=self.routing("conv1d"), backend=backend)
-        self.dt_bias = no_weight_decay(nn.Parameter(initial_dt_bias(config, self._copies("dt_bias") + (h,))))
-        self.A_log = no_weight_decay(nn.Parameter(torch.empty(self._copies("A_log") + (h,)).uniform_(1, 16).log()))
-        self.D = no_weight_decay(nn.Parameter(torch.ones(self._copies("D") + (h,))))
+        for suffix in ("", "_b") if self.bidirectional else ("",):
+            setattr(self, "conv1d" + suffix, CausalConv1d(config.conv_dim, config.d_conv, bias=config.conv_bias,
+                                                          n_modalities=self.routing("conv1d" + suffix),
+                                                          backend=backend))
+            setattr(self, "dt_bias" + suffix, no_weight_decay(nn.Parameter(
+                initial_dt_bias(config, self._copies("dt_bias" + suffix) + (h,)))))
+            setattr(self, "A_log" + suffix, no_weight_decay(nn.Parameter(
+                torch.empty(self._copies("A_log" + suffix) + (h,)).uniform_(1, 16).log())))
+            setattr(self, "D" + suffix, no_weight_decay(nn.Parameter(torch.ones(self._copies("D" + suffix) + (h,)))))
         self.gate_norm = GatedRMSNorm(di, di // config.ngroups, eps=config.norm_eps,
                                       n_modalities=self.routing("gate_norm"))
         self.out_proj = Linear(di, d, bias=config.bias, n_modalities=self.routing("out_proj"), backend=backend)
@@ -124,21 +137,32 @@ class Mamba2Block(Block):
         return (xs.unflatten(-1, (cfg.nheads, cfg.headdim)), B.unflatten(-1, (cfg.ngroups, cfg.d_state)),
                 C.unflatten(-1, (cfg.ngroups, cfg.d_state)))
 
+    def _scan(self, xBC: torch.Tensor, dt: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None,
+              suffix: str = "") -> torch.Tensor:
+        """The conv and scan of one direction (``suffix`` ``""`` forward, ``"_b"`` backward) over ``xBC
+        (b, l, conv_dim)`` and ``dt (b, l, nheads)``: ``y (b, l, nheads, headdim)``."""
+        dt_bias, A_log, D = (getattr(self, name + suffix) for name in ("dt_bias", "A_log", "D"))
+        xs, B, C = self._split_xBC(F.silu(getattr(self, "conv1d" + suffix)(xBC, modality, seq_idx)))
+        routed_dt_bias, routed_D = self.routing("dt_bias" + suffix) is not None, self.routing("D" + suffix) is not None
+        if routed_dt_bias:
+            dt = dt + dt_bias[modality]
+        y = ops.ssd_scan(xs, dt, -torch.exp(at_least_fp32(A_log)), B, C, self.config.chunk_size,
+                         D=None if routed_D else at_least_fp32(D), z=None,
+                         dt_bias=None if routed_dt_bias else dt_bias, seq_idx=seq_idx, dt_softplus=True,
+                         modality=None if self.routing("A_log" + suffix) is None else modality, backend=self.backend)
+        if routed_D:
+            y = y + xs * D[modality][..., None]
+        return y
+
     def run(self, x: torch.Tensor, layout: Layout, state: Mamba2State | None = None) -> torch.Tensor:
         """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
         modality, seq_idx = layout.modality, layout.seq_idx
         z, xBC, dt = self._split_in_proj(self.in_proj(self.norm(x, modality), modality))
-        xs, B, C = self._split_xBC(F.silu(self.conv1d(xBC, modality, seq_idx)))
-        routed_dt_bias, routed_D = self.routing("dt_bias") is not None, self.routing("D") is not None
-        if routed_dt_bias:
-            dt = dt + self.dt_bias[modality]
-        A = -torch.exp(at_least_fp32(self.A_log))
-        y = ops.ssd_scan(xs, dt, A, B, C, self.config.chunk_size, D=None if routed_D else at_least_fp32(self.D),
-                         z=None, dt_bias=None if routed_dt_bias else self.dt_bias, seq_idx=seq_idx,
-                         dt_softplus=True, modality=None if self.routing("A_log") is None else modality,
-                         backend=self.backend)
-        if routed_D:
-            y = y + xs * self.D[modality][..., None]
+        y = self._scan(xBC, dt, modality, seq_idx)
+        spans = self.spans(layout)
+        if spans is not None:
+            backward = self._scan(reverse_spans(xBC, spans), reverse_spans(dt, spans), modality, spans.segments, "_b")
+            y = torch.where(spans.mask[..., None, None], y + reverse_spans(backward, spans), y)
         y = self.gate_norm(y.flatten(-2), z, modality)
         return x + self.out_proj(y, modality)
 
@@ -207,4 +231,4 @@ def momkit_backbones():
     return [Backbone(name="mamba2",
                      description="Mamba-2 SSD block; preset mom = Mixture-of-Mamba (in_proj, out_proj)",
                      config=Mamba2Config, block=Mamba2Block, sublayers=SUBLAYERS, presets={"mom": MOM},
-                     flops=flops)]
+                     flops=flops, backward_sublayers=BACKWARD, backward_flops=("conv1d", "scan"))]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from momkit import hookimpl
-from momkit.batch import Batch
+from momkit.batch import Batch, segments as segment_ids
 from momkit.descriptors import Objective
 from momkit.spec import ObjectiveConfig
 
@@ -70,15 +70,6 @@ def _alpha_bar(config: DiffusionConfig) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0)
 
 
-def _segments(modality: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-    """``(b, l)`` id of each run of one modality within one document, numbered over the whole batch."""
-    starts = torch.ones_like(modality, dtype=torch.bool)
-    starts[:, 1:] = modality[:, 1:] != modality[:, :-1]
-    if seq_idx is not None:
-        starts[:, 1:] |= seq_idx[:, 1:] != seq_idx[:, :-1]
-    return starts.flatten().cumsum(0).view_as(modality) - 1
-
-
 class Diffusion:
     """Noises one continuous modality's latents per segment, gives the model their steps, and scores the
     prediction (summed over positions of the mean squared error over latent channels)."""
@@ -92,7 +83,7 @@ class Diffusion:
         if self.name not in batch.latents:
             return batch, torch.zeros(0, self.latent_dim, device=batch.modality.device)
         clean = batch.latents[self.name]
-        segments = _segments(batch.modality, batch.seq_idx)
+        segments = segment_ids(batch.modality, batch.seq_idx)
         count = int(segments.max()) + 1
         steps = torch.randint(0, self.config.timesteps, (count,), generator=generator)
         abar = self.alpha_bar[steps].to(clean.dtype).to(clean.device)[segments][..., None]

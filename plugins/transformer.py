@@ -15,6 +15,10 @@ embeddings (RoPE) use the half-split convention: channels ``i`` and ``i + head_d
 ``i``, rotated by the angle ``position * rope_theta ** (-2 i / head_dim)``. With ``n_kv_heads < n_heads``
 (grouped-query attention) query head ``j`` reads key/value head ``j // (n_heads / n_kv_heads)``.
 
+With bidirectional modalities (the spec's ``bidirectional``) a position inside a span (a run of one such
+modality within one document: one image) also attends to the later positions of its span, as Transfusion's
+intra-image attention does; every other position stays causal.
+
 Every sublayer can be routed. The ``mot`` preset routes all of them, and in a model the final norm too, as
 in the Mixture-of-Transformers paper: every non-embedding parameter (the four attention projections, the
 feed-forward network and the norms) is modality-specific, while the self-attention over the whole
@@ -193,10 +197,11 @@ class AttentionBlock(Block):
     """One pre-norm causal self-attention layer whose sublayers are shared or routed as the spec says."""
 
     config: AttentionConfig
+    supports_bidirectional = True
 
     def __init__(self, config: AttentionConfig, modalities: list[str], routed: frozenset[str],
-                 backend: str = "auto"):
-        super().__init__(config, modalities, routed, backend)
+                 backend: str = "auto", *, bidirectional: tuple[str, ...] = ()):
+        super().__init__(config, modalities, routed, backend, bidirectional=bidirectional)
         d, e = config.d_model, config.head_dim
 
         def linear(sublayer: str, in_features: int, out_features: int) -> Linear:
@@ -229,10 +234,13 @@ class AttentionBlock(Block):
     def run(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
         """``x (b, l, d_model)`` -> ``x + attention``, ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
         modality, seq_idx = layout.modality, layout.seq_idx
-        if seq_idx is None:
+        spans = self.spans(layout)
+        if seq_idx is None and spans is None:
             positions, mask = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2]), None
         else:
-            positions, mask = document_layout(seq_idx)
+            positions, mask = document_layout(torch.zeros_like(modality) if seq_idx is None else seq_idx)
+        if spans is not None:
+            mask = mask | ((spans.ids[:, :, None] == spans.ids[:, None, :]) & spans.mask[:, :, None])[:, None]
         q, k, v = self._qkv(x, modality, positions)
         return x + self.o_proj(self._attend(q, k, v, mask, causal=mask is None), modality)
 
@@ -264,8 +272,8 @@ class TransformerBlock(AttentionBlock):
     config: TransformerConfig
 
     def __init__(self, config: TransformerConfig, modalities: list[str], routed: frozenset[str],
-                 backend: str = "auto"):
-        super().__init__(config, modalities, routed, backend)
+                 backend: str = "auto", *, bidirectional: tuple[str, ...] = ()):
+        super().__init__(config, modalities, routed, backend, bidirectional=bidirectional)
         self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, n_modalities=self.routing("ffn_norm"))
         self.ffn = SwiGLU(config.d_model, config.ffn_hidden, n_modalities=self.routing("ffn"), backend=backend)
 
