@@ -1,5 +1,5 @@
 """The ``momkit`` command line: ``validate``, ``plugins``, ``info``, ``train``, ``ablate``, ``report``,
-``convert``, ``diff``, ``import``, ``export``.
+``convert``, ``diff``, ``import``, ``export``, ``sample``.
 
 The commands that read a spec (and ``ablate``) take ``KEY=VALUE`` overrides after it: dotted field paths and
 YAML values, set before validation, so a bad key or value is reported like one in the file.
@@ -25,11 +25,13 @@ from pydantic import ValidationError
 from momkit.ablate import load_suite, report, run_suite
 from momkit.accounting import account
 from momkit.errors import SpecError
+from momkit.generation import SAMPLERS, Denoising
 from momkit.model import SPEC_FILE, build_block
 from momkit.pretrained import export, load
 from momkit.registry import KINDS, get_registry
+from momkit.sampling import sample, write
 from momkit.spec import BlockSpec, ModelSpec, flatten, load_spec
-from momkit.train import train
+from momkit.train import run_model, train
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -226,6 +228,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    model = run_model(args.dir) if (Path(args.dir) / "metrics.jsonl").is_file() else load(args.dir)
+    if args.device:
+        model.to(args.device)
+    samples = sample(model, args.prompt, per_prompt=args.per_prompt, modality=args.modality, count=args.count,
+                     temperature=args.temperature, seed=args.seed,
+                     denoising=Denoising(steps=args.steps, sampler=args.sampler, guidance=args.guidance))
+    for path in write(samples, args.out or Path(args.dir) / "samples"):
+        print(path)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     report(args.dir)
     print((Path(args.dir) / "summary.md").read_text())
@@ -316,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["transformers"], default="transformers", help="target library")
     p.add_argument("--out", required=True, help="directory to write")
     p.set_defaults(run=cmd_export)
+    p = sub.add_parser("sample", help="draw images (or another modality) after text prompts with a trained model")
+    p.add_argument("dir", help="a run directory (its model, or while it trains its last checkpoint), or a model "
+                               "directory")
+    p.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
+    p.add_argument("--per-prompt", type=_positive, default=4, help="samples of each prompt (a row of the grid)")
+    p.add_argument("--modality", help="modality to sample (default: the one the spec's dataset draws as images)")
+    p.add_argument("--count", type=_positive, help="positions of one sample (default: the decoder's image)")
+    p.add_argument("--steps", type=_positive, default=50, help="denoising steps of a continuous modality")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="diffusion sampler")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of discrete tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the sampled tokens")
+    p.add_argument("--device", help="device to sample on (cpu, cuda, cuda:N)")
+    p.add_argument("--out", help="output directory (default DIR/samples)")
+    p.set_defaults(run=cmd_sample)
     p = sub.add_parser("report", help="rebuild a suite directory's tables and plots from its run logs")
     p.add_argument("dir", help="suite directory written by momkit ablate")
     p.set_defaults(run=cmd_report)

@@ -146,6 +146,10 @@ class Dataset:
             distinct batches it has, ``batch(i)`` then being ``batch(i % num_batches)`` (epochs).
         convert: Optional ``convert(input_path, out_dir, modalities) -> Path`` turning a user's files into a
             faster format the dataset reads (``momkit convert`` calls it).
+        decoders: Optional ``decoders(config, modalities) -> {name: decoder}`` for the modalities whose items it
+            can turn back into images (``momkit sample`` draws them): ``decoder.length`` is the positions of
+            one image, ``decoder.decode(values)`` maps ``(n, length)`` tokens or ``(n, length, latent_dim)``
+            latents to ``(n, height, width, 3)`` uint8 RGB images and ``decoder.encode`` back.
     """
 
     name: str
@@ -153,6 +157,7 @@ class Dataset:
     config: type[DatasetConfig]
     build: Callable
     convert: Callable | None = None
+    decoders: Callable | None = None
 
 
 @dataclass(frozen=True)

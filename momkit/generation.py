@@ -1,8 +1,18 @@
-"""Sampling from a model, one position at a time through the blocks' step path.
+"""Sampling from a model: discrete tokens one at a time, and spans of a continuous modality by diffusion.
 
-Every prompt position is fed once (prefill through ``step``) and every sampled token once: nothing re-runs the
-prefix. Rows of a batch may have prompts of different lengths; they step in lockstep, each row feeding its
-own prompt until it ends and its samples after that.
+Without continuous spans to sample and without bidirectional modalities, generation runs through the blocks'
+step path: every prompt position is fed once (prefill through ``step``) and every sampled token once, nothing
+re-runs the prefix. Rows of a batch may have prompts of different lengths; they step in lockstep, each row
+feeding its own prompt until it ends and its samples after that.
+
+A schedule rule that asks for ``count`` positions of a continuous modality (an image after ``<image>``) makes
+them one span, denoised as a whole: its latents start as noise and the model, conditioned on the sequence so
+far, predicts them at each of ``denoising_steps`` steps of the modality's diffusion objective (DDPM or DDIM;
+classifier-free guidance mixes in the prediction for the span alone, the prefix dropped). The clean latents are
+appended and sampling continues. Such generation, and any generation from a model with bidirectional
+modalities (whose spans the step path cannot see whole), runs each row through the whole-sequence forward
+pass: each sampled token and each denoising step re-runs the row so far, so its cost grows with the square of
+the length.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from torch import nn
 
 from momkit.batch import Batch
 from momkit.errors import SpecError
+from momkit.registry import get_registry
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,14 @@ class Generation:
         tokens: ``(b, T)`` int64; row ``r`` is valid up to ``lengths[r]`` (prompt, then samples).
         modality: ``(b, T)`` int64 modality ids of the same positions.
         lengths: ``(b,)`` prompt length plus ``max_new_tokens``.
+        latents: ``{name: (b, T, latent_dim)}`` of each continuous modality of the prompt or the samples, read at
+            its positions (zero elsewhere).
     """
 
     tokens: torch.Tensor
     modality: torch.Tensor
     lengths: torch.Tensor
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +92,52 @@ class _RowSchedule:
             return self.pending
         return self.default
 
+    def take_span(self, most: int) -> int:
+        """After :meth:`next` gave the first position of a continuous run: how many positions the span has (the
+        run's, at most ``most``); the schedule moves past them."""
+        count = min(self.remaining + 1, most)
+        self.remaining -= count - 1
+        return count
+
+
+@dataclass(frozen=True)
+class Denoising:
+    """How :func:`generate` samples a span of a continuous modality.
+
+    Attributes:
+        steps: Denoising steps (1 returns the model's first prediction of the clean latents).
+        sampler: ``ddim`` (deterministic) or ``ddpm`` (ancestral, fresh noise at each step).
+        guidance: Classifier-free guidance scale ``w``: the prediction is ``u + w (c - u)`` with ``c`` the
+            prediction given the sequence so far and ``u`` that for the span alone; 1 uses ``c`` alone.
+    """
+
+    steps: int = 50
+    sampler: str = "ddim"
+    guidance: float = 1.0
+
+    def check(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise SpecError(f"denoising steps must be a positive int, got {self.steps!r}")
+        if self.sampler not in SAMPLERS:
+            raise SpecError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if not self.guidance >= 0:
+            raise SpecError(f"guidance must be >= 0 (1: no guidance), got {self.guidance!r}")
+
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def _denoiser(model: nn.Module, name: str):
+    """The objective of continuous modality ``name``, which must be able to sample (``sample``)."""
+    names = [m.name for m in model.modalities]
+    modality = model.modalities[names.index(name)]
+    config = model.spec.objective(name)
+    objective = get_registry().get("objective", config.kind).build(config, modality, names.index(name))
+    if not callable(getattr(objective, "sample", None)):
+        raise SpecError(f"cannot sample continuous modality {name!r}: its objective {config.kind!r} has no "
+                        f"sampler (sample); objectives that have one: diffusion")
+    return objective
+
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
     """``(N, vocab)`` logits -> ``(N,)`` token ids; greedy when ``temperature`` is 0."""
@@ -90,7 +150,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
-def _check_options(model: nn.Module, prompt: Batch, max_new_tokens, prompt_lengths, temperature, top_k, schedule):
+def _check_options(model: nn.Module, prompt: Batch, max_new_tokens, prompt_lengths, temperature, top_k, schedule,
+                   denoising: Denoising):
     model.check(prompt)
     batch, length = prompt.modality.shape
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -112,35 +173,39 @@ def _check_options(model: nn.Module, prompt: Batch, max_new_tokens, prompt_lengt
     for name in [r.after for r in schedule.rules] + sampled:
         if name not in names:
             raise SpecError(f"schedule names modality {name!r}; this model's modalities: {names}")
-    for name in sampled:
-        if not model.modalities[names.index(name)].discrete:
-            raise SpecError(f"cannot sample modality {name!r}: it is continuous; generation samples discrete "
-                            f"tokens only")
+    if schedule.default and not model.modalities[names.index(schedule.default)].discrete:
+        raise SpecError(f"schedule default {schedule.default!r} is continuous; the default must be a discrete "
+                        f"modality (a continuous one is sampled as a span of a rule's count)")
+    for rule in schedule.rules:
+        if not model.modalities[names.index(rule.then)].discrete:
+            _denoiser(model, rule.then)
+    denoising.check()
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_lengths: torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None, schedule: ModalitySchedule | None = None,
-             generator: torch.Generator | None = None) -> Generation:
-    """Sample ``max_new_tokens`` tokens after each prompt.
+             generator: torch.Generator | None = None, denoising: Denoising | None = None) -> Generation:
+    """Sample ``max_new_tokens`` positions after each prompt.
 
     Args:
-        model: A :class:`momkit.Model` (this module reads its ``check``, ``modalities``, ``allocate_state``,
-            ``step`` and ``heads``).
+        model: A :class:`momkit.Model`.
         prompt: ``(b, l)`` prompts; row ``r`` uses its first ``prompt_lengths[r]`` positions (the others must
             still hold valid ids; they are not read).
-        max_new_tokens: Tokens to sample per row.
+        max_new_tokens: Positions to sample per row (a continuous span counts its positions).
         prompt_lengths: ``(b,)`` prompt lengths; all ``l`` if omitted.
         temperature: Softmax temperature; 0 picks the most likely token (greedy).
         top_k: Sample among the ``top_k`` most likely tokens only.
-        schedule: Which modality each new position is of; by default that of the prompt's last position.
-        generator: Random generator of the sampling.
+        schedule: Which modality each new position is of; by default that of the prompt's last position. A
+            rule whose ``then`` is a continuous modality asks for a span of ``count`` latents.
+        generator: Random generator of the sampling (the tokens, the spans' noise).
+        denoising: How spans of continuous modalities are sampled (:class:`Denoising`).
 
     Returns:
         A :class:`Generation`.
     """
-    schedule = schedule or ModalitySchedule()
-    _check_options(model, prompt, max_new_tokens, prompt_lengths, temperature, top_k, schedule)
+    schedule, denoising = schedule or ModalitySchedule(), denoising or Denoising()
+    _check_options(model, prompt, max_new_tokens, prompt_lengths, temperature, top_k, schedule, denoising)
     batch, length = prompt.modality.shape
     device = prompt.modality.device
     lengths = (torch.full((batch,), length, device=device) if prompt_lengths is None else prompt_lengths).tolist()
@@ -150,6 +215,11 @@ def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_len
     modality[:, :length] = prompt.modality
     if prompt.tokens is not None:
         tokens[:, :length] = prompt.tokens
+    dtype = next(model.parameters()).dtype
+    latents = {m.name: torch.zeros(batch, total, m.latent_dim, dtype=dtype, device=device) for m in model.modalities
+               if not m.discrete}
+    for name, values in prompt.latents.items():
+        latents[name][:, :length] = values
 
     names = [m.name for m in model.modalities]
     rules = {(names.index(r.after), r.after_token): (names.index(r.then), r.count) for r in schedule.rules}
@@ -164,6 +234,27 @@ def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_len
             raise SpecError(f"prompt row {r} ends in continuous modality {names[row.default]!r}; give a "
                             f"schedule whose default is a discrete modality")
 
+    sequences = (tokens, modality, latents)
+    continuous = any(not model.modalities[names.index(r.then)].discrete for r in schedule.rules)
+    if continuous or model.spec.bidirectional:
+        for r in range(batch):
+            _generate_row(model, sequences, r, lengths[r], lengths[r] + max_new_tokens, rows[r],
+                          (temperature, top_k, generator), denoising)
+    else:
+        _generate_steps(model, prompt, sequences, lengths, max_new_tokens, rows, (temperature, top_k, generator))
+    out_lengths = torch.tensor([n + max_new_tokens for n in lengths], device=device)
+    past = torch.arange(total, device=device) >= out_lengths[:, None]
+    return Generation(tokens=tokens.masked_fill(past, 0), modality=modality.masked_fill(past, 0),
+                      lengths=out_lengths, latents={k: v.masked_fill(past[..., None], 0) for k, v in latents.items()})
+
+
+def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new_tokens: int,
+                    rows: list[_RowSchedule], sampling) -> None:
+    """Discrete generation of every row in lockstep through the step path, into ``sequences``."""
+    tokens, modality, _ = sequences
+    batch, length = prompt.modality.shape
+    total, device = tokens.shape[1], tokens.device
+    names = [m.name for m in model.modalities]
     state = model.allocate_state(batch, total)
     for t in range(total - 1):
         latents = {k: v[:, t] for k, v in prompt.latents.items()} if t < length else {}
@@ -171,17 +262,71 @@ def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_len
         for r in range(batch):
             if t + 1 >= lengths[r] + max_new_tokens:
                 tokens[r, t + 1], modality[r, t + 1] = tokens[r, t], modality[r, t]
-        sampling = [r for r in range(batch) if lengths[r] <= t + 1 < lengths[r] + max_new_tokens]
-        chosen = {r: rows[r].next() for r in sampling}
+        sampling_rows = [r for r in range(batch) if lengths[r] <= t + 1 < lengths[r] + max_new_tokens]
+        chosen = {r: rows[r].next() for r in sampling_rows}
         for m in sorted(set(chosen.values())):
-            group = [r for r in sampling if chosen[r] == m]
+            group = [r for r in sampling_rows if chosen[r] == m]
             index = torch.tensor(group, device=device)
-            sample = _sample(model.heads[names[m]](h[index]), temperature, top_k, generator)
+            sample = _sample(model.heads[names[m]](h[index]), *sampling)
             tokens[index, t + 1] = sample
             modality[index, t + 1] = m
             for r, token in zip(group, sample.tolist()):
                 rows[r].observe(m, token)
-    out_lengths = torch.tensor([n + max_new_tokens for n in lengths], device=device)
-    past = torch.arange(total, device=device) >= out_lengths[:, None]
-    return Generation(tokens=tokens.masked_fill(past, 0), modality=modality.masked_fill(past, 0),
-                      lengths=out_lengths)
+
+
+def _row_batch(sequences, r: int, end: int, noisy: tuple[str, int, torch.Tensor, float] | None = None) -> Batch:
+    """Row ``r``'s positions ``[0, end)`` as a batch of one; ``noisy = (name, start, latents, step)`` puts the
+    latents of a span being denoised at ``[start, end)`` with their diffusion step."""
+    tokens, modality, latents = sequences
+    values = {name: v[r:r + 1, :end].clone() for name, v in latents.items()}
+    steps = {}
+    if noisy is not None:
+        name, start, x, step = noisy
+        values[name][0, start:end] = x.to(values[name].dtype)
+        steps[name] = torch.zeros(1, end, dtype=x.dtype, device=x.device)
+        steps[name][0, start:end] = step
+    return Batch(modality=modality[r:r + 1, :end], tokens=tokens[r:r + 1, :end], latents=values, timesteps=steps)
+
+
+def _generate_row(model, sequences, r: int, start: int, end: int, row: _RowSchedule, sampling,
+                  denoising: Denoising) -> None:
+    """Generate row ``r``'s positions ``[start, end)`` through the whole-sequence forward pass, into
+    ``sequences``: a discrete token from the last position's output, a continuous span by denoising."""
+    tokens, modality, latents = sequences
+    t = start
+    while t < end:
+        m = row.next()
+        config = model.modalities[m]
+        if config.discrete:
+            hidden = model(_row_batch(sequences, r, t)).hidden[:, -1]
+            token = _sample(model.heads[config.name](hidden), *sampling)
+            tokens[r, t], modality[r, t] = token[0], m
+            row.observe(m, int(token[0]))
+            t += 1
+            continue
+        count = row.take_span(end - t)
+        modality[r, t:t + count] = m
+        latents[config.name][r, t:t + count] = _denoise(model, sequences, r, t, t + count, config,
+                                                        denoising, sampling[2])
+        t += count
+
+
+def _denoise(model, sequences, r: int, start: int, end: int, config, denoising: Denoising, generator):
+    """The clean latents of row ``r``'s span ``[start, end)`` of continuous modality ``config``."""
+    objective = _denoiser(model, config.name)
+    device = sequences[0].device
+    noise = torch.randn(end - start, config.latent_dim, generator=generator).to(device, sequences[2][config.name].dtype)
+    alone = (sequences[0][r:r + 1, start:end], sequences[1][r:r + 1, start:end],
+             {name: v[r:r + 1, start:end] for name, v in sequences[2].items()})
+
+    wide = torch.promote_types(noise.dtype, torch.float32)
+
+    def predict(x: torch.Tensor, step: float) -> torch.Tensor:
+        conditional = model(_row_batch(sequences, r, end, (config.name, start, x, step))).predictions[config.name]
+        conditional = conditional[-(end - start):].to(wide)
+        if denoising.guidance == 1:
+            return conditional
+        unconditional = model(_row_batch(alone, 0, end - start, (config.name, 0, x, step))).predictions[config.name]
+        return unconditional.to(wide) + denoising.guidance * (conditional - unconditional.to(wide))
+
+    return objective.sample(predict, noise, denoising.steps, denoising.sampler, generator)

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import yaml
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
@@ -247,6 +248,23 @@ def _load(run: RunDir, model: nn.Module, optimizer) -> dict:
         dcp.load(state, checkpoint_id=run.checkpoint_dir)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return json.loads(run.progress_file.read_text())
+
+
+def run_model(out_dir: str | Path) -> Model:
+    """The model of a run directory: the trained model of a finished run (``model/``), else the weights of its
+    last checkpoint, so an unfinished run can be sampled while it trains."""
+    run = RunDir(out_dir)
+    if run.model_dir.is_dir():
+        return load(run.model_dir)
+    if not run.spec_file.is_file() or not run.has_checkpoint:
+        raise SpecError(f"{out_dir} is not a run directory with a finished model or a checkpoint; train it first "
+                        f"(momkit train SPEC --out {out_dir})")
+    model = Model(ModelSpec.model_validate(yaml.safe_load(run.spec_file.read_text())))
+    state = {"model": get_model_state_dict(model)}
+    with _single_process_quietly():
+        dcp.load(state, checkpoint_id=run.checkpoint_dir)
+    model.load_state_dict(state["model"])
+    return model
 
 
 def _move(batch, device: torch.device):

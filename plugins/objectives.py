@@ -7,7 +7,8 @@ diffusion step, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, and the model
 positions, the noise ``eps``, the clean latents ``x_0`` or the velocity ``v = sqrt(abar_t) eps -
 sqrt(1 - abar_t) x_0`` (``prediction``), with the preceding tokens (the caption) as condition through the
 causal sequence. The step ``t`` reaches the model in ``batch.timesteps``, whose embedding the model adds to the
-noised latents' adapter output (:class:`momkit.model.TimestepEmbedding`).
+noised latents' adapter output (:class:`momkit.model.TimestepEmbedding`). ``Diffusion.sample`` runs the reverse
+process (DDPM or DDIM) for :func:`momkit.generation.generate`.
 """
 
 from __future__ import annotations
@@ -99,6 +100,42 @@ class Diffusion:
         predicted = output.predictions[self.name].float()
         loss = (predicted - target.float()).square().mean(-1).sum()
         return loss, target.shape[0]
+
+    def sample(self, predict, noise: torch.Tensor, steps: int, sampler: str = "ddim",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoise ``noise (n, latent_dim)``, the latents of one span at step ``T``, in ``steps`` steps.
+
+        ``predict(x_t, t)`` is the model's output (what :attr:`DiffusionConfig.prediction` names) for latents
+        ``x_t`` at float step ``t`` (1..T). The steps are ``round(T i / steps)`` for ``i = steps..1``. ``ddim`` is
+        deterministic (Song et al., eta 0); ``ddpm`` draws from the posterior ``q(x_s | x_t, x0)`` of each
+        pair of steps (Ho et al.), with fresh noise from ``generator``. One step returns the predicted ``x0``.
+        """
+        T = self.config.timesteps
+        schedule = sorted({max(1, round(T * i / steps)) for i in range(1, steps + 1)}, reverse=True)
+        abar = self.alpha_bar.to(noise.device)
+        x = noise.double()
+        for i, t in enumerate(schedule):
+            a_t = abar[t - 1]
+            a_s = abar[schedule[i + 1] - 1] if i + 1 < len(schedule) else torch.ones_like(a_t)
+            out = predict(x.to(noise.dtype), float(t)).double()
+            x0, eps = self._clean_and_noise(out, x, a_t)
+            if sampler == "ddim":
+                x = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+                continue
+            beta = 1 - a_t / a_s
+            mean = (a_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_s) * x) / (1 - a_t)
+            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+            x = mean + (beta * (1 - a_s) / (1 - a_t)).sqrt() * fresh
+        return x.to(noise.dtype)
+
+    def _clean_and_noise(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
+        """``(x0, eps)`` that the model's output ``out`` at latents ``x`` of signal fraction ``a`` implies."""
+        if self.config.prediction == "noise":
+            return (x - (1 - a).sqrt() * out) / a.sqrt(), out
+        if self.config.prediction == "x0":
+            return out, (x - a.sqrt() * out) / (1 - a).sqrt()
+        x0 = a.sqrt() * x - (1 - a).sqrt() * out
+        return x0, (1 - a).sqrt() * x + a.sqrt() * out
 
 
 @hookimpl

@@ -144,7 +144,7 @@ def test_generation_rejects_bad_options(gen):
     prompt = random_batch(gen, model, batch=1, length=4, modalities=1)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         model.generate(prompt, 0)
-    with pytest.raises(ValueError, match="cannot sample modality 'image_latent': it is continuous"):
+    with pytest.raises(ValueError, match="schedule default 'image_latent' is continuous"):
         model.generate(prompt, 2, schedule=ModalitySchedule(default="image_latent"))
     with pytest.raises(ValueError, match="schedule names modality 'audio'"):
         model.generate(prompt, 2, schedule=ModalitySchedule(default="audio"))

@@ -18,7 +18,8 @@ __all__ = ["convert_jsonl"]
 def momkit_datasets():
     return [
         Dataset(name="shapes", description="procedural captioned images with spoken captions (built in, no "
-                                           "download)", config=shapes.ShapesConfig, build=shapes.build),
+                                           "download)", config=shapes.ShapesConfig, build=shapes.build,
+                decoders=shapes.decoders),
         Dataset(name="jsonl", description="your own pre-tokenized documents: a JSON-lines file or its shards",
                 config=jsonl.JsonlConfig, build=jsonl.build, convert=convert_jsonl),
         Dataset(name="synthetic", description="random documents of random modalities (for tests)",

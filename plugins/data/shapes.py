@@ -312,6 +312,48 @@ def _fit_speech_codebook(config: ShapesConfig, codes: int) -> dict[str, np.ndarr
                                    keyed_seed("speech", config.seed)).numpy()}
 
 
+@dataclass(frozen=True)
+class ImageCodec:
+    """The images of one image modality as its tokens (a k-means ``codebook``) or latents (a ``pca``), and back.
+
+    Attributes:
+        image_size: Side of the images, in pixels.
+        patch_size: Side of a patch, one position.
+        codebook: ``(codes, p * p * 3)`` pixel values of each code, or ``None`` for latents.
+        pca: ``{mean, projection, scale}`` of the latents (see :func:`_fit_image_pca`), or ``None`` for tokens.
+    """
+
+    image_size: int
+    patch_size: int
+    codebook: torch.Tensor | None = None
+    pca: dict[str, np.ndarray] | None = None
+
+    @property
+    def length(self) -> int:
+        """Positions of one image."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """``(n, s, s, 3)`` uint8 images -> ``(n, length)`` int64 codes or ``(n, length, latent_dim)`` float32."""
+        values = patches(images, self.patch_size)
+        n, per_image, width = values.shape
+        if self.codebook is not None:
+            return kmeans.nearest(torch.from_numpy(values.reshape(-1, width)), self.codebook).view(n, per_image).numpy()
+        pca = self.pca
+        return ((values / 255 - pca["mean"]) @ pca["projection"] / pca["scale"]).astype(np.float32)
+
+    def decode(self, values: np.ndarray) -> np.ndarray:
+        """Codes or latents as :meth:`encode` gives them -> ``(n, s, s, 3)`` uint8 images."""
+        if self.codebook is not None:
+            pixels = self.codebook.numpy()[np.asarray(values)]
+        else:
+            pca = self.pca
+            pixels = ((np.asarray(values, dtype=np.float64) * pca["scale"]) @ pca["projection"].T + pca["mean"]) * 255
+        n, g, p = len(pixels), self.image_size // self.patch_size, self.patch_size
+        grid = np.clip(np.rint(pixels), 0, 255).astype(np.uint8).reshape(n, g, g, p, p, 3)
+        return grid.transpose(0, 1, 3, 2, 4, 5).reshape(n, self.image_size, self.image_size, 3)
+
+
 class ShapesStore:
     """The documents of one split of ``shapes``, generated when read."""
 
@@ -325,17 +367,18 @@ class ShapesStore:
         if "image" in self.ids:
             image = self.modalities[self.ids["image"]]
             if image.discrete:
-                self.image_codebook = torch.from_numpy(_cached(root, _key(config, "image-codebook", image.vocab_size),
-                                                               lambda: _fit_image_codebook(config, image.vocab_size))
-                                                       ["codebook"])
+                codebook = torch.from_numpy(_cached(root, _key(config, "image-codebook", image.vocab_size),
+                                                    lambda: _fit_image_codebook(config, image.vocab_size))["codebook"])
+                self.image_codec = ImageCodec(config.image_size, config.patch_size, codebook=codebook)
             else:
                 values = 3 * config.patch_size ** 2
                 if image.latent_dim > values:
                     raise SpecError(f"modality {image.name!r} has latent_dim {image.latent_dim}, more than the "
                                     f"{values} values of a {config.patch_size}x{config.patch_size} RGB patch; "
                                     f"use latent_dim <= {values} or a larger patch_size")
-                self.image_pca = _cached(root, _key(config, "image-pca", image.latent_dim),
-                                         lambda: _fit_image_pca(config, image.latent_dim))
+                pca = _cached(root, _key(config, "image-pca", image.latent_dim),
+                              lambda: _fit_image_pca(config, image.latent_dim))
+                self.image_codec = ImageCodec(config.image_size, config.patch_size, pca=pca)
         if "speech" in self.ids:
             codes = self.modalities[self.ids["speech"]].vocab_size
             self.speech_codebook = torch.from_numpy(_cached(root, _key(config, "speech-codebook", codes),
@@ -376,14 +419,18 @@ class ShapesStore:
     def _images(self, scenes: list[Scene]) -> list[Chunk]:
         """Each scene's image as a segment of ``tokens_per_image`` codes or latents."""
         modality_id = self.ids["image"]
-        values = patches(render(scenes, self.config.image_size), self.config.patch_size)
-        n, per_image, width = values.shape
+        encoded = self.image_codec.encode(render(scenes, self.config.image_size))
         if self.modalities[modality_id].discrete:
-            codes = kmeans.nearest(torch.from_numpy(values.reshape(-1, width)), self.image_codebook)
-            return [segment(modality_id, tokens) for tokens in codes.view(n, per_image).numpy()]
-        pca = self.image_pca
-        latents = ((values / 255 - pca["mean"]) @ pca["projection"] / pca["scale"]).astype(np.float32)
-        return [segment(modality_id, latents=v) for v in latents]
+            return [segment(modality_id, tokens) for tokens in encoded]
+        return [segment(modality_id, latents=v) for v in encoded]
+
+
+def decoders(config: ShapesConfig, modalities: Sequence[ModalityConfig]) -> dict[str, ImageCodec]:
+    """``{name: ImageCodec}`` of the modality the image stream fills, if any (what ``momkit sample`` draws)."""
+    store = ShapesStore(config, modalities, "train")
+    if "image" not in store.ids:
+        return {}
+    return {modalities[store.ids["image"]].name: store.image_codec}
 
 
 def build(config: ShapesConfig, modalities: Sequence[ModalityConfig], split: str, seq_len: int) -> PackedSource:
