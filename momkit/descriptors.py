@@ -72,8 +72,9 @@ class Backbone:
             of ``in -> out`` features counts ``2 * in * out``. Routing does not change them.
         presets: Named routings, each the tuple of sublayers it routes; ``dense`` (none) and ``all`` (every
             sublayer) exist for every backbone and need not be listed.
-        backward_sublayers: The sublayers only a bidirectional block has (its backward direction's); a causal
-            block's routing leaves them out.
+        present: Optional ``present(config, bidirectional) -> names``: the sublayers a block of these options has
+            (causal, or with ``bidirectional`` modalities), where some of ``sublayers`` exist only with some
+            options; a spec's routing leaves the others out. ``None``: every one of ``sublayers``.
         backward_flops: The parts of ``flops`` a bidirectional block runs again for its backward direction
             (``conv1d``, ``x_proj``, ``dt_proj`` and ``scan`` for Mamba); counted for the tokens of the
             bidirectional modalities.
@@ -86,7 +87,7 @@ class Backbone:
     sublayers: tuple[str, ...]
     flops: Callable
     presets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    backward_sublayers: tuple[str, ...] = ()
+    present: Callable | None = None
     backward_flops: tuple[str, ...] = ()
 
     def __post_init__(self):

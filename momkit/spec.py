@@ -247,13 +247,14 @@ class BlockSpec(StrictModel):
 
     @property
     def routed(self) -> Routed:
-        """The sublayers that hold one weight set per modality, and the learned experts (``routed.experts``); a
-        causal block's leave out the sublayers of a backward direction."""
+        """The sublayers that hold one weight set per modality, and the learned experts (``routed.experts``); of
+        those a backbone has with some options only, the ones these options have (:attr:`Backbone.present`)."""
         backbone = get_registry().get("backbone", self.backbone.kind)
         routed = self.routing.resolve(backbone, self.model_sublayers)
-        if self.bidirectional:
+        if backbone.present is None:
             return routed
-        return Routed(routed - set(backbone.backward_sublayers), routed.experts)
+        absent = set(backbone.sublayers) - set(backbone.present(self.backbone, bool(self.bidirectional)))
+        return Routed(routed - absent, routed.experts)
 
 
 class TrainConfig(StrictModel):

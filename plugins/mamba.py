@@ -37,9 +37,11 @@ from momkit.errors import SpecError
 from momkit.routing import CausalConv1d, Linear, RMSNorm, no_weight_decay
 from momkit.ssm import SSMConfig, at_least_fp32, initial_dt_bias
 
-BACKWARD = ("conv1d_b", "x_proj_b", "dt_proj_b", "A_log_b", "D_b")
-SUBLAYERS = ("norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", *BACKWARD)
+FIXED = ("dt_bias", "B", "C")
+BACKWARD = ("conv1d_b", "x_proj_b", "dt_proj_b", "A_log_b", "D_b", *(f"{name}_b" for name in FIXED))
+SUBLAYERS = ("norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", *FIXED, *BACKWARD)
 MOM = ("in_proj", "x_proj", "dt_proj", "out_proj", "x_proj_b", "dt_proj_b")
+SELECTIVE = ("dt", "B", "C")
 
 
 class MambaConfig(SSMConfig):
@@ -49,11 +51,18 @@ class MambaConfig(SSMConfig):
     dt_rank: int | Literal["auto"] = Field("auto", description="Rank of the dt projection; `auto` is "
                                                                "ceil(d_model / 16).")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the RMSNorm.")
+    selective: list[str] = Field(list(SELECTIVE), description="Which of the scan's `dt`, `B` and `C` depend on the "
+                                                              "input (made by x_proj and dt_proj); the others are "
+                                                              "learned per channel and fixed in time. `[]` is a "
+                                                              "time-invariant diagonal SSM, S4D.")
 
     @model_validator(mode="after")
     def _rank(self) -> MambaConfig:
         if isinstance(self.dt_rank, int) and self.dt_rank < 1:
             raise SpecError(f"dt_rank must be a positive int or 'auto', got {self.dt_rank}")
+        unknown = [name for name in self.selective if name not in SELECTIVE]
+        if unknown or len(set(self.selective)) != len(self.selective):
+            raise SpecError(f"selective must list distinct names among {', '.join(SELECTIVE)}, got {self.selective}")
         return self
 
     @property
@@ -87,11 +96,12 @@ class MambaBlock(Block):
             self._direction(suffix)
         self.out_proj = Linear(di, d, bias=config.bias, n_modalities=self.routing("out_proj"), backend=backend)
         for suffix in directions:
-            self._init_dt(getattr(self, "dt_proj" + suffix))
+            self._init_dt(getattr(self, "dt_proj" + suffix, None))
 
     def _direction(self, suffix: str) -> None:
         """The sublayers of one scan direction (``suffix`` ``""`` forward, ``"_b"`` backward): ``conv1d``,
-        ``x_proj``, ``dt_proj``, ``A_log`` and ``D``."""
+        ``x_proj`` (for the selective ones of ``dt``, ``B``, ``C``), ``dt_proj`` (selective ``dt``), ``A_log``,
+        ``D``, and the fixed ``dt_bias``, ``B``, ``C`` of those not selective."""
         cfg, backend = self.config, self.backend
         di, n, r = cfg.d_inner, cfg.d_state, cfg.rank
 
@@ -103,33 +113,69 @@ class MambaBlock(Block):
 
         setattr(self, "conv1d" + suffix, CausalConv1d(di, cfg.d_conv, bias=cfg.conv_bias,
                                                       n_modalities=sets("conv1d"), backend=backend))
-        setattr(self, "x_proj" + suffix, Linear(di, r + 2 * n, bias=False, n_modalities=sets("x_proj"),
-                                                backend=backend))
-        setattr(self, "dt_proj" + suffix, Linear(r, di, bias=True, n_modalities=sets("dt_proj"), backend=backend))
+        if sum(self._widths):
+            setattr(self, "x_proj" + suffix, Linear(di, sum(self._widths), bias=False, n_modalities=sets("x_proj"),
+                                                    backend=backend))
+        if "dt" in cfg.selective:
+            setattr(self, "dt_proj" + suffix, Linear(r, di, bias=True, n_modalities=sets("dt_proj"),
+                                                     backend=backend))
+        else:
+            setattr(self, "dt_bias" + suffix, no_weight_decay(nn.Parameter(
+                initial_dt_bias(cfg, copies("dt_bias") + (di,)))))
+        for name in ("B", "C"):
+            if name not in cfg.selective:
+                value = torch.ones(*copies(name), di, n) if name == "B" else torch.randn(*copies(name), di, n)
+                setattr(self, name + suffix, nn.Parameter(value))
         setattr(self, "A_log" + suffix, no_weight_decay(nn.Parameter(
             torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(*copies("A_log"), di, 1))))
         setattr(self, "D" + suffix, no_weight_decay(nn.Parameter(torch.ones(*copies("D"), di))))
 
     @torch.no_grad()
-    def _init_dt(self, dt_proj: Linear) -> None:
+    def _init_dt(self, dt_proj: Linear | None) -> None:
         """Mamba's step-size initialisation: ``softplus(dt_proj.bias)`` log-uniform in [dt_min, dt_max]."""
+        if dt_proj is None:
+            return
         bound = self.config.rank ** -0.5
         nn.init.uniform_(dt_proj.weight, -bound, bound)
         dt_proj.bias.copy_(initial_dt_bias(self.config, tuple(dt_proj.bias.shape)))
 
-    def _split(self, x_dbl: torch.Tensor):
-        return x_dbl.split([self.config.rank, self.config.d_state, self.config.d_state], dim=-1)
+    @property
+    def _widths(self) -> list[int]:
+        """Widths of x_proj's outputs: the dt projection's input, ``B``, ``C``, each 0 unless selective."""
+        cfg = self.config
+        return [width * (name in cfg.selective) for name, width in zip(SELECTIVE, (cfg.rank, cfg.d_state,
+                                                                                 cfg.d_state))]
+
+    def _scan_inputs(self, u: torch.Tensor, modality: torch.Tensor, suffix: str = ""):
+        """``dt (..., d_inner)`` and ``B``, ``C`` of the scan at positions ``u (..., d_inner)``: ``(..., n)`` both
+        selective, else ``(..., d_inner, n)`` (one per channel, as the scan's groups)."""
+        x_proj = getattr(self, "x_proj" + suffix, None)
+        parts = x_proj(u, modality).split(self._widths, dim=-1) if x_proj is not None else ()
+        made = {name: part for name, part in zip(SELECTIVE, parts) if name in self.config.selective}
+
+        def fixed(name: str) -> torch.Tensor:
+            value = getattr(self, name + suffix)
+            if self.routing(name + suffix) is not None:
+                return value[modality]
+            return value.expand(*u.shape[:-1], *value.shape)
+
+        dt = getattr(self, "dt_proj" + suffix)(made["dt"], modality) if "dt" in made else fixed("dt_bias")
+        B, C = (made.get(name) for name in ("B", "C"))
+        if B is None or C is None:
+            n = self.config.d_state
+            B, C = (fixed(name) if name not in made else made[name][..., None, :].expand(*u.shape, n)
+                    for name in ("B", "C"))
+        return dt, B, C
 
     def _scan(self, x_in: torch.Tensor, z: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None,
               suffix: str = "") -> torch.Tensor:
         """The scan of one direction over ``x_in, z (b, l, d_inner)``, gated: ``(b, l, d_inner)``."""
-        conv1d, x_proj, dt_proj = (getattr(self, name + suffix) for name in ("conv1d", "x_proj", "dt_proj"))
         A_log, D = getattr(self, "A_log" + suffix), getattr(self, "D" + suffix)
-        u = F.silu(conv1d(x_in, modality, seq_idx))
-        dt_low, B, C = self._split(x_proj(u, modality))
-        dt = dt_proj(dt_low, modality)
+        u = F.silu(getattr(self, "conv1d" + suffix)(x_in, modality, seq_idx))
+        dt, B, C = self._scan_inputs(u, modality, suffix)
+        B, C = (t.mT if t.dim() == 3 else t.permute(0, 2, 3, 1).contiguous() for t in (B, C))
         routed_D = self.routing("D" + suffix) is not None
-        y = ops.selective_scan(u.mT, dt.mT, -torch.exp(at_least_fp32(A_log)), B.mT, C.mT,
+        y = ops.selective_scan(u.mT, dt.mT, -torch.exp(at_least_fp32(A_log)), B, C,
                                D=None if routed_D else at_least_fp32(D), z=None if routed_D else z.mT,
                                delta_softplus=True, modality=None if self.routing("A_log" + suffix) is None else
                                modality, seq_idx=seq_idx, backend=self.backend).mT
@@ -159,15 +205,21 @@ class MambaBlock(Block):
                           ssm=torch.zeros(batch_size, di, self.config.d_state, dtype=dtype, device=weight.device))
 
     def run_step(self, x: torch.Tensor, layout: Layout, state: MambaState) -> torch.Tensor:
-        """Decode one position: ``x (b, d_model)``, ``layout.modality (b,)``; updates ``state`` in place."""
+        """Decode one position: ``x (b, d_model)``, ``layout.modality (b,)``; updates ``state`` in place (with
+        ``B`` and ``C`` per channel, through the heads layout of the state update, one channel per head)."""
         modality = layout.modality
         x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
         u = self.conv1d.step(x_in, state.conv, modality, activation="silu")
-        dt_low, B, C = self._split(self.x_proj(u, modality))
+        dt, B, C = self._scan_inputs(u, modality)
         routed = self.routing("A_log") is not None or self.routing("D") is not None
-        y = ops.selective_state_update(state.ssm, u, self.dt_proj(dt_low, modality), -torch.exp(
-            at_least_fp32(self.A_log)), B, C, D=at_least_fp32(self.D), z=z, dt_softplus=True,
-            modality=modality if routed else None, backend=self.backend)
+        A, D = -torch.exp(at_least_fp32(self.A_log)), at_least_fp32(self.D)
+        if B.dim() == 2:
+            y = ops.selective_state_update(state.ssm, u, dt, A, B, C, D=D, z=z, dt_softplus=True,
+                                           modality=modality if routed else None, backend=self.backend)
+        else:
+            y = ops.selective_state_update(state.ssm[:, :, None], u[..., None], dt[..., None], A[..., None, :], B, C,
+                                           D=D[..., None], z=z[..., None], dt_softplus=True,
+                                           modality=modality if routed else None, backend=self.backend)[..., 0]
         return x + self.out_proj(y, modality)
 
 
@@ -179,20 +231,42 @@ def flops(config: MambaConfig, seq_len: int) -> dict[str, float]:
     the skip, the gate and the softplus of ``dt`` add a few per channel.
     """
     d, di, n, r = config.d_model, config.d_inner, config.d_state, config.rank
+    width = sum(w for name, w in zip(SELECTIVE, (r, n, n)) if name in config.selective)
     return {
         "norm": 4.0 * d,
         "in_proj": 2.0 * d * 2 * di,
         "conv1d": 2.0 * di * config.d_conv,
-        "x_proj": 2.0 * di * (r + 2 * n),
-        "dt_proj": 2.0 * r * di,
+        "x_proj": 2.0 * di * width,
+        "dt_proj": 2.0 * r * di * ("dt" in config.selective),
         "scan": 8.0 * di * n + 8.0 * di,
         "out_proj": 2.0 * di * d,
     }
 
 
+def present(config: MambaConfig, bidirectional: bool) -> tuple[str, ...]:
+    """The sublayers of a block: ``x_proj`` if anything is selective, ``dt_proj`` or ``dt_bias``, the fixed ``B``
+    and ``C`` of those not selective; the backward direction's the same, only when bidirectional."""
+    selective = config.selective
+    names = ["norm", "in_proj", "conv1d", *(["x_proj"] if selective else []),
+             "dt_proj" if "dt" in selective else "dt_bias", *(name for name in ("B", "C") if name not in selective),
+             "A_log", "D"]
+    return (*names, "out_proj", *(f"{name}_b" for name in names[2:] if bidirectional))
+
+
+class S4DConfig(MambaConfig):
+    """Options of the ``s4d`` backbone: the ``mamba`` backbone's, with nothing selective by default."""
+
+    selective: list[str] = Field(default_factory=list, description="Which of `dt`, `B` and `C` depend on the "
+                                                                   "input; none (S4D) by default.")
+
+
 @hookimpl
 def momkit_backbones():
+    backward_flops = ("conv1d", "x_proj", "dt_proj", "scan")
     return [Backbone(name="mamba", description="Mamba-1 selective SSM block; preset mom = Mixture-of-Mamba",
                      config=MambaConfig, block=MambaBlock, sublayers=SUBLAYERS, presets={"mom": MOM},
-                     flops=flops, backward_sublayers=BACKWARD,
-                     backward_flops=("conv1d", "x_proj", "dt_proj", "scan"))]
+                     flops=flops, present=present, backward_flops=backward_flops),
+            Backbone(name="s4d", description="time-invariant diagonal SSM (S4D-Real) in the Mamba block: "
+                                             "selective: []", config=S4DConfig, block=MambaBlock,
+                     sublayers=SUBLAYERS, presets={"mom": MOM}, flops=flops, present=present,
+                     backward_flops=backward_flops)]

@@ -226,9 +226,14 @@ def flops(config: Mamba2Config, seq_len: int) -> dict[str, float]:
     }
 
 
+def present(config: Mamba2Config, bidirectional: bool) -> tuple[str, ...]:
+    """The sublayers of a block: the backward direction's only when bidirectional."""
+    return SUBLAYERS if bidirectional else tuple(s for s in SUBLAYERS if s not in BACKWARD)
+
+
 @hookimpl
 def momkit_backbones():
     return [Backbone(name="mamba2",
                      description="Mamba-2 SSD block; preset mom = Mixture-of-Mamba (in_proj, out_proj)",
                      config=Mamba2Config, block=Mamba2Block, sublayers=SUBLAYERS, presets={"mom": MOM},
-                     flops=flops, backward_sublayers=BACKWARD, backward_flops=("conv1d", "scan"))]
+                     flops=flops, present=present, backward_flops=("conv1d", "scan"))]

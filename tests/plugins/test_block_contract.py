@@ -42,6 +42,19 @@ class TestMamba(BackboneContract):
         skip=focused(MAMBA_ROUTINGS, causal=("mom", "all"), routed=("all", "D"), default=("mom",)))
 
 
+S4D_ROUTINGS = {"dense": "dense", "all": "all", "fixed": ["dt_bias", "B", "C"], "dt-only": ["x_proj", "dt_proj", "B"],
+                "BC-only": ["x_proj", "dt_bias"]}
+
+
+class TestS4D(BackboneContract):
+    case = ContractCase(
+        backbone={"kind": "s4d", "d_model": 16, "d_state": 4, "expand": 2, "dt_rank": 3}, routings=S4D_ROUTINGS,
+        options={"dt-only": {"selective": ["dt"]}, "BC-only": {"selective": ["B", "C"]}},
+        spec={"scan_backend": "reference"}, unit_scale=("A_log",),
+        skip=focused(S4D_ROUTINGS, causal=("all", "dt-only"), routed=("all", "fixed", "dt-only", "BC-only"),
+                     default=("all", "dt-only", "BC-only")))
+
+
 class TestMamba2(BackboneContract):
     case = ContractCase(
         backbone={"kind": "mamba2", "d_model": 16, "d_state": 4, "expand": 2, "headdim": 8, "chunk_size": 8},
