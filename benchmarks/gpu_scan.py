@@ -19,8 +19,11 @@ One table, a row per operation and shape; times are medians of ``triton.testing.
   1024; both on the ``triton`` backend.
 - an experts layer (``ffn`` backbone, ``w1``, ``w2``, ``w3`` with 8 experts, top 1, capacity factor 1.25, in
   training mode) against the dense ``ffn`` layer of the same active size, same shape and settings.
+- MoM layers (``mamba`` and ``mamba2``) with the image modality bidirectional (a backward scan over each span
+  of 1024 image tokens, half the tokens) against the causal MoM layer, same shape and settings.
 
-``--only`` runs some parts: ``scans``, ``routed_linear``, ``layers`` (the two layer rows), ``decode``.
+``--only`` runs some parts: ``scans``, ``routed_linear``, ``layers`` (the MoM, experts and bidirectional layer
+rows), ``decode``.
 
 Columns: forward and forward+backward (fwd+bwd: every input requiring a gradient, then
 ``torch.autograd.grad`` of the output with a fixed random output gradient); the reference backend's forward
@@ -220,6 +223,17 @@ def layer_row():
             "dense Mamba layer (this run)", *times["dense"])
 
 
+def bidirectional_rows():
+    """MoM layers bidirectional over the image spans (modality 1, half the tokens) against the causal ones."""
+    rows = []
+    for kind, options in (("mamba", {"d_state": 16}), ("mamba2", {})):
+        spec = layer_spec({"kind": kind, **options}, {"specific": "mom"})
+        times = block_times({"bidirectional": {**spec, "bidirectional": ["image"]}, "causal": spec})
+        rows.append((f"bidirectional MoM layer (`{kind}`, image spans of 1024)", "8 × 2048, d_model 1024",
+                     *times["bidirectional"], None, None, "the causal MoM layer (this run)", *times["causal"]))
+    return rows
+
+
 def experts_row():
     experts = {"sublayers": ["w1", "w2", "w3"], "n_experts": 8, "top_k": 1, "capacity_factor": 1.25}
     times = block_times({"experts": layer_spec({"kind": "ffn"}, {"specific": "dense", "experts": experts}),
@@ -302,8 +316,8 @@ PARTS = ("scans", "routed_linear", "layers", "decode")
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=PARTS, default=PARTS,
-                        help="parts to run: the scans' rows, the routed linear row, the layer rows (MoM and "
-                             "experts), the decoding notes (default: all)")
+                        help="parts to run: the scans' rows, the routed linear row, the layer rows (MoM, experts, "
+                             "bidirectional), the decoding notes (default: all)")
     parts = parser.parse_args().only
     props = torch.cuda.get_device_properties(0)
     print("# momkit GPU benchmark\n")
@@ -322,7 +336,7 @@ def main():
     if "routed_linear" in parts:
         rows.append(routed_linear_row(backends))
     if "layers" in parts:
-        rows += [layer_row(), experts_row()]
+        rows += [layer_row(), experts_row(), *bidirectional_rows()]
     if "decode" in parts:
         decode_notes(notes)
     print("| operation | shape | forward (ms) | fwd+bwd (ms) | reference fwd (ms) | fwd TB/s | peer | peer fwd (ms) "

@@ -90,10 +90,32 @@ class Spans:
                    ids=torch.where(mask, runs, -1))
 
 
+def _gather_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t (b, l, ...)`` with position ``p`` of each row taken from ``index[:, p]``; a ``(b, l, d)`` view whose
+    memory is ``(b, d, l)`` (a scan's output, transposed) is gathered in that layout, reading memory in order."""
+    if t.dim() == 3 and not t.is_contiguous() and t.mT.is_contiguous():
+        return t.mT.gather(2, index[:, None, :].expand(t.shape[0], t.shape[2], t.shape[1])).mT
+    return t.gather(1, index.reshape(*index.shape, *(1,) * (t.dim() - 2)).expand_as(t))
+
+
+class _Involution(torch.autograd.Function):
+    """:func:`_gather_positions` by a permutation that is its own inverse: its gradient is the same gather (no
+    scatter, whose atomic adds are slow on a GPU)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return _gather_positions(t, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return _gather_positions(grad, index), None
+
+
 def reverse_spans(t: torch.Tensor, spans: Spans) -> torch.Tensor:
     """``t (b, l, ...)`` with every span reversed in place (and, applied again, put back)."""
-    index = spans.reverse.reshape(*spans.reverse.shape, *(1,) * (t.dim() - 2)).expand_as(t)
-    return t.gather(1, index)
+    return _Involution.apply(t, spans.reverse)
 
 
 class Block(nn.Module, ABC):
