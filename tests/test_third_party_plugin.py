@@ -15,20 +15,28 @@ from momkit.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-PLUGIN = Path(__file__).parents[1] / "examples" / "plugins" / "momkit-sensors"
+PLUGINS = Path(__file__).parents[1] / "examples" / "plugins"
+PLUGIN = PLUGINS / "momkit-sensors"
+UMAMBA = PLUGINS / "momkit-umamba"
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """The example plugin pip-installed into a target directory put on ``sys.path``."""
+    """The example plugins pip-installed into a fresh target directory put on ``sys.path``."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(PLUGIN)], check=True)
+                    "--target", str(target), str(PLUGIN), str(UMAMBA)], check=True)
     sys.path.insert(0, str(target))
     yield target
     sys.path.remove(str(target))
-    for name in [m for m in sys.modules if m.startswith("momkit_sensors")]:
+    for name in [m for m in sys.modules if m.startswith(("momkit_sensors", "momkit_umamba"))]:
         del sys.modules[name]
+
+
+def _plugin_tests(installed, plugin: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(plugin / "tests")],
+                          env=env, capture_output=True, text=True)
 
 
 def test_plugin_registers_through_its_entry_point(installed):
@@ -38,13 +46,12 @@ def test_plugin_registers_through_its_entry_point(installed):
     assert registry.tables["backbone"]["ema"].distribution == "momkit-sensors"
 
 
-def test_plugin_backbone_passes_the_contract_suite(installed):
+@pytest.mark.parametrize("plugin", [PLUGIN, UMAMBA], ids=lambda p: p.name)
+def test_plugin_backbone_passes_the_contract_suite(installed, plugin):
     """The plugin's tests, run as its author runs them: pytest over its `tests/` folder."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN / "tests")],
-                            env=env, capture_output=True, text=True)
+    result = _plugin_tests(installed, plugin)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 passed" in result.stdout
+    assert "8 passed" in result.stdout
 
 
 def test_spec_using_the_plugin_trains(installed, tmp_path):
@@ -56,3 +63,16 @@ def test_spec_using_the_plugin_trains(installed, tmp_path):
         spec = ModelSpec.model_validate(data)
         result = train(spec, tmp_path, progress=False)
     assert result["step"] == 6 and result["loss/sensor"] > 0 and result["loss/text"] > 0
+
+
+def test_umamba_registers_and_trains_from_its_spec(installed, tmp_path):
+    with use_registry(Registry.from_entry_points()) as registry:
+        assert registry.tables["backbone"]["umamba"].distribution == "momkit-umamba"
+        data = yaml.safe_load((UMAMBA / "umamba.yaml").read_text())
+        data["data"]["cache_dir"] = str(tmp_path / "cache")
+        data["data"]["codebook_documents"] = 64
+        data["backbone"].update(d_model=16, n_layers=1, d_state=4)
+        data["train"].update(steps=4, batch_size=2, seq_len=64, eval_every=2, eval_batches=1, device="cpu")
+        spec = ModelSpec.model_validate(data)
+        result = train(spec, tmp_path / "run", progress=False)
+    assert result["step"] == 4 and result["loss/image"] > 0 and result["loss/text"] > 0
