@@ -47,3 +47,16 @@ def test_shipped_suite_validates(path):
     suite, base = load_suite(path)
     specs = variant_specs(suite, base)
     assert suite.baseline in specs and all(len(by_seed) == len(suite.seeds) for by_seed in specs.values())
+
+
+def test_the_selectivity_suite_runs(tmp_path, capsys):
+    suite = Path(__file__).parents[1] / "examples" / "suites" / "selectivity.yaml"
+    tiny = ["train.batch_size=2", "train.seq_len=64", "train.eval_every=1", "train.eval_batches=1",
+            "backbone.d_model=16", "backbone.d_state=4", "data.codebook_documents=64",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["ablate", str(suite), *tiny, "--out", str(tmp_path / "out"), "--max-steps", "2",
+                 "--device", "cpu"]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    for modality in ("text", "image", "speech"):
+        for variant in ("selective", "dt_only", "BC_only", "none"):
+            assert f"| {modality} | {variant}" in summary

@@ -2,11 +2,13 @@
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import momkit.plugins.objectives
 from momkit import Batch, ModalitySchedule, ScheduleRule, build_model
@@ -195,3 +197,19 @@ def test_the_samplers_draw_the_data_distribution_given_the_ideal_denoiser(predic
     noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     drawn = objective.sample(ideal, noise, 100, sampler, torch.Generator().manual_seed(1))
     assert abs(float(drawn.std()) / s - 1) < 0.03 and abs(float(drawn.mean())) < 0.1
+
+
+TINY = ["train.batch_size=2", "train.seq_len=64", "train.eval_every=1", "train.eval_batches=1", "backbone.d_model=16",
+        "backbone.n_layers=1", "backbone.d_state=4", "data.codebook_documents=64"]
+
+
+def test_momkit_sample_draws_from_the_transfusion_suites_bidirectional_mom_run(tmp_path, capsys):
+    suite = Path(__file__).parents[1] / "examples" / "suites" / "transfusion.yaml"
+    out = tmp_path / "suite"
+    assert main(["ablate", str(suite), *TINY, f"data.cache_dir={tmp_path / 'cache'}", "--out", str(out),
+                 "--max-steps", "2", "--device", "cpu"]) == 0
+    run = out / "runs" / "bidirectional_mom" / "seed0"
+    assert yaml.safe_load((run / "spec.yaml").read_text())["bidirectional"] == ["image_latent"]
+    assert main(["sample", str(run), "--prompt", "a large red circle at the top left.", "--per-prompt", "2",
+                 "--steps", "2"]) == 0
+    assert matplotlib.image.imread(run / "samples" / "samples.png").shape[:2] == (128, 2 * 130 - 2)
