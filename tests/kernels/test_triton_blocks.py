@@ -3,7 +3,8 @@
 A block built with ``scan_backend: triton`` runs every routed projection, its scan and its decoding step
 through the Triton kernels; a float64 copy of it runs them all on the reference backend (``auto`` passes
 over Triton for float64). Forward output, every parameter's gradient and the step-by-step decoding output
-must agree to 1e-4. Under ``TRITON_INTERPRET=1`` on the CPU, or on a CUDA GPU.
+must agree to 1e-4; a block with the image modality bidirectional (its backward scan over the reversed spans)
+is compared forward and backward. Under ``TRITON_INTERPRET=1`` on the CPU, or on a CUDA GPU.
 """
 
 import pytest
@@ -17,14 +18,16 @@ KERNELS = "momkit.kernels.triton"
 BACKBONES = {
     "mamba": {"kind": "mamba", "d_model": 16, "d_state": 4},
     "mamba2": {"kind": "mamba2", "d_model": 16, "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8},
+    "s4d": {"kind": "s4d", "d_model": 16, "d_state": 4},
 }
 
 
+@pytest.mark.parametrize("bidirectional", [[], ["image"]], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("routing", [{"specific": "mom"}, {"specific": "all"}], ids=["mom", "all"])
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_block_matches_float64_reference(kernels, gen, backbone, routing):
+def test_block_matches_float64_reference(kernels, gen, backbone, routing, bidirectional):
     spec = {"modalities": ["text", "image"], "backbone": BACKBONES[backbone], "routing": routing,
-            "scan_backend": "triton"}
+            "scan_backend": "triton", "bidirectional": bidirectional}
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     block = build_block(spec).to(DEVICE)
     wide = build_block({**spec, "scan_backend": "reference"}).to(DEVICE).double()
@@ -42,7 +45,8 @@ def test_block_matches_float64_reference(kernels, gen, backbone, routing):
 
     ref = run(wide, x)
     assert_close(run(block, x.float()), ref, torch.float32, f"{backbone} forward and backward")
-
+    if bidirectional:
+        return
     state = block.allocate_state(2)
     with torch.no_grad():
         steps = torch.stack([block.step(x[:, t].float(), modality[:, t], state) for t in range(13)], 1)
