@@ -38,8 +38,10 @@ from momkit.routing import CausalConv1d, Linear, RMSNorm, no_weight_decay
 from momkit.ssm import SSMConfig, at_least_fp32, initial_dt_bias
 
 FIXED = ("dt_bias", "B", "C")
-BACKWARD = ("conv1d_b", "x_proj_b", "dt_proj_b", "A_log_b", "D_b", *(f"{name}_b" for name in FIXED))
-SUBLAYERS = ("norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", *FIXED, *BACKWARD)
+IMAGINARY = ("A_imag", "B_imag", "C_imag")
+BACKWARD = ("conv1d_b", "x_proj_b", "dt_proj_b", "A_log_b", "D_b", *(f"{name}_b" for name in (*FIXED, *IMAGINARY)))
+SUBLAYERS = ("norm", "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", *FIXED, *IMAGINARY,
+             *BACKWARD)
 MOM = ("in_proj", "x_proj", "dt_proj", "out_proj", "x_proj_b", "dt_proj_b")
 SELECTIVE = ("dt", "B", "C")
 
@@ -55,6 +57,10 @@ class MambaConfig(SSMConfig):
                                                               "input (made by x_proj and dt_proj); the others are "
                                                               "learned per channel and fixed in time. `[]` is a "
                                                               "time-invariant diagonal SSM, S4D.")
+    a_init: str = Field("s4d_real", pattern="^(s4d_real|s4d_lin)$",
+                        description="Initialisation of A: `s4d_real`, A_n = -(n + 1) (Mamba's), or `s4d_lin`, the "
+                                    "complex A_n = -1/2 + i pi n with complex B and C (S4D-Lin; needs `selective: "
+                                    "[]`).")
 
     @model_validator(mode="after")
     def _rank(self) -> MambaConfig:
@@ -63,7 +69,15 @@ class MambaConfig(SSMConfig):
         unknown = [name for name in self.selective if name not in SELECTIVE]
         if unknown or len(set(self.selective)) != len(self.selective):
             raise SpecError(f"selective must list distinct names among {', '.join(SELECTIVE)}, got {self.selective}")
+        if self.a_init == "s4d_lin" and self.selective:
+            raise SpecError(f"a_init s4d_lin (a complex A, with complex B and C fixed in time) takes selective: [], "
+                            f"got selective {self.selective}; valid: selective [] or a_init s4d_real")
         return self
+
+    @property
+    def complex(self) -> bool:
+        """Whether the SSM is complex (S4D-Lin): its state holds a real and an imaginary part per state."""
+        return self.a_init == "s4d_lin"
 
     @property
     def rank(self) -> int:
@@ -122,12 +136,19 @@ class MambaBlock(Block):
         else:
             setattr(self, "dt_bias" + suffix, no_weight_decay(nn.Parameter(
                 initial_dt_bias(cfg, copies("dt_bias") + (di,)))))
+        scale = 0.5 ** 0.5 if cfg.complex else 1.0
         for name in ("B", "C"):
             if name not in cfg.selective:
-                value = torch.ones(*copies(name), di, n) if name == "B" else torch.randn(*copies(name), di, n)
+                value = torch.ones(*copies(name), di, n) if name == "B" else torch.randn(*copies(name), di, n) * scale
                 setattr(self, name + suffix, nn.Parameter(value))
-        setattr(self, "A_log" + suffix, no_weight_decay(nn.Parameter(
-            torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(*copies("A_log"), di, 1))))
+        states = torch.arange(n, dtype=torch.float32)
+        real = torch.full((n,), 0.5).log() if cfg.complex else torch.log(states + 1)
+        setattr(self, "A_log" + suffix, no_weight_decay(nn.Parameter(real.repeat(*copies("A_log"), di, 1))))
+        if cfg.complex:
+            setattr(self, "A_imag" + suffix, no_weight_decay(nn.Parameter(
+                (math.pi * states).repeat(*copies("A_imag"), di, 1))))
+            setattr(self, "B_imag" + suffix, nn.Parameter(torch.zeros(*copies("B_imag"), di, n)))
+            setattr(self, "C_imag" + suffix, nn.Parameter(torch.randn(*copies("C_imag"), di, n) * scale))
         setattr(self, "D" + suffix, no_weight_decay(nn.Parameter(torch.ones(*copies("D"), di))))
 
     @torch.no_grad()
@@ -152,20 +173,41 @@ class MambaBlock(Block):
         x_proj = getattr(self, "x_proj" + suffix, None)
         parts = x_proj(u, modality).split(self._widths, dim=-1) if x_proj is not None else ()
         made = {name: part for name, part in zip(SELECTIVE, parts) if name in self.config.selective}
-
-        def fixed(name: str) -> torch.Tensor:
-            value = getattr(self, name + suffix)
-            if self.routing(name + suffix) is not None:
-                return value[modality]
-            return value.expand(*u.shape[:-1], *value.shape)
-
-        dt = getattr(self, "dt_proj" + suffix)(made["dt"], modality) if "dt" in made else fixed("dt_bias")
+        dt = (getattr(self, "dt_proj" + suffix)(made["dt"], modality) if "dt" in made else
+              self._fixed("dt_bias" + suffix, modality))
         B, C = (made.get(name) for name in ("B", "C"))
         if B is None or C is None:
             n = self.config.d_state
-            B, C = (fixed(name) if name not in made else made[name][..., None, :].expand(*u.shape, n)
-                    for name in ("B", "C"))
+            B, C = (self._fixed(name + suffix, modality) if name not in made else
+                    made[name][..., None, :].expand(*u.shape, n) for name in ("B", "C"))
         return dt, B, C
+
+    def _fixed(self, name: str, modality: torch.Tensor) -> torch.Tensor:
+        """Parameter ``name`` at every position of ``modality (...)``: ``(..., *shape)``, its modality's copy where
+        routed."""
+        value = getattr(self, name)
+        if self.routing(name) is not None:
+            return value[modality]
+        return value.expand(*modality.shape, *value.shape)
+
+    def _rotated(self, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor, modality: torch.Tensor,
+                 suffix: str):
+        """The complex SSM (S4D-Lin) as a real scan of twice the state: ``B``, ``C`` ``(b, l, di, 2 n)`` and ``A``
+        ``(..., 2 n)``.
+
+        With ``h_t = exp(dt_t (a + i w)) h_{t-1} + dt_t B u_t`` and ``y_t = 2 Re(C h_t)``, the rotated state
+        ``k_t = exp(-i phi_t) h_t`` (``phi_t`` the running sum of ``dt_t w``) decays by the real ``exp(dt_t a)`` and
+        takes the input ``exp(-i phi_t) dt_t B u_t``; its real and imaginary parts are the two halves of the
+        state, and ``y_t = 2 Re(C exp(i phi_t) k_t)`` reads them with the two halves of ``C``. The phases are summed
+        in float64 and wrapped to [0, 2 pi)."""
+        imag = self._fixed("A_imag" + suffix, modality)
+        step = F.softplus(dt.double())
+        phase = torch.remainder(torch.cumsum(step[..., None] * imag.double(), dim=1), 2 * math.pi).to(B.dtype)
+        cos, sin = phase.cos(), phase.sin()
+        B_imag, C_imag = self._fixed("B_imag" + suffix, modality), self._fixed("C_imag" + suffix, modality)
+        B = torch.cat([cos * B + sin * B_imag, cos * B_imag - sin * B], dim=-1)
+        C = torch.cat([2 * (C * cos - C_imag * sin), -2 * (C * sin + C_imag * cos)], dim=-1)
+        return B, C, torch.cat([A, A], dim=-1)
 
     def _scan(self, x_in: torch.Tensor, z: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None,
               suffix: str = "") -> torch.Tensor:
@@ -173,9 +215,12 @@ class MambaBlock(Block):
         A_log, D = getattr(self, "A_log" + suffix), getattr(self, "D" + suffix)
         u = F.silu(getattr(self, "conv1d" + suffix)(x_in, modality, seq_idx))
         dt, B, C = self._scan_inputs(u, modality, suffix)
+        A = -torch.exp(at_least_fp32(A_log))
+        if self.config.complex:
+            B, C, A = self._rotated(dt, B, C, A, modality, suffix)
         B, C = (t.mT if t.dim() == 3 else t.permute(0, 2, 3, 1).contiguous() for t in (B, C))
         routed_D = self.routing("D" + suffix) is not None
-        y = ops.selective_scan(u.mT, dt.mT, -torch.exp(at_least_fp32(A_log)), B, C,
+        y = ops.selective_scan(u.mT, dt.mT, A, B, C,
                                D=None if routed_D else at_least_fp32(D), z=None if routed_D else z.mT,
                                delta_softplus=True, modality=None if self.routing("A_log" + suffix) is None else
                                modality, seq_idx=seq_idx, backend=self.backend).mT
@@ -199,10 +244,10 @@ class MambaBlock(Block):
         of a Mamba block does not grow with the sequence)."""
         weight = self.in_proj.weight
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        di = self.config.d_inner
+        di, states = self.config.d_inner, self.config.d_state * (2 if self.config.complex else 1)
         return MambaState(conv=torch.zeros(batch_size, di, self.config.d_conv, dtype=weight.dtype,
                                            device=weight.device),
-                          ssm=torch.zeros(batch_size, di, self.config.d_state, dtype=dtype, device=weight.device))
+                          ssm=torch.zeros(batch_size, di, states, dtype=dtype, device=weight.device))
 
     def run_step(self, x: torch.Tensor, layout: Layout, state: MambaState) -> torch.Tensor:
         """Decode one position: ``x (b, d_model)``, ``layout.modality (b,)``; updates ``state`` in place (with
@@ -213,7 +258,9 @@ class MambaBlock(Block):
         dt, B, C = self._scan_inputs(u, modality)
         routed = self.routing("A_log") is not None or self.routing("D") is not None
         A, D = -torch.exp(at_least_fp32(self.A_log)), at_least_fp32(self.D)
-        if B.dim() == 2:
+        if self.config.complex:
+            y = self._complex_step(u, z, dt, B, C, modality, state)
+        elif B.dim() == 2:
             y = ops.selective_state_update(state.ssm, u, dt, A, B, C, D=D, z=z, dt_softplus=True,
                                            modality=modality if routed else None, backend=self.backend)
         else:
@@ -222,16 +269,33 @@ class MambaBlock(Block):
                                            modality=modality if routed else None, backend=self.backend)[..., 0]
         return x + self.out_proj(y, modality)
 
+    def _complex_step(self, u, z, dt, B, C, modality, state: MambaState) -> torch.Tensor:
+        """One position of the complex SSM (S4D-Lin) in complex arithmetic; ``state.ssm`` holds the real then the
+        imaginary parts of ``h``."""
+        n = self.config.d_state
+        wide = state.ssm.dtype
+        h = torch.complex(state.ssm[..., :n], state.ssm[..., n:])
+        step = F.softplus(dt.to(wide))
+        A = torch.complex(-torch.exp(self._fixed("A_log", modality).to(wide)), self._fixed("A_imag", modality).to(wide))
+        B = torch.complex(B.to(wide), self._fixed("B_imag", modality).to(wide))
+        h = torch.exp(step[..., None] * A) * h + (step * u.to(wide))[..., None] * B
+        state.ssm[..., :n], state.ssm[..., n:] = h.real, h.imag
+        C = torch.complex(C.to(wide), self._fixed("C_imag", modality).to(wide))
+        y = 2 * (C * h).real.sum(-1) + u.to(wide) * self._fixed("D", modality).to(wide)
+        return (y * F.silu(z.to(wide))).to(u.dtype)
+
 
 def flops(config: MambaConfig, seq_len: int) -> dict[str, float]:
     """Forward FLOPs per token of one block (independent of ``seq_len``).
 
     The scan counts, per channel and state, the decay (a multiply and an exponential), the input
     ``dt B u`` (two multiplies), the update (a multiply-add) and the read-out ``C h`` (a multiply-add): 8;
-    the skip, the gate and the softplus of ``dt`` add a few per channel.
+    the skip, the gate and the softplus of ``dt`` add a few per channel. A complex SSM (S4D-Lin) scans twice the
+    states (its real and imaginary parts; the rotation of ``B`` and ``C`` is not counted).
     """
     d, di, n, r = config.d_model, config.d_inner, config.d_state, config.rank
     width = sum(w for name, w in zip(SELECTIVE, (r, n, n)) if name in config.selective)
+    n = 2 * n if config.complex else n
     return {
         "norm": 4.0 * d,
         "in_proj": 2.0 * d * 2 * di,
@@ -245,11 +309,12 @@ def flops(config: MambaConfig, seq_len: int) -> dict[str, float]:
 
 def present(config: MambaConfig, bidirectional: bool) -> tuple[str, ...]:
     """The sublayers of a block: ``x_proj`` if anything is selective, ``dt_proj`` or ``dt_bias``, the fixed ``B``
-    and ``C`` of those not selective; the backward direction's the same, only when bidirectional."""
+    and ``C`` of those not selective, the imaginary parts of a complex SSM; the backward direction's the same,
+    only when bidirectional."""
     selective = config.selective
     names = ["norm", "in_proj", "conv1d", *(["x_proj"] if selective else []),
              "dt_proj" if "dt" in selective else "dt_bias", *(name for name in ("B", "C") if name not in selective),
-             "A_log", "D"]
+             "A_log", "D", *(IMAGINARY if config.complex else ())]
     return (*names, "out_proj", *(f"{name}_b" for name in names[2:] if bidirectional))
 
 
@@ -266,7 +331,7 @@ def momkit_backbones():
     return [Backbone(name="mamba", description="Mamba-1 selective SSM block; preset mom = Mixture-of-Mamba",
                      config=MambaConfig, block=MambaBlock, sublayers=SUBLAYERS, presets={"mom": MOM},
                      flops=flops, present=present, backward_flops=backward_flops),
-            Backbone(name="s4d", description="time-invariant diagonal SSM (S4D-Real) in the Mamba block: "
-                                             "selective: []", config=S4DConfig, block=MambaBlock,
+            Backbone(name="s4d", description="time-invariant diagonal SSM (S4D-Real, or S4D-Lin with a_init) in the "
+                                             "Mamba block: selective: []", config=S4DConfig, block=MambaBlock,
                      sublayers=SUBLAYERS, presets={"mom": MOM}, flops=flops, present=present,
                      backward_flops=backward_flops)]

@@ -58,5 +58,5 @@ def test_the_selectivity_suite_runs(tmp_path, capsys):
                  "--device", "cpu"]) == 0
     summary = (tmp_path / "out" / "summary.md").read_text()
     for modality in ("text", "image", "speech"):
-        for variant in ("selective", "dt_only", "BC_only", "none"):
+        for variant in ("selective", "dt_only", "BC_only", "none", "none_lin"):
             assert f"| {modality} | {variant}" in summary

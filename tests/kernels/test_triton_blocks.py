@@ -19,6 +19,7 @@ BACKBONES = {
     "mamba": {"kind": "mamba", "d_model": 16, "d_state": 4},
     "mamba2": {"kind": "mamba2", "d_model": 16, "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8},
     "s4d": {"kind": "s4d", "d_model": 16, "d_state": 4},
+    "s4d-lin": {"kind": "s4d", "d_model": 16, "d_state": 4, "a_init": "s4d_lin"},
 }
 
 

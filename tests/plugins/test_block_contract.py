@@ -43,16 +43,20 @@ class TestMamba(BackboneContract):
 
 
 S4D_ROUTINGS = {"dense": "dense", "all": "all", "fixed": ["dt_bias", "B", "C"], "dt-only": ["x_proj", "dt_proj", "B"],
-                "BC-only": ["x_proj", "dt_bias"]}
+                "BC-only": ["x_proj", "dt_bias"], "lin": "dense", "lin-all": "all",
+                "lin-imag": ["A_imag", "B_imag", "C_imag", "A_log"]}
+LIN = {"a_init": "s4d_lin"}
 
 
 class TestS4D(BackboneContract):
     case = ContractCase(
         backbone={"kind": "s4d", "d_model": 16, "d_state": 4, "expand": 2, "dt_rank": 3}, routings=S4D_ROUTINGS,
-        options={"dt-only": {"selective": ["dt"]}, "BC-only": {"selective": ["B", "C"]}},
+        options={"dt-only": {"selective": ["dt"]}, "BC-only": {"selective": ["B", "C"]}, "lin": LIN, "lin-all": LIN,
+                 "lin-imag": LIN},
         spec={"scan_backend": "reference"}, unit_scale=("A_log",),
-        skip=focused(S4D_ROUTINGS, causal=("all", "dt-only"), routed=("all", "fixed", "dt-only", "BC-only"),
-                     default=("all", "dt-only", "BC-only")))
+        skip=focused(S4D_ROUTINGS, causal=("all", "dt-only", "lin"),
+                     routed=("all", "fixed", "dt-only", "BC-only", "lin-all", "lin-imag"),
+                     default=("all", "dt-only", "BC-only", "lin", "lin-imag")))
 
 
 class TestMamba2(BackboneContract):
