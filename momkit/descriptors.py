@@ -202,7 +202,9 @@ class ScanBackend:
 
     - ``"modality"``: a per-modality ``A`` with a leading ``M`` and a ``modality (b, l)`` index (both scans),
       per-modality parameters with a leading ``M`` in the state updates;
-    - ``"seq_idx"``: ``seq_idx`` for :func:`momkit.ops.selective_scan` (``ssd_scan`` always has it).
+    - ``"seq_idx"``: ``seq_idx`` for :func:`momkit.ops.selective_scan` (``ssd_scan`` always has it);
+    - ``"initial_state"``: ``initial_state`` for :func:`momkit.ops.selective_scan` (``ssd_scan``'s
+      ``initial_states`` is mamba_ssm's own).
 
     :func:`momkit.ops.routed_linear` is momkit's own (every backend that has it takes ``modality``).
 

@@ -41,7 +41,7 @@ def _available() -> bool:
 
 
 def _selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, modality,
-                    seq_idx):
+                    seq_idx, initial_state=None):
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     if return_last_state and torch.is_grad_enabled() and any(

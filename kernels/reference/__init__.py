@@ -22,7 +22,7 @@ REFERENCE = ScanBackend(
     conv_state_update=conv_state_update,
     devices=("cpu", "cuda"),
     priority=0,
-    extensions=frozenset({"modality", "seq_idx"}),
+    extensions=frozenset({"modality", "seq_idx", "initial_state"}),
 )
 
 

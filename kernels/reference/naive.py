@@ -24,12 +24,12 @@ def _keep(seq_idx: torch.Tensor | None, t: int, like: torch.Tensor) -> torch.Ten
 
 
 def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, modality=None, seq_idx=None):
+                         return_last_state=False, modality=None, seq_idx=None, initial_state=None):
     """Mamba-1 selective scan, one position at a time.
 
     ``u, delta, z: (b, d, l)``; ``A: (d, n)``, or ``(M, d, n)`` with ``modality: (b, l)``;
     ``B, C: (b, n, l)`` or ``(b, g, n, l)``; ``D, delta_bias: (d,)``; ``seq_idx: (b, l)``, the state
-    restarting from zero where it changes.
+    restarting from zero where it changes; ``initial_state: (b, d, n)``, the state before the first position.
 
     ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``, ``y_t = C_t h_t + D u_t``, ``out = y silu(z)``.
     """
@@ -44,7 +44,7 @@ def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     B = B.repeat_interleave(dim // groups, dim=1)
     C = C.repeat_interleave(dim // groups, dim=1)
     A_all = _per_position_A(A, modality)
-    h = u.new_zeros(batch, dim, A.shape[-1])
+    h = u.new_zeros(batch, dim, A.shape[-1]) if initial_state is None else initial_state
     ys = []
     for t in range(length):
         keep = _keep(seq_idx, t, u)

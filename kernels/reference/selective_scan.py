@@ -14,6 +14,7 @@ one chunk of ``T`` positions at a time:
 
 Memory is a few ``(T, b, d, n)`` blocks instead of the ``(b, d, l, n)`` states an autograd graph would keep.
 Packed documents (``seq_idx``) zero the decay where a document starts, so no state crosses the boundary.
+An initial state starts the first chunk; its gradient is the adjoint carried out of the first position.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class SelectiveScanFn(torch.autograd.Function):
     """Autograd node of the chunked selective scan; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus, chunk_length):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus, chunk_length,
+                initial_state):
         ct = torch.promote_types(u.dtype, torch.float32)
         batch, dim, length = u.shape
         raw = delta.to(ct)
@@ -157,13 +159,15 @@ class SelectiveScanFn(torch.autograd.Function):
                      Bg.to(ct).permute(3, 0, 1, 2).contiguous(), Cg.to(ct).permute(3, 0, 1, 2).contiguous(),
                      modality, _document_starts(seq_idx, ct),
                      chunk_length or _chunk_length(batch, dim, A.shape[-1]))
-        y, starts = _forward(scan, uc.new_zeros(batch, dim, A.shape[-1]))
+        y, starts = _forward(scan, uc.new_zeros(batch, dim, A.shape[-1]) if initial_state is None else
+                             initial_state.to(ct))
         y = y.permute(1, 2, 0)
         if D is not None:
             y = y + D.to(ct)[:, None] * uc
         out = y if z is None else y * F.silu(z.to(ct))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, modality, raw, y, starts)
         ctx.delta_softplus = delta_softplus
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         ctx.scan = scan
         ctx.set_materialize_grads(False)
         return out.to(u.dtype), starts[-1].clone()
@@ -183,8 +187,8 @@ class SelectiveScanFn(torch.autograd.Function):
             dz = (dout * y * sig * (1 + zc * (1 - sig))).to(z.dtype)
             dout = dout * zc * sig
         dD = None if D is None else (dout * uc).sum((0, 2)).to(D.dtype)
-        d_dt, d_du, dA, dB, dC, _ = _backward(scan, starts, dout.permute(2, 0, 1).contiguous(),
-                                              None if dlast is None else dlast.to(ct))
+        d_dt, d_du, dA, dB, dC, d_initial = _backward(scan, starts, dout.permute(2, 0, 1).contiguous(),
+                                                      None if dlast is None else dlast.to(ct))
         d_dt = (d_dt + d_du * uc.permute(2, 0, 1)).permute(1, 2, 0)
         du = (d_du * scan.dt).permute(1, 2, 0)
         if D is not None:
@@ -196,16 +200,17 @@ class SelectiveScanFn(torch.autograd.Function):
         dC = dC.permute(1, 2, 3, 0)
         if B.dim() == 3:
             dB, dC = dB[:, 0], dC[:, 0]
+        d_initial = None if ctx.initial_dtype is None else d_initial.to(ctx.initial_dtype)
         return (du.to(u.dtype), d_dt.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz,
-                d_bias, None, None, None, None)
+                d_bias, None, None, None, None, d_initial)
 
 
 def selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, modality,
-                   seq_idx=None, chunk_length=None):
+                   seq_idx=None, initial_state=None, chunk_length=None):
     """The reference backend's :func:`momkit.ops.selective_scan` (arguments already checked).
 
     ``chunk_length`` overrides the positions per chunk; the result does not depend on it.
     """
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus,
-                                      chunk_length)
+                                      chunk_length, initial_state)
     return (out, last) if return_last_state else out

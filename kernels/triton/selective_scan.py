@@ -13,13 +13,14 @@ started from the state the previous chunk left, and ``y += C_j h`` accumulates t
 states are processed side by side (independent chains of work for the scheduler to interleave). The state
 ``(b, d, n)`` passed from chunk to chunk goes through memory, in a slot per chunk boundary; so it makes the
 ``(b, d, l / CHUNK + 1, n)`` chunk-boundary states that the backward needs, the only per-position memory kept
-(without gradients, two slots used in turn). A barrier at every chunk start makes one chunk's writes visible
-to the whole program before the next reads them.
+(without gradients, two slots used in turn); the first slot holds the initial state (zero, or the one given).
+A barrier at every chunk start makes one chunk's writes visible to the whole program before the next reads
+them.
 
 Backward, per program, chunks in reverse. Each chunk's states are recomputed from the saved state at its start
 with the same scan, and the adjoint ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` runs as a reversed scan of the maps
 ``(a_{t+1}, C_t dy_t)``, started from ``g`` at the first position of the chunk after (passed in memory like the
-forward's state). From ``g`` and the states:
+forward's state); the initial state's gradient is ``a_0 g_0``. From ``g`` and the states:
 
 - ``d(delta u)_t = sum_j g_t B_{j,t}``, ``dB_{j,t} = sum_d g_t delta_t u_t``, ``dC_{j,t} = sum_d dy_t h_t``;
 - ``dA_j = sum_t delta_t x_t`` and ``d(delta_t) += sum_j A_j x_t`` with ``x_t = g_t a_t h_{t-1} =
@@ -326,7 +327,7 @@ class SelectiveScanFn(torch.autograd.Function):
     """Autograd node of the Triton selective scan; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus, tiling):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus, tiling, initial_state):
         batch, dim, length = u.shape
         state = A.shape[-1]
         u, delta = u.contiguous(), delta.contiguous()
@@ -338,11 +339,11 @@ class SelectiveScanFn(torch.autograd.Function):
         seq_idx = None if seq_idx is None else seq_idx.contiguous()
         tiling = tiling or default_tiling(dim, length, groups)
         n_chunks = triton.cdiv(length, tiling.chunk)
-        save = any(ctx.needs_input_grad[:8])
+        save = any(ctx.needs_input_grad[:8]) or ctx.needs_input_grad[12]
         n_slots = n_chunks + 1 if save else 2
         out = torch.empty_like(u)
         states = u.new_empty((batch, dim, n_slots, state), dtype=torch.float32)
-        states[:, :, 0] = 0
+        states[:, :, 0] = 0 if initial_state is None else initial_state
         grid = (groups * triton.cdiv(dim // groups, tiling.block_d), batch)
         _fwd_kernel[grid](u, delta, A.float().contiguous(), Bg, Cg, D, z, delta_bias, modality, seq_idx, out,
                           states, dim, length, state, dim // groups, n_chunks, n_slots,
@@ -353,6 +354,7 @@ class SelectiveScanFn(torch.autograd.Function):
             ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, modality, seq_idx, states)
             ctx.b_dim, ctx.n_chunks = B.dim(), n_chunks
             ctx.delta_softplus, ctx.tiling = delta_softplus, tiling
+            ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)
         return out, states[:, :, n_chunks % n_slots].clone()
 
@@ -384,13 +386,19 @@ class SelectiveScanFn(torch.autograd.Function):
                           UNROLL=min(tiling.unroll_bwd, pow2(state)), num_warps=tiling.warps_bwd)
         if ctx.b_dim == 3:
             dB, dC = dB[:, 0], dC[:, 0]
+        d_initial = None
+        if ctx.initial_dtype is not None:
+            raw = delta[:, :, 0].float() + (0 if delta_bias is None else delta_bias.float())
+            dt = torch.nn.functional.softplus(raw) if ctx.delta_softplus else raw
+            first_A = A.float() if modality is None else A.float()[modality[:, 0]]
+            d_initial = (torch.exp(dt[..., None] * first_A) * carry[:, :, ctx.n_chunks % 2]).to(ctx.initial_dtype)
         return (du, ddelta, dA.to(A.dtype), dB.to(Bg.dtype), dC.to(Cg.dtype),
                 None if D is None else dD.to(D.dtype), dz, None if delta_bias is None else d_bias.to(delta_bias.dtype),
-                None, None, None, None)
+                None, None, None, None, d_initial)
 
 
 def selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, modality,
-                   seq_idx=None, tiling: Tiling | None = None):
+                   seq_idx=None, initial_state=None, tiling: Tiling | None = None):
     """The Triton backend's :func:`momkit.ops.selective_scan` (arguments already checked).
 
     ``tiling`` overrides the tile sizes (:func:`default_tiling`); the result does not depend on it.
@@ -398,11 +406,11 @@ def selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, retur
     Raises:
         SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
     """
-    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     wide = [name for name, x in named.items() if x is not None and x.dtype == torch.float64]
     if wide:
         raise SpecError(f"the triton scan backend computes in float32 but {', '.join(wide)} is float64; "
                         f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus,
-                                      tiling)
+                                      tiling, initial_state)
     return (out, last) if return_last_state else out

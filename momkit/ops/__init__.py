@@ -39,8 +39,8 @@ def _traceable(op: str, **unsupported) -> None:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, modality=None, seq_idx=None, backend="auto"):
-    """Mamba-1 selective scan with the interface of mamba_ssm's ``selective_scan_fn``, plus two extensions.
+                   return_last_state=False, *, modality=None, seq_idx=None, initial_state=None, backend="auto"):
+    """Mamba-1 selective scan with the interface of mamba_ssm's ``selective_scan_fn``, plus three extensions.
 
     ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`` and ``out_t = (C_t h_t + D u_t) silu(z_t)``, with
     ``delta`` first shifted by ``delta_bias`` and passed through softplus when ``delta_softplus``.
@@ -59,6 +59,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         modality: ``(b, l)`` int64 modality of each position, only with a per-modality ``A``.
         seq_idx: optional ``(b, l)`` integer document index of each position for packed sequences: the state
             restarts from zero where it changes (as in :func:`ssd_scan`; mamba_ssm's selective scan lacks it).
+        initial_state: optional ``(b, d, n)`` state before the first position (the decoding state a prefill
+            starts from), differentiable; mamba_ssm's selective scan lacks it (state-spaces/mamba#175).
         backend: a registered backend name, or ``"auto"``.
 
     Returns:
@@ -66,11 +68,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         when ``return_last_state``.
     """
     if torch.compiler.is_compiling():
-        _traceable("selective_scan", return_last_state=return_last_state)
+        _traceable("selective_scan", return_last_state=return_last_state, initial_state=initial_state is not None)
         return library.selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus,
                                       backend)
     return dispatch.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                   modality, seq_idx, backend)
+                                   modality, seq_idx, backend, initial_state)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,

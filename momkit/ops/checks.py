@@ -66,7 +66,7 @@ def check_ids(modality: torch.Tensor, count: int, holder: str | None = None, nam
         raise SpecError(f"{label} holds ids in [{low}, {high}]{owner}; valid ids: {valid}")
 
 
-def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx) -> None:
+def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, initial_state=None) -> None:
     """Check the arguments of :func:`momkit.ops.selective_scan`."""
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"u must be a torch.Tensor, got {type(u).__name__}")
@@ -90,6 +90,8 @@ def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx)
         expect_tensor("delta_bias", delta_bias, {"(d,)": (dim,)}, dev)
     if seq_idx is not None:
         expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, dev, floating=False)
+    if initial_state is not None:
+        expect_tensor("initial_state", initial_state, {"(b, d, n)": (batch, dim, state)}, dev)
 
 
 def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, modality) -> None:

@@ -64,14 +64,14 @@ def _extensions(**used) -> frozenset[str]:
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, modality, seq_idx,
-                   backend):
+                   backend, initial_state=None):
     """:func:`momkit.ops.selective_scan`, checked and run on its backend."""
-    check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx)
-    impl = resolve_backend(backend, u.device, "selective_scan", _extensions(modality=modality, seq_idx=seq_idx),
-                           u.dtype)
+    check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, initial_state)
+    used = _extensions(modality=modality, seq_idx=seq_idx, initial_state=initial_state)
+    impl = resolve_backend(backend, u.device, "selective_scan", used, u.dtype)
     return impl.selective_scan(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                                delta_softplus=delta_softplus, return_last_state=return_last_state,
-                               modality=modality, seq_idx=seq_idx)
+                               modality=modality, seq_idx=seq_idx, initial_state=initial_state)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, return_final_states,

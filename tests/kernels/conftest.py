@@ -82,7 +82,7 @@ def linear_loss_grads(fn, inputs: dict, grad_inputs: tuple, gen: torch.Generator
     return {"out": out, state: end, **{f"d{k}": g for k, g in zip(leaves, grads)}}
 
 
-SELECTIVE_SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+SELECTIVE_SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 SSD_GRADS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 LOW_PRECISION = ("u", "delta", "z", "B", "C")
 """The selective scan's inputs given in the activations' dtype; ``A``, ``D`` and ``delta_bias`` stay float32."""
@@ -98,8 +98,9 @@ def random_documents(gen, batch, length):
 
 
 def selective_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None, dtype=torch.float64,
-                          D=True, z=True, bias=True, packed=False):
-    """Random float64 (or ``dtype``) arguments of ``selective_scan`` on the CPU."""
+                          D=True, z=True, bias=True, packed=False, initial=False):
+    """Random float64 (or ``dtype``) arguments of ``selective_scan`` on the CPU (with ``initial``, an initial
+    state)."""
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
@@ -118,15 +119,17 @@ def selective_inputs(gen, batch, dim, state, length, groups=None, n_modalities=N
         delta_softplus=True,
         modality=None if n_modalities is None else torch.randint(0, n_modalities, (batch, length), generator=gen),
         seq_idx=random_documents(gen, batch, length) if packed else None,
+        initial_state=randn(batch, dim, state) if initial else None,
     )
 
 
 def selective_device_inputs(gen, batch, dim, state, length, groups=None, n_modalities=None,
-                                 dtype=torch.float32, D=True, z=True, bias=True, softplus=True, packed=False):
+                                 dtype=torch.float32, D=True, z=True, bias=True, softplus=True, packed=False,
+                                 initial=False):
     """The reference tests' random inputs on ``DEVICE``: ``u, delta, z, B, C`` in ``dtype``, ``A, D, delta_bias``
     in float32; without ``softplus``, ``delta`` comes already through softplus."""
     inputs = selective_inputs(gen, batch, dim, state, length, groups, n_modalities, D=D, z=z, bias=bias,
-                                   packed=packed)
+                                   packed=packed, initial=initial)
     if not softplus:
         inputs["delta"] = F.softplus(inputs["delta"])
     inputs["delta_softplus"] = softplus

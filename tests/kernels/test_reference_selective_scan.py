@@ -29,6 +29,8 @@ CASES = [
     dict(batch=1, dim=5, state=2, length=33, n_modalities=2),
     dict(batch=2, dim=6, state=3, length=45, packed=True),
     dict(batch=2, dim=4, state=3, length=31, groups=2, n_modalities=2, packed=True),
+    dict(batch=2, dim=6, state=4, length=37, initial=True),
+    dict(batch=2, dim=4, state=3, length=31, groups=2, n_modalities=2, packed=True, initial=True),
 ]
 
 

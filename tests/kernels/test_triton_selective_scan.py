@@ -34,6 +34,8 @@ SMALL = [
     dict(batch=2, dim=6, state=4, length=41, groups=2, n_modalities=3),
     dict(batch=2, dim=6, state=3, length=45, packed=True),
     dict(batch=2, dim=4, state=3, length=31, groups=2, n_modalities=2, packed=True),
+    dict(batch=2, dim=6, state=4, length=37, initial=True),
+    dict(batch=2, dim=4, state=3, length=31, groups=2, n_modalities=2, packed=True, initial=True),
 ]
 
 
