@@ -249,6 +249,9 @@ class Block(nn.Module, ABC):
         if state is not None and not self.supports_prefill:
             raise SpecError(f"{type(self).__name__} does not take a decoding state in forward (no prefill); "
                             f"feed the positions one by one through step instead")
+        if state is not None and layout.seq_idx is not None:
+            raise SpecError("a prefill (forward with a decoding state) takes no seq_idx: each row of a decoding "
+                            "state is one document")
         if self.experts is None:
             return self.run(x, layout, state)
         if state is not None:

@@ -1,8 +1,9 @@
 """Sampling from a model: discrete tokens one at a time, and spans of a continuous modality by diffusion.
 
 Without continuous spans to sample and without bidirectional modalities, generation runs through the blocks'
-step path: every prompt position is fed once (prefill through ``step``) and every sampled token once, nothing
-re-runs the prefix. Rows of a batch may have prompts of different lengths; they step in lockstep, each row
+step path: every prompt position is fed once and every sampled token once, nothing re-runs the prefix. The
+prompt positions before the shortest prompt's last go through one forward pass with the decoding state (a
+prefill, :meth:`momkit.Model.prefill`) where every block takes one; the rest step. Rows of a batch may have prompts of different lengths; they step in lockstep, each row
 feeding its own prompt until it ends and its samples after that.
 
 A schedule rule that asks for ``count`` positions of a continuous modality (an image after ``<image>``) makes
@@ -250,13 +251,18 @@ def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_len
 
 def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new_tokens: int,
                     rows: list[_RowSchedule], sampling) -> None:
-    """Discrete generation of every row in lockstep through the step path, into ``sequences``."""
+    """Discrete generation of every row in lockstep through the step path, into ``sequences``; the positions
+    before the shortest prompt's last go through one prefill pass where every block takes one."""
     tokens, modality, _ = sequences
     batch, length = prompt.modality.shape
     total, device = tokens.shape[1], tokens.device
     names = [m.name for m in model.modalities]
     state = model.allocate_state(batch, total)
-    for t in range(total - 1):
+    start = min(lengths) - 1 if model.can_prefill else 0
+    if start > 0:
+        model.prefill(tokens[:, :start], modality[:, :start], state,
+                      {k: v[:, :start] for k, v in prompt.latents.items()})
+    for t in range(start, total - 1):
         latents = {k: v[:, t] for k, v in prompt.latents.items()} if t < length else {}
         h = model.step(tokens[:, t], modality[:, t], state, latents)
         for r in range(batch):

@@ -254,6 +254,22 @@ class Model(nn.Module):
         """Decoding state of every block for ``batch_size`` sequences."""
         return [block.decoding_state(batch_size, max_length) for block in self.blocks]
 
+    @property
+    def can_prefill(self) -> bool:
+        """Whether every block takes a decoding state in ``forward`` (see :meth:`prefill`)."""
+        return all(block.supports_prefill and block.experts is None for block in self.blocks)
+
+    def prefill(self, tokens: torch.Tensor, modality: torch.Tensor, state: list,
+                latents: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Feed ``l`` positions per sequence in one pass: ``tokens (b, l)``, ``modality (b, l)`` (and ``latents
+        {name: (b, l, dim)}``); returns the final-norm output ``(b, l, d_model)`` and advances ``state`` as ``l``
+        calls of :meth:`step` would. ``SpecError`` where a block takes no state in forward (:attr:`can_prefill`)."""
+        h = self.embed(modality, tokens, latents or {})
+        layout = Layout(modality)
+        for block, block_state in zip(self.blocks, state):
+            h = block(h, layout, state=block_state)
+        return self.final_norm(h, modality)
+
     def step(self, tokens: torch.Tensor, modality: torch.Tensor, state: list,
              latents: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Feed one position per sequence: ``tokens (b,)``, ``modality (b,)`` (and ``latents {name: (b, dim)}``

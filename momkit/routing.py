@@ -171,6 +171,15 @@ class CausalConv1d(nn.Module):
             y = y + term
         return y
 
+    def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` over ``x (b, l, d)`` after the inputs held in ``conv_state (b, d, k)`` (the last ``k``
+        inputs, oldest first, as :meth:`step` keeps them), which then holds the last ``k`` inputs of ``x``'s."""
+        k = self.kernel_size
+        joined = torch.cat([conv_state[..., 1:].mT.to(x.dtype), x], dim=1)
+        y = self.forward(joined, torch.cat([modality[:, :1].expand(-1, k - 1), modality], dim=1))[:, k - 1:]
+        conv_state.copy_(joined[:, -k:].mT)
+        return y
+
     def step(self, x: torch.Tensor, conv_state: torch.Tensor, modality: torch.Tensor,
              activation: str | None = None) -> torch.Tensor:
         """Decode one position: append ``x (b, d)`` to ``conv_state (b, d, k)`` (the last ``k`` inputs, oldest

@@ -5,6 +5,8 @@ each ``check_*`` function builds float64 blocks with random parameters and rando
 ``AssertionError`` where the block breaks a promise of :class:`momkit.Block`:
 
 - :func:`check_step_matches_forward`: decoding position by position equals the whole-sequence forward;
+- :func:`check_prefill_matches_forward`: for a class that sets ``supports_prefill``, a prefill, steps and a
+  second prefill from one decoding state equal the whole-sequence forward;
 - :func:`check_causal`: no output depends on a later position;
 - :func:`check_packed_documents`: packed documents (``seq_idx``) equal the documents run apart;
 - :func:`check_identical_copies_ignore_labels`, :func:`check_labels_matter`,
@@ -144,6 +146,26 @@ def check_step_matches_forward(case: ContractCase, routing: str) -> None:
         state = block.decoding_state(x.shape[0], x.shape[1])
         steps = torch.stack([block.step(x[:, t], modality[:, t], state) for t in range(x.shape[1])], dim=1)
     _close(steps, full.detach(), case.tolerance, "step-by-step outputs differ from forward")
+
+
+def check_prefill_matches_forward(case: ContractCase, routing: str) -> None:
+    """For a class with ``supports_prefill`` (and no learned experts): the first third of the positions through
+    ``forward`` with a decoding state, the next ones through ``step``, the rest through ``forward`` with the same
+    state again, give the whole-sequence ``forward``'s outputs."""
+    gen = case.generator()
+    block = case.build(routing, gen)
+    if not block.supports_prefill or block.experts is not None:
+        return
+    x, modality = case.inputs(gen)
+    full = block(x, modality)
+    first, second = case.length // 3, 2 * case.length // 3
+    with torch.no_grad():
+        state = block.decoding_state(x.shape[0], x.shape[1])
+        parts = [block(x[:, :first], modality[:, :first], state=state)]
+        parts += [block.step(x[:, t], modality[:, t], state)[:, None] for t in range(first, second)]
+        parts.append(block(x[:, second:], modality[:, second:], state=state))
+    _close(torch.cat(parts, dim=1), full.detach(), case.tolerance,
+           "prefill, steps and prefill again differ from forward")
 
 
 def check_causal(case: ContractCase, routing: str) -> None:
@@ -375,7 +397,7 @@ def check_rejects_bad_inputs(case: ContractCase, routing: str) -> None:
             "step with a wrong modality shape")
 
 
-CHECKS = (check_step_matches_forward, check_causal, check_packed_documents, check_identical_copies_ignore_labels,
+CHECKS = (check_step_matches_forward, check_prefill_matches_forward, check_causal, check_packed_documents, check_identical_copies_ignore_labels,
           check_labels_matter, check_swapped_copies_equal_swapped_labels, check_absent_modality_gets_zero_gradient,
           check_gradients, check_float32, check_rejects_bad_inputs, check_bidirectional_spans)
 """Every check, in the order :class:`BackboneContract` runs them."""
@@ -401,7 +423,7 @@ class BackboneContract:
     case: ContractCase
 
     def test_step_matches_forward(self):
-        run_checks(self.case, [check_step_matches_forward])
+        run_checks(self.case, [check_step_matches_forward, check_prefill_matches_forward])
 
     def test_causal(self):
         run_checks(self.case, [check_causal])

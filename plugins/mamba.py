@@ -98,6 +98,7 @@ class MambaBlock(Block):
 
     config: MambaConfig
     supports_bidirectional = True
+    supports_prefill = True
 
     def __init__(self, config: MambaConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto", *,
                  bidirectional: tuple[str, ...] = ()):
@@ -192,14 +193,15 @@ class MambaBlock(Block):
 
     def _rotated(self, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor, modality: torch.Tensor,
                  suffix: str):
-        """The complex SSM (S4D-Lin) as a real scan of twice the state: ``B``, ``C`` ``(b, l, di, 2 n)`` and ``A``
-        ``(..., 2 n)``.
+        """The complex SSM (S4D-Lin) as a real scan of twice the state: ``B``, ``C`` ``(b, l, di, 2 n)``, ``A``
+        ``(..., 2 n)``, and the phases ``(b, l, di, n)``.
 
         With ``h_t = exp(dt_t (a + i w)) h_{t-1} + dt_t B u_t`` and ``y_t = 2 Re(C h_t)``, the rotated state
         ``k_t = exp(-i phi_t) h_t`` (``phi_t`` the running sum of ``dt_t w``) decays by the real ``exp(dt_t a)`` and
         takes the input ``exp(-i phi_t) dt_t B u_t``; its real and imaginary parts are the two halves of the
         state, and ``y_t = 2 Re(C exp(i phi_t) k_t)`` reads them with the two halves of ``C``. The phases are summed
-        in float64 and wrapped to [0, 2 pi)."""
+        in float64 and wrapped to [0, 2 pi); they start from 0, so a decoding state ``h`` before the first position
+        is ``k`` as it is."""
         imag = self._fixed("A_imag" + suffix, modality)
         step = F.softplus(dt.double())
         phase = torch.remainder(torch.cumsum(step[..., None] * imag.double(), dim=1), 2 * math.pi).to(B.dtype)
@@ -207,32 +209,40 @@ class MambaBlock(Block):
         B_imag, C_imag = self._fixed("B_imag" + suffix, modality), self._fixed("C_imag" + suffix, modality)
         B = torch.cat([cos * B + sin * B_imag, cos * B_imag - sin * B], dim=-1)
         C = torch.cat([2 * (C * cos - C_imag * sin), -2 * (C * sin + C_imag * cos)], dim=-1)
-        return B, C, torch.cat([A, A], dim=-1)
+        return B, C, torch.cat([A, A], dim=-1), phase
 
     def _scan(self, x_in: torch.Tensor, z: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None,
-              suffix: str = "") -> torch.Tensor:
-        """The scan of one direction over ``x_in, z (b, l, d_inner)``, gated: ``(b, l, d_inner)``."""
+              suffix: str = "", state: MambaState | None = None) -> torch.Tensor:
+        """The scan of one direction over ``x_in, z (b, l, d_inner)``, gated: ``(b, l, d_inner)``; from ``state``
+        (prefill), which it leaves at the last position."""
         A_log, D = getattr(self, "A_log" + suffix), getattr(self, "D" + suffix)
-        u = F.silu(getattr(self, "conv1d" + suffix)(x_in, modality, seq_idx))
+        conv1d = getattr(self, "conv1d" + suffix)
+        u = F.silu(conv1d(x_in, modality, seq_idx) if state is None else conv1d.prefill(x_in, state.conv, modality))
         dt, B, C = self._scan_inputs(u, modality, suffix)
         A = -torch.exp(at_least_fp32(A_log))
         if self.config.complex:
-            B, C, A = self._rotated(dt, B, C, A, modality, suffix)
+            B, C, A, phase = self._rotated(dt, B, C, A, modality, suffix)
         B, C = (t.mT if t.dim() == 3 else t.permute(0, 2, 3, 1).contiguous() for t in (B, C))
         routed_D = self.routing("D" + suffix) is not None
-        y = ops.selective_scan(u.mT, dt.mT, A, B, C,
-                               D=None if routed_D else at_least_fp32(D), z=None if routed_D else z.mT,
-                               delta_softplus=True, modality=None if self.routing("A_log" + suffix) is None else
-                               modality, seq_idx=seq_idx, backend=self.backend).mT
+        y = ops.selective_scan(u.mT, dt.mT, A, B, C, D=None if routed_D else at_least_fp32(D),
+                               z=None if routed_D else z.mT, delta_softplus=True, return_last_state=state is not None,
+                               modality=None if self.routing("A_log" + suffix) is None else modality,
+                               seq_idx=seq_idx, initial_state=None if state is None else state.ssm,
+                               backend=self.backend)
+        if state is not None:
+            y, last = y
+            state.ssm.copy_(last if not self.config.complex else _unrotated(last, phase[:, -1]))
+        y = y.mT
         if routed_D:
             y = (y + u * D[modality]) * F.silu(z)
         return y
 
     def run(self, x: torch.Tensor, layout: Layout, state: MambaState | None = None) -> torch.Tensor:
-        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run` (a ``state`` is prefilled:
+        the conv starts from its inputs and the scan from its state)."""
         modality, seq_idx = layout.modality, layout.seq_idx
         x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
-        y = self._scan(x_in, z, modality, seq_idx)
+        y = self._scan(x_in, z, modality, seq_idx, state=state)
         spans = self.spans(layout)
         if spans is not None:
             backward = self._scan(reverse_spans(x_in, spans), reverse_spans(z, spans), modality, spans.segments, "_b")
@@ -283,6 +293,15 @@ class MambaBlock(Block):
         C = torch.complex(C.to(wide), self._fixed("C_imag", modality).to(wide))
         y = 2 * (C * h).real.sum(-1) + u.to(wide) * self._fixed("D", modality).to(wide)
         return (y * F.silu(z.to(wide))).to(u.dtype)
+
+
+def _unrotated(k: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """The complex state ``h = exp(i phase) k`` (real then imaginary halves) of a rotated state ``k (b, di, 2 n)``
+    at phases ``phase (b, di, n)``."""
+    n = phase.shape[-1]
+    cos, sin = phase.cos().to(k.dtype), phase.sin().to(k.dtype)
+    real, imag = k[..., :n], k[..., n:]
+    return torch.cat([cos * real - sin * imag, sin * real + cos * imag], dim=-1)
 
 
 def flops(config: MambaConfig, seq_len: int) -> dict[str, float]:

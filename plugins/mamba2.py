@@ -100,6 +100,7 @@ class Mamba2Block(Block):
 
     config: Mamba2Config
     supports_bidirectional = True
+    supports_prefill = True
 
     def __init__(self, config: Mamba2Config, modalities: list[str], routed: frozenset[str], backend: str = "auto",
                  *, bidirectional: tuple[str, ...] = ()):
@@ -138,18 +139,26 @@ class Mamba2Block(Block):
                 C.unflatten(-1, (cfg.ngroups, cfg.d_state)))
 
     def _scan(self, xBC: torch.Tensor, dt: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None,
-              suffix: str = "") -> torch.Tensor:
+              suffix: str = "", state: Mamba2State | None = None) -> torch.Tensor:
         """The conv and scan of one direction (``suffix`` ``""`` forward, ``"_b"`` backward) over ``xBC
-        (b, l, conv_dim)`` and ``dt (b, l, nheads)``: ``y (b, l, nheads, headdim)``."""
+        (b, l, conv_dim)`` and ``dt (b, l, nheads)``: ``y (b, l, nheads, headdim)``; from ``state`` (prefill),
+        which it leaves at the last position."""
         dt_bias, A_log, D = (getattr(self, name + suffix) for name in ("dt_bias", "A_log", "D"))
-        xs, B, C = self._split_xBC(F.silu(getattr(self, "conv1d" + suffix)(xBC, modality, seq_idx)))
+        conv1d = getattr(self, "conv1d" + suffix)
+        xs, B, C = self._split_xBC(F.silu(conv1d(xBC, modality, seq_idx) if state is None else
+                                          conv1d.prefill(xBC, state.conv, modality)))
         routed_dt_bias, routed_D = self.routing("dt_bias" + suffix) is not None, self.routing("D" + suffix) is not None
         if routed_dt_bias:
             dt = dt + dt_bias[modality]
         y = ops.ssd_scan(xs, dt, -torch.exp(at_least_fp32(A_log)), B, C, self.config.chunk_size,
                          D=None if routed_D else at_least_fp32(D), z=None,
-                         dt_bias=None if routed_dt_bias else dt_bias, seq_idx=seq_idx, dt_softplus=True,
+                         dt_bias=None if routed_dt_bias else dt_bias,
+                         initial_states=None if state is None else state.ssm, seq_idx=seq_idx, dt_softplus=True,
+                         return_final_states=state is not None,
                          modality=None if self.routing("A_log" + suffix) is None else modality, backend=self.backend)
+        if state is not None:
+            y, final = y
+            state.ssm.copy_(final)
         if routed_D:
             y = y + xs * D[modality][..., None]
         return y
@@ -158,7 +167,7 @@ class Mamba2Block(Block):
         """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
         modality, seq_idx = layout.modality, layout.seq_idx
         z, xBC, dt = self._split_in_proj(self.in_proj(self.norm(x, modality), modality))
-        y = self._scan(xBC, dt, modality, seq_idx)
+        y = self._scan(xBC, dt, modality, seq_idx, state=state)
         spans = self.spans(layout)
         if spans is not None:
             backward = self._scan(reverse_spans(xBC, spans), reverse_spans(dt, spans), modality, spans.segments, "_b")

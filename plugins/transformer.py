@@ -131,14 +131,14 @@ class TransformerState:
     length: int = 0  # positions fed so far, the same for every row; the position of the next one
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v (b, n_kv_heads, 1, head_dim)`` at position ``length``; return the keys and values of
+        """Write ``k, v (b, n_kv_heads, s, head_dim)`` at positions ``length`` on; return the keys and values of
         every position fed, ``(b, n_kv_heads, length, head_dim)`` each (views into the cache)."""
-        if self.length == self.keys.shape[2]:
+        while self.length + k.shape[2] > self.keys.shape[2]:
             self.keys = torch.cat([self.keys, torch.zeros_like(self.keys)], dim=2)
             self.values = torch.cat([self.values, torch.zeros_like(self.values)], dim=2)
-        self.keys[:, :, self.length] = k[:, :, 0]
-        self.values[:, :, self.length] = v[:, :, 0]
-        self.length += 1
+        self.keys[:, :, self.length:self.length + k.shape[2]] = k
+        self.values[:, :, self.length:self.length + k.shape[2]] = v
+        self.length += k.shape[2]
         return self.keys[:, :, :self.length], self.values[:, :, :self.length]
 
 
@@ -198,6 +198,7 @@ class AttentionBlock(Block):
 
     config: AttentionConfig
     supports_bidirectional = True
+    supports_prefill = True
 
     def __init__(self, config: AttentionConfig, modalities: list[str], routed: frozenset[str],
                  backend: str = "auto", *, bidirectional: tuple[str, ...] = ()):
@@ -232,7 +233,10 @@ class AttentionBlock(Block):
         return o.transpose(1, 2).flatten(2)
 
     def run(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
-        """``x (b, l, d_model)`` -> ``x + attention``, ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        """``x (b, l, d_model)`` -> ``x + attention``, ``(b, l, d_model)``; see :meth:`momkit.Block.run` (a
+        ``state`` is prefilled: the positions attend to its cache too, and their keys and values join it)."""
+        if state is not None:
+            return x + self._prefill(x, layout, state)
         modality, seq_idx = layout.modality, layout.seq_idx
         spans = self.spans(layout)
         if seq_idx is None and spans is None:
@@ -243,6 +247,21 @@ class AttentionBlock(Block):
             mask = mask | ((spans.ids[:, :, None] == spans.ids[:, None, :]) & spans.mask[:, :, None])[:, None]
         q, k, v = self._qkv(x, modality, positions)
         return x + self.o_proj(self._attend(q, k, v, mask, causal=mask is None), modality)
+
+    def _prefill(self, x: torch.Tensor, layout: Layout, state: TransformerState) -> torch.Tensor:
+        """The attention output of positions ``x (b, l, d_model)`` after those in ``state``'s cache, which they
+        join."""
+        modality, length = layout.modality, x.shape[1]
+        index = torch.arange(length, device=x.device)
+        q, k, v = self._qkv(x, modality, (state.length + index).expand(x.shape[:2]))
+        cached = state.length
+        keys, values = state.append(k, v)
+        mask = torch.ones(x.shape[0], 1, length, cached + length, dtype=torch.bool, device=x.device)
+        mask[..., cached:] = index[:, None] >= index[None, :]
+        spans = self.spans(layout)
+        if spans is not None:
+            mask[..., cached:] |= ((spans.ids[:, :, None] == spans.ids[:, None, :]) & spans.mask[:, :, None])[:, None]
+        return self.o_proj(self._attend(q, keys.to(q.dtype), values.to(q.dtype), mask, causal=False), modality)
 
     def allocate_state(self, batch_size: int, max_length: int | None = None) -> TransformerState:
         """An empty KV cache for ``batch_size`` sequences with room for ``max_length`` positions (``None``:
@@ -279,7 +298,7 @@ class TransformerBlock(AttentionBlock):
 
     def run(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
         """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
-        h = super().run(x, layout)
+        h = super().run(x, layout, state)
         return h + self.ffn(self.ffn_norm(h, layout.modality), layout.modality)
 
     def run_step(self, x: torch.Tensor, layout: Layout, state: TransformerState) -> torch.Tensor:
@@ -295,6 +314,7 @@ class FFNBlock(Block):
 
     config: FFNConfig
     position_wise = True
+    supports_prefill = True
 
     def __init__(self, config: FFNConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto"):
         super().__init__(config, modalities, routed, backend)

@@ -128,6 +128,28 @@ def test_greedy_generation_equals_argmax_of_full_forward(gen, kind, routing):
     greedy_matches_full_forward(model, result, lengths)
 
 
+@pytest.mark.parametrize("kind,routing", [("mamba", "mom"), ("mamba", "all"), ("mamba2", "mom"), ("mamba2", "all"),
+                                          ("transformer", "mot")])
+def test_prefill_then_steps_equal_the_full_forward(gen, kind, routing):
+    model = random_model(gen, kind=kind, routing=routing)
+    batch = random_batch(gen, model, batch=2, length=17)
+    full = model(batch).hidden
+    state = model.allocate_state(2, 17)
+    latents = {k: v[:, :11] for k, v in batch.latents.items()}
+    first = model.prefill(batch.tokens[:, :11], batch.modality[:, :11], state, latents)
+    rest = [model.step(batch.tokens[:, t], batch.modality[:, t], state, {k: v[:, t] for k, v in batch.latents.items()})
+            for t in range(11, 17)]
+    torch.testing.assert_close(torch.cat([first, torch.stack(rest, 1)], 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_greedy_generation_prefills_a_long_prompt(gen):
+    model = random_model(gen, modalities=["text"])
+    assert model.can_prefill
+    prompt = random_batch(gen, model, batch=2, length=40)
+    result = model.generate(prompt, 6, temperature=0)
+    greedy_matches_full_forward(model, result, torch.tensor([40, 40]))
+
+
 def test_schedule_switches_modality_after_trigger(gen):
     model = random_model(gen, modalities=["text", {"kind": "image", "vocab_size": 40}])
     prompt = Batch(modality=torch.zeros(1, 3, dtype=torch.int64), tokens=torch.tensor([[1, 2, 9]]))

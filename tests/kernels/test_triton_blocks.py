@@ -3,7 +3,8 @@
 A block built with ``scan_backend: triton`` runs every routed projection, its scan and its decoding step
 through the Triton kernels; a float64 copy of it runs them all on the reference backend (``auto`` passes
 over Triton for float64). Forward output, every parameter's gradient and the step-by-step decoding output
-must agree to 1e-4; a block with the image modality bidirectional (its backward scan over the reversed spans)
+must agree to 1e-4, and so must a prefill of the first positions (the scans from and to the decoding state)
+followed by steps; a block with the image modality bidirectional (its backward scan over the reversed spans)
 is compared forward and backward. Under ``TRITON_INTERPRET=1`` on the CPU, or on a CUDA GPU.
 """
 
@@ -52,3 +53,9 @@ def test_block_matches_float64_reference(kernels, gen, backbone, routing, bidire
     with torch.no_grad():
         steps = torch.stack([block.step(x[:, t].float(), modality[:, t], state) for t in range(13)], 1)
     assert_close({"steps": steps}, {"steps": ref["out"].detach()}, torch.float32, f"{backbone} decoding")
+    state = block.allocate_state(2)
+    with torch.no_grad():
+        first = block(x[:, :6].float(), modality[:, :6], state=state)
+        rest = torch.stack([block.step(x[:, t].float(), modality[:, t], state) for t in range(6, 13)], 1)
+    assert_close({"prefill": torch.cat([first, rest], 1)}, {"prefill": ref["out"].detach()}, torch.float32,
+                 f"{backbone} prefill, then decoding")

@@ -111,10 +111,17 @@ def test_a_layout_carries_the_same_facts_as_separate_arguments(gen):
         block(x, momkit.Layout(modality), seq_idx)
 
 
-def test_built_ins_take_no_prefill_state_yet(gen):
+def test_prefill_is_refused_with_seq_idx_or_by_a_block_without_it(gen):
     block = TestMamba.case.build("mom", gen)
     x, modality = TestMamba.case.inputs(gen)
-    with pytest.raises(momkit.SpecError, match="MambaBlock does not take a decoding state in forward"):
+    with pytest.raises(momkit.SpecError, match="a prefill .* takes no seq_idx"):
+        block(x, modality, torch.zeros_like(modality), state=block.allocate_state(2))
+
+    class NoPrefill(type(block)):
+        supports_prefill = False
+
+    block.__class__ = NoPrefill
+    with pytest.raises(momkit.SpecError, match="NoPrefill does not take a decoding state in forward"):
         block(x, modality, state=block.allocate_state(2))
 
 

@@ -79,6 +79,7 @@ class UMambaBlock(mamba.MambaBlock):
     """One U-Mamba layer: the patch-grid convolution, then the Mamba mixer; routed as the spec says."""
 
     config: UMambaConfig
+    supports_prefill = False
 
     def __init__(self, config: UMambaConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto", *,
                  bidirectional: tuple[str, ...] = ()):
