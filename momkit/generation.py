@@ -11,13 +11,16 @@ them one span, denoised as a whole: its latents start as noise and the model, co
 far, predicts them at each of ``denoising_steps`` steps of the modality's diffusion objective (DDPM or DDIM;
 classifier-free guidance mixes in the prediction for the span alone, the prefix dropped). The clean latents are
 appended and sampling continues. Such generation, and any generation from a model with bidirectional
-modalities (whose spans the step path cannot see whole), runs each row through the whole-sequence forward
-pass: each sampled token and each denoising step re-runs the row so far, so its cost grows with the square of
-the length.
+modalities (whose spans the step path cannot see whole), runs row by row on a decoding state: the prompt in
+one prefill, each token a step, each denoising step a prefill of the span from a copy of the state, the clean
+span a prefill. A model whose blocks take no state in ``forward`` (learned experts, some plugins) re-runs the
+row so far through the whole-sequence forward pass instead, at a cost that grows with the square of the
+length.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -296,8 +299,12 @@ def _row_batch(sequences, r: int, end: int, noisy: tuple[str, int, torch.Tensor,
 
 def _generate_row(model, sequences, r: int, start: int, end: int, row: _RowSchedule, sampling,
                   denoising: Denoising) -> None:
-    """Generate row ``r``'s positions ``[start, end)`` through the whole-sequence forward pass, into
-    ``sequences``: a discrete token from the last position's output, a continuous span by denoising."""
+    """Generate row ``r``'s positions ``[start, end)`` into ``sequences``: a discrete token from the last
+    position's output, a continuous span by denoising; through prefills of a decoding state where the model
+    takes them, else through the whole-sequence forward pass."""
+    if model.can_prefill:
+        _generate_row_prefilled(model, sequences, r, start, end, row, sampling, denoising)
+        return
     tokens, modality, latents = sequences
     t = start
     while t < end:
@@ -312,27 +319,80 @@ def _generate_row(model, sequences, r: int, start: int, end: int, row: _RowSched
             continue
         count = row.take_span(end - t)
         modality[r, t:t + count] = m
-        latents[config.name][r, t:t + count] = _denoise(model, sequences, r, t, t + count, config,
-                                                        denoising, sampling[2])
+        alone = (tokens[r:r + 1, t:t + count], modality[r:r + 1, t:t + count],
+                 {name: v[r:r + 1, t:t + count] for name, v in latents.items()})
+
+        def conditional(x, step, t=t, count=count, config=config):
+            out = model(_row_batch(sequences, r, t + count, (config.name, t, x, step))).predictions[config.name]
+            return out[-count:]
+
+        def unconditional(x, step, alone=alone, count=count, config=config):
+            return model(_row_batch(alone, 0, count, (config.name, 0, x, step))).predictions[config.name]
+
+        latents[config.name][r, t:t + count] = _denoise(model, config, count, conditional, unconditional, denoising,
+                                                        sampling[2], latents[config.name].dtype)
         t += count
 
 
-def _denoise(model, sequences, r: int, start: int, end: int, config, denoising: Denoising, generator):
-    """The clean latents of row ``r``'s span ``[start, end)`` of continuous modality ``config``."""
-    objective = _denoiser(model, config.name)
-    device = sequences[0].device
-    noise = torch.randn(end - start, config.latent_dim, generator=generator).to(device, sequences[2][config.name].dtype)
-    alone = (sequences[0][r:r + 1, start:end], sequences[1][r:r + 1, start:end],
-             {name: v[r:r + 1, start:end] for name, v in sequences[2].items()})
+def _generate_row_prefilled(model, sequences, r: int, start: int, end: int, row: _RowSchedule, sampling,
+                            denoising: Denoising) -> None:
+    """:func:`_generate_row` on a decoding state: the prompt in one prefill, each token a step, each denoising
+    step a prefill of the span from a copy of the state, and the clean span a prefill."""
+    tokens, modality, latents = sequences
+    state = model.allocate_state(1, end)
 
-    wide = torch.promote_types(noise.dtype, torch.float32)
+    def feed(state, s: int, e: int, noisy: tuple[str, torch.Tensor, float] | None = None) -> torch.Tensor:
+        values = {name: v[r:r + 1, s:e] for name, v in latents.items()}
+        steps = {}
+        if noisy is not None:
+            name, x, step = noisy
+            values[name] = x[None].to(values[name].dtype)
+            steps[name] = torch.full((1, e - s), step, dtype=x.dtype, device=x.device)
+        return model.prefill(tokens[r:r + 1, s:e], modality[r:r + 1, s:e], state, values, steps)
+
+    hidden = feed(state, 0, start)[:, -1]
+    t = start
+    while t < end:
+        m = row.next()
+        config = model.modalities[m]
+        if config.discrete:
+            token = _sample(model.heads[config.name](hidden), *sampling)
+            tokens[r, t], modality[r, t] = token[0], m
+            row.observe(m, int(token[0]))
+            hidden = model.step(tokens[r:r + 1, t], modality[r:r + 1, t], state)
+            t += 1
+            continue
+        count = row.take_span(end - t)
+        modality[r, t:t + count] = m
+
+        def conditional(x, step, t=t, count=count, config=config):
+            return model.heads[config.name](feed(copy.deepcopy(state), t, t + count, (config.name, x, step))[0])
+
+        def unconditional(x, step, t=t, count=count, config=config):
+            return model.heads[config.name](feed(model.allocate_state(1, count), t, t + count,
+                                                 (config.name, x, step))[0])
+
+        latents[config.name][r, t:t + count] = _denoise(model, config, count, conditional, unconditional, denoising,
+                                                        sampling[2], latents[config.name].dtype)
+        hidden = feed(state, t, t + count)[:, -1]
+        t += count
+
+
+def _denoise(model, config, count: int, conditional, unconditional, denoising: Denoising, generator,
+             dtype: torch.dtype) -> torch.Tensor:
+    """The clean latents ``(count, latent_dim)`` of a span of continuous modality ``config``, from the model's
+    predictions for noisy latents ``x`` at step ``step``: ``conditional(x, step)`` given the sequence before the
+    span, ``unconditional(x, step)`` given the span alone (classifier-free guidance)."""
+    objective = _denoiser(model, config.name)
+    device = next(model.parameters()).device
+    noise = torch.randn(count, config.latent_dim, generator=generator).to(device, dtype)
+    wide = torch.promote_types(dtype, torch.float32)
 
     def predict(x: torch.Tensor, step: float) -> torch.Tensor:
-        conditional = model(_row_batch(sequences, r, end, (config.name, start, x, step))).predictions[config.name]
-        conditional = conditional[-(end - start):].to(wide)
+        given = conditional(x, step).to(wide)
         if denoising.guidance == 1:
-            return conditional
-        unconditional = model(_row_batch(alone, 0, end - start, (config.name, 0, x, step))).predictions[config.name]
-        return unconditional.to(wide) + denoising.guidance * (conditional - unconditional.to(wide))
+            return given
+        alone = unconditional(x, step).to(wide)
+        return alone + denoising.guidance * (given - alone)
 
     return objective.sample(predict, noise, denoising.steps, denoising.sampler, generator)

@@ -260,11 +260,13 @@ class Model(nn.Module):
         return all(block.supports_prefill and block.experts is None for block in self.blocks)
 
     def prefill(self, tokens: torch.Tensor, modality: torch.Tensor, state: list,
-                latents: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                latents: Mapping[str, torch.Tensor] | None = None,
+                timesteps: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Feed ``l`` positions per sequence in one pass: ``tokens (b, l)``, ``modality (b, l)`` (and ``latents
-        {name: (b, l, dim)}``); returns the final-norm output ``(b, l, d_model)`` and advances ``state`` as ``l``
-        calls of :meth:`step` would. ``SpecError`` where a block takes no state in forward (:attr:`can_prefill`)."""
-        h = self.embed(modality, tokens, latents or {})
+        {name: (b, l, dim)}`` with their diffusion ``timesteps {name: (b, l)}``); returns the final-norm output
+        ``(b, l, d_model)`` and advances ``state`` as ``l`` calls of :meth:`step` would (a span of a bidirectional
+        modality is seen whole). ``SpecError`` where a block takes no state in forward (:attr:`can_prefill`)."""
+        h = self.embed(modality, tokens, latents or {}, timesteps)
         layout = Layout(modality)
         for block, block_state in zip(self.blocks, state):
             h = block(h, layout, state=block_state)

@@ -100,6 +100,23 @@ def test_sampling_is_deterministic_under_a_seed(gen, bidirectional):
     assert (first.latents["image"] - other.latents["image"]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind,bidirectional", [("mamba", ("image",)), ("mamba2", ()), ("transformer", ("image",))])
+def test_prefilled_generation_equals_the_whole_sequence_path(gen, monkeypatch, kind, bidirectional):
+    model = random_model(gen, kind=kind, bidirectional=bidirectional)
+    start = prompt(gen)
+
+    def draw():
+        return generate(model, start, 9, schedule=image_rule(4), temperature=0, generator=torch.Generator().manual_seed(5),
+                        denoising=Denoising(steps=3, sampler="ddpm", guidance=2.0))
+
+    assert model.can_prefill
+    prefilled = draw()
+    monkeypatch.setattr(type(model), "can_prefill", property(lambda self: False))
+    whole = draw()
+    assert torch.equal(prefilled.tokens, whole.tokens)
+    torch.testing.assert_close(prefilled.latents["image"], whole.latents["image"], rtol=1e-9, atol=1e-9)
+
+
 def test_text_after_an_image_is_the_argmax_of_the_full_forward(gen):
     model = random_model(gen)
     result = generate(model, prompt(gen), 9, schedule=image_rule(4), temperature=0,
