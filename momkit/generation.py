@@ -3,8 +3,9 @@
 Without continuous spans to sample and without bidirectional modalities, generation runs through the blocks'
 step path: every prompt position is fed once and every sampled token once, nothing re-runs the prefix. The
 prompt positions before the shortest prompt's last go through one forward pass with the decoding state (a
-prefill, :meth:`momkit.Model.prefill`) where every block takes one; the rest step. Rows of a batch may have prompts of different lengths; they step in lockstep, each row
-feeding its own prompt until it ends and its samples after that.
+prefill, :meth:`momkit.Model.prefill`) where every block takes one; the rest step. Rows of a batch may have
+prompts of different lengths; they step in lockstep, each row feeding its own prompt until it ends and its
+samples after that.
 
 A schedule rule that asks for ``count`` positions of a continuous modality (an image after ``<image>``) makes
 them one span, denoised as a whole: its latents start as noise and the model, conditioned on the sequence so

@@ -397,9 +397,10 @@ def check_rejects_bad_inputs(case: ContractCase, routing: str) -> None:
             "step with a wrong modality shape")
 
 
-CHECKS = (check_step_matches_forward, check_prefill_matches_forward, check_causal, check_packed_documents, check_identical_copies_ignore_labels,
-          check_labels_matter, check_swapped_copies_equal_swapped_labels, check_absent_modality_gets_zero_gradient,
-          check_gradients, check_float32, check_rejects_bad_inputs, check_bidirectional_spans)
+CHECKS = (check_step_matches_forward, check_prefill_matches_forward, check_causal, check_packed_documents,
+          check_identical_copies_ignore_labels, check_labels_matter, check_swapped_copies_equal_swapped_labels,
+          check_absent_modality_gets_zero_gradient, check_gradients, check_float32, check_rejects_bad_inputs,
+          check_bidirectional_spans)
 """Every check, in the order :class:`BackboneContract` runs them."""
 
 

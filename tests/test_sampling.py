@@ -106,7 +106,8 @@ def test_prefilled_generation_equals_the_whole_sequence_path(gen, monkeypatch, k
     start = prompt(gen)
 
     def draw():
-        return generate(model, start, 9, schedule=image_rule(4), temperature=0, generator=torch.Generator().manual_seed(5),
+        return generate(model, start, 9, schedule=image_rule(4), temperature=0,
+                        generator=torch.Generator().manual_seed(5),
                         denoising=Denoising(steps=3, sampler="ddpm", guidance=2.0))
 
     assert model.can_prefill
