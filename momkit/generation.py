@@ -9,7 +9,7 @@ samples after that.
 
 A schedule rule that asks for ``count`` positions of a continuous modality (an image after ``<image>``) makes
 them one span, denoised as a whole: its latents start as noise and the model, conditioned on the sequence so
-far, predicts them at each of ``denoising_steps`` steps of the modality's diffusion objective (DDPM or DDIM;
+far, predicts them at each of the ``Denoising.steps`` steps of the modality's diffusion objective (DDPM or DDIM;
 classifier-free guidance mixes in the prediction for the span alone, the prefix dropped). The clean latents are
 appended and sampling continues. Such generation, and any generation from a model with bidirectional
 modalities (whose spans the step path cannot see whole), runs row by row on a decoding state: the prompt in

@@ -17,6 +17,10 @@ With bidirectional modalities (the spec's ``bidirectional``) the block adds Visi
 (Zhu et al. 2024): its own ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_log_b`` and ``D_b`` run over every
 span reversed in place, from the shared ``in_proj``'s ``x_in`` and ``z``, and the backward output is added to
 the forward one inside the spans before ``out_proj``. ``mom`` routes ``x_proj_b`` and ``dt_proj_b`` too.
+
+``selective`` names which of ``dt``, ``B`` and ``C`` the input makes; the others are the learned per-channel
+``dt_bias``, ``B`` and ``C``, fixed in time (none selective: S4D, the ``s4d`` backbone). ``a_init: s4d_lin``
+makes ``A``, ``B`` and ``C`` complex (S4D-Lin), run through the real scan as a rotated state of twice the size.
 """
 
 from __future__ import annotations
