@@ -477,8 +477,8 @@ def export(model: Model, directory: str | Path, to: str = "transformers") -> Pat
     """Write ``model`` as a ``transformers`` checkpoint (``config.json`` and ``model.safetensors``) that
     ``AutoModelForCausalLM.from_pretrained`` loads with the same logits.
 
-    Only dense ``mamba``, ``mamba2`` and ``transformer`` (as ``LlamaForCausalLM``) models of one discrete
-    modality export: transformers has no routed model. ``SpecError`` names what stands in the way.
+    Only dense ``mamba`` (selective throughout), ``mamba2`` and ``transformer`` (as ``LlamaForCausalLM``)
+    models of one discrete modality export: transformers has no routed model. ``SpecError`` names what stands in the way.
     """
     if to != "transformers":
         raise SpecError(f"cannot export to {to!r}; valid targets: transformers")
@@ -492,6 +492,11 @@ def export(model: Model, directory: str | Path, to: str = "transformers") -> Pat
     if spec.stacked or len(kinds) != 1 or spec.backbone.kind not in ("mamba", "mamba2", "transformer"):
         raise SpecError(f"{spec.name!r} stacks {', '.join(sorted(kinds))}; exports cover models of one backbone: "
                         f"mamba, mamba2 or transformer")
+    fixed = [s for s in ("dt", "B", "C") if s not in getattr(spec.backbone, "selective", ("dt", "B", "C"))]
+    if fixed:
+        raise SpecError(f"{spec.name!r} makes {', '.join(fixed)} fixed in time (selective "
+                        f"{spec.backbone.selective}); transformers' Mamba is selective throughout: valid selective "
+                        f"[dt, B, C]")
     if len(spec.modalities) != 1 or not spec.modalities[0].discrete:
         raise SpecError(f"{spec.name!r} has modalities {', '.join(spec.modality_names)}; a transformers causal "
                         f"language model has one discrete modality")

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import momkit
-from momkit import Batch, SpecError
+from momkit import Batch, SpecError, build_model
 from momkit.cli import main
 from momkit.pretrained import sharing
 
@@ -308,6 +308,10 @@ def test_cli_import_export_and_refusals(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "routes in_proj, out_proj" in err
     assert main(["import", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    s4 = build_model({"name": "s4", "modalities": ["text"],
+                      "backbone": {"kind": "mamba", "d_model": 16, "n_layers": 1, "selective": ["dt"]}})
+    with pytest.raises(ValueError, match=r"makes B, C fixed in time .* valid selective \[dt, B, C\]"):
+        momkit.export(s4, tmp_path / "s4")
 
 
 def test_suite_variant_starts_from_another_variants_model(tmp_path, capsys):
