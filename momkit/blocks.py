@@ -139,7 +139,8 @@ class Block(nn.Module, ABC):
         modalities: Modality names; a token of modality id ``i`` is of ``modalities[i]``.
         routed: The sublayers that hold one weight set per modality (a :class:`momkit.spec.Routed`, which also
             carries the learned experts, if any).
-        backend: The kernel backend of every kernel operation: a registered name or ``"auto"``.
+        backend: The kernel backend of every kernel operation: a registered name or ``"auto"``, or a mapping
+            from operation names (and ``default``) to those.
         bidirectional: Names of the modalities whose spans the block sees whole (see :meth:`run`).
 
     Attributes:

@@ -217,7 +217,9 @@ class ScanBackend:
         selective_state_update: Implements :func:`momkit.ops.selective_state_update`, or ``None``.
         conv_state_update: Implements :func:`momkit.ops.conv_state_update`, or ``None``.
         devices: Device types (``"cpu"``, ``"cuda"``) the backend runs on.
-        priority: Among available backends for a device, ``backend="auto"`` picks the highest.
+        priority: Among the available backends that run a call, ``backend="auto"`` picks the highest: one number
+            for every operation, or ``{operation: number}`` (with ``"default"`` for the rest, else 0), so a
+            backend can rank above another for the operations the benchmarks show it faster at (:meth:`rank`).
         extensions: The extensions (above) the backend implements.
         dtypes: The dtypes of the inputs it computes on (the main input's: ``u``, ``x`` or ``state``), or
             ``None`` for every floating dtype; ``backend="auto"`` passes over a backend that lacks a call's.
@@ -232,7 +234,13 @@ class ScanBackend:
     selective_state_update: Callable | None = None
     conv_state_update: Callable | None = None
     devices: tuple[str, ...] = ("cpu",)
-    priority: int = 0
+    priority: int | Mapping[str, int] = 0
     extensions: frozenset[str] = frozenset()
     dtypes: frozenset[torch.dtype] | None = None
     is_available: Callable[[], bool] = field(default=_always)
+
+    def rank(self, op: str) -> int:
+        """The priority of this backend for operation ``op``."""
+        if isinstance(self.priority, Mapping):
+            return self.priority.get(op, self.priority.get("default", 0))
+        return self.priority

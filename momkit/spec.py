@@ -140,6 +140,10 @@ def _config_of(kind: str, value: Any) -> StrictModel:
     return get_registry().get(kind, value["kind"]).config.model_validate(value)
 
 
+KERNEL_OPERATIONS = ("selective_scan", "ssd_scan", "routed_linear", "selective_state_update", "conv_state_update")
+"""The kernel operations of :mod:`momkit.ops`, the keys a per-operation ``scan_backend`` may give."""
+
+
 class BlockSpec(StrictModel):
     """One residual block: its modalities, backbone, routing and scan backend."""
 
@@ -158,11 +162,13 @@ class BlockSpec(StrictModel):
                                           "image) are seen whole: a position inside a span also sees the later "
                                           "positions of its span (a Mamba block's backward scan, a Transformer's "
                                           "attention within the span); all else stays causal.")
-    scan_backend: str = Field("auto", description="Kernel backend of every kernel operation of the blocks: the "
-                                                  "scans, the routed linear layers and the decoding updates. "
-                                                  "`auto` picks, per operation, the best available for the "
-                                                  "tensors' device and dtype; a registered name runs every "
-                                                  "operation that backend implements (the others on `auto`).")
+    scan_backend: Union[str, dict[str, str]] = Field(
+        "auto", description="Kernel backend of every kernel operation of the blocks: the scans, the routed linear "
+                            "layers and the decoding updates. `auto` picks, per operation, the available backend "
+                            "that ranks highest for it on the tensors' device and dtype; a registered name runs "
+                            "every operation that backend implements (the others on `auto`); a mapping from "
+                            "operation names (and `default`) to backends chooses per operation, e.g. "
+                            "`{selective_scan: cuda, default: auto}`.")
 
     @field_validator("modalities", mode="before")
     @classmethod
@@ -231,9 +237,15 @@ class BlockSpec(StrictModel):
 
     @field_validator("scan_backend")
     @classmethod
-    def _backend_registered(cls, value: str) -> str:
-        if value != "auto":
-            get_registry().get("scan_backend", value)
+    def _backend_registered(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        chosen = value if isinstance(value, dict) else {"default": value}
+        unknown = sorted(set(chosen) - {*KERNEL_OPERATIONS, "default"})
+        if unknown:
+            raise SpecError(f"scan_backend names operation(s) {', '.join(map(repr, unknown))}; valid keys: "
+                            f"{', '.join(KERNEL_OPERATIONS)}, default")
+        for name in chosen.values():
+            if name != "auto":
+                get_registry().get("scan_backend", name)
         return value
 
     def to_yaml(self) -> str:

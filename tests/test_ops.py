@@ -219,3 +219,39 @@ def test_the_specs_backend_reaches_every_kernel_operation(gen, kind, chosen):
             block.step(x[:, 0], modality[:, 0], state)
     reached = {op for op, n in counting.calls.items() if n}
     assert reached == (USED[kind] if chosen in ("counting", "auto") else set()), counting.calls
+
+
+def test_a_spec_chooses_the_backend_per_operation(gen):
+    counting = Counting()
+    registry = Registry.from_entry_points()
+    registry.register(counting, distribution="tests")
+    spec = {"modalities": ["text", "image"], "backbone": {"kind": "mamba", **SMALL["mamba"]},
+            "routing": {"specific": "all"}, "scan_backend": {"routed_linear": "counting", "default": "reference"}}
+    with use_registry(registry):
+        block = momkit.build_block(spec)
+        x, modality = torch.randn(2, 9, 16, generator=gen), torch.randint(0, 2, (2, 9), generator=gen)
+        block(x, modality).sum().backward()
+        with pytest.raises(ValueError, match=r"scan_backend names operation\(s\) 'scan'; valid keys: "
+                                             r"selective_scan, ssd_scan, .*, default"):
+            momkit.build_block({**spec, "scan_backend": {"scan": "reference"}})
+        with pytest.raises(ValueError, match="unknown scan backend 'fastest'; registered: counting"):
+            momkit.build_block({**spec, "scan_backend": {"selective_scan": "fastest"}})
+    assert {op for op, n in counting.calls.items() if n} == {"routed_linear"}, counting.calls
+
+
+def test_auto_ranks_backends_per_operation():
+    def backend(name, priority):
+        return ScanBackend(name=name, description=name, devices=("cpu",), priority=priority,
+                           **{op: getattr(REFERENCE, op) for op in OPS})
+
+    class Plugin:
+        @hookimpl
+        def momkit_scan_backends(self):
+            return [backend("linear_first", {"routed_linear": 200, "default": 1}), backend("steady", 50)]
+
+    registry = Registry.from_entry_points()
+    registry.register(Plugin(), distribution="tests")
+    with use_registry(registry):
+        assert ops.resolve_backend("auto", "cpu", "routed_linear").name == "linear_first"
+        assert ops.resolve_backend("auto", "cpu", "selective_scan").name == "steady"
+        assert ops.resolve_backend({"default": "linear_first"}, "cpu", "ssd_scan").name == "linear_first"

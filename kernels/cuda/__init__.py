@@ -12,8 +12,13 @@ compute float32 products in tf32 (relative error about 1e-3 against float64, whe
 
 Install it with the optional extra ``momkit[cuda]`` (mamba_ssm compiles its CUDA extension at install time).
 The backend is listed by :func:`momkit.ops.available_backends` only where mamba_ssm and its compiled kernel
-import and a GPU is present; it has a lower priority than ``triton``, so ``backend="auto"`` picks it only where
-Triton is missing. Choose it by name: ``scan_backend: cuda`` in a spec, ``backend="cuda"`` in a call.
+import and a GPU is present. ``backend="auto"`` ranks it by operation, by the H200 measurements of
+``benchmarks/RESULTS.md`` (2026-11-23, same run): above ``triton`` for ``selective_scan``, where mamba_ssm's
+kernel takes 0.72 to 0.87 of the Triton kernel's time (forward, three shapes), and below it elsewhere: for
+``ssd_scan`` the Triton kernels take 0.38 of mamba_ssm's time at 8 x 2048 (forward+backward) and 1.07 to 1.11
+at the two longer shapes, and compute in float32 where mamba_ssm's use tf32; for the decoding update there is
+no measurement. Choose it by name: ``scan_backend: cuda`` in a spec (or per operation,
+``{selective_scan: cuda}``), ``backend="cuda"`` in a call.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def momkit_scan_backends():
         ssd_scan=_ssd_scan,
         selective_state_update=_selective_state_update,
         devices=("cuda",),
-        priority=5,
+        priority={"selective_scan": 15, "default": 5},
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         is_available=_available,
     )]

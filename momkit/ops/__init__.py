@@ -7,9 +7,11 @@ reshaping a tensor; likewise :func:`selective_state_update` (mamba_ssm's functio
 :func:`routed_linear` is the routed projection. Every argument is checked here, before any backend runs.
 
 Each front door takes ``backend=``: a registered backend name or ``"auto"``, which picks, per operation, the
-available backend of highest priority that runs the call (its device, dtype and extensions). A named backend
-runs every operation it implements; an operation it does not implement at all runs on the ``"auto"``
-choice, so one name (a spec's ``scan_backend``) can be passed to every operation of a block.
+available backend that ranks highest for it (:meth:`momkit.descriptors.ScanBackend.rank`) among those that
+run the call (its device, dtype and extensions). A named backend runs every operation it implements; an
+operation it does not implement at all runs on the ``"auto"`` choice, so one name (a spec's
+``scan_backend``) can be passed to every operation of a block. ``backend=`` may also map operation names to
+backends (``{"selective_scan": "cuda", "default": "auto"}``), so a spec can choose per operation.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from momkit.errors import SpecError
 from momkit.ops import dispatch, library
 from momkit.ops.checks import check_conv_state_update, check_selective_state_update
-from momkit.ops.dispatch import _extensions, resolve_backend
+from momkit.ops.dispatch import _extensions, backend_name, resolve_backend
 from momkit.registry import get_registry
 
 __all__ = ["available_backends", "conv_state_update", "resolve_backend", "routed_linear",
@@ -70,7 +72,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if torch.compiler.is_compiling():
         _traceable("selective_scan", return_last_state=return_last_state, initial_state=initial_state is not None)
         return library.selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus,
-                                      backend)
+                                      backend_name(backend, "selective_scan"))
     return dispatch.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                    modality, seq_idx, backend, initial_state)
 
@@ -107,7 +109,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
     if torch.compiler.is_compiling():
         _traceable("ssd_scan", return_final_states=return_final_states)
         return library.ssd_scan(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, modality, chunk_size,
-                                dt_softplus, backend)
+                                dt_softplus, backend_name(backend, "ssd_scan"))
     return dispatch.ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
                              return_final_states, modality, backend)
 
@@ -133,7 +135,7 @@ def routed_linear(x, weight, bias, modality, *, backend="auto"):
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     if torch.compiler.is_compiling():
-        return library.routed_linear(x, weight, bias, modality, backend)
+        return library.routed_linear(x, weight, bias, modality, backend_name(backend, "routed_linear"))
     return dispatch.routed_linear(x, weight, bias, modality, backend)
 
 

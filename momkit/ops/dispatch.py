@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Mapping
 
 import torch
 
@@ -16,10 +17,19 @@ from momkit.ops.checks import check_routed_linear, check_selective_scan, check_s
 from momkit.registry import Registry, get_registry
 
 
-def resolve_backend(name: str, device: torch.device | str, op: str, extensions=frozenset(),
+def backend_name(backend: str | Mapping[str, str], op: str) -> str:
+    """The backend name ``backend`` gives ``op``: itself, or from a mapping of operation names (and ``default``,
+    else ``"auto"``) to names."""
+    if isinstance(backend, Mapping):
+        return backend.get(op, backend.get("default", "auto"))
+    return backend
+
+
+def resolve_backend(name: str | Mapping[str, str], device: torch.device | str, op: str, extensions=frozenset(),
                     dtype: torch.dtype | None = None) -> ScanBackend:
-    """The backend ``name`` (or, for ``"auto"``, the best one) that runs ``op`` on ``device``; for a named
-    backend that does not implement ``op`` at all, the ``"auto"`` choice.
+    """The backend ``name`` (or, for ``"auto"``, the one that ranks highest for ``op``) that runs ``op`` on
+    ``device``; for a named backend that does not implement ``op`` at all, the ``"auto"`` choice. ``name`` may
+    map operation names to backend names (see :func:`backend_name`).
 
     ``extensions`` are the front-door extensions the call uses (see :class:`ScanBackend`), ``dtype`` the dtype
     of its main input (any, if ``None``).
@@ -28,7 +38,8 @@ def resolve_backend(name: str, device: torch.device | str, op: str, extensions=f
         SpecError: ``name`` is not registered or cannot run here (it lacks the device, an extension or the
             dtype), or no backend runs the call; the message lists the backends that would do.
     """
-    return _resolve(get_registry(), name, torch.device(device).type, op, frozenset(extensions), dtype)
+    return _resolve(get_registry(), backend_name(name, op), torch.device(device).type, op, frozenset(extensions),
+                    dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -42,7 +53,7 @@ def _resolve(registry: Registry, name: str, device_type: str, op: str, extension
         return (getattr(b, op) is not None and device_type in b.devices and extensions <= b.extensions
                 and (dtype is None or b.dtypes is None or dtype in b.dtypes) and b.is_available())
 
-    suitable = sorted((b for b in backends.values() if fits(b)), key=lambda b: -b.priority)
+    suitable = sorted((b for b in backends.values() if fits(b)), key=lambda b: -b.rank(op))
     need = (f"{op} on {device_type}" + ("" if dtype is None else f" in {dtype}")
             + "".join(f" with {e}" for e in sorted(extensions)))
     if name in backends and getattr(backends[name], op) is None:
