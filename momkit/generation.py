@@ -284,18 +284,20 @@ def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new
                 rows[r].observe(m, token)
 
 
-def _row_batch(sequences, r: int, end: int, noisy: tuple[str, int, torch.Tensor, float] | None = None) -> Batch:
-    """Row ``r``'s positions ``[0, end)`` as a batch of one; ``noisy = (name, start, latents, step)`` puts the
-    latents of a span being denoised at ``[start, end)`` with their diffusion step."""
+def _row_batch(sequences, r: int, start: int, end: int,
+               noisy: tuple[str, int, torch.Tensor, float] | None = None) -> Batch:
+    """Row ``r``'s positions ``[start, end)`` as a batch of one; ``noisy = (name, span, latents, step)`` puts the
+    latents of a span being denoised at ``[span, end)`` with their diffusion step."""
     tokens, modality, latents = sequences
-    values = {name: v[r:r + 1, :end].clone() for name, v in latents.items()}
+    values = {name: v[r:r + 1, start:end].clone() for name, v in latents.items()}
     steps = {}
     if noisy is not None:
-        name, start, x, step = noisy
-        values[name][0, start:end] = x.to(values[name].dtype)
-        steps[name] = torch.zeros(1, end, dtype=x.dtype, device=x.device)
-        steps[name][0, start:end] = step
-    return Batch(modality=modality[r:r + 1, :end], tokens=tokens[r:r + 1, :end], latents=values, timesteps=steps)
+        name, span, x, step = noisy
+        values[name][0, span - start:] = x.to(values[name].dtype)
+        steps[name] = torch.zeros(1, end - start, dtype=x.dtype, device=x.device)
+        steps[name][0, span - start:] = step
+    return Batch(modality=modality[r:r + 1, start:end], tokens=tokens[r:r + 1, start:end], latents=values,
+                 timesteps=steps)
 
 
 def _generate_row(model, sequences, r: int, start: int, end: int, row: _RowSchedule, sampling,
@@ -312,7 +314,7 @@ def _generate_row(model, sequences, r: int, start: int, end: int, row: _RowSched
         m = row.next()
         config = model.modalities[m]
         if config.discrete:
-            hidden = model(_row_batch(sequences, r, t)).hidden[:, -1]
+            hidden = model(_row_batch(sequences, r, 0, t)).hidden[:, -1]
             token = _sample(model.heads[config.name](hidden), *sampling)
             tokens[r, t], modality[r, t] = token[0], m
             row.observe(m, int(token[0]))
@@ -320,15 +322,13 @@ def _generate_row(model, sequences, r: int, start: int, end: int, row: _RowSched
             continue
         count = row.take_span(end - t)
         modality[r, t:t + count] = m
-        alone = (tokens[r:r + 1, t:t + count], modality[r:r + 1, t:t + count],
-                 {name: v[r:r + 1, t:t + count] for name, v in latents.items()})
 
         def conditional(x, step, t=t, count=count, config=config):
-            out = model(_row_batch(sequences, r, t + count, (config.name, t, x, step))).predictions[config.name]
+            out = model(_row_batch(sequences, r, 0, t + count, (config.name, t, x, step))).predictions[config.name]
             return out[-count:]
 
-        def unconditional(x, step, alone=alone, count=count, config=config):
-            return model(_row_batch(alone, 0, count, (config.name, 0, x, step))).predictions[config.name]
+        def unconditional(x, step, t=t, count=count, config=config):
+            return model(_row_batch(sequences, r, t, t + count, (config.name, t, x, step))).predictions[config.name]
 
         latents[config.name][r, t:t + count] = _denoise(model, config, count, conditional, unconditional, denoising,
                                                         sampling[2], latents[config.name].dtype)
@@ -342,14 +342,9 @@ def _generate_row_prefilled(model, sequences, r: int, start: int, end: int, row:
     tokens, modality, latents = sequences
     state = model.allocate_state(1, end)
 
-    def feed(state, s: int, e: int, noisy: tuple[str, torch.Tensor, float] | None = None) -> torch.Tensor:
-        values = {name: v[r:r + 1, s:e] for name, v in latents.items()}
-        steps = {}
-        if noisy is not None:
-            name, x, step = noisy
-            values[name] = x[None].to(values[name].dtype)
-            steps[name] = torch.full((1, e - s), step, dtype=x.dtype, device=x.device)
-        return model.prefill(tokens[r:r + 1, s:e], modality[r:r + 1, s:e], state, values, steps)
+    def feed(state, s: int, e: int, noisy: tuple[str, int, torch.Tensor, float] | None = None) -> torch.Tensor:
+        batch = _row_batch(sequences, r, s, e, noisy)
+        return model.prefill(batch.tokens, batch.modality, state, batch.latents, batch.timesteps)
 
     hidden = feed(state, 0, start)[:, -1]
     t = start
@@ -367,11 +362,11 @@ def _generate_row_prefilled(model, sequences, r: int, start: int, end: int, row:
         modality[r, t:t + count] = m
 
         def conditional(x, step, t=t, count=count, config=config):
-            return model.heads[config.name](feed(copy.deepcopy(state), t, t + count, (config.name, x, step))[0])
+            return model.heads[config.name](feed(copy.deepcopy(state), t, t + count, (config.name, t, x, step))[0])
 
         def unconditional(x, step, t=t, count=count, config=config):
             return model.heads[config.name](feed(model.allocate_state(1, count), t, t + count,
-                                                 (config.name, x, step))[0])
+                                                 (config.name, t, x, step))[0])
 
         latents[config.name][r, t:t + count] = _denoise(model, config, count, conditional, unconditional, denoising,
                                                         sampling[2], latents[config.name].dtype)
