@@ -64,12 +64,14 @@ class Spans:
             along a row: the ``seq_idx`` under which a scan over the reversed sequence never crosses a span's
             boundary.
         ids: ``(b, l)`` int64 the span id of each position (its segment), ``-1`` outside the spans.
+        offset: ``(b, l)`` int64 each position's offset in its segment (0 at the segment's first position).
     """
 
     mask: torch.Tensor
     reverse: torch.Tensor
     segments: torch.Tensor
     ids: torch.Tensor
+    offset: torch.Tensor
 
     @classmethod
     def of(cls, layout: Layout, bidirectional: Sequence[int]) -> Spans:
@@ -87,7 +89,7 @@ class Spans:
         first = torch.where(starts, index, 0).cummax(dim=1).values
         last = torch.where(ends, index, modality.shape[1]).flip(1).cummin(dim=1).values.flip(1)
         return cls(mask=mask, reverse=torch.where(mask, first + last - index, index), segments=runs,
-                   ids=torch.where(mask, runs, -1))
+                   ids=torch.where(mask, runs, -1), offset=index - first)
 
 
 def _gather_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ One block is two residual steps::
 ``grid_conv`` is a depthwise 3x3 convolution whose taps read the patch grid of the image span the position is
 in: a position at offset ``o`` of its span sits at row ``o // grid_size``, column ``o % grid_size``, and the tap
 ``(dr, dc)`` reads the span's position ``o + dr * grid_size + dc`` when that lies in the same span and the
-column ``o % grid_size + dc`` is on the grid. Every offset is index arithmetic on the device.
+column ``o % grid_size + dc`` is on the grid. The spans and offsets are momkit's ``Spans`` of the grid modality:
+index arithmetic on the device.
 
 Causal by default: the convolution then uses the five taps at or before the position in raster order (the
 row above and the position's left neighbour, as PixelCNN's masked convolution does), so no output depends
@@ -29,7 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from momkit import Layout
-from momkit.batch import segments
+from momkit.blocks import Spans
 from momkit.errors import SpecError
 from momkit.plugins import mamba
 from momkit.routing import Linear, RMSNorm
@@ -108,12 +109,9 @@ class UMambaBlock(mamba.MambaBlock):
         """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
         modality, g = layout.modality, self.config.grid_size
         length = x.shape[1]
-        grid = modality == self._grid_id
-        runs = segments(modality, layout.seq_idx)
+        images = Spans.of(layout, [self._grid_id])
+        grid, runs, column = images.mask, images.segments, images.offset % g
         index = torch.arange(length, device=x.device).expand_as(modality)
-        starts = torch.ones_like(grid)
-        starts[:, 1:] = runs[:, 1:] != runs[:, :-1]
-        column = (index - torch.where(starts, index, 0).cummax(dim=1).values) % g
         h = self.grid_norm(x, modality)
         weight, bias = self.grid_conv.of(modality)
         conv = bias.expand_as(h)
