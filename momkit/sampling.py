@@ -105,9 +105,8 @@ def sample(model: Model, prompts: list[str], *, per_prompt: int = 1, modality: s
     where = torch.arange(result.tokens.shape[1], device=device)[None] >= lengths[:, None]
     where &= torch.arange(result.tokens.shape[1], device=device)[None] < result.lengths[:, None]
     config = model.modalities[[m.name for m in model.modalities].index(name)]
-    values = (result.tokens[where] if config.discrete else result.latents[name][where]).view(len(encoded), count,
-                                                                                             *(() if config.discrete
-                                                                                               else (-1,)))
+    picked = result.tokens[where] if config.discrete else result.latents[name][where]
+    values = picked.view(len(encoded), count, *picked.shape[1:])
     images = None if decoder is None else decoder.decode(values.cpu().numpy())
     return Samples(prompts=list(prompts), modality=name, values=values.cpu(), images=images, per_prompt=per_prompt)
 
