@@ -109,7 +109,13 @@ def _summary(spec: BlockSpec | ModelSpec) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    print(f"{args.spec}: {_summary(_load(args.spec, args.overrides))}")
+    spec = _load(args.spec, args.overrides)
+    if isinstance(spec, ModelSpec):
+        data = spec.dataset()
+        check = get_registry().get("dataset", data.kind).check
+        if check is not None:
+            check(data, spec.modalities)
+    print(f"{args.spec}: {_summary(spec)}")
     return 0
 
 
@@ -200,10 +206,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         able = [name for name, d in registry.datasets.items() if d.convert is not None]
         raise SpecError(f"{args.spec}: dataset {kind!r} has no converter; datasets with one: {able or 'none'}")
     try:
-        out = dataset.convert(args.input, args.out, spec.modalities)
-    except SpecError as exc:
-        raise SpecError(f"{args.input}: {exc}") from None
-    print(f"{args.input} -> {out}")
+        out = dataset.convert(args.input, args.out, spec.modalities, source=args.source, columns=args.columns,
+                              on_error=args.on_error, batch_size=args.batch_size, device=args.device,
+                              split=args.split, glob=args.glob, images=args.images)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last finished batch", file=sys.stderr)
+        return INTERRUPTED
+    header = json.loads((out / "header.json").read_text())
+    skipped = sum(header.get("skipped", {}).values())
+    print(f"{args.input} -> {out}: {header['documents']} documents, {header['positions']} positions"
+          + (f", {skipped} bad items skipped (listed in {out / 'skipped.jsonl'})" if skipped else ""))
     return 0
 
 
@@ -312,11 +324,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local processes, or one Slurm job per run through submitit (pip install "
                         "'momkit[slurm]'); the suite's `slurm` mapping sets the jobs' parameters")
     p.set_defaults(run=cmd_ablate)
-    p = sub.add_parser("convert", help="convert input files into the faster format of the spec's dataset "
-                                       "(jsonl: memory-mapped shards)")
-    p.add_argument("spec", help="path of the YAML model spec whose data.kind and modalities apply")
-    p.add_argument("input", help="input file, e.g. a JSON-lines file")
-    p.add_argument("out", help="output directory")
+    p = sub.add_parser("convert", help="convert raw or pre-tokenized documents into the spec's dataset format "
+                                       "(jsonl: memory-mapped shards), through each modality's encoder")
+    p.add_argument("spec", help="path of the YAML model spec whose data.kind and modalities (with encoders) apply")
+    p.add_argument("input", help="input: a JSON-lines file, a text file or folder, an image-caption or audio "
+                                 "folder, COCO annotations, WebDataset tar shards, parquet files or a hub dataset")
+    p.add_argument("out", help="output directory (an interrupted conversion resumes when run again)")
+    p.add_argument("--source", help="how to read the input: jsonl, text, hf, captions, coco, audio, webdataset "
+                                    "(default: guessed from it)")
+    p.add_argument("--columns", help="FIELD=MODALITY,... in document order, e.g. caption=text,image=image "
+                                     "(default: each field to the modality whose encoder reads its kind)")
+    p.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                   help="at a bad item (unreadable image, empty text, id out of range): stop and name it, or "
+                        "skip it, counted and listed in skipped.jsonl")
+    p.add_argument("--batch-size", type=_positive, default=64, help="records encoded at once (default 64): "
+                                                                     "bounds the memory held")
+    p.add_argument("--device", default="auto", help="where encoders run: auto (CUDA if available), cpu, cuda")
+    p.add_argument("--split", help="split of a Hugging Face dataset (default train)")
+    p.add_argument("--glob", help="files of a text folder (default **/*.txt)")
+    p.add_argument("--images", help="image folder of COCO annotations (default: beside the annotations file)")
     p.set_defaults(run=cmd_convert)
     p = sub.add_parser("import", help="read a pretrained model (momkit or transformers or mamba_ssm checkpoint "
                                       "directory, or hub id), optionally upcycle it into a spec, and save it as a "

@@ -7,9 +7,9 @@ module knows nothing of the registry, so descriptors and plugins can import it f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 from momkit.errors import SpecError
 
@@ -35,6 +35,39 @@ class StrictModel(BaseModel):
         return data
 
 
+class EncoderConfig(StrictModel):
+    """How one modality's raw items (text, images, audio) became its tokens or latents; an encoder plugin's own
+    settings subclass this model.
+
+    ``discrete`` says whether the encoder gives token ids or latent vectors; :meth:`size` its vocabulary size
+    or latent width when the settings alone fix it (``None`` when it is known only once the encoder is fitted or
+    loaded, as a trained tokenizer's vocabulary is).
+    """
+
+    discrete: ClassVar[bool] = True
+
+    kind: str = Field(description="Name of a registered encoder, e.g. `bytes`.")
+
+    def size(self) -> int | None:
+        """The vocabulary size (discrete) or latent width (continuous) these settings give, if they fix it."""
+        return None
+
+
+def check_encoder_fits(name: str, encoder: EncoderConfig, discrete: bool, size: int) -> None:
+    """Refuse a modality of ``size`` (vocab_size if ``discrete``, else latent_dim) that ``encoder``'s output
+    does not fit: another form, a smaller vocabulary or another latent width."""
+    form, field = ("discrete", "vocab_size") if discrete else ("continuous", "latent_dim")
+    if encoder.discrete != discrete:
+        other = "token ids" if encoder.discrete else "latent vectors"
+        raise SpecError(f"modality {name!r} is {form} but its encoder {encoder.kind!r} gives {other}")
+    wanted = encoder.size()
+    if wanted is not None and (size < wanted if discrete else size != wanted):
+        need = f"at least {wanted}" if discrete else f"{wanted}"
+        raise SpecError(f"modality {name!r} has {field} {size} but its encoder {encoder.kind!r} gives "
+                        f"{'ids 0..' + str(wanted - 1) if discrete else 'vectors of ' + str(wanted)}; valid "
+                        f"{field}: {need}")
+
+
 class ModalityConfig(StrictModel):
     """Settings of one modality of a spec; a modality plugin's own settings subclass this model.
 
@@ -49,6 +82,10 @@ class ModalityConfig(StrictModel):
     latent_dim: int | None = Field(None, gt=0, description="Dimension of continuous latent vectors.")
     tie_embeddings: bool = Field(False, description="Discrete modalities: the head's weight is the adapter's "
                                                     "embedding matrix (tied input and output embeddings).")
+    encoder: SerializeAsAny[EncoderConfig] | None = Field(
+        None, description="How `momkit convert` turns this modality's raw items into its tokens or latents: a "
+                          "registered encoder name or `{kind, ...options}`, e.g. `bytes`, `{kind: hf_tokenizer, "
+                          "train_size: 4096}`, `{kind: vq, codes: 1024}`; `null`: the data is already tokenized.")
 
     @model_validator(mode="before")
     @classmethod
@@ -71,6 +108,8 @@ class ModalityConfig(StrictModel):
                             f"not to continuous ones (latent_dim {self.latent_dim}); valid: false")
         if self.name is None:
             self.name = self.kind
+        if self.encoder is not None:
+            check_encoder_fits(self.name, self.encoder, self.discrete, self.vocab_size or self.latent_dim)
         return self
 
     @property

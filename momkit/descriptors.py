@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from momkit.blocks import Block
-from momkit.configs import BackboneConfig, DatasetConfig, ModalityConfig, ObjectiveConfig
+from momkit.configs import BackboneConfig, DatasetConfig, EncoderConfig, ModalityConfig, ObjectiveConfig
 from momkit.errors import PluginError, SpecError
 
-__all__ = ["Backbone", "Dataset", "Modality", "Objective", "ScanBackend"]
+__all__ = ["Backbone", "Dataset", "Encoder", "Logger", "Modality", "Objective", "ScanBackend"]
 
 
 @dataclass(frozen=True)
@@ -145,12 +145,19 @@ class Dataset:
             of ``(batch_size, seq_len)`` sequences, the same for the same index, packed documents marked by
             ``seq_idx``; ``source.num_batches(batch_size)`` is ``None`` for an endless split, else how many
             distinct batches it has, ``batch(i)`` then being ``batch(i % num_batches)`` (epochs).
-        convert: Optional ``convert(input_path, out_dir, modalities) -> Path`` turning a user's files into a
-            faster format the dataset reads (``momkit convert`` calls it).
+        convert: Optional ``convert(input_path, out_dir, modalities, **options) -> Path`` turning a user's files
+            into a format the dataset reads (``momkit convert`` calls it with its options ``source``, ``columns``,
+            ``on_error``, ``batch_size``, ``device``, ``split``, ``glob``, ``images``).
         decoders: Optional ``decoders(config, modalities) -> {name: decoder}`` for the modalities whose items it
             can turn back into images (``momkit sample`` draws them): ``decoder.length`` is the positions of
             one image, ``decoder.decode(values)`` maps ``(n, length)`` tokens or ``(n, length, latent_dim)``
-            latents to ``(n, height, width, 3)`` uint8 RGB images and ``decoder.encode`` back.
+            latents to ``(n, height, width, 3)`` uint8 RGB images and ``decoder.encode`` back. A text
+            modality's decoder (no ``length``; ``encode([text])`` gives its ids) writes ``momkit sample``'s prompts.
+        check: Optional ``check(config, modalities)``: ``momkit validate`` calls it to refuse data that does not
+            fit the spec (raising :class:`momkit.SpecError`), without building a split.
+
+    A source may also have ``token_bytes``, ``{name: (vocab_size,) int64}`` UTF-8 bytes of each token of its
+    text modalities; the evaluation then reports bits per byte (``bpb/<name>``).
     """
 
     name: str
@@ -159,6 +166,7 @@ class Dataset:
     build: Callable
     convert: Callable | None = None
     decoders: Callable | None = None
+    check: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,47 @@ class Logger:
     name: str
     description: str
     open: Callable
+
+
+ENCODER_INPUTS = ("text", "image", "audio")
+"""What an encoder reads: ``str`` texts, images (PIL images or ``(h, w, 3)`` uint8 arrays), or audio clips
+``(samples, sample_rate)`` with ``samples`` a 1-D float array in ``[-1, 1]``."""
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """An encoder: one modality's raw items in, that modality's token ids or latent vectors out (and back).
+
+    Attributes:
+        name: The ``kind`` a modality's ``encoder`` setting selects it by.
+        description: One line for ``momkit plugins`` and the docs.
+        inputs: What it reads, one of :data:`ENCODER_INPUTS`.
+        config: Pydantic model of its settings, a subclass of :class:`momkit.configs.EncoderConfig`.
+        open: ``open(config, directory, device) -> codec``. ``directory`` (a ``Path``) holds what the encoder
+            fitted, kept beside the shards; it is empty before fitting. The codec has:
+
+            - ``fit_items``: how many raw items it wants to see before encoding (0: none); ``momkit convert``
+              then calls ``fit(items)``, which fits and writes its state into ``directory``;
+            - ``size``: the vocabulary size or latent width it gives (once fitted or loaded);
+            - ``encode(items) -> list`` of ``(n,)`` int64 ids or ``(n, latent_dim)`` float32 vectors, one per
+              item; it raises :class:`momkit.SpecError` for an item it cannot encode;
+            - optionally ``decode(values)``: image encoders map ``(k, length)`` ids or ``(k, length, d)``
+              latents to ``(k, height, width, 3)`` uint8 images (``length``: positions of one image); text
+              encoders map a list of ids to a string;
+            - optionally, text encoders, ``token_bytes() -> (size,)`` int64 UTF-8 bytes of each token, for
+              bits per byte.
+    """
+
+    name: str
+    description: str
+    inputs: str
+    config: type[EncoderConfig]
+    open: Callable
+
+    def __post_init__(self) -> None:
+        if self.inputs not in ENCODER_INPUTS:
+            raise PluginError(f"encoder {self.name!r} reads {self.inputs!r}; valid inputs: "
+                              f"{', '.join(ENCODER_INPUTS)}")
 
 
 def _always() -> bool:

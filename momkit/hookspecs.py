@@ -101,3 +101,13 @@ def momkit_loggers():
     A logger receives every line of a run's ``metrics.jsonl`` as it is written; a spec's ``train.loggers``
     selects them by name.
     """
+
+
+@hookspec
+def momkit_encoders():
+    """Return the encoders this plugin provides, a list of :class:`momkit.descriptors.Encoder`.
+
+    An encoder turns one modality's raw items (text, images, audio) into that modality's tokens or latents,
+    and, where it can, back. ``momkit convert`` runs the encoder that a modality's ``encoder`` setting names
+    and stores what it fitted (a tokenizer, a codebook) beside the shards; ``momkit sample`` decodes with it.
+    """

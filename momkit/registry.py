@@ -10,7 +10,7 @@ from typing import Iterator
 import pluggy
 
 from momkit import hookspecs
-from momkit.descriptors import Backbone, Dataset, Logger, Modality, Objective, ScanBackend
+from momkit.descriptors import Backbone, Dataset, Encoder, Logger, Modality, Objective, ScanBackend
 from momkit.errors import PluginError, SpecError
 
 ENTRY_POINT_GROUP = "momkit"
@@ -22,6 +22,7 @@ KINDS = {
     "scan_backend": ("momkit_scan_backends", ScanBackend),
     "dataset": ("momkit_datasets", Dataset),
     "logger": ("momkit_loggers", Logger),
+    "encoder": ("momkit_encoders", Encoder),
 }
 """Each kind of registered name: ``{kind: (hook name, descriptor type)}``."""
 
@@ -37,7 +38,7 @@ class Entry:
 
 
 class Registry:
-    """Every registered modality, backbone, objective, scan backend and dataset, indexed by name.
+    """Every registered modality, backbone, objective, scan backend, dataset, logger and encoder, by name.
 
     Built from the ``momkit`` entry-point group by :meth:`from_entry_points`; plugins may also be added with
     :meth:`register` (for tests and notebooks) before the first look-up.
@@ -147,6 +148,11 @@ class Registry:
     def loggers(self) -> dict[str, Logger]:
         """``{name: Logger}`` of every registered experiment logger."""
         return self._descriptors("logger")
+
+    @property
+    def encoders(self) -> dict[str, Encoder]:
+        """``{name: Encoder}`` of every registered encoder."""
+        return self._descriptors("encoder")
 
 
 _current: Registry | None = None

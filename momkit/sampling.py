@@ -1,7 +1,7 @@
 """``momkit sample``: images (or any span of one modality) drawn by a trained model after text prompts.
 
-Each prompt is UTF-8 text of the model's byte-level text modality; after its last byte the schedule asks for
-one item of the target modality (``count`` positions, an image's for a dataset that can decode images), which
+Each prompt is text of the model's text modality, written as UTF-8 bytes, or by the text encoder of the data
+when it has one (a tokenizer the data was converted with); after its last token the schedule asks for one item of the target modality (``count`` positions, an image's for a dataset that can decode images), which
 :func:`momkit.generation.generate` samples: token by token for a discrete modality (VQ codes), as one denoised
 span for a continuous one (latents). Where the spec's dataset has a decoder for the target modality (the
 built-in ``shapes`` has one for its image stream), the samples are drawn as pixels into a PNG grid, one row
@@ -47,19 +47,28 @@ class Samples:
     per_prompt: int
 
 
-def _text_modality(model: Model) -> int:
+def _prompts(model: Model, prompts: list[str], codecs: dict) -> tuple[int, list[list[int]]]:
+    """The text modality's id and each prompt's token ids: by the data's text encoder, else UTF-8 bytes."""
+    for i, m in enumerate(model.modalities):
+        if m.discrete and m.kind == "text" and m.name in codecs:
+            return i, [[int(t) for t in codecs[m.name].encode([p])[0]] for p in prompts]
     for i, m in enumerate(model.modalities):
         if m.discrete and m.kind == "text" and m.vocab_size >= BYTES:
-            return i
+            return i, [list(p.encode()) for p in prompts]
     raise SpecError(f"momkit sample writes prompts as UTF-8 bytes and needs a text modality of vocab_size >= "
                     f"{BYTES}; this model's modalities: {', '.join(m.name for m in model.modalities)}")
 
 
-def _target(model: Model, name: str | None, count: int | None):
-    """``(modality name, positions per item, decoder or None)``."""
+def _decoders(model: Model) -> dict:
     dataset = model.spec.dataset()
     describe = get_registry().get("dataset", dataset.kind)
-    decoders = describe.decoders(dataset, model.modalities) if describe.decoders is not None else {}
+    return describe.decoders(dataset, model.modalities) if describe.decoders is not None else {}
+
+
+def _target(model: Model, name: str | None, count: int | None, codecs: dict):
+    """``(modality name, positions per item, decoder or None)``."""
+    dataset = model.spec.dataset()
+    decoders = {name: d for name, d in codecs.items() if hasattr(d, "length")}
     names = [m.name for m in model.modalities]
     if name is None:
         if not decoders:
@@ -88,9 +97,10 @@ def sample(model: Model, prompts: list[str], *, per_prompt: int = 1, modality: s
         raise SpecError(f"give at least one non-empty prompt, got {prompts!r}")
     if per_prompt < 1:
         raise SpecError(f"per_prompt must be a positive int, got {per_prompt}")
-    text = _text_modality(model)
-    name, count, decoder = _target(model, modality, count)
-    encoded = [list(p.encode()) for p in prompts for _ in range(per_prompt)]
+    codecs = _decoders(model)
+    text, ids = _prompts(model, prompts, codecs)
+    name, count, decoder = _target(model, modality, count, codecs)
+    encoded = [e for e in ids for _ in range(per_prompt)]
     length = max(map(len, encoded))
     device = next(model.parameters()).device
     tokens = torch.tensor([e + [0] * (length - len(e)) for e in encoded], device=device)

@@ -14,11 +14,11 @@ from typing import Any, ClassVar, Mapping, Union
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from momkit.configs import BackboneConfig, DatasetConfig, ModalityConfig, ObjectiveConfig, StrictModel
+from momkit.configs import BackboneConfig, DatasetConfig, EncoderConfig, ModalityConfig, ObjectiveConfig, StrictModel
 from momkit.errors import SpecError
 from momkit.registry import get_registry
 
-__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "ExpertsSpec", "LayerSpec", "ModalityConfig",
+__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "EncoderConfig", "ExpertsSpec", "LayerSpec", "ModalityConfig",
            "ModelSpec", "ObjectiveConfig", "ParallelConfig", "Routed", "RoutingSpec", "StrictModel", "TrainConfig",
            "flatten", "load_spec", "read_mapping", "set_field"]
 
@@ -140,6 +140,16 @@ def _config_of(kind: str, value: Any) -> StrictModel:
     return get_registry().get(kind, value["kind"]).config.model_validate(value)
 
 
+def _with_encoder(entry: Any) -> Any:
+    """A modality entry whose ``encoder`` (a name or a mapping) is validated by that encoder's config model."""
+    if isinstance(entry, StrictModel):
+        entry = entry.model_dump(exclude_unset=True)
+    encoder = entry.get("encoder") if isinstance(entry, dict) else None
+    if encoder is None:
+        return entry
+    return {**entry, "encoder": _config_of("encoder", {"kind": encoder} if isinstance(encoder, str) else encoder)}
+
+
 KERNEL_OPERATIONS = ("selective_scan", "ssd_scan", "routed_linear", "selective_state_update", "conv_state_update")
 """The kernel operations of :mod:`momkit.ops`, the keys a per-operation ``scan_backend`` may give."""
 
@@ -178,7 +188,8 @@ class BlockSpec(StrictModel):
         configs, errors = [], []
         for i, entry in enumerate(value):
             try:
-                configs.append(_config_of("modality", {"kind": entry} if isinstance(entry, str) else entry))
+                configs.append(_config_of("modality", _with_encoder({"kind": entry} if isinstance(entry, str)
+                                                                   else entry)))
             except ValidationError as exc:
                 errors += [{**_init_details(err), "loc": (i, *err["loc"])} for err in exc.errors()]
             except ValueError as exc:

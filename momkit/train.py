@@ -36,13 +36,13 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
     set_state_dict
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from tqdm import tqdm
 
 from momkit.accounting import account
 from momkit.errors import SpecError
 from momkit.experts import RouterSummary, mutual_information
-from momkit.model import Model, save_model
+from momkit.model import Model, ModelOutput, save_model
 from momkit.pretrained import SUITE_SOURCE, fill, frozen, load
 from momkit.registry import get_registry
 from momkit.routing import decays
@@ -171,9 +171,10 @@ class _Objectives:
             weights.append(config.weight)
         return cls(losses, weights, spec.modality_names)
 
-    def evaluate(self, model: Model, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict, RouterSummary]:
-        """Weighted training loss, ``{name: (loss_sum, count)}`` of one batch, and the routers' summary of a model
-        with learned experts (``None`` without), whose auxiliary loss the training loss includes.
+    def evaluate(self, model: Model, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict, ModelOutput]:
+        """Weighted training loss, ``{name: (loss_sum, count)}`` of one batch, and the model's output (its
+        ``router``: the routers' summary of a model with learned experts, whose auxiliary loss the training loss
+        includes).
 
         A modality without predictions in the batch adds its (zero) empty sum, so that its head still takes
         part in the backward pass with a zero gradient.
@@ -190,7 +191,7 @@ class _Objectives:
             total = total + weight * summed / max(count, 1)
         if output.router is not None:
             total = total + output.router.aux_loss
-        return total, parts, output.router
+        return total, parts, output
 
 
 class _Log:
@@ -274,14 +275,19 @@ def _move(batch, device: torch.device):
 @torch.no_grad()
 def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec, device: torch.device,
              autocast, ranks: _Ranks) -> dict:
-    """Mean loss per modality (and perplexity for discrete ones) over the held-out batches, which the ranks
-    share; torchmetrics sums the means' states over the ranks.
+    """Mean loss per modality (and perplexity for discrete ones, and bits per byte for those whose token bytes
+    the source gives) over the held-out batches, which the ranks share; torchmetrics sums the means' states over
+    the ranks.
 
     Every rank runs the same number of forward passes (a sharded model gathers its parameters collectively);
     a rank past the last batch repeats one and does not count it.
     """
     model.eval()
     means = {name: MeanMetric().to(device) for name in objectives.names}
+    token_bytes = {name: torch.as_tensor(table, device=device)
+                   for name, table in getattr(source, "token_bytes", {}).items()}
+    nats = {name: SumMetric().to(device) for name in token_bytes}
+    counted_bytes = {name: SumMetric().to(device) for name in token_bytes}
     loads = None
     available = source.num_batches(spec.train.batch_size)
     count_batches = spec.train.eval_batches
@@ -291,10 +297,14 @@ def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec,
         batch = _move(source.batch(index % available if available else index, spec.train.batch_size), device)
         generator = torch.Generator().manual_seed(spec.train.seed * 7919 + index)
         with autocast():
-            _, parts, router = objectives.evaluate(model, batch, generator)
+            _, parts, output = objectives.evaluate(model, batch, generator)
+        router = output.router
         for name, (summed, count) in parts.items():
             if count and i < count_batches:
                 means[name].update(summed.detach().float() / count, weight=count)
+                if name in token_bytes:
+                    nats[name].update(summed.detach().float())
+                    counted_bytes[name].update(token_bytes[name][batch.tokens[output.targets[name]]].sum())
         if router is not None:
             counted = router.counts if i < count_batches else torch.zeros_like(router.counts)
             loads = counted if loads is None else loads + counted
@@ -307,6 +317,9 @@ def evaluate(model: nn.Module, objectives: _Objectives, source, spec: ModelSpec,
             record[f"loss/{modality.name}"] = value
             if modality.discrete:
                 record[f"ppl/{modality.name}"] = math.exp(min(value, 50.0))
+            if modality.name in token_bytes and float(counted_bytes[modality.name].compute()):
+                record[f"bpb/{modality.name}"] = (float(nats[modality.name].compute()) / math.log(2)
+                                                  / float(counted_bytes[modality.name].compute()))
     record["loss"] = sum(v for k, v in record.items() if k.startswith("loss/"))
     return record
 
@@ -441,10 +454,10 @@ class _Trainer:
             batch = _move(self.train_source.batch(index, t.batch_size), self.device)
             generator = torch.Generator().manual_seed(t.seed * 1_000_003 + index)
             with self.autocast():
-                loss, parts, router = self.objectives.evaluate(self.wrapped, batch, generator)
+                loss, parts, output = self.objectives.evaluate(self.wrapped, batch, generator)
             loss = loss * ranks.world / t.grad_accum
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            stats.add(parts, batch, self.per_token, router)
+            stats.add(parts, batch, self.per_token, output.router)
         stats = stats.summed(ranks)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

@@ -2,16 +2,16 @@
 documents, or their memory-mapped shards) and ``synthetic`` (random documents, for tests).
 
 Each is a :class:`momkit.descriptors.Dataset` whose ``build`` returns a
-:class:`momkit.plugins.data.packing.PackedSource`. :func:`convert_jsonl` writes the shards that
-``data: {kind: jsonl, shards: ...}`` reads.
+:class:`momkit.plugins.data.packing.PackedSource`. :func:`convert` (``momkit convert``) writes the shards that
+``data: {kind: jsonl, shards: ...}`` reads, from pre-tokenized documents or raw text, images and audio.
 """
 
 from momkit import hookimpl
 from momkit.descriptors import Dataset
 from momkit.plugins.data import jsonl, shapes, synthetic
-from momkit.plugins.data.jsonl import convert_jsonl
+from momkit.plugins.data.convert import convert
 
-__all__ = ["convert_jsonl"]
+__all__ = ["convert"]
 
 
 @hookimpl
@@ -20,8 +20,10 @@ def momkit_datasets():
         Dataset(name="shapes", description="procedural captioned images with spoken captions (built in, no "
                                            "download)", config=shapes.ShapesConfig, build=shapes.build,
                 decoders=shapes.decoders),
-        Dataset(name="jsonl", description="your own pre-tokenized documents: a JSON-lines file or its shards",
-                config=jsonl.JsonlConfig, build=jsonl.build, convert=convert_jsonl),
+        Dataset(name="jsonl", description="your own documents: a pre-tokenized JSON-lines file, or shards that "
+                                          "momkit convert writes from it or from raw text, images and audio",
+                config=jsonl.JsonlConfig, build=jsonl.build, convert=convert, decoders=jsonl.decoders,
+                check=jsonl.check),
         Dataset(name="synthetic", description="random documents of random modalities (for tests)",
                 config=synthetic.SyntheticConfig, build=synthetic.build),
     ]

@@ -181,11 +181,14 @@ class PackedSource:
         seq_len: Positions per row.
         store: The split's documents.
         layout: A :class:`StreamLayout` or :class:`StridedLayout` over ``store``.
+        token_bytes: ``{name: (vocab_size,) int64}`` UTF-8 bytes of each token of the text modalities whose
+            encoder is known, for the evaluation's bits per byte.
     """
 
     def __init__(self, modalities: Sequence[ModalityConfig], seq_len: int, store: Store,
-                 layout: StreamLayout | StridedLayout):
+                 layout: StreamLayout | StridedLayout, token_bytes: dict[str, np.ndarray] | None = None):
         self.modalities, self.seq_len, self.store, self.layout = list(modalities), seq_len, store, layout
+        self.token_bytes = token_bytes or {}
 
     def num_batches(self, batch_size: int) -> int | None:
         """``None`` for an endless split, else the number of distinct batches of ``batch_size`` rows."""

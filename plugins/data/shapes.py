@@ -44,6 +44,7 @@ from pydantic import Field, field_validator, model_validator
 
 from momkit.errors import SpecError
 from momkit.plugins.data import kmeans
+from momkit.plugins.data.encoders import patchify, unpatchify
 from momkit.plugins.data.packing import (Chunk, PackedSource, Piece, StreamLayout, StridedLayout, check_split,
                                          keyed_seed, segment)
 from momkit.spec import DatasetConfig, ModalityConfig
@@ -184,10 +185,7 @@ def render(scenes: Sequence[Scene], image_size: int) -> np.ndarray:
 def patches(images: np.ndarray, patch_size: int) -> np.ndarray:
     """``(n, g * g, p * p * 3)`` float64 pixel values of the non-overlapping patches of ``images (n, s, s, 3)``,
     in raster order (``g = s / p``)."""
-    n, s = images.shape[:2]
-    g = s // patch_size
-    grid = images.reshape(n, g, patch_size, g, patch_size, 3).transpose(0, 1, 3, 2, 4, 5)
-    return grid.reshape(n, g * g, patch_size * patch_size * 3).astype(np.float64)
+    return patchify(images, patch_size).astype(np.float64)
 
 
 def speech_features(caption: str, length: int) -> np.ndarray:
@@ -349,9 +347,7 @@ class ImageCodec:
         else:
             pca = self.pca
             pixels = ((np.asarray(values, dtype=np.float64) * pca["scale"]) @ pca["projection"].T + pca["mean"]) * 255
-        n, g, p = len(pixels), self.image_size // self.patch_size, self.patch_size
-        grid = np.clip(np.rint(pixels), 0, 255).astype(np.uint8).reshape(n, g, g, p, p, 3)
-        return grid.transpose(0, 1, 3, 2, 4, 5).reshape(n, self.image_size, self.image_size, 3)
+        return unpatchify(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), self.patch_size)
 
 
 class ShapesStore:
@@ -437,9 +433,11 @@ def build(config: ShapesConfig, modalities: Sequence[ModalityConfig], split: str
     """The ``split`` of ``shapes`` as batches of ``seq_len`` positions (see the module docstring)."""
     check_split(split, seq_len)
     store = ShapesStore(config, modalities, split)
+    text = {modalities[store.ids["text"]].name: np.ones(modalities[store.ids["text"]].vocab_size, dtype=np.int64)
+            } if "text" in store.ids else {}
     documents = config.num_documents if split == "train" else config.eval_documents
     if documents is None:
-        return PackedSource(modalities, seq_len, store, StridedLayout(store.length, seq_len, store.min_length))
+        return PackedSource(modalities, seq_len, store, StridedLayout(store.length, seq_len, store.min_length), text)
     offsets = np.concatenate([[0], np.cumsum(store.length(np.arange(documents)))])
     layout = StreamLayout(offsets, seq_len, name=f"the {split} split of shapes ({documents} documents)")
-    return PackedSource(modalities, seq_len, store, layout)
+    return PackedSource(modalities, seq_len, store, layout, text)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import momkit
-from momkit.plugins.data import convert_jsonl, kmeans, shapes
+from momkit.plugins.data import convert, kmeans, shapes
 from momkit.plugins.data.packing import Piece
 from momkit.registry import get_registry
 from momkit.spec import ModelSpec
@@ -287,8 +287,8 @@ def test_jsonl_bad_lines_name_the_line_and_field(line, message, tmp_path):
     with pytest.raises(ValueError, match=f"bad.jsonl, {message}"):
         source(spec)
     with pytest.raises(ValueError, match=f"bad.jsonl, {message}"):
-        convert_jsonl(path, tmp_path / "shards", spec.modalities)
-    assert not (tmp_path / "shards").exists() and list(tmp_path.iterdir()) == [path]
+        convert(path, tmp_path / "shards", spec.modalities, progress=False)
+    assert not (tmp_path / "shards").exists() and (tmp_path / ".shards.partial").is_dir()
 
 
 def test_jsonl_config_and_split_errors(tmp_path):
@@ -309,8 +309,8 @@ def test_shards_read_the_same_batches_as_the_jsonl_file(tmp_path):
     eval_path = tmp_path / "eval.jsonl"
     eval_path.write_text("\n".join(random_documents(make_spec(TEXT_LATENT_SPEECH, None).modalities, 30, 1)))
     spec = make_spec(TEXT_LATENT_SPEECH, {"kind": "jsonl", "path": str(path)})
-    out = convert_jsonl(path, tmp_path / "shards", spec.modalities)
-    convert_jsonl(eval_path, tmp_path / "eval-shards", spec.modalities)
+    out = convert(path, tmp_path / "shards", spec.modalities)
+    convert(eval_path, tmp_path / "eval-shards", spec.modalities)
     header = json.loads((out / "header.json").read_text())
     assert header["documents"] == 80 and [m["name"] for m in header["modalities"]] == ["text", "image_latent",
                                                                                         "speech"]
@@ -331,7 +331,7 @@ def test_shards_read_the_same_batches_as_the_jsonl_file(tmp_path):
         [[spec.modalities[i].name for i in row] for row in b.modality.tolist()]
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.latents["image_latent"], b.latents["image_latent"])
     with pytest.raises(ValueError, match="is not an empty directory"):
-        convert_jsonl(path, out, spec.modalities)
+        convert(path, out, spec.modalities)
 
 
 @pytest.mark.parametrize("modalities, dtype", [
@@ -341,7 +341,7 @@ def test_shards_read_the_same_batches_as_the_jsonl_file(tmp_path):
 def test_shards_store_tokens_in_the_smallest_unsigned_type(modalities, dtype, tmp_path):
     path = jsonl_file(tmp_path, modalities, count=40)
     spec = make_spec(modalities, {"kind": "jsonl", "path": str(path)})
-    out = convert_jsonl(path, tmp_path / "shards", spec.modalities)
+    out = convert(path, tmp_path / "shards", spec.modalities)
     header = json.loads((out / "header.json").read_text())
     assert header["version"] == 2 and header["arrays"]["tokens"]["dtype"] == dtype
     assert (out / "tokens.bin").stat().st_size == header["positions"] * np.dtype(dtype).itemsize
@@ -354,7 +354,7 @@ def test_shards_store_tokens_in_the_smallest_unsigned_type(modalities, dtype, tm
 def test_version_1_shards_with_int64_tokens_are_still_read(tmp_path):
     path = jsonl_file(tmp_path, TEXT_LATENT_SPEECH, count=40)
     spec = make_spec(TEXT_LATENT_SPEECH, {"kind": "jsonl", "path": str(path)})
-    out = convert_jsonl(path, tmp_path / "shards", spec.modalities)
+    out = convert(path, tmp_path / "shards", spec.modalities)
     header = json.loads((out / "header.json").read_text())
     tokens = np.fromfile(out / "tokens.bin", dtype=header["arrays"]["tokens"]["dtype"])
     tokens.astype(np.int64).tofile(out / "tokens.bin")
@@ -383,7 +383,7 @@ def test_version_1_shards_with_int64_tokens_are_still_read(tmp_path):
 ])
 def test_shards_must_fit_the_spec(modalities, message, tmp_path):
     path = jsonl_file(tmp_path, TEXT_LATENT_SPEECH)
-    out = convert_jsonl(path, tmp_path / "shards", make_spec(TEXT_LATENT_SPEECH, None).modalities)
+    out = convert(path, tmp_path / "shards", make_spec(TEXT_LATENT_SPEECH, None).modalities)
     with pytest.raises(ValueError, match=message):
         source(make_spec(modalities, {"kind": "jsonl", "shards": str(out)}))
 
