@@ -1,10 +1,14 @@
-"""A plugin installed as its own distribution adds a modality, a dataset and a backbone; a spec trains on them,
-and the plugin's own tests run momkit's block contract checks on its backbone."""
+"""A plugin installed as its own distribution adds a modality, a dataset, a backbone and an encoder; a spec trains
+on them, data converts through the encoder, and the plugin's own tests run momkit's block contract checks on its
+backbone."""
 
 import os
 import subprocess
 import sys
+import wave
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import yaml
@@ -44,6 +48,37 @@ def test_plugin_registers_through_its_entry_point(installed):
     assert registry.tables["modality"]["sensor"].distribution == "momkit-sensors"
     assert registry.tables["dataset"]["sine_waves"].distribution == "momkit-sensors"
     assert registry.tables["backbone"]["ema"].distribution == "momkit-sensors"
+    assert registry.tables["encoder"]["waveform"].distribution == "momkit-sensors"
+
+
+def test_plugin_encoder_converts_recordings_for_training(installed, tmp_path):
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    for hertz in range(1, 9):
+        samples = (np.sin(2 * np.pi * hertz * np.arange(64) / 64) * 32000).astype(np.int16)
+        with wave.open(str(recordings / f"{hertz}.wav"), "wb") as clip:
+            clip.setnchannels(1)
+            clip.setsampwidth(2)
+            clip.setframerate(64)
+            clip.writeframes(samples.tobytes())
+        (recordings / f"{hertz}.txt").write_text(f"wave {hertz} hz")
+    spec = {"name": "recordings", "modalities": [{"kind": "text", "encoder": "bytes"},
+                                                 {"kind": "sensor", "latent_dim": 4,
+                                                  "encoder": {"kind": "waveform", "channels": 4}}],
+            "backbone": {"kind": "ema", "d_model": 16, "n_layers": 1}, "routing": {"specific": "all"},
+            "data": {"kind": "jsonl", "shards": str(tmp_path / "shards"), "eval_fraction": 0.25},
+            "train": {"steps": 3, "batch_size": 2, "seq_len": 32, "eval_every": 3, "eval_batches": 1,
+                      "device": "cpu"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")])}
+    for command in (["convert", str(tmp_path / "spec.yaml"), str(recordings), str(tmp_path / "shards"),
+                     "--columns", "text=text,audio=sensor"],
+                    ["train", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "run")]):
+        result = subprocess.run([sys.executable, "-m", "momkit", *command], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    header = yaml.safe_load((tmp_path / "shards" / "header.json").read_text())
+    assert header["encoders"]["sensor"] == {"config": {"kind": "waveform", "channels": 4}, "size": 4}
+    assert header["modalities"][1]["positions"] == 8 * 16
 
 
 @pytest.mark.parametrize("plugin", [PLUGIN, UMAMBA], ids=lambda p: p.name)

@@ -4,9 +4,11 @@
 - dataset ``sine_waves``: documents made of a text caption ("wave 3 hz") followed by a recording of that
   sine wave, so that a model can learn to denoise or predict a recording from its caption;
 - backbone ``ema``: a gated exponential moving average over time (:mod:`momkit_sensors.ema`), whose tests
-  (``tests/``) run momkit's block contract checks.
+  (``tests/``) run momkit's block contract checks;
+- encoder ``waveform``: a recording (audio) as sensor readings, ``latent_dim`` consecutive samples per position,
+  so that ``momkit convert`` turns a folder of WAV files with captions into ``sensor`` data.
 
-momkit finds both through the ``momkit`` entry point in this package's ``pyproject.toml``.
+momkit finds them all through the ``momkit`` entry point in this package's ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import torch
 from pydantic import Field
 
 from momkit import Batch, hookimpl
-from momkit.descriptors import Backbone, Dataset, Modality
+import numpy as np
+
+from momkit.configs import EncoderConfig
+from momkit.descriptors import Backbone, Dataset, Encoder, Modality
 from momkit.errors import SpecError
 from momkit.spec import DatasetConfig, ModalityConfig
 from momkit_sensors import ema
@@ -82,6 +87,44 @@ class SineWaves:
         return Batch(modality=torch.tensor([r[0] for r in rows]), tokens=torch.tensor([r[1] for r in rows]),
                      latents={self.sensor_name: torch.stack([r[2] for r in rows])},
                      seq_idx=torch.tensor([r[3] for r in rows]))
+
+
+class WaveformConfig(EncoderConfig):
+    """Raw samples of a recording, `channels` consecutive ones per position (the last, partial frame dropped)."""
+
+    discrete = False
+
+    channels: int = Field(4, ge=1, description="Samples per position: the sensor modality's latent_dim.")
+
+    def size(self) -> int:
+        return self.channels
+
+
+class Waveform:
+    """The codec of ``waveform``: nothing to fit; decodes back to a recording."""
+
+    fit_items = 0
+
+    def __init__(self, config: WaveformConfig):
+        self.size = config.channels
+
+    def encode(self, clips) -> list[np.ndarray]:
+        frames = []
+        for samples, _rate in clips:
+            count = len(samples) // self.size
+            if not count:
+                raise SpecError(f"a recording of {len(samples)} samples is shorter than one frame of {self.size}")
+            frames.append(np.asarray(samples[:count * self.size], dtype=np.float32).reshape(count, self.size))
+        return frames
+
+    def decode(self, values) -> np.ndarray:
+        return np.asarray(values).reshape(-1)
+
+
+@hookimpl
+def momkit_encoders():
+    return [Encoder(name="waveform", description="a recording as sensor readings (example plugin)", inputs="audio",
+                    config=WaveformConfig, open=lambda config, directory, device: Waveform(config))]
 
 
 @hookimpl
