@@ -308,10 +308,12 @@ def report(out_dir: str | Path) -> list[dict]:
     curves = {v: [run_dir(out, v, s).eval_curve() for s in meta["seeds"]] for v in meta["variants"]}
     finished = {v: all(run_dir(out, v, s).finished for s in meta["seeds"]) for v in meta["variants"]}
     keys = sorted({k for cs in curves.values() for c in cs for r in c for k in r if k.startswith("loss/")})
+    keys += [k for k in sorted({k for cs in curves.values() for c in cs for r in c for k in r
+                                if k.startswith("bpb/")}) if _tokenizations_differ(curves, k)]
     base = meta["baseline"]
     rows = []
     for key in keys:
-        modality = key[len("loss/"):]
+        metric, modality = key.split("/", 1)
         base_curve = _mean_curve(curves[base], key)
         for variant in meta["variants"]:
             finals = [c[-1][key] for c in curves[variant] if c and key in c[-1]]
@@ -320,7 +322,8 @@ def report(out_dir: str | Path) -> list[dict]:
             mean = sum(finals) / len(finals)
             std = math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) if len(finals) > 1 else 0.0
             curve = _mean_curve(curves[variant], key)
-            row = {"variant": variant, "modality": modality, "loss": mean, "std": std, "seeds": len(finals),
+            row = {"variant": variant, "modality": modality, "metric": metric, "loss": mean, "std": std,
+                   "seeds": len(finals),
                    "finished": finished[variant], "gain": None, "flops_to_match": None,
                    "curve_noise": curve_noise(curve)}
             if base_curve:
@@ -334,6 +337,16 @@ def report(out_dir: str | Path) -> list[dict]:
     _plot(out, meta, curves, keys)
     _plot_loads(out, routers)
     return rows
+
+
+def _tokenizations_differ(curves: dict, key: str) -> bool:
+    """Whether the variants' tokens of ``key``'s modality cover different bytes per token (other tokenizers),
+    where per-token losses do not compare and bits per byte (``key``) does: the final evaluations' ratios of bits
+    per byte to loss differ."""
+    loss = "loss/" + key.split("/", 1)[1]
+    ratios = [c[-1][key] / c[-1][loss] for runs in curves.values() for c in runs
+              if c and key in c[-1] and c[-1].get(loss)]
+    return len(ratios) > 1 and max(ratios) - min(ratios) > 1e-6 * max(ratios)
 
 
 def _routers(curves: dict) -> dict[str, dict]:
@@ -358,8 +371,8 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 def _write_tables(out: Path, meta: dict, rows: list[dict], routers: dict[str, dict]) -> None:
     with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", "modality", "loss", "std", "seeds", "finished", "gain",
-                                               "flops_to_match", "curve_noise"])
+        writer = csv.DictWriter(f, fieldnames=["variant", "modality", "metric", "loss", "std", "seeds", "finished",
+                                               "gain", "flops_to_match", "curve_noise"])
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# {meta['name']}", "",
@@ -372,6 +385,13 @@ def _write_tables(out: Path, meta: dict, rows: list[dict], routers: dict[str, di
              "| modality | variant | loss | gain | FLOPs-to-match | curve noise |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        if r["metric"] == "bpb" and r is next(x for x in rows if x["metric"] == "bpb"):
+            lines += ["", "## Bits per byte", "",
+                      "The variants read the text through different tokenizers, so their per-token losses do not "
+                      "compare: the held-out loss in bits per UTF-8 byte of the predicted tokens does, with the same "
+                      "columns.", "",
+                      "| modality | variant | bits per byte | gain | FLOPs-to-match | curve noise |",
+                      "| --- | --- | --- | --- | --- | --- |"]
         reached = "not reached" if r["flops_to_match"] is None and r["gain"] is not None else \
             _fmt(r["flops_to_match"], "{:.1%}")
         status = "" if r["finished"] else " (unfinished)"
@@ -402,7 +422,7 @@ def _plot(out: Path, meta: dict, curves: dict, keys: list[str]) -> None:
 
     (out / "plots").mkdir(exist_ok=True)
     for key in keys:
-        modality = key[len("loss/"):]
+        metric, modality = key.split("/", 1)
         fig, ax = plt.subplots(figsize=(6, 4))
         for variant in meta["variants"]:
             curve = _mean_curve(curves[variant], key)
@@ -416,12 +436,12 @@ def _plot(out: Path, meta: dict, curves: dict, keys: list[str]) -> None:
                                     linewidth=0)
         ax.set_xlabel("training FLOPs")
         ax.set_yscale("log")
-        ax.set_ylabel(f"held-out loss ({modality}, log scale)")
+        ax.set_ylabel(f"held-out {'loss' if metric == 'loss' else 'bits per byte'} ({modality}, log scale)")
         ax.set_title(f"{meta['name']}: {modality} (seed mean; band: the seeds' range)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "plots" / f"loss_vs_flops_{modality}.png", dpi=120)
+        fig.savefig(out / "plots" / f"{metric}_vs_flops_{modality}.png", dpi=120)
         plt.close(fig)
 
 

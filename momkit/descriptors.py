@@ -208,6 +208,8 @@ class Encoder:
 
             - ``fit_items``: how many raw items it wants to see before encoding (0: none); ``momkit convert``
               then calls ``fit(items)``, which fits and writes its state into ``directory``;
+            - optionally ``save()``, which ``momkit convert`` calls to keep in ``directory`` what the codec
+              read from elsewhere (a tokenizer file), so that the shards decode on their own;
             - ``size``: the vocabulary size or latent width it gives (once fitted or loaded);
             - ``encode(items) -> list`` of ``(n,)`` int64 ids or ``(n, latent_dim)`` float32 vectors, one per
               item; it raises :class:`momkit.SpecError` for an item it cannot encode;

@@ -1,5 +1,6 @@
 """Every shipped example spec validates, builds, trains one step on CPU and generates."""
 
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,23 @@ def test_the_selectivity_suite_runs(tmp_path, capsys):
     for modality in ("text", "image", "speech"):
         for variant in ("selective", "dt_only", "BC_only", "none", "none_lin"):
             assert f"| {modality} | {variant}" in summary
+
+
+def test_the_bytes_vs_bpe_suite_runs(tmp_path, monkeypatch):
+    """The documented recipe on a few files of the standard library: two conversions, then the suite, which
+    compares the two tokenizations in bits per byte."""
+    pytest.importorskip("tokenizers")
+    examples = Path(__file__).parents[1] / "examples"
+    stdlib = sysconfig.get_paths()["stdlib"]
+    monkeypatch.chdir(tmp_path)
+    for name, out in (("text_bytes", "data/text-bytes"), ("text_bpe", "data/text-bpe")):
+        assert main(["convert", str(examples / f"{name}.yaml"), stdlib, out, "--source", "text",
+                     "--glob", "a*.py"]) == 0
+    tiny = ["train.batch_size=2", "train.seq_len=64", "train.eval_every=2", "train.eval_batches=2",
+            "backbone.d_model=16", "backbone.d_state=4"]
+    assert main(["ablate", str(examples / "suites" / "bytes_vs_bpe.yaml"), *tiny, "--out", "out", "--max-steps",
+                 "2", "--device", "cpu"]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    bits = summary[summary.index("## Bits per byte"):]
+    assert "| text | bytes" in bits and "| text | bpe" in bits
+    assert (tmp_path / "out" / "plots" / "bpb_vs_flops_text.png").is_file()

@@ -69,7 +69,7 @@ class _Codecs:
     """The encoders of the mapped modalities, opened on their state directory."""
 
     def __init__(self, modalities: Sequence[ModalityConfig], ids: set[int], directory: Path, device: torch.device):
-        self.codecs, self.reads = {}, {}
+        self.codecs, self.reads, self.names = {}, {}, [m.name for m in modalities]
         for i in sorted(ids):
             m = modalities[i]
             if m.encoder is None:
@@ -79,6 +79,8 @@ class _Codecs:
             encoder = get_registry().get("encoder", m.encoder.kind)
             self.codecs[i] = encoder.open(m.encoder, directory / m.name, device)
             self.reads[i] = encoder.inputs
+            if hasattr(self.codecs[i], "save"):
+                self.codecs[i].save()
 
     def fit(self, source: Source, columns: list[tuple[str, int]]) -> None:
         """Fit the codecs that want it on the first items of their fields (bad items left out here: the
@@ -100,6 +102,8 @@ class _Codecs:
                 break
         for i, codec in self.codecs.items():
             if i in wanted:
+                if not items[i]:
+                    raise SpecError(f"the encoder of modality {self.names[i]!r} has no readable item to fit on")
                 codec.fit(items[i])
 
     def check_sizes(self, modalities: Sequence[ModalityConfig]) -> None:
@@ -109,7 +113,8 @@ class _Codecs:
             if (size < codec.size) if m.discrete else (size != codec.size):
                 field = "vocab_size" if m.discrete else "latent_dim"
                 raise SpecError(f"modality {m.name!r} has {field} {size}, but its encoder {m.encoder.kind!r} gives "
-                                f"{codec.size} {'ids' if m.discrete else 'wide latents'}; set {field}: {codec.size}")
+                                f"{codec.size} {'ids' if m.discrete else 'wide latents'}; valid {field}: "
+                                f"{'at least ' if m.discrete else ''}{codec.size}")
 
 
 class _Writer:
@@ -158,10 +163,10 @@ class _Writer:
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
 
     def commit(self, records: int) -> None:
-        """Make what was appended durable, then record that the first ``records`` records are done."""
+        """Hand what was appended to the operating system, then record that the first ``records`` records are
+        done (an interrupted or killed process resumes from here)."""
         for f in self.files.values():
             f.flush()
-            os.fsync(f.fileno())
         self.done = records
         progress = {"fingerprint": self.fingerprint, "records": records, "skipped": self.skipped,
                     "sizes": {name: f.tell() for name, f in self.files.items()}, "counts": self.layout.counts}

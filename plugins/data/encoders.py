@@ -109,6 +109,12 @@ class TokenizerCodec:
     def size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    def save(self) -> None:
+        """Keep a copy of a tokenizer read from ``path``, so that the shards decode without it."""
+        if self.tokenizer is not None and not (self.directory / self.FILE).is_file():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(str(self.directory / self.FILE))
+
     def fit(self, items: Sequence[str]) -> None:
         lib = self.lib
         tokenizer = lib.Tokenizer(lib.models.BPE())

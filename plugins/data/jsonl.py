@@ -412,9 +412,10 @@ def decoders(config: JsonlConfig, modalities: Sequence[ModalityConfig]) -> dict[
 
 
 def check(config: JsonlConfig, modalities: Sequence[ModalityConfig]) -> None:
-    """Refuse shards that do not fit the spec (``momkit validate``): see :func:`open_shards`."""
+    """Refuse shards that do not fit the spec (``momkit validate``; see :func:`open_shards`). Shards not written
+    yet are not checked: a spec is validated before ``momkit convert`` writes its data."""
     for directory in (config.shards, config.eval_shards):
-        if directory is not None:
+        if directory is not None and Path(directory).exists():
             open_shards(directory, modalities)
 
 

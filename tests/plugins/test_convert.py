@@ -294,6 +294,14 @@ def test_text_folder_through_a_trained_bpe_gives_bits_per_byte(tmp_path):
         ids = np.asarray(documents.tokens[int(documents.offsets[k]):int(documents.offsets[k + 1])], dtype=np.int64)
         assert table[ids].sum() == len(texts[k].encode()) and codec.decode(ids) == texts[k]
     assert len(ids) < len(texts[7].encode())
+    trained = tmp_path / "tokenizer.json"
+    trained.write_bytes((out / "encoders" / "text" / "tokenizer.json").read_bytes())
+    given = {**text, "encoder": {"kind": "hf_tokenizer", "path": str(trained)}}
+    again = convert(str(folder), tmp_path / "again", ModelSpec.model_validate(yaml.safe_load(write_spec(
+        tmp_path / "given.yaml", [given], tmp_path / "again").read_text())).modalities, glob="*.py", progress=False)
+    trained.unlink()
+    assert (again / "tokens.bin").read_bytes() == (out / "tokens.bin").read_bytes()
+    assert jsonl.codecs(again, modalities)["text"].decode(ids) == texts[7]
     assert main(["train", str(spec), "--out", str(tmp_path / "run")]) == 0
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["split"] == "eval" and math.isfinite(last["bpb/text"]) and last["bpb/text"] > 0
@@ -309,3 +317,20 @@ def test_encoder_settings_are_checked_in_the_spec(tmp_path, capsys):
         spec = write_spec(tmp_path / "spec.yaml", [modality], tmp_path / "shards")
         assert main(["validate", str(spec)]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("library, extra, modality, source", [
+    ("tokenizers", "tokenizers", {"kind": "text", "vocab_size": 300,
+                                  "encoder": {"kind": "hf_tokenizer", "train_size": 300}}, None),
+    ("diffusers", "diffusers", {"kind": "image", "latent_dim": 4, "encoder": {"kind": "vae", "path": "x"}}, None),
+    ("datasets", "datasets", {"kind": "text", "encoder": "bytes"}, "hf"),
+])
+def test_a_missing_library_names_its_extra(library, extra, modality, source, captions, tmp_path, monkeypatch,
+                                           capsys):
+    monkeypatch.setitem(__import__("sys").modules, library, None)
+    spec = write_spec(tmp_path / "spec.yaml", [modality], tmp_path / "shards")
+    field = "image" if modality["kind"] == "image" else "text"
+    argv = ["convert", str(spec), str(captions), str(tmp_path / "shards"), "--columns", f"{field}={modality['kind']}"]
+    assert main(argv + (["--source", source] if source else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"pip install 'momkit[{extra}]'" in err
