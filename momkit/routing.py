@@ -151,9 +151,12 @@ class CausalConv1d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (b, l, d)``, ``modality (b, l)`` -> ``(b, l, d)``.
+        """``x (b, l, d)``, ``modality (b, l)`` -> ``(b, l, d)`` in ``x``'s dtype.
 
-        With ``seq_idx (b, l)`` (packed documents), no output sees an input of another document.
+        With ``seq_idx (b, l)`` (packed documents), no output sees an input of another document. Routed weights
+        and packed documents take a tap-by-tap path that sums in the weights' precision and returns ``x``'s
+        dtype, as the convolution kernel of the other path does (so that a bfloat16 activation under autocast
+        leaves bfloat16, and the scan after it runs in bfloat16).
         """
         k, length = self.kernel_size, x.shape[1]
         if self.n_modalities is None and seq_idx is None:
@@ -169,7 +172,7 @@ class CausalConv1d(nn.Module):
             if seq_idx is not None and j < k - 1:
                 term = term * (padded_idx[:, j:j + length] == seq_idx)[..., None]
             y = y + term
-        return y
+        return y.to(x.dtype)
 
     def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` over ``x (b, l, d)`` after the inputs held in ``conv_state (b, d, k)`` (the last ``k``

@@ -121,3 +121,19 @@ def test_conv_respects_packed_documents(gen, batch, n_modalities):
     y = conv(x, modality, seq_idx)
     for start, end in ((0, 4), (4, 9), (9, 11)):
         torch.testing.assert_close(y[:, start:end], conv(x[:, start:end], modality[:, start:end]))
+
+
+@pytest.mark.parametrize("n_modalities, packed", [(None, True), (M, False), (M, True)],
+                         ids=["shared-packed", "routed", "routed-packed"])
+def test_conv_returns_the_input_dtype_on_the_tap_path(gen, batch, n_modalities, packed):
+    """Float32 weights on a bfloat16 input (autocast) give bfloat16, as the convolution kernel's path does, close
+    to the float64 result; a float32 output here would run every scan after it in float32."""
+    x, modality = batch
+    conv = randomise(CausalConv1d(5, 4, n_modalities=n_modalities).double(), gen)
+    seq_idx = torch.zeros(x.shape[:2], dtype=torch.int32)
+    seq_idx[:, 5:] = 1
+    seq_idx = seq_idx if packed else None
+    expected = conv(x, modality, seq_idx)
+    y = conv.float()(x.bfloat16(), modality, seq_idx)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
