@@ -19,11 +19,13 @@ One table, a row per operation and shape; times are medians of ``triton.testing.
   1024; both on the ``triton`` backend.
 - an experts layer (``ffn`` backbone, ``w1``, ``w2``, ``w3`` with 8 experts, top 1, capacity factor 1.25, in
   training mode) against the dense ``ffn`` layer of the same active size, same shape and settings.
+- MoM layers (``mamba`` and ``mamba2``) over rows packing documents of 512 positions (``seq_idx``, as every
+  packed training batch has) against the same layers over one document per row.
 - MoM layers (``mamba`` and ``mamba2``) with the image modality bidirectional (a backward scan over each span
   of 1024 image tokens, half the tokens) against the causal MoM layer, same shape and settings.
 
-``--only`` runs some parts: ``scans``, ``routed_linear``, ``layers`` (the MoM, experts and bidirectional layer
-rows), ``decode``.
+``--only`` runs some parts: ``scans``, ``routed_linear``, ``layers`` (the MoM, experts, packed and
+bidirectional layer rows), ``decode``.
 
 Columns: forward and forward+backward (fwd+bwd: every input requiring a gradient, then
 ``torch.autograd.grad`` of the output with a fixed random output gradient); the reference backend's forward
@@ -189,11 +191,13 @@ def layer_spec(backbone, routing):
             "scan_backend": "triton"}
 
 
-def block_times(specs):
-    """``{name: (forward ms, fwd+bwd ms)}`` of a block of each spec at batch 8, length 2048, d_model 1024."""
+def block_times(specs, documents=None):
+    """``{name: (forward ms, fwd+bwd ms)}`` of a block of each spec at batch 8, length 2048, d_model 1024; with
+    ``documents``, each row packs documents of that many positions (``seq_idx``)."""
     batch, length, d = 8, 2048, 1024
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = randn(gen, batch, length, d, dtype=torch.float32)
+    seq_idx = None if documents is None else (torch.arange(length, device="cuda") // documents).repeat(batch, 1)
     modality = runs_of(batch, length, 1024)
     dout = randn(gen, batch, length, d, dtype=torch.float32)
     times = {}
@@ -203,12 +207,12 @@ def block_times(specs):
         def step(block=block):
             leaf = x.detach().requires_grad_(True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = block(leaf, modality)
+                y = block(leaf, modality, seq_idx)
             torch.autograd.grad(y, [leaf, *block.parameters()], dout)
 
         def fwd(block=block):
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                block(x, modality)
+                block(x, modality, seq_idx)
 
         times[name] = (median_ms(fwd), median_ms(step))
         del block
@@ -221,6 +225,17 @@ def layer_row():
                          "dense": layer_spec(mamba, {"specific": "dense"})})
     return ("MoM layer (`mamba`, preset `mom`)", "8 × 2048, d_model 1024", *times["mom"], None, None,
             "dense Mamba layer (this run)", *times["dense"])
+
+
+def packed_rows():
+    """MoM layers over rows that pack documents of 512 positions (``seq_idx``) against the same layers without."""
+    rows = []
+    for kind, options in (("mamba", {"d_state": 16}), ("mamba2", {})):
+        spec = {"mom": layer_spec({"kind": kind, **options}, {"specific": "mom"})}
+        packed, whole = block_times(spec, documents=512)["mom"], block_times(spec)["mom"]
+        rows.append((f"MoM layer (`{kind}`), packed documents of 512", "8 × 2048, d_model 1024", *packed, None,
+                     None, "the same layer, one document per row (this run)", *whole))
+    return rows
 
 
 def bidirectional_rows():
@@ -336,7 +351,7 @@ def main():
     if "routed_linear" in parts:
         rows.append(routed_linear_row(backends))
     if "layers" in parts:
-        rows += [layer_row(), experts_row(), *bidirectional_rows()]
+        rows += [layer_row(), experts_row(), *packed_rows(), *bidirectional_rows()]
     if "decode" in parts:
         decode_notes(notes)
     print("| operation | shape | forward (ms) | fwd+bwd (ms) | reference fwd (ms) | fwd TB/s | peer | peer fwd (ms) "
