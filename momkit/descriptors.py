@@ -241,7 +241,7 @@ class ScanBackend:
     """A kernel backend, as returned by a plugin's ``momkit_scan_backends`` hook.
 
     A backend implements some of the kernel operations of :mod:`momkit.ops`: the two scans, the routed
-    linear layer, and the two single-position state updates of decoding. Its name selects it for all of them
+    linear layer, the causal convolution, and the two single-position state updates of decoding. Its name selects it for all of them
     at once: a spec's ``scan_backend`` reaches every kernel operation of the blocks built from that spec, and
     an operation the named backend does not implement runs on the ``"auto"`` choice for that operation. The
     front doors check every argument before they call a backend, so a backend receives tensors of consistent
@@ -252,8 +252,9 @@ class ScanBackend:
     implements, and the front door refuses a call that needs one the backend lacks:
 
     - ``"modality"``: a per-modality ``A`` with a leading ``M`` and a ``modality (b, l)`` index (both scans),
-      per-modality parameters with a leading ``M`` in the state updates;
-    - ``"seq_idx"``: ``seq_idx`` for :func:`momkit.ops.selective_scan` (``ssd_scan`` always has it);
+      per-modality parameters with a leading ``M`` in the causal convolution and the state updates;
+    - ``"seq_idx"``: ``seq_idx`` for :func:`momkit.ops.selective_scan` and :func:`momkit.ops.causal_conv1d`
+      (``ssd_scan`` always has it);
     - ``"initial_state"``: ``initial_state`` for :func:`momkit.ops.selective_scan` (``ssd_scan``'s
       ``initial_states`` is mamba_ssm's own).
 
@@ -265,6 +266,7 @@ class ScanBackend:
         selective_scan: Implements :func:`momkit.ops.selective_scan`, or ``None`` if the backend lacks it.
         ssd_scan: Implements :func:`momkit.ops.ssd_scan`, or ``None`` if the backend lacks it.
         routed_linear: Implements :func:`momkit.ops.routed_linear`, or ``None``.
+        causal_conv1d: Implements :func:`momkit.ops.causal_conv1d`, or ``None``.
         selective_state_update: Implements :func:`momkit.ops.selective_state_update`, or ``None``.
         conv_state_update: Implements :func:`momkit.ops.conv_state_update`, or ``None``.
         devices: Device types (``"cpu"``, ``"cuda"``) the backend runs on.
@@ -282,6 +284,7 @@ class ScanBackend:
     selective_scan: Callable | None = None
     ssd_scan: Callable | None = None
     routed_linear: Callable | None = None
+    causal_conv1d: Callable | None = None
     selective_state_update: Callable | None = None
     conv_state_update: Callable | None = None
     devices: tuple[str, ...] = ("cpu",)

@@ -151,28 +151,12 @@ class CausalConv1d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (b, l, d)``, ``modality (b, l)`` -> ``(b, l, d)`` in ``x``'s dtype.
+        """``x (b, l, d)``, ``modality (b, l)`` -> ``(b, l, d)`` in ``x``'s dtype (:func:`momkit.ops.causal_conv1d`).
 
-        With ``seq_idx (b, l)`` (packed documents), no output sees an input of another document. Routed weights
-        and packed documents take a tap-by-tap path that sums in the weights' precision and returns ``x``'s
-        dtype, as the convolution kernel of the other path does (so that a bfloat16 activation under autocast
-        leaves bfloat16, and the scan after it runs in bfloat16).
+        With ``seq_idx (b, l)`` (packed documents), no output sees an input of another document.
         """
-        k, length = self.kernel_size, x.shape[1]
-        if self.n_modalities is None and seq_idx is None:
-            y = F.conv1d(x.transpose(1, 2), self.weight[:, None], self.bias, padding=k - 1, groups=self.dim)
-            return y[..., :length].transpose(1, 2)
-        padded = F.pad(x, (0, 0, k - 1, 0))
-        if seq_idx is not None:
-            padded_idx = F.pad(seq_idx, (k - 1, 0))
-        y = 0 if self.bias is None else (self.bias if self.n_modalities is None else self.bias[modality])
-        for j in range(k):
-            tap = self.weight[:, j] if self.n_modalities is None else self.weight[:, :, j][modality]
-            term = padded[:, j:j + length] * tap
-            if seq_idx is not None and j < k - 1:
-                term = term * (padded_idx[:, j:j + length] == seq_idx)[..., None]
-            y = y + term
-        return y.to(x.dtype)
+        return ops.causal_conv1d(x.mT, self.weight, self.bias, seq_idx,
+                                 modality=None if self.n_modalities is None else modality, backend=self.backend).mT
 
     def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` over ``x (b, l, d)`` after the inputs held in ``conv_state (b, d, k)`` (the last ``k``

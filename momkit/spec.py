@@ -150,7 +150,8 @@ def _with_encoder(entry: Any) -> Any:
     return {**entry, "encoder": _config_of("encoder", {"kind": encoder} if isinstance(encoder, str) else encoder)}
 
 
-KERNEL_OPERATIONS = ("selective_scan", "ssd_scan", "routed_linear", "selective_state_update", "conv_state_update")
+KERNEL_OPERATIONS = ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update",
+                     "conv_state_update")
 """The kernel operations of :mod:`momkit.ops`, the keys a per-operation ``scan_backend`` may give."""
 
 

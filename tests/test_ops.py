@@ -194,9 +194,9 @@ class Counting:
         return [self.backend]
 
 
-OPS = ("selective_scan", "ssd_scan", "routed_linear", "selective_state_update", "conv_state_update")
-USED = {"mamba": {"selective_scan", "routed_linear", "selective_state_update", "conv_state_update"},
-        "mamba2": {"ssd_scan", "routed_linear", "selective_state_update", "conv_state_update"},
+OPS = ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update")
+USED = {"mamba": {"selective_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
+        "mamba2": {"ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
         "transformer": {"routed_linear"}}
 SMALL = {"mamba": {"d_model": 16, "d_state": 4}, "mamba2": {"d_model": 16, "d_state": 8, "headdim": 8, "chunk_size": 4},
          "transformer": {"d_model": 16, "n_heads": 2}}

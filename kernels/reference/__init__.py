@@ -2,11 +2,12 @@
 
 ``selective_scan.py`` and ``ssd.py`` hold the chunked algorithms with their backward passes; ``naive.py``
 the per-token recurrences they are tested against; ``routed_linear.py`` the portable routed projection;
-``decode.py`` the single-position state updates of decoding.
+``conv.py`` the causal convolution; ``decode.py`` the single-position state updates of decoding.
 """
 
 from momkit import hookimpl
 from momkit.descriptors import ScanBackend
+from momkit.kernels.reference.conv import causal_conv1d
 from momkit.kernels.reference.decode import conv_state_update, selective_state_update
 from momkit.kernels.reference.routed_linear import routed_linear
 from momkit.kernels.reference.selective_scan import selective_scan
@@ -18,6 +19,7 @@ REFERENCE = ScanBackend(
     selective_scan=selective_scan,
     ssd_scan=ssd_scan,
     routed_linear=routed_linear,
+    causal_conv1d=causal_conv1d,
     selective_state_update=selective_state_update,
     conv_state_update=conv_state_update,
     devices=("cpu", "cuda"),

@@ -1,7 +1,8 @@
 """The Triton backend for CUDA GPUs: both scans, the routed linear layer and the decoding state updates.
 
 ``selective_scan.py`` and ``ssd.py`` hold the scan kernels and their autograd functions,
-``routed_linear.py`` the grouped matmul of the routed projection, ``decode.py`` the single-position updates;
+``routed_linear.py`` the grouped matmul of the routed projection, ``conv.py`` the causal convolution,
+``decode.py`` the single-position updates;
 the PyTorch references in ``momkit.kernels.reference`` are what they are tested against.
 
 This module imports without Triton: the kernels are imported on first call, and the backend reports itself
@@ -54,6 +55,12 @@ def _routed_linear(*, x, weight, bias, modality):
     return flat.view(*x.shape[:-1], weight.shape[1])
 
 
+def _causal_conv1d(**kwargs):
+    from momkit.kernels.triton.conv import causal_conv1d
+
+    return causal_conv1d(**kwargs)
+
+
 def _selective_state_update(**kwargs):
     from momkit.kernels.triton.decode import selective_state_update
 
@@ -70,10 +77,12 @@ def _conv_state_update(**kwargs):
 def momkit_scan_backends():
     return [ScanBackend(
         name="triton",
-        description="Triton kernels for CUDA GPUs: both scans, routed linear, decoding updates; in float32",
+        description="Triton kernels for CUDA GPUs: both scans, routed linear, causal convolution, decoding "
+                    "updates; in float32",
         selective_scan=_selective_scan,
         ssd_scan=_ssd_scan,
         routed_linear=_routed_linear,
+        causal_conv1d=_causal_conv1d,
         selective_state_update=_selective_state_update,
         conv_state_update=_conv_state_update,
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),

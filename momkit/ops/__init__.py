@@ -2,8 +2,9 @@
 
 :func:`selective_scan` takes the arguments and shapes of mamba_ssm's ``selective_scan_fn`` and
 :func:`ssd_scan` those of ``mamba_chunk_scan_combined``, so either can replace the peer's call without
-reshaping a tensor; likewise :func:`selective_state_update` (mamba_ssm's function of that name) and
-:func:`conv_state_update` (causal-conv1d's ``causal_conv1d_update``) for decoding one position.
+reshaping a tensor; likewise :func:`causal_conv1d` (causal-conv1d's ``causal_conv1d_fn``) for training, and
+:func:`selective_state_update` (mamba_ssm's function of that name) and :func:`conv_state_update` (causal-conv1d's
+``causal_conv1d_update``) for decoding one position.
 :func:`routed_linear` is the routed projection. Every argument is checked here, before any backend runs.
 
 Each front door takes ``backend=``: a registered backend name or ``"auto"``, which picks, per operation, the
@@ -24,7 +25,7 @@ from momkit.ops.checks import check_conv_state_update, check_selective_state_upd
 from momkit.ops.dispatch import _extensions, backend_name, resolve_backend
 from momkit.registry import get_registry
 
-__all__ = ["available_backends", "conv_state_update", "resolve_backend", "routed_linear",
+__all__ = ["available_backends", "causal_conv1d", "conv_state_update", "resolve_backend", "routed_linear",
            "selective_scan", "selective_state_update", "ssd_scan"]
 
 
@@ -137,6 +138,30 @@ def routed_linear(x, weight, bias, modality, *, backend="auto"):
     if torch.compiler.is_compiling():
         return library.routed_linear(x, weight, bias, modality, backend_name(backend, "routed_linear"))
     return dispatch.routed_linear(x, weight, bias, modality, backend)
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, *, modality=None, backend="auto"):
+    """Depthwise causal convolution over time: causal-conv1d's ``causal_conv1d_fn`` (without an activation),
+    plus ``modality``.
+
+    ``out[:, c, t] = bias[c] + sum_j weight[c, j] x[:, c, t - k + 1 + j]``, an input before the row's start or,
+    with ``seq_idx``, of another document taken as zero.
+
+    Args:
+        x: ``(b, c, l)`` input.
+        weight: ``(c, k)``; with ``modality``, optionally ``(M, c, k)``, each output position using its own
+            modality's weights.
+        bias: optional ``(c,)``; with ``modality``, optionally ``(M, c)``.
+        seq_idx: optional ``(b, l)`` integer document index of each position for packed sequences.
+        modality: optional ``(b, l)`` int64, picking the rows of every parameter given per modality.
+        backend: a registered backend name, or ``"auto"``.
+
+    Returns:
+        ``out (b, c, l)`` in ``x``'s dtype (summed in float32 at least).
+    """
+    if torch.compiler.is_compiling():
+        return library.causal_conv1d(x, weight, bias, seq_idx, modality, backend_name(backend, "causal_conv1d"))
+    return dispatch.causal_conv1d(x, weight, bias, seq_idx, modality, backend)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,

@@ -192,3 +192,18 @@ def check_conv_state_update(x, conv_state, weight, bias, activation, modality) -
         _routable("bias", bias, (channels,), "(c,)", modality, x.device)
     if activation not in (None, "silu"):
         raise SpecError(f"activation must be None or 'silu', got {activation!r}")
+
+
+def check_causal_conv1d(x, weight, bias, seq_idx, modality) -> None:
+    """Check the arguments of :func:`momkit.ops.causal_conv1d`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    expect_tensor("x", x, {"(b, c, l)": (None, None, None)}, x.device)
+    batch, channels, length = x.shape
+    if modality is not None:
+        expect_tensor("modality", modality, {"(b, l)": (batch, length)}, x.device, floating=False)
+    _routable("weight", weight, (channels, None), "(c, k)", modality, x.device)
+    if bias is not None:
+        _routable("bias", bias, (channels,), "(c,)", modality, x.device)
+    if seq_idx is not None:
+        expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, x.device, floating=False)

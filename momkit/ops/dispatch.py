@@ -13,7 +13,7 @@ import torch
 
 from momkit.descriptors import ScanBackend
 from momkit.errors import SpecError
-from momkit.ops.checks import check_routed_linear, check_selective_scan, check_ssd_scan
+from momkit.ops.checks import check_causal_conv1d, check_routed_linear, check_selective_scan, check_ssd_scan
 from momkit.registry import Registry, get_registry
 
 
@@ -101,3 +101,11 @@ def routed_linear(x, weight, bias, modality, backend):
     check_routed_linear(x, weight, bias, modality)
     impl = resolve_backend(backend, x.device, "routed_linear", dtype=x.dtype)
     return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality)
+
+
+def causal_conv1d(x, weight, bias, seq_idx, modality, backend):
+    """:func:`momkit.ops.causal_conv1d`, checked and run on its backend."""
+    check_causal_conv1d(x, weight, bias, seq_idx, modality)
+    impl = resolve_backend(backend, x.device, "causal_conv1d", _extensions(modality=modality, seq_idx=seq_idx),
+                           x.dtype)
+    return impl.causal_conv1d(x=x, weight=weight, bias=bias, seq_idx=seq_idx, modality=modality)

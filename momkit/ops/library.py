@@ -1,7 +1,7 @@
 """The training front doors as ``torch.library`` custom operators, for ``torch.compile``.
 
-While :func:`torch.compile` traces a model, :func:`momkit.ops.selective_scan`, :func:`momkit.ops.ssd_scan` and
-:func:`momkit.ops.routed_linear` call ``torch.ops.momkit.<name>`` instead of running their backend directly:
+While :func:`torch.compile` traces a model, :func:`momkit.ops.selective_scan`, :func:`momkit.ops.ssd_scan`,
+:func:`momkit.ops.routed_linear` and :func:`momkit.ops.causal_conv1d` call ``torch.ops.momkit.<name>`` instead of running their backend directly:
 an operator opaque to the tracer (its argument checks and the backend's choice, which read tensor values, run
 when the compiled graph runs), with a fake implementation that gives its output's shape and dtype, and an
 autograd formula. The backward is itself an operator, ``torch.ops.momkit.<name>_backward``: it runs the same
@@ -145,6 +145,31 @@ def _(grad, x, weight, bias, modality, backend):
     return _fake_gradients([x, weight, bias], grad)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::causal_conv1d", mutates_args=())
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
+                  modality: Optional[Tensor], backend: str) -> Tensor:
+    """:func:`momkit.ops.causal_conv1d` as one operator."""
+    return dispatch.causal_conv1d(x, weight, bias, seq_idx, modality, backend).contiguous()
+
+
+@causal_conv1d.register_fake
+def _(x, weight, bias, seq_idx, modality, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::causal_conv1d_backward", mutates_args=())
+def causal_conv1d_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           seq_idx: Optional[Tensor], modality: Optional[Tensor], backend: str) -> list[Tensor]:
+    """Gradients of :func:`causal_conv1d` for ``x, weight, bias``."""
+    return _gradients(lambda *t: dispatch.causal_conv1d(*t, seq_idx, modality, backend), [x, weight, bias], grad)
+
+
+@causal_conv1d_backward.register_fake
+def _(grad, x, weight, bias, seq_idx, modality, backend):
+    return _fake_gradients([x, weight, bias], grad)
+
+
 _differentiable(selective_scan, selective_scan_backward, 8)
 _differentiable(ssd_scan, ssd_scan_backward, 9)
 _differentiable(routed_linear, routed_linear_backward, 3)
+_differentiable(causal_conv1d, causal_conv1d_backward, 3)

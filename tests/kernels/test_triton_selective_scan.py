@@ -86,7 +86,8 @@ def test_front_door_and_registry(kernels, gen):
         assert backend.is_available()
         assert backend.extensions == {"modality", "seq_idx", "initial_state"}
         assert ("cpu" in backend.devices) == INTERPRETING
-        for op in ("selective_scan", "ssd_scan", "routed_linear", "selective_state_update", "conv_state_update"):
+        for op in ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update",
+                   "conv_state_update"):
             assert ops.resolve_backend("auto", DEVICE, op).name == "triton"
         out = ops.selective_scan(**inputs, backend="triton")
     ref = naive_selective_scan(**as_float64(inputs))
