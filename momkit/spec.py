@@ -175,7 +175,7 @@ class BlockSpec(StrictModel):
                                           "attention within the span); all else stays causal.")
     scan_backend: Union[str, dict[str, str]] = Field(
         "auto", description="Kernel backend of every kernel operation of the blocks: the scans, the routed linear "
-                            "layers and the decoding updates. `auto` picks, per operation, the available backend "
+                            "layers, the causal convolutions and the decoding updates. `auto` picks, per operation, the available backend "
                             "that ranks highest for it on the tensors' device and dtype; a registered name runs "
                             "every operation that backend implements (the others on `auto`); a mapping from "
                             "operation names (and `default`) to backends chooses per operation, e.g. "
