@@ -270,20 +270,25 @@ def convert(input_path: str, out_dir: str | Path, modalities: Sequence[ModalityC
     mapping = _columns(opened, modalities, columns)
     names = [m.name for m in modalities]
     tokenized = mapping == [("segments", -1)]
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
+    try:
+        target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                              "cpu" if device == "auto" else device)
+    except RuntimeError:
+        raise SpecError(f"device {device!r} is not a torch device; valid: auto, cpu, cuda, cuda:N") from None
     fingerprint = hashlib.sha256(json.dumps({
         "input": _identity(input_path),
         "source": opened.kind, "columns": mapping, "options": {k: v for k, v in options.items() if v is not None},
         "modalities": [m.model_dump(mode="json") for m in modalities]}, sort_keys=True).encode()).hexdigest()
     writer = _Writer(out.with_name(f".{out.name}.partial"), fingerprint)
-    codecs = _Codecs(modalities, set() if tokenized else {i for _, i in mapping}, writer.partial / ENCODERS, target)
-    codecs.fit(opened, mapping)
-    codecs.check_sizes(modalities)
-    writer.start(modalities)
-    bar = tqdm(total=opened.count, initial=writer.done, unit="doc", desc=f"convert {Path(input_path).name}",
-               disable=not progress, leave=False)
+    bar = None
     try:
+        codecs = _Codecs(modalities, set() if tokenized else {i for _, i in mapping}, writer.partial / ENCODERS,
+                         target)
+        codecs.fit(opened, mapping)
+        codecs.check_sizes(modalities)
+        writer.start(modalities)
+        bar = tqdm(total=opened.count, initial=writer.done, unit="doc", desc=f"convert {Path(input_path).name}",
+                   disable=not progress, leave=False)
         records, batch = 0, []
         for where, fields in opened.records():
             records += 1
@@ -302,7 +307,8 @@ def convert(input_path: str, out_dir: str | Path, modalities: Sequence[ModalityC
         writer.commit(records)
         bar.update(len(batch))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         writer.close()
     return _finish(writer, out, modalities, codecs, opened, input_path)
 

@@ -334,3 +334,13 @@ def test_a_missing_library_names_its_extra(library, extra, modality, source, cap
     assert main(argv + (["--source", source] if source else [])) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"pip install 'momkit[{extra}]'" in err
+
+
+def test_bad_convert_options_exit_2_with_one_line(captions, tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", [{"kind": "text", "encoder": "bytes"}, VQ], tmp_path / "shards")
+    for options, message in [(["--device", "gpu"], "device 'gpu' is not a torch device; valid: auto, cpu"),
+                             (["--source", "zip"], "unknown source 'zip'; valid sources: jsonl, text, hf"),
+                             (["--columns", "caption"], "--columns item 'caption' is not FIELD=MODALITY")]:
+        assert main(["convert", str(spec), str(captions), str(tmp_path / "shards"), *options]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
