@@ -240,13 +240,14 @@ def _always() -> bool:
 class ScanBackend:
     """A kernel backend, as returned by a plugin's ``momkit_scan_backends`` hook.
 
-    A backend implements some of the kernel operations of :mod:`momkit.ops`: the two scans, the routed
-    linear layer, the causal convolution, and the two single-position state updates of decoding. Its name selects it for all of them
-    at once: a spec's ``scan_backend`` reaches every kernel operation of the blocks built from that spec, and
-    an operation the named backend does not implement runs on the ``"auto"`` choice for that operation. The
-    front doors check every argument before they call a backend, so a backend receives tensors of consistent
-    shapes on one device and may assume them. Each callable takes its front door's arguments as keywords (the extensions included, ``None``
-    when unused) and returns what the front door returns; an operation left ``None`` is one the backend lacks.
+    A backend implements some of the kernel operations of :mod:`momkit.ops`: the two scans, the routed linear layer,
+    the causal convolution, and the two single-position state updates of decoding. Its name selects it for all of
+    them at once: a spec's ``scan_backend`` reaches every kernel operation of the blocks built from that spec, and
+    an operation the named backend does not implement runs on the ``"auto"`` choice for that operation. The front
+    doors check every argument before they call a backend, so a backend receives tensors of consistent shapes on one
+    device and may assume them. Each callable takes its front door's arguments as keywords (the extensions included,
+    ``None`` when unused) and returns what the front door returns; an operation left ``None`` is one the backend
+    lacks.
 
     Extensions are what momkit's front doors add to mamba_ssm's interfaces; a backend lists those it
     implements, and the front door refuses a call that needs one the backend lacks:

@@ -76,11 +76,11 @@ def momkit_objectives():
 def momkit_scan_backends():
     """Return the kernel backends this plugin provides, a list of :class:`momkit.descriptors.ScanBackend`.
 
-    A backend implements some of the kernel operations of :mod:`momkit.ops` (the scans, the routed linear
-    layer, the causal convolution, the decoding updates) for some devices. A spec's ``scan_backend`` names the backend of every kernel
-    operation of the blocks it builds; an operation the named backend lacks runs on ``"auto"``, which picks,
-    per operation, among the backends whose ``is_available()`` is true and that run the call's device, dtype
-    and extensions, the one of highest ``priority``. The front doors check every argument before they call a
+    A backend implements some of the kernel operations of :mod:`momkit.ops` (the scans, the routed linear layer, the
+    causal convolution, the decoding updates) for some devices. A spec's ``scan_backend`` names the backend of every
+    kernel operation of the blocks it builds; an operation the named backend lacks runs on ``"auto"``, which picks,
+    per operation, among the backends whose ``is_available()`` is true and that run the call's device, dtype and
+    extensions, the one of highest ``priority``. The front doors check every argument before they call a
     backend. A backend's tests compare it with the per-token float64 reference, forward and backward.
     """
 

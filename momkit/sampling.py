@@ -1,7 +1,8 @@
 """``momkit sample``: images (or any span of one modality) drawn by a trained model after text prompts.
 
 Each prompt is text of the model's text modality, written as UTF-8 bytes, or by the text encoder of the data
-when it has one (a tokenizer the data was converted with); after its last token the schedule asks for one item of the target modality (``count`` positions, an image's for a dataset that can decode images), which
+when it has one (a tokenizer the data was converted with); after its last token the schedule asks for one item
+of the target modality (``count`` positions, an image's for a dataset that can decode images), which
 :func:`momkit.generation.generate` samples: token by token for a discrete modality (VQ codes), as one denoised
 span for a continuous one (latents). Where the spec's dataset has a decoder for the target modality (the
 built-in ``shapes`` has one for its image stream), the samples are drawn as pixels into a PNG grid, one row

@@ -18,9 +18,9 @@ from momkit.configs import BackboneConfig, DatasetConfig, EncoderConfig, Modalit
 from momkit.errors import SpecError
 from momkit.registry import get_registry
 
-__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "EncoderConfig", "ExpertsSpec", "LayerSpec", "ModalityConfig",
-           "ModelSpec", "ObjectiveConfig", "ParallelConfig", "Routed", "RoutingSpec", "StrictModel", "TrainConfig",
-           "flatten", "load_spec", "read_mapping", "set_field"]
+__all__ = ["BackboneConfig", "BlockSpec", "DatasetConfig", "EncoderConfig", "ExpertsSpec", "LayerSpec",
+           "ModalityConfig", "ModelSpec", "ObjectiveConfig", "ParallelConfig", "Routed", "RoutingSpec", "StrictModel",
+           "TrainConfig", "flatten", "load_spec", "read_mapping", "set_field"]
 
 MODEL_SUBLAYERS = ("final_norm",)
 
@@ -175,8 +175,9 @@ class BlockSpec(StrictModel):
                                           "attention within the span); all else stays causal.")
     scan_backend: Union[str, dict[str, str]] = Field(
         "auto", description="Kernel backend of every kernel operation of the blocks: the scans, the routed linear "
-                            "layers, the causal convolutions and the decoding updates. `auto` picks, per operation, the available backend "
-                            "that ranks highest for it on the tensors' device and dtype; a registered name runs "
+                            "layers, the causal convolutions and the decoding updates. `auto` picks, per "
+                            "operation, the available backend that ranks highest for it on the tensors' device "
+                            "and dtype; a registered name runs "
                             "every operation that backend implements (the others on `auto`); a mapping from "
                             "operation names (and `default`) to backends chooses per operation, e.g. "
                             "`{selective_scan: cuda, default: auto}`.")

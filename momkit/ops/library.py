@@ -1,13 +1,13 @@
 """The training front doors as ``torch.library`` custom operators, for ``torch.compile``.
 
 While :func:`torch.compile` traces a model, :func:`momkit.ops.selective_scan`, :func:`momkit.ops.ssd_scan`,
-:func:`momkit.ops.routed_linear` and :func:`momkit.ops.causal_conv1d` call ``torch.ops.momkit.<name>`` instead of running their backend directly:
-an operator opaque to the tracer (its argument checks and the backend's choice, which read tensor values, run
-when the compiled graph runs), with a fake implementation that gives its output's shape and dtype, and an
-autograd formula. The backward is itself an operator, ``torch.ops.momkit.<name>_backward``: it runs the same
-backend forward again under autograd and takes the gradients of the inputs from it (one recomputation of
-the forward in exchange for keeping the backends' own autograd). In eager mode the front doors do not go
-through these operators.
+:func:`momkit.ops.routed_linear` and :func:`momkit.ops.causal_conv1d` call ``torch.ops.momkit.<name>`` instead of
+running their backend directly: an operator opaque to the tracer (its argument checks and the backend's choice,
+which read tensor values, run when the compiled graph runs), with a fake implementation that gives its output's
+shape and dtype, and an autograd formula. The backward is itself an operator, ``torch.ops.momkit.<name>_backward``:
+it runs the same backend forward again under autograd and takes the gradients of the inputs from it (one
+recomputation of the forward in exchange for keeping the backends' own autograd). In eager mode the front doors do
+not go through these operators.
 """
 
 from __future__ import annotations
