@@ -55,15 +55,21 @@ class EncoderConfig(StrictModel):
 
 def check_encoder_fits(name: str, encoder: EncoderConfig, discrete: bool, size: int) -> None:
     """Refuse a modality of ``size`` (vocab_size if ``discrete``, else latent_dim) that ``encoder``'s output
-    does not fit: another form, a smaller vocabulary or another latent width."""
-    form, field = ("discrete", "vocab_size") if discrete else ("continuous", "latent_dim")
+    does not fit: another form, or (when its settings fix it) a size :func:`check_encoder_size` refuses."""
     if encoder.discrete != discrete:
+        form = "discrete" if discrete else "continuous"
         other = "token ids" if encoder.discrete else "latent vectors"
         raise SpecError(f"modality {name!r} is {form} but its encoder {encoder.kind!r} gives {other}")
-    wanted = encoder.size()
-    if wanted is not None and (size < wanted if discrete else size != wanted):
-        need = f"at least {wanted}" if discrete else f"{wanted}"
-        raise SpecError(f"modality {name!r} has {field} {size} but its encoder {encoder.kind!r} gives "
+    if encoder.size() is not None:
+        check_encoder_size(name, encoder.kind, discrete, size, encoder.size())
+
+
+def check_encoder_size(name: str, kind: str, discrete: bool, size: int, wanted: int) -> None:
+    """Refuse a modality of ``size`` whose encoder ``kind`` gives ``wanted`` ids (more than ``size``) or latent
+    vectors of ``wanted`` numbers (another width)."""
+    if size < wanted if discrete else size != wanted:
+        field, need = ("vocab_size", f"at least {wanted}") if discrete else ("latent_dim", f"{wanted}")
+        raise SpecError(f"modality {name!r} has {field} {size} but its encoder {kind!r} gives "
                         f"{'ids 0..' + str(wanted - 1) if discrete else 'vectors of ' + str(wanted)}; valid "
                         f"{field}: {need}")
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from momkit.configs import check_encoder_size
 from momkit.errors import SpecError
 from momkit.plugins.data import jsonl
 from momkit.plugins.data.sources import LOADERS, BadItem, Source, open_source
@@ -109,12 +110,7 @@ class _Codecs:
     def check_sizes(self, modalities: Sequence[ModalityConfig]) -> None:
         for i, codec in self.codecs.items():
             m = modalities[i]
-            size = m.vocab_size or m.latent_dim
-            if (size < codec.size) if m.discrete else (size != codec.size):
-                field = "vocab_size" if m.discrete else "latent_dim"
-                raise SpecError(f"modality {m.name!r} has {field} {size}, but its encoder {m.encoder.kind!r} gives "
-                                f"{codec.size} {'ids' if m.discrete else 'wide latents'}; valid {field}: "
-                                f"{'at least ' if m.discrete else ''}{codec.size}")
+            check_encoder_size(m.name, m.encoder.kind, m.discrete, m.vocab_size or m.latent_dim, codec.size)
 
 
 class _Writer:
