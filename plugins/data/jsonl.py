@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from momkit.descriptors import ENCODER_INPUTS
 from momkit.errors import SpecError
 from momkit.plugins.data.packing import Chunk, PackedSource, Piece, StreamLayout, check_split
 from momkit.registry import get_registry
@@ -382,15 +383,16 @@ def _header(directory: Path) -> dict:
     return json.loads((directory / HEADER).read_text())
 
 
-def codecs(directory: str | Path, modalities: Sequence[ModalityConfig]) -> dict[str, object]:
-    """``{name: codec}`` of the encoders that wrote the shards' modalities (those of the spec), opened on what
-    they fitted, on the CPU (see :class:`momkit.descriptors.Encoder`)."""
+def codecs(directory: str | Path, modalities: Sequence[ModalityConfig],
+           inputs: tuple[str, ...] = ENCODER_INPUTS) -> dict[str, object]:
+    """``{name: codec}`` of the encoders that wrote the shards' modalities (those of the spec), those that read
+    ``inputs`` only, opened on what they fitted, on the CPU (see :class:`momkit.descriptors.Encoder`)."""
     directory = Path(directory)
     names = [m.name for m in modalities]
     opened = {}
     for name, entry in _header(directory).get("encoders", {}).items():
-        if name in names:
-            encoder = get_registry().get("encoder", entry["config"]["kind"])
+        encoder = get_registry().get("encoder", entry["config"]["kind"]) if name in names else None
+        if encoder is not None and encoder.inputs in inputs:
             config = encoder.config.model_validate(entry["config"])
             opened[name] = encoder.open(config, directory / "encoders" / name, torch.device("cpu"))
     return opened
@@ -399,7 +401,7 @@ def codecs(directory: str | Path, modalities: Sequence[ModalityConfig]) -> dict[
 def _token_bytes(directory: str | None, modalities: Sequence[ModalityConfig]) -> dict[str, np.ndarray]:
     if directory is None:
         return {}
-    return {name: codec.token_bytes() for name, codec in codecs(directory, modalities).items()
+    return {name: codec.token_bytes() for name, codec in codecs(directory, modalities, ("text",)).items()
             if hasattr(codec, "token_bytes")}
 
 
