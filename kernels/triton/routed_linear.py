@@ -19,7 +19,11 @@ in L2). It loads its tokens' modality ids first. When they are all one modality 
 common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with ``B_m`` and
 adds ``b_m``. A mixed tile instead runs that loop once for each modality present between the smallest and largest
 id of the tile, loading the rows of the other modalities as zeros, sums the results and gathers the bias per row;
-so any mix is exact, and only tiles that straddle a change of modality pay more than one loop.
+so any mix is exact, and only tiles that straddle a change of modality pay more than one loop. Up to
+``Tiling.gemv_rows`` tokens (decoding) the forward is instead one matrix-vector product per token: a program owns
+one token and ``Tiling.gemv_block_o`` outputs, reads that token's modality's weight rows in place and sums the
+products in float32 on the vector units; with so few rows, reading the weight is the whole cost, and narrow
+programs spread it over the multiprocessors.
 
 ``dweight`` and ``dbias``. ``dW_m = sum over tokens i of modality m of dy_i^T x_i``: a program owns one modality
 and one ``(O tile, K tile)`` block of ``dW_m`` and reduces ``tl.dot(tl.trans(dy_tile), x_tile)`` over token tiles
@@ -45,6 +49,7 @@ device, by the torch ops above and inside the kernels. ``N = 0`` launches nothin
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -54,7 +59,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from momkit.errors import SpecError
-from momkit.kernels.triton.tiling import check_tiling
+from momkit.kernels.triton.tiling import check_tiling, pow2
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 FEW_ROWS = 16
@@ -90,6 +95,12 @@ class Tiling:
             across all output tiles, for reuse in L2; any positive number.
         copy_rows: the forward reads a transposed copy of the weight when the call has at least this many
             tokens, and the weight in place otherwise; any number from 0 (always copy).
+        gemv_rows: up to this many tokens (decoding), the forward is one matrix-vector product per token on the
+            vector units instead of token tiles on the tensor cores; any number from 0 (never).
+        gemv_block_o: outputs per program of that product.
+        gemv_block_k: inputs (``K``) per step of its loop (taken down to the next power of two of ``K``, and at
+            least 16).
+        gemv_warps: warps per program of that product.
     """
 
     block_n: int = 128
@@ -109,11 +120,16 @@ class Tiling:
     dw_stages: int = 3
     group: int = 8
     copy_rows: int = 16384
+    gemv_rows: int = 4
+    gemv_block_o: int = 8
+    gemv_block_k: int = 256
+    gemv_warps: int = 4
 
     def __post_init__(self):
-        check_tiling(self, counts=("stages", "group"), sizes=("copy_rows",))
+        check_tiling(self, counts=("stages", "group"), small=("gemv_block_o",), sizes=("copy_rows", "gemv_rows"))
 
 
+@functools.lru_cache(maxsize=None)
 def default_tiling(dtype: torch.dtype, rows: int | None = None) -> Tiling:
     """The default tiling for ``rows`` tokens (any number when ``None``) of ``dtype``.
 
@@ -121,9 +137,10 @@ def default_tiling(dtype: torch.dtype, rows: int | None = None) -> Tiling:
     stages in eight warps for the forward and ``dx``; ``128 x 128`` blocks of ``dweight`` in steps of 64 tokens
     with three stages in four warps, small enough in shared memory for two programs to share a multiprocessor.
     float32 operands take twice the shared memory per element and IEEE products do not run on tensor cores, so
-    float32 takes smaller tiles and steps. Up to ``FEW_ROWS`` tokens (decoding), the forward takes tiles of 16
-    tokens by ``FEW_ROWS_BLOCK_O`` outputs in steps of ``FEW_ROWS_BLOCK_K``: reading the weight is then the whole
-    cost, and narrow output tiles spread it over many programs (``benchmarks/routed_linear_tiling.py``).
+    float32 takes smaller tiles and steps. Up to ``FEW_ROWS`` tokens (and more than ``Tiling.gemv_rows``, below
+    which each token is one matrix-vector product), the forward takes tiles of 16 tokens by ``FEW_ROWS_BLOCK_O``
+    outputs in steps of ``FEW_ROWS_BLOCK_K``: reading the weight is then the whole cost, and narrow output tiles
+    spread it over many programs (``benchmarks/routed_linear_tiling.py``).
     """
     if dtype == torch.float32:
         tiling = Tiling(block_n=64, block_o=128, block_k=32, warps=4,
@@ -230,6 +247,44 @@ def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, out_ptr, n_rows, n_red, n
         if HAS_BIAS:
             acc += tl.load(bias_ptr + mods[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], _cast(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _routed_gemv_kernel(x_ptr, w_ptr, bias_ptr, mod_ptr, out_ptr, n_in, n_out, HAS_BIAS: tl.constexpr,
+                        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[i, outs] = W[m_i, outs] @ x[i] (+ bias[m_i, outs])`` for one token ``i`` and one tile of outputs:
+    ``x (N, K)`` and ``W (M, O, K)`` row-major; products summed in float32 by the vector units."""
+    row, pid_o = tl.program_id(1).to(tl.int64), tl.program_id(0)
+    m = tl.load(mod_ptr + row).to(tl.int64)
+    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    out_mask = outs < n_out
+    ins = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + m * n_out * n_in + outs[:, None].to(tl.int64) * n_in + ins[None, :]
+    x_ptrs = x_ptr + row * n_in + ins
+    acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+    for start in range(0, n_in, BLOCK_K):
+        in_mask = ins < n_in - start
+        w = tl.load(w_ptrs, mask=out_mask[:, None] & in_mask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=in_mask, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + m * n_out + outs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_out + outs, _cast(y, out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _routed_gemv(x, weight, bias, modality, block_o, block_k, warps):
+    """``y[i] = weight[modality[i]] @ x[i] (+ bias[modality[i]])`` token by token: ``x (N, K)``, ``weight (M, O,
+    K)``, both contiguous."""
+    n_rows, n_in = x.shape
+    n_out = weight.shape[1]
+    out = x.new_empty((n_rows, n_out))
+    _routed_gemv_kernel[(triton.cdiv(n_out, block_o), n_rows)](x, weight, bias, modality, out, n_in, n_out,
+                                                                HAS_BIAS=bias is not None, BLOCK_O=block_o,
+                                                                BLOCK_K=block_k, num_warps=warps)
+    return out
 
 
 @triton.jit
@@ -376,6 +431,9 @@ class RoutedLinearFn(torch.autograd.Function):
         if x.shape[0] == 0:
             return x.new_empty((0, weight.shape[1]))
         t = tiling
+        if x.shape[0] <= t.gemv_rows:
+            block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
+            return _routed_gemv(x, weight, bias, modality, t.gemv_block_o, block_k, t.gemv_warps)
         weight_t = weight.transpose(1, 2)
         if x.shape[0] >= t.copy_rows:
             weight_t = weight_t.contiguous()
@@ -424,5 +482,6 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if wide:
         raise SpecError(f"the triton routed linear computes in float32 but {', '.join(wide)} is torch.float64; "
                         f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
+    rows = x.shape[0] if x.shape[0] <= FEW_ROWS else None
     return RoutedLinearFn.apply(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                                modality.contiguous(), tiling or default_tiling(x.dtype, x.shape[0]))
+                                modality.contiguous(), tiling or default_tiling(x.dtype, rows))

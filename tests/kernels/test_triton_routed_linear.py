@@ -142,6 +142,21 @@ def test_default_tiling(kernels, gen, n):
     assert_close(run(kernels.routed_linear, inputs, 9), reference(inputs, 9), torch.float32, "default tiling")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_tokens_take_one_product_per_token(kernels, gen, dtype):
+    """Up to ``gemv_rows`` tokens, one matrix-vector product per token, at several of its tilings, and the token
+    tiles that take over above it (``gemv_rows=0``), forward and backward."""
+    default = kernels.default_tiling(dtype, 4)
+    tilings = (default, kernels.replace(default, gemv_block_o=1, gemv_block_k=16, gemv_warps=1),
+               kernels.replace(default, gemv_block_o=32, gemv_block_k=64, gemv_warps=8),
+               kernels.replace(default, gemv_rows=0, block_n=16, block_o=16, block_k=16, warps=2, stages=1))
+    for n, k, o, m in ((1, 300, 70, 2), (4, 40, 33, 3), (3, 9, 17, 2)):
+        inputs = make_inputs(gen, n, k, o, m, dtype=dtype)
+        ref = reference(inputs, 4)
+        for tiling in tilings:
+            assert_close(run(kernels.routed_linear, inputs, 4, tiling=tiling), ref, dtype, f"n {n}, {tiling}")
+
+
 def test_partial_gradients(kernels, gen):
     """Only the gradients asked for are computed, and they match."""
     inputs = make_inputs(gen, 37, 21, 19, 2, runs=(3, 6))
@@ -189,6 +204,8 @@ def test_tiling_checks(kernels):
         kernels.Tiling(group=0)
     with pytest.raises(ValueError, match="copy_rows must be at least 0"):
         kernels.Tiling(copy_rows=-1)
+    with pytest.raises(ValueError, match="gemv_block_o must be a power of two"):
+        kernels.Tiling(gemv_block_o=6)
     assert kernels.default_tiling(torch.float32) != kernels.default_tiling(torch.bfloat16) == kernels.Tiling()
     assert kernels.default_tiling(torch.bfloat16, kernels.FEW_ROWS).block_n == 16
     assert kernels.default_tiling(torch.bfloat16, kernels.FEW_ROWS + 1) == kernels.Tiling()
