@@ -7,6 +7,7 @@ methods; the model calls only the methods defined here, with the signatures defi
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -92,6 +93,20 @@ class Spans:
                    ids=torch.where(mask, runs, -1), offset=index - first)
 
 
+def state_tensors(state: Any) -> list[torch.Tensor]:
+    """The tensors of a decoding state (a tensor, or dataclasses, lists, tuples and dicts holding tensors), in a
+    fixed order; other values (counters, ``None``) are left out."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        state = [getattr(state, f.name) for f in dataclasses.fields(state)]
+    elif isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in state_tensors(item)]
+    return []
+
+
 def _gather_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t (b, l, ...)`` with position ``p`` of each row taken from ``index[:, p]``; a ``(b, l, d)`` view whose
     memory is ``(b, d, l)`` (a scan's output, transposed) is gathered in that layout, reading memory in order."""
@@ -151,6 +166,10 @@ class Block(nn.Module, ABC):
         position_wise: Class attribute: whether each output position depends on its own input position alone
             (a feed-forward layer); such a block with experts runs on its tokens sorted by expert.
         supports_bidirectional: Class attribute: whether the class takes ``bidirectional`` (spans seen whole).
+        capturable_step: Class attribute: whether :meth:`run_step` (and a prefill) can be captured in a CUDA
+            graph and replayed: it reads no device value on the host and updates the tensors of its decoding
+            state in place, never replacing them; :func:`momkit.generation.generate` then captures the whole
+            decoding step on a GPU.
         config: The backbone's options.
         d_model: Width of the residual stream.
         modalities: Modality names.
@@ -166,6 +185,7 @@ class Block(nn.Module, ABC):
     supports_prefill: ClassVar[bool] = False
     position_wise: ClassVar[bool] = False
     supports_bidirectional: ClassVar[bool] = False
+    capturable_step: ClassVar[bool] = False
 
     def __init__(self, config: BackboneConfig, modalities: Sequence[str], routed: frozenset[str],
                  backend: str = "auto", *, bidirectional: Sequence[str] = ()):

@@ -7,6 +7,8 @@ each ``check_*`` function builds float64 blocks with random parameters and rando
 - :func:`check_step_matches_forward`: decoding position by position equals the whole-sequence forward;
 - :func:`check_prefill_matches_forward`: for a class that sets ``supports_prefill``, a prefill, steps and a
   second prefill from one decoding state equal the whole-sequence forward;
+- :func:`check_step_capturable`: for a class that sets ``capturable_step``, the decoding state is updated in
+  place, and (on a CUDA GPU) a step captured in a CUDA graph and replayed equals the eager step;
 - :func:`check_causal`: no output depends on a later position;
 - :func:`check_packed_documents`: packed documents (``seq_idx``) equal the documents run apart;
 - :func:`check_identical_copies_ignore_labels`, :func:`check_labels_matter`,
@@ -41,9 +43,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from momkit.blocks import Block
+from momkit.blocks import Block, state_tensors
 from momkit.errors import SpecError
 from momkit.model import build_block
+from momkit.ops import available_backends
 
 MODALITIES = ("text", "image", "speech")
 """The built-in modality kinds the checks build blocks with: two, or three for the checks that need an absent
@@ -166,6 +169,60 @@ def check_prefill_matches_forward(case: ContractCase, routing: str) -> None:
         parts.append(block(x[:, second:], modality[:, second:], state=state))
     _close(torch.cat(parts, dim=1), full.detach(), case.tolerance,
            "prefill, steps and prefill again differ from forward")
+
+
+def check_step_capturable(case: ContractCase, routing: str) -> None:
+    """For a class with ``capturable_step`` (and no learned experts): a prefill and steps update the decoding
+    state's tensors in place (the same storage, new values); on a CUDA GPU, a step captured in a CUDA graph and
+    replayed position by position gives the eager steps' outputs and state (on the ``triton`` backend, the GPU's:
+    the reference backend reads group sizes on the host)."""
+    gen = case.generator()
+    block = case.build(routing, gen)
+    if not block.capturable_step or block.experts is not None:
+        return
+    x, modality = case.inputs(gen)
+    cut = case.length // 2
+    with torch.no_grad():
+        state = block.decoding_state(x.shape[0], x.shape[1])
+        before = [(t.data_ptr(), t.clone()) for t in state_tensors(state)]
+        if block.supports_prefill:
+            block(x[:, :cut], modality[:, :cut], state=state)
+        block.step(x[:, cut], modality[:, cut], state)
+        after = state_tensors(state)
+        assert [t.data_ptr() for t in after] == [ptr for ptr, _ in before], \
+            "the decoding state's tensors were replaced, not updated in place"
+        assert not before or any(not torch.equal(t, old) for t, (_, old) in zip(after, before)), \
+            "the decoding state did not change"
+    if torch.cuda.is_available() and "triton" in available_backends():
+        on_gpu = build_block({**case.block_spec(routing), "scan_backend": "triton"})
+        on_gpu.load_state_dict(block.state_dict())
+        _check_captured_steps(on_gpu.cuda().float().eval(), x.cuda().float(), modality.cuda())
+
+
+def _check_captured_steps(block, x: torch.Tensor, modality: torch.Tensor) -> None:
+    """Steps of ``block`` through one captured CUDA graph equal its eager steps, outputs and final state."""
+    with torch.no_grad():
+        eager_state = block.decoding_state(x.shape[0], x.shape[1])
+        eager = torch.stack([block.step(x[:, t], modality[:, t], eager_state) for t in range(x.shape[1])], dim=1)
+        state = block.decoding_state(x.shape[0], x.shape[1])
+        x_t, m_t = x[:, 0].clone(), modality[:, 0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            block.step(x_t, m_t, block.decoding_state(x.shape[0], x.shape[1]))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = block.step(x_t, m_t, state)
+        outputs = []
+        for t in range(x.shape[1]):
+            x_t.copy_(x[:, t])
+            m_t.copy_(modality[:, t])
+            graph.replay()
+            outputs.append(out.clone())
+    _close(torch.stack(outputs, dim=1), eager, 1e-5, "a captured step differs from the eager step")
+    for captured, expected in zip(state_tensors(state), state_tensors(eager_state)):
+        _close(captured, expected, 1e-5, "the state after captured steps differs from the eager steps'")
 
 
 def check_causal(case: ContractCase, routing: str) -> None:
@@ -397,8 +454,9 @@ def check_rejects_bad_inputs(case: ContractCase, routing: str) -> None:
             "step with a wrong modality shape")
 
 
-CHECKS = (check_step_matches_forward, check_prefill_matches_forward, check_causal, check_packed_documents,
-          check_identical_copies_ignore_labels, check_labels_matter, check_swapped_copies_equal_swapped_labels,
+CHECKS = (check_step_matches_forward, check_prefill_matches_forward, check_step_capturable, check_causal,
+          check_packed_documents, check_identical_copies_ignore_labels, check_labels_matter,
+          check_swapped_copies_equal_swapped_labels,
           check_absent_modality_gets_zero_gradient, check_gradients, check_float32, check_rejects_bad_inputs,
           check_bidirectional_spans)
 """Every check, in the order :class:`BackboneContract` runs them."""
@@ -424,7 +482,7 @@ class BackboneContract:
     case: ContractCase
 
     def test_step_matches_forward(self):
-        run_checks(self.case, [check_step_matches_forward, check_prefill_matches_forward])
+        run_checks(self.case, [check_step_matches_forward, check_prefill_matches_forward, check_step_capturable])
 
     def test_causal(self):
         run_checks(self.case, [check_causal])

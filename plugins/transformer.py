@@ -315,6 +315,7 @@ class FFNBlock(Block):
     config: FFNConfig
     position_wise = True
     supports_prefill = True
+    capturable_step = True
 
     def __init__(self, config: FFNConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto"):
         super().__init__(config, modalities, routed, backend)

@@ -136,9 +136,9 @@ class UMambaBlock(mamba.MambaBlock):
         """Decode one position (causal taps only: a bidirectional image is never decoded position by position)."""
         modality, g = layout.modality, self.config.grid_size
         grid = modality == self._grid_id
-        state.offset = torch.where(grid, state.offset + 1, -1)
+        state.offset.copy_(torch.where(grid, state.offset + 1, -1))
         h = self.grid_norm(x, modality)
-        state.window = torch.cat([state.window[:, 1:], h[:, None]], dim=1)
+        state.window.copy_(torch.cat([state.window[:, 1:], h[:, None]], dim=1))
         weight, bias = self.grid_conv.of(modality)
         column = state.offset % g
         conv = bias.expand_as(h)
