@@ -21,13 +21,17 @@ length.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from momkit.batch import Batch
+from momkit.blocks import state_tensors
 from momkit.errors import SpecError
 from momkit.registry import get_registry
 
@@ -145,18 +149,20 @@ def _denoiser(model: nn.Module, name: str):
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    """``(N, vocab)`` logits -> ``(N,)`` token ids; greedy when ``temperature`` is 0."""
+    """``(N, vocab)`` logits -> ``(N,)`` token ids; greedy when ``temperature`` is 0. A draw is the argmax of the
+    logits plus Gumbel noise (a sample of their softmax), which reads nothing on the host."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return (logits - torch.log(-torch.log(uniform))).argmax(-1)
 
 
 def _check_options(model: nn.Module, prompt: Batch, max_new_tokens, prompt_lengths, temperature, top_k, schedule,
-                   denoising: Denoising):
+                   denoising: Denoising, cuda_graph):
     model.check(prompt)
     batch, length = prompt.modality.shape
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -185,12 +191,16 @@ def _check_options(model: nn.Module, prompt: Batch, max_new_tokens, prompt_lengt
         if not model.modalities[names.index(rule.then)].discrete:
             _denoiser(model, rule.then)
     denoising.check()
+    if cuda_graph not in (None, True, False):
+        raise SpecError(f"cuda_graph must be None (on a GPU where the model allows it), True or False, got "
+                        f"{cuda_graph!r}")
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_lengths: torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None, schedule: ModalitySchedule | None = None,
-             generator: torch.Generator | None = None, denoising: Denoising | None = None) -> Generation:
+             generator: torch.Generator | None = None, denoising: Denoising | None = None,
+             cuda_graph: bool | None = None) -> Generation:
     """Sample ``max_new_tokens`` positions after each prompt.
 
     Args:
@@ -205,12 +215,17 @@ def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_len
             rule whose ``then`` is a continuous modality asks for a span of ``count`` latents.
         generator: Random generator of the sampling (the tokens, the spans' noise).
         denoising: How spans of continuous modalities are sampled (:class:`Denoising`).
+        cuda_graph: Whether the decoding step of token-by-token generation runs as one captured CUDA graph:
+            ``None`` (default) on a GPU where :attr:`momkit.Model.can_capture`, ``False`` never, ``True`` always
+            (``SpecError`` where it cannot). Graphs are kept per model for later calls of the same options and
+            bucketed sizes (batch and length rounded up to powers of two).
 
     Returns:
         A :class:`Generation`.
     """
     schedule, denoising = schedule or ModalitySchedule(), denoising or Denoising()
-    _check_options(model, prompt, max_new_tokens, prompt_lengths, temperature, top_k, schedule, denoising)
+    _check_options(model, prompt, max_new_tokens, prompt_lengths, temperature, top_k, schedule, denoising,
+                   cuda_graph)
     batch, length = prompt.modality.shape
     device = prompt.modality.device
     lengths = (torch.full((batch,), length, device=device) if prompt_lengths is None else prompt_lengths).tolist()
@@ -242,46 +257,230 @@ def generate(model: nn.Module, prompt: Batch, max_new_tokens: int, *, prompt_len
     sequences = (tokens, modality, latents)
     continuous = any(not model.modalities[names.index(r.then)].discrete for r in schedule.rules)
     if continuous or model.spec.bidirectional:
+        if cuda_graph:
+            raise SpecError("cuda_graph=True, but this generation samples spans of a continuous modality or has "
+                            "bidirectional modalities, which run through prefills row by row; valid: "
+                            "cuda_graph=False or None")
         for r in range(batch):
             _generate_row(model, sequences, r, lengths[r], lengths[r] + max_new_tokens, rows[r],
                           (temperature, top_k, generator), denoising)
     else:
-        _generate_steps(model, prompt, sequences, lengths, max_new_tokens, rows, (temperature, top_k, generator))
+        _generate_steps(model, prompt, sequences, lengths, max_new_tokens, rows, (temperature, top_k, generator),
+                        cuda_graph)
     out_lengths = torch.tensor([n + max_new_tokens for n in lengths], device=device)
     past = torch.arange(total, device=device) >= out_lengths[:, None]
     return Generation(tokens=tokens.masked_fill(past, 0), modality=modality.masked_fill(past, 0),
                       lengths=out_lengths, latents={k: v.masked_fill(past[..., None], 0) for k, v in latents.items()})
 
 
+class _Lockstep:
+    """Discrete generation of every row in lockstep as tensor operations alone, reading no value on the host, so
+    that its :meth:`step` (embedding, blocks, final norm, heads, sampling, schedule) can be captured in one CUDA
+    graph and replayed.
+
+    Buffers ``(batch, width)`` hold every row's tokens and modalities (the prompts, zeros after them, then what
+    is sampled, added in); ``t`` is the position fed next. A row samples position ``t + 1`` when it lies in
+    ``[first, end)``, feeds its prompt before ``first`` and zeros (token 0 of modality 0) from ``end`` on, which
+    the output cuts. The schedule
+    lives in ``default``, ``pending`` and ``remaining`` per row and the rules as tensors; ``heads`` are the
+    modalities a position may be sampled in.
+    """
+
+    def __init__(self, model, batch: int, width: int, heads: tuple[int, ...],
+                 rules: dict[tuple[int, int], tuple[int, int]], latent_names: tuple[str, ...], temperature: float,
+                 top_k: int | None):
+        weight = next(model.parameters())
+        device = weight.device
+
+        def ints(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.int64, device=device)
+
+        self.model, self.heads, self.temperature, self.top_k = model, heads, temperature, top_k
+        self.tokens, self.modality = ints(batch, width), ints(batch, width)
+        dims = {m.name: m.latent_dim for m in model.modalities if not m.discrete}
+        self.latents = {name: torch.zeros(batch, width, dims[name], dtype=weight.dtype, device=device)
+                        for name in latent_names}
+        self.first, self.end, self.t = ints(batch), ints(batch), ints(1)
+        self.default, self.pending, self.remaining = ints(batch), ints(batch), ints(batch)
+        self.rules = torch.tensor([[*key, *value] for key, value in rules.items()], dtype=torch.int64,
+                                  device=device).reshape(-1, 4).T
+        self.state = model.allocate_state(batch, width)
+
+    def load(self, tokens: torch.Tensor, modality: torch.Tensor, latents: dict[str, torch.Tensor],
+             lengths: list[int], max_new_tokens: int, rows: list[_RowSchedule], t: int) -> None:
+        """Start from sequences ``(n, l)`` holding the prompts (``n`` at most the buffers' rows, the rest repeat
+        row 0; ``l`` at most their width) and a fresh decoding state, feeding position ``t`` next."""
+        n, length = tokens.shape
+        pad = [0] * (self.tokens.shape[0] - n)
+        index = torch.tensor(list(range(n)) + pad, device=tokens.device)
+        for buffer, values in [(self.tokens, tokens), (self.modality, modality)] + \
+                [(self.latents[name], latents[name]) for name in self.latents]:
+            buffer.zero_()
+            buffer[:, :length] = values[index, :length]
+        sampled = torch.arange(self.tokens.shape[1], device=tokens.device) >= \
+            torch.tensor([lengths[i] for i in index.tolist()], device=tokens.device)[:, None]
+        self.tokens.masked_fill_(sampled, 0)
+        self.modality.masked_fill_(sampled, 0)
+        for buffer, values in ((self.first, lengths), (self.end, [n + max_new_tokens for n in lengths]),
+                               (self.default, [r.default for r in rows]),
+                               (self.pending, [r.pending or 0 for r in rows]),
+                               (self.remaining, [r.remaining for r in rows])):
+            buffer.copy_(torch.tensor([values[i] for i in index.tolist()]))
+        self.t.fill_(t)
+
+    def reset_state(self) -> None:
+        """Put the decoding state back to a fresh one's values, in place (a captured graph holds its tensors)."""
+        fresh = self.model.allocate_state(*self.tokens.shape)
+        for mine, value in zip(state_tensors(self.state), state_tensors(fresh)):
+            mine.copy_(value)
+
+    def step(self) -> None:
+        """Feed position ``t`` of every row and write position ``t + 1``."""
+        t, model = self.t, self.model
+        token, modality = self.tokens.index_select(1, t)[:, 0], self.modality.index_select(1, t)[:, 0]
+        h = model.step(token, modality, self.state,
+                       {name: values.index_select(1, t)[:, 0] for name, values in self.latents.items()})
+        after = t + 1
+        sampled = (after >= self.first) & (after < self.end)
+        chosen = self.default
+        if self.rules.shape[1]:
+            scheduled = sampled & (self.remaining > 0)
+            chosen = torch.where(scheduled, self.pending, self.default)
+            self.remaining.sub_(scheduled.long())
+        names = [m.name for m in model.modalities]
+        draws = [(m, _sample(model.heads[names[m]](h), self.temperature, self.top_k, None)) for m in self.heads]
+        sample = draws[0][1]
+        for m, drawn in draws[1:]:
+            sample = torch.where(chosen == m, drawn, sample)
+        if self.rules.shape[1]:
+            after_m, after_token, then, count = self.rules
+            hit = sampled[:, None] & (after_m == chosen[:, None]) & (after_token == sample[:, None])
+            found = hit.any(1)
+            self.pending.copy_(torch.where(found, (hit * then).sum(1), self.pending))
+            self.remaining.copy_(torch.where(found, (hit * count).sum(1), self.remaining))
+        self.tokens.index_add_(1, after, (sample * sampled)[:, None])
+        self.modality.index_add_(1, after, (chosen * sampled)[:, None])
+        self.t.add_(1)
+
+
+class _Graphed:
+    """A :class:`_Lockstep` whose step is captured in a CUDA graph (after warm-up steps on a side stream, which
+    also compile the kernels)."""
+
+    def __init__(self, loop: _Lockstep):
+        self.loop = loop
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                loop.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loop.step()
+
+    def step(self) -> None:
+        self.graph.replay()
+
+
+_CAPTURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+KEEP_GRAPHS = 4
+
+
+def _bucket(n: int, least: int = 1) -> int:
+    """The power of two at least ``n`` and ``least``: batch sizes and lengths share a captured graph."""
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def _decoder(model, cuda_graph: bool | None, batch: int, total: int, *options) -> _Lockstep | _Graphed:
+    """A lockstep decoder for ``batch`` rows of ``total`` positions; on a GPU unless ``cuda_graph`` is ``False``,
+    a captured one, kept per model (the last :data:`KEEP_GRAPHS`) for calls of the same bucketed sizes and options
+    while no parameter has changed (storage, dtype, version counter: a graph may hold tensors derived from them).
+    Where capture fails (a block or a kernel backend that reads a device value on the host), ``cuda_graph=True``
+    raises and ``None`` warns and runs eagerly."""
+    if cuda_graph is False:
+        return _Lockstep(model, batch, total, *options)
+    size = (_bucket(batch), _bucket(total, 64))
+    key = (size, tuple((p.data_ptr(), p.dtype, p._version) for p in model.parameters()), repr(options))
+    cache = _CAPTURED.setdefault(model, {})
+    if key not in cache:
+        while len(cache) >= KEEP_GRAPHS:
+            cache.pop(next(iter(cache)))
+        stream = torch.cuda.current_stream()
+        try:
+            cache[key] = _Graphed(_Lockstep(model, *size, *options))
+        except RuntimeError as exc:
+            torch.cuda.set_stream(stream)
+            cache[key] = exc
+    found = cache[key]
+    if isinstance(found, _Graphed):
+        found.loop.reset_state()
+        return found
+    if cuda_graph:
+        raise SpecError(f"cuda_graph=True, but capturing the decoding step failed: {found}; valid: "
+                        f"cuda_graph=False or None") from found
+    warnings.warn(f"generate: the decoding step could not be captured in a CUDA graph ({found}); decoding "
+                  f"eagerly (cuda_graph=False skips the attempt)", stacklevel=4)
+    return _Lockstep(model, batch, total, *options)
+
+
+@contextlib.contextmanager
+def _seeded(generator: torch.Generator | None, device: torch.device):
+    """Draw the sampling's noise from the device's default generator, seeded from ``generator`` (or from the
+    global generator), and leave the global generators as they were."""
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
+                             device=generator.device if generator is not None else "cpu"))
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new_tokens: int,
-                    rows: list[_RowSchedule], sampling) -> None:
+                    rows: list[_RowSchedule], sampling, cuda_graph: bool | None) -> None:
     """Discrete generation of every row in lockstep through the step path, into ``sequences``; the positions
-    before the shortest prompt's last go through one prefill pass where every block takes one."""
-    tokens, modality, _ = sequences
-    batch, length = prompt.modality.shape
-    total, device = tokens.shape[1], tokens.device
-    names = [m.name for m in model.modalities]
-    state = model.allocate_state(batch, total)
+    before the shortest prompt's last go through one prefill pass where every block takes one. On a GPU the
+    decoding step runs as one CUDA graph (unless ``cuda_graph`` is ``False``)."""
+    tokens, modality, latents = sequences
+    batch, total = tokens.shape
+    device = tokens.device
+    temperature, top_k, generator = sampling
+    if cuda_graph:
+        _check_capturable(model, device)
+    elif cuda_graph is None and not (device.type == "cuda" and model.can_capture):
+        cuda_graph = False
+    rules = rows[0].rules
+    heads = tuple(sorted({r.default for r in rows} | {then for then, _ in rules.values()}))
+    names = tuple(name for name in prompt.latents)
+    decoder = _decoder(model, cuda_graph, batch, total, heads, rules, names, temperature, top_k)
+    loop = decoder.loop if isinstance(decoder, _Graphed) else decoder
     start = min(lengths) - 1 if model.can_prefill else 0
-    if start > 0:
-        model.prefill(tokens[:, :start], modality[:, :start], state,
-                      {k: v[:, :start] for k, v in prompt.latents.items()})
-    for t in range(start, total - 1):
-        latents = {k: v[:, t] for k, v in prompt.latents.items()} if t < length else {}
-        h = model.step(tokens[:, t], modality[:, t], state, latents)
-        for r in range(batch):
-            if t + 1 >= lengths[r] + max_new_tokens:
-                tokens[r, t + 1], modality[r, t + 1] = tokens[r, t], modality[r, t]
-        sampling_rows = [r for r in range(batch) if lengths[r] <= t + 1 < lengths[r] + max_new_tokens]
-        chosen = {r: rows[r].next() for r in sampling_rows}
-        for m in sorted(set(chosen.values())):
-            group = [r for r in sampling_rows if chosen[r] == m]
-            index = torch.tensor(group, device=device)
-            sample = _sample(model.heads[names[m]](h[index]), *sampling)
-            tokens[index, t + 1] = sample
-            modality[index, t + 1] = m
-            for r, token in zip(group, sample.tolist()):
-                rows[r].observe(m, token)
+    loop.load(tokens, modality, latents, lengths, max_new_tokens, rows, start)
+    with _seeded(generator, device):
+        if start > 0:
+            model.prefill(loop.tokens[:, :start], loop.modality[:, :start], loop.state,
+                          {name: values[:, :start] for name, values in loop.latents.items()})
+        for _ in range(start, total - 1):
+            decoder.step()
+    tokens.copy_(loop.tokens[:batch, :total])
+    modality.copy_(loop.modality[:batch, :total])
+
+
+def _check_capturable(model, device: torch.device) -> None:
+    """Refuse ``cuda_graph=True`` where the decoding step cannot be captured, naming why."""
+    if device.type != "cuda":
+        raise SpecError(f"cuda_graph=True needs the model and the prompt on a CUDA device, got {device}; "
+                        f"valid: cuda_graph=False or None on this device")
+    if not model.can_capture:
+        blocks = sorted({type(b).__name__ for b in model.blocks if not b.capturable_step or b.experts is not None})
+        why = f"blocks {blocks} (no capturable_step, or learned experts)" if blocks else \
+            f"bidirectional modalities {list(model.spec.bidirectional)}"
+        raise SpecError(f"cuda_graph=True, but this model's decoding step cannot be captured: {why}; "
+                        f"valid: cuda_graph=False or None (eager)")
 
 
 def _row_batch(sequences, r: int, start: int, end: int,

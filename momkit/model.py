@@ -233,6 +233,24 @@ class Model(nn.Module):
             h[where] = (self.adapters[m.name](inputs) + self.timestep_embeddings[m.name](steps)).to(h.dtype)
         return h
 
+    def _embed_rows(self, modality: torch.Tensor, tokens: torch.Tensor, latents: Mapping[str, torch.Tensor]):
+        """:meth:`embed` of one position per row, ``modality (b,)``, without selecting rows by a mask (which reads
+        the mask's count on the host): every adapter runs on every row, each row keeps its own modality's output,
+        so that a decoding step can be captured in a CUDA graph."""
+        weight = next(self.parameters())
+        h = torch.zeros(*modality.shape, self.spec.backbone.d_model, dtype=weight.dtype, device=weight.device)
+        for i, m in enumerate(self.modalities):
+            where = modality == i
+            if m.discrete:
+                out = self.adapters[m.name](torch.where(where, tokens, 0))
+            else:
+                given = latents.get(m.name)
+                inputs = h.new_zeros(*modality.shape, m.latent_dim) if given is None else \
+                    torch.where(where[:, None], given, 0).to(h.dtype)
+                out = self.adapters[m.name](inputs) + self.timestep_embeddings[m.name](h.new_zeros(modality.shape))
+            h = torch.where(where[:, None], out.to(h.dtype), h)
+        return h
+
     def forward(self, batch: Batch) -> ModelOutput:
         """Run the model on ``batch``; see :class:`ModelOutput`."""
         self.check(batch)
@@ -259,6 +277,13 @@ class Model(nn.Module):
         """Whether every block takes a decoding state in ``forward`` (see :meth:`prefill`)."""
         return all(block.supports_prefill and block.experts is None for block in self.blocks)
 
+    @property
+    def can_capture(self) -> bool:
+        """Whether a decoding step (:meth:`step`) can be captured in a CUDA graph: every block's class sets
+        :attr:`momkit.Block.capturable_step`, none has learned experts, no modality is bidirectional."""
+        return not self.spec.bidirectional and all(block.capturable_step and block.experts is None
+                                                   for block in self.blocks)
+
     def prefill(self, tokens: torch.Tensor, modality: torch.Tensor, state: list,
                 latents: Mapping[str, torch.Tensor] | None = None,
                 timesteps: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -284,7 +309,7 @@ class Model(nn.Module):
                 raise SpecError(f"step was given a position of bidirectional modality "
                                 f"{', '.join(self.spec.bidirectional)}, whose span is seen whole: run the sequence "
                                 f"through forward (generate does so for sequences with bidirectional spans)")
-        h = self.embed(modality, tokens, latents or {})
+        h = self._embed_rows(modality, tokens, latents or {})
         for block, block_state in zip(self.blocks, state):
             h = block.step(h, modality, block_state)
         return self.final_norm(h, modality)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from pydantic import Field, model_validator
 
 from momkit.configs import BackboneConfig
@@ -21,6 +22,23 @@ from momkit.errors import SpecError
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32, or in its own dtype if that is wider (float64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def decay_and_skip(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mamba block's ``A = -exp(A_log)`` and ``D`` in float32 at least, for decoding.
+
+    Without gradients they are kept on the block while ``A_log`` and ``D`` keep their storage and version
+    counters (any in-place change, an optimizer step or ``load_state_dict``, moves the counter), so that a
+    decoding step does not recompute them: four kernels a layer, a large part of a CUDA-graphed step's time.
+    """
+    if torch.is_grad_enabled():
+        return -torch.exp(at_least_fp32(block.A_log)), at_least_fp32(block.D)
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in (block.A_log, block.D))
+    kept = block.__dict__.get("_decay_and_skip")
+    if kept is None or kept[0] != key:
+        kept = block.__dict__["_decay_and_skip"] = (key, -torch.exp(at_least_fp32(block.A_log)),
+                                                    at_least_fp32(block.D))
+    return kept[1], kept[2]
 
 
 class SSMConfig(BackboneConfig):

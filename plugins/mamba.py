@@ -39,7 +39,7 @@ from momkit.blocks import Block, Layout, reverse_spans
 from momkit.descriptors import Backbone
 from momkit.errors import SpecError
 from momkit.routing import CausalConv1d, Linear, RMSNorm, no_weight_decay
-from momkit.ssm import SSMConfig, at_least_fp32, initial_dt_bias
+from momkit.ssm import SSMConfig, at_least_fp32, decay_and_skip, initial_dt_bias
 
 FIXED = ("dt_bias", "B", "C")
 IMAGINARY = ("A_imag", "B_imag", "C_imag")
@@ -103,6 +103,7 @@ class MambaBlock(Block):
     config: MambaConfig
     supports_bidirectional = True
     supports_prefill = True
+    capturable_step = True
 
     def __init__(self, config: MambaConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto", *,
                  bidirectional: tuple[str, ...] = ()):
@@ -271,7 +272,7 @@ class MambaBlock(Block):
         u = self.conv1d.step(x_in, state.conv, modality, activation="silu")
         dt, B, C = self._scan_inputs(u, modality)
         routed = self.routing("A_log") is not None or self.routing("D") is not None
-        A, D = -torch.exp(at_least_fp32(self.A_log)), at_least_fp32(self.D)
+        A, D = decay_and_skip(self)
         if self.config.complex:
             y = self._complex_step(u, z, dt, B, C, modality, state)
         elif B.dim() == 2:

@@ -48,7 +48,7 @@ from momkit.configs import divisors
 from momkit.descriptors import Backbone
 from momkit.errors import SpecError
 from momkit.routing import CausalConv1d, GatedRMSNorm, Linear, RMSNorm, no_weight_decay
-from momkit.ssm import SSMConfig, at_least_fp32, initial_dt_bias
+from momkit.ssm import SSMConfig, at_least_fp32, decay_and_skip, initial_dt_bias
 
 BACKWARD = ("conv1d_b", "dt_bias_b", "A_log_b", "D_b")
 SUBLAYERS = ("norm", "in_proj", "conv1d", "dt_bias", "A_log", "D", "gate_norm", "out_proj", *BACKWARD)
@@ -101,6 +101,7 @@ class Mamba2Block(Block):
     config: Mamba2Config
     supports_bidirectional = True
     supports_prefill = True
+    capturable_step = True
 
     def __init__(self, config: Mamba2Config, modalities: list[str], routed: frozenset[str], backend: str = "auto",
                  *, bidirectional: tuple[str, ...] = ()):
@@ -196,8 +197,9 @@ class Mamba2Block(Block):
             return t.reshape(*t.shape, *(1,) * (1 + len(extra))).expand(*t.shape, p, *extra)
 
         routed = any(self.routing(name) is not None for name in ("dt_bias", "A_log", "D"))
-        y = ops.selective_state_update(state.ssm, xs, over_p(dt), over_p(-torch.exp(at_least_fp32(self.A_log)), n),
-                                       B, C, D=over_p(at_least_fp32(self.D)), dt_bias=over_p(self.dt_bias),
+        A, D = decay_and_skip(self)
+        y = ops.selective_state_update(state.ssm, xs, over_p(dt), over_p(A, n), B, C, D=over_p(D),
+                                       dt_bias=over_p(self.dt_bias),
                                        dt_softplus=True, modality=modality if routed else None,
                                        backend=self.backend)
         y = self.gate_norm(y.flatten(-2), z, modality)

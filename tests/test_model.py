@@ -185,3 +185,110 @@ def test_top_k_one_is_greedy(gen):
 def test_public_names():
     for name in ("build_model", "Batch", "Model", "ModalitySchedule", "ScheduleRule", "account"):
         assert hasattr(momkit, name)
+
+
+def test_sampling_draws_from_the_softmax_of_the_top_k():
+    from momkit.generation import _sample
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0]).repeat(40000, 1)
+    drawn = _sample(logits, 0.7, 4, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=5).double()
+    kept = torch.tensor([True, True, True, False, True])
+    expected = torch.softmax(torch.where(kept, logits[0] / 0.7, float("-inf")), 0).double() * len(drawn)
+    assert counts[3] == 0
+    sigma = (expected * (1 - expected / len(drawn))).sqrt()
+    assert ((counts - expected).abs()[kept] < 4 * sigma[kept]).all(), (counts, expected)
+
+
+def test_cuda_graph_option_is_checked(gen):
+    model = random_model(gen, modalities=["text"])
+    prompt = random_batch(gen, model, batch=1, length=4)
+    with pytest.raises(ValueError, match="cuda_graph must be None .* True or False, got 'yes'"):
+        model.generate(prompt, 2, cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model and the prompt on a CUDA device, got cpu"):
+        model.generate(prompt, 2, cuda_graph=True)
+    assert model.can_capture and not random_model(gen, kind="transformer", routing="mot").can_capture
+
+
+GRAPH_KINDS = [("mamba", "mom"), ("mamba2", "mom"), ("mamba", "dense")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind,routing", GRAPH_KINDS)
+def test_graphed_generation_equals_eager(gen, kind, routing):
+    from momkit.generation import _CAPTURED
+    model = random_model(gen, modalities=["text", {"kind": "image", "vocab_size": 40}], kind=kind, routing=routing)
+    model = model.float().cuda().eval()
+    prompt = random_batch(gen, model, batch=3, length=7)
+    prompt = Batch(modality=prompt.modality.cuda(), tokens=prompt.tokens.cuda())
+    options = dict(prompt_lengths=torch.tensor([7, 3, 5], device="cuda"), schedule=ModalitySchedule(
+        default="text", rules=(ScheduleRule(after="text", after_token=5, then="image", count=4),)))
+    eager = model.generate(prompt, 12, temperature=0, cuda_graph=False, **options)
+    graphed = model.generate(prompt, 12, temperature=0, **options)
+    assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.modality, eager.modality)
+    assert len(_CAPTURED[model]) == 1
+    again = model.generate(prompt, 20, temperature=0, **options)
+    assert len(_CAPTURED[model]) == 1, "a longer generation in the same length bucket captured again"
+    for row, n in enumerate(graphed.lengths.tolist()):
+        assert torch.equal(again.tokens[row, :n], graphed.tokens[row, :n])
+
+    def draw(seed):
+        return model.generate(prompt, 12, temperature=1.0, top_k=8, **options,
+                              generator=torch.Generator("cuda").manual_seed(seed)).tokens
+
+    first, same, other = draw(1), draw(1), draw(2)
+    assert torch.equal(first, same) and not torch.equal(first, other)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_refused_for_a_model_that_cannot_capture(gen):
+    model = random_model(gen, modalities=["text"], kind="transformer", routing="mot").float().cuda()
+    prompt = random_batch(gen, model, batch=1, length=4)
+    prompt = Batch(modality=prompt.modality.cuda(), tokens=prompt.tokens.cuda())
+    with pytest.raises(ValueError, match=r"cannot be captured: blocks \['TransformerBlock'\]"):
+        model.generate(prompt, 2, cuda_graph=True)
+    assert model.generate(prompt, 2, temperature=0).tokens.shape == (1, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_step_that_cannot_be_captured_decodes_eagerly(gen):
+    model = build_model({**spec(modalities=["text"]), "scan_backend": "reference"}).float().cuda().eval()
+    prompt = random_batch(gen, model, batch=2, length=4)
+    prompt = Batch(modality=prompt.modality.cuda(), tokens=prompt.tokens.cuda())
+    eager = model.generate(prompt, 5, temperature=0, cuda_graph=False)
+    with pytest.warns(UserWarning, match="could not be captured in a CUDA graph"):
+        fallback = model.generate(prompt, 5, temperature=0)
+    assert torch.equal(fallback.tokens, eager.tokens)
+    with pytest.raises(ValueError, match="capturing the decoding step failed"):
+        model.generate(prompt, 5, temperature=0, cuda_graph=True)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_decoding_sees_parameters_changed_in_place(gen, kind):
+    model = random_model(gen, modalities=["text"], kind=kind)
+    tokens, modality = torch.tensor([3, 7]), torch.zeros(2, dtype=torch.int64)
+
+    def two_steps(m):
+        with torch.no_grad():
+            state = m.allocate_state(2)
+            m.step(tokens, modality, state)
+            return m.step(tokens.flip(0), modality, state)
+
+    before = two_steps(model)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.A_log.add_(0.5)
+    fresh = build_model(model.spec).double()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(two_steps(model), two_steps(fresh), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.A_log.add_(0.5)
+            block.D.mul_(2.0)
+    fresh = build_model(model.spec).double()
+    fresh.load_state_dict(model.state_dict())
+    after = two_steps(model)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, two_steps(fresh), rtol=1e-12, atol=1e-12)
