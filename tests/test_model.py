@@ -292,3 +292,30 @@ def test_decoding_sees_parameters_changed_in_place(gen, kind):
     after = two_steps(model)
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, two_steps(fresh), rtol=1e-12, atol=1e-12)
+
+
+def test_padded_lockstep_rows_do_not_change_the_real_rows(gen):
+    """The graphed path pads the batch to a power of two by repeating row 0; run eagerly here, the padded loop
+    writes the same tokens into the real rows as the unpadded one."""
+    from momkit.generation import _Lockstep, _RowSchedule
+
+    model = random_model(gen, modalities=["text", {"kind": "image", "vocab_size": 40}]).eval()
+    prompt = random_batch(gen, model, batch=3, length=7)
+    lengths, new = [7, 3, 5], 6
+    rules = {(0, 5): (1, 3)}
+    total = 7 + new
+
+    def run(rows_in_buffer):
+        tokens = torch.zeros(3, total, dtype=torch.int64)
+        modality = torch.zeros_like(tokens)
+        tokens[:, :7], modality[:, :7] = prompt.tokens, prompt.modality
+        rows = [_RowSchedule(default=0, rules=rules) for _ in range(3)]
+        loop = _Lockstep(model, rows_in_buffer, 64, (0, 1), rules, (), 0.0, None)
+        loop.load(tokens, modality, {}, lengths, new, rows, 0)
+        with torch.no_grad():
+            for _ in range(total - 1):
+                loop.step()
+        return loop.tokens[:3, :total], loop.modality[:3, :total]
+
+    plain, padded = run(3), run(4)
+    assert torch.equal(plain[0], padded[0]) and torch.equal(plain[1], padded[1])
