@@ -281,9 +281,9 @@ class _Lockstep:
     Buffers ``(batch, width)`` hold every row's tokens and modalities (the prompts, zeros after them, then what
     is sampled, added in); ``t`` is the position fed next. A row samples position ``t + 1`` when it lies in
     ``[first, end)``, feeds its prompt before ``first`` and zeros (token 0 of modality 0) from ``end`` on, which
-    the output cuts. The schedule
-    lives in ``default``, ``pending`` and ``remaining`` per row and the rules as tensors; ``heads`` are the
-    modalities a position may be sampled in.
+    the output cuts. The schedule lives in ``default``, ``pending`` and ``remaining`` per row and the rules as
+    tensors; ``heads`` are the modalities a position may be sampled in. The loop holds its model weakly: a graph
+    kept for a model must not keep the model alive.
     """
 
     def __init__(self, model, batch: int, width: int, heads: tuple[int, ...],
@@ -295,7 +295,7 @@ class _Lockstep:
         def ints(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=torch.int64, device=device)
 
-        self.model, self.heads, self.temperature, self.top_k = model, heads, temperature, top_k
+        self._model, self.heads, self.temperature, self.top_k = weakref.ref(model), heads, temperature, top_k
         self.tokens, self.modality = ints(batch, width), ints(batch, width)
         dims = {m.name: m.latent_dim for m in model.modalities if not m.discrete}
         self.latents = {name: torch.zeros(batch, width, dims[name], dtype=weight.dtype, device=device)
@@ -305,6 +305,10 @@ class _Lockstep:
         self.rules = torch.tensor([[*key, *value] for key, value in rules.items()], dtype=torch.int64,
                                   device=device).reshape(-1, 4).T
         self.state = model.allocate_state(batch, width)
+
+    @property
+    def model(self):
+        return self._model()
 
     def load(self, tokens: torch.Tensor, modality: torch.Tensor, latents: dict[str, torch.Tensor],
              lengths: list[int], max_new_tokens: int, rows: list[_RowSchedule], t: int) -> None:
@@ -420,7 +424,7 @@ def _decoder(model, cuda_graph: bool | None, batch: int, total: int, *options) -
         raise SpecError(f"cuda_graph=True, but capturing the decoding step failed: {found}; valid: "
                         f"cuda_graph=False or None") from found
     warnings.warn(f"generate: the decoding step could not be captured in a CUDA graph ({found}); decoding "
-                  f"eagerly (cuda_graph=False skips the attempt)", stacklevel=4)
+                  f"eagerly (cuda_graph=False skips the attempt)", stacklevel=5)
     return _Lockstep(model, batch, total, *options)
 
 
@@ -456,11 +460,11 @@ def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new
     rules = rows[0].rules
     heads = tuple(sorted({r.default for r in rows} | {then for then, _ in rules.values()}))
     names = tuple(name for name in prompt.latents)
-    decoder = _decoder(model, cuda_graph, batch, total, heads, rules, names, temperature, top_k)
-    loop = decoder.loop if isinstance(decoder, _Graphed) else decoder
     start = min(lengths) - 1 if model.can_prefill else 0
-    loop.load(tokens, modality, latents, lengths, max_new_tokens, rows, start)
-    with _seeded(generator, device):
+    with _seeded(generator, device) if temperature > 0 else contextlib.nullcontext():
+        decoder = _decoder(model, cuda_graph, batch, total, heads, rules, names, temperature, top_k)
+        loop = decoder.loop if isinstance(decoder, _Graphed) else decoder
+        loop.load(tokens, modality, latents, lengths, max_new_tokens, rows, start)
         if start > 0:
             model.prefill(loop.tokens[:, :start], loop.modality[:, :start], loop.state,
                           {name: values[:, :start] for name, values in loop.latents.items()})

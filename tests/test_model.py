@@ -319,3 +319,14 @@ def test_padded_lockstep_rows_do_not_change_the_real_rows(gen):
 
     plain, padded = run(3), run(4)
     assert torch.equal(plain[0], padded[0]) and torch.equal(plain[1], padded[1])
+
+
+def test_generation_leaves_the_global_generator_alone(gen):
+    model = random_model(gen, modalities=["text"])
+    prompt = random_batch(gen, model, batch=2, length=4)
+    for options in (dict(temperature=0), dict(temperature=0.9, generator=torch.Generator().manual_seed(5))):
+        torch.manual_seed(11)
+        expected = torch.rand(3)
+        torch.manual_seed(11)
+        model.generate(prompt, 4, **options)
+        assert torch.equal(torch.rand(3), expected), options
