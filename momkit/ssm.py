@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from pydantic import Field, model_validator
+from torch import nn
 
 from momkit.configs import BackboneConfig
 from momkit.errors import SpecError
