@@ -330,3 +330,52 @@ def test_generation_leaves_the_global_generator_alone(gen):
         torch.manual_seed(11)
         model.generate(prompt, 4, **options)
         assert torch.equal(torch.rand(3), expected), options
+
+
+def test_kept_graphs_follow_sizes_parameters_and_the_model(gen, monkeypatch):
+    """The policy of the graphs kept per model, with capture stubbed out (it needs a GPU): bucketed sizes share
+    one, an in-place parameter change or new options capture again, at most KEEP_GRAPHS are kept, a dropped model
+    frees them, and a failed capture warns and decodes eagerly (or raises with cuda_graph=True)."""
+    import gc
+
+    from momkit import generation
+
+    captured = []
+
+    class Capture:
+        def __init__(self, loop):
+            captured.append(loop)
+            self.loop = loop
+
+    monkeypatch.setattr(generation, "_Graphed", Capture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
+    model = random_model(gen, modalities=["text"]).eval()
+
+    def decoder(batch, total, temperature=0.0):
+        return generation._decoder(model, None, batch, total, (0,), {}, (), temperature, None)
+
+    first = decoder(3, 10)
+    assert decoder(4, 60) is first and len(captured) == 1
+    assert first.loop.tokens.shape == (4, 64)
+    assert decoder(4, 70) is not first and decoder(3, 10, 0.5) is not first and len(captured) == 3
+    with torch.no_grad():
+        model.final_norm.weight.mul_(1.5)
+    assert decoder(3, 10) is not first and len(captured) == 4
+    decoder(1, 10)
+    assert len(generation._CAPTURED[model]) == generation.KEEP_GRAPHS
+    del model, first, captured[:]
+    gc.collect()
+    assert len(generation._CAPTURED) == 0
+
+    class Failing(Capture):
+        def __init__(self, loop):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generation, "_Graphed", Failing)
+    model = random_model(gen, modalities=["text"]).eval()
+    options = ((0,), {}, (), 0.0, None)
+    with pytest.warns(UserWarning, match="could not be captured in a CUDA graph .*not permitted"):
+        assert isinstance(generation._decoder(model, None, 2, 10, *options), generation._Lockstep)
+    with pytest.raises(ValueError, match="capturing the decoding step failed"):
+        generation._decoder(model, True, 2, 10, *options)
