@@ -254,7 +254,7 @@ def _routed_gemv_kernel(x_ptr, w_ptr, bias_ptr, mod_ptr, out_ptr, n_in, n_out, H
                         BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out[i, outs] = W[m_i, outs] @ x[i] (+ bias[m_i, outs])`` for one token ``i`` and one tile of outputs:
     ``x (N, K)`` and ``W (M, O, K)`` row-major; products summed in float32 by the vector units."""
-    row, pid_o = tl.program_id(1).to(tl.int64), tl.program_id(0)
+    row, pid_o = tl.program_id(0).to(tl.int64), tl.program_id(1)
     m = tl.load(mod_ptr + row).to(tl.int64)
     outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     out_mask = outs < n_out
@@ -281,7 +281,7 @@ def _routed_gemv(x, weight, bias, modality, block_o, block_k, warps):
     n_rows, n_in = x.shape
     n_out = weight.shape[1]
     out = x.new_empty((n_rows, n_out))
-    _routed_gemv_kernel[(triton.cdiv(n_out, block_o), n_rows)](x, weight, bias, modality, out, n_in, n_out,
+    _routed_gemv_kernel[(n_rows, triton.cdiv(n_out, block_o))](x, weight, bias, modality, out, n_in, n_out,
                                                                 HAS_BIAS=bias is not None, BLOCK_O=block_o,
                                                                 BLOCK_K=block_k, num_warps=warps)
     return out
