@@ -295,7 +295,8 @@ class _Lockstep:
         def ints(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=torch.int64, device=device)
 
-        self._model, self.heads, self.temperature, self.top_k = weakref.ref(model), heads, temperature, top_k
+        self._model, self.temperature, self.top_k = weakref.ref(model), temperature, top_k
+        self.heads = [(m, model.modalities[m].name) for m in heads]
         self.tokens, self.modality = ints(batch, width), ints(batch, width)
         dims = {m.name: m.latent_dim for m in model.modalities if not m.discrete}
         self.latents = {name: torch.zeros(batch, width, dims[name], dtype=weight.dtype, device=device)
@@ -315,21 +316,20 @@ class _Lockstep:
         """Start from sequences ``(n, l)`` holding the prompts (``n`` at most the buffers' rows, the rest repeat
         row 0; ``l`` at most their width) and a fresh decoding state, feeding position ``t`` next."""
         n, length = tokens.shape
-        pad = [0] * (self.tokens.shape[0] - n)
-        index = torch.tensor(list(range(n)) + pad, device=tokens.device)
-        for buffer, values in [(self.tokens, tokens), (self.modality, modality)] + \
-                [(self.latents[name], latents[name]) for name in self.latents]:
-            buffer.zero_()
-            buffer[:, :length] = values[index, :length]
-        sampled = torch.arange(self.tokens.shape[1], device=tokens.device) >= \
-            torch.tensor([lengths[i] for i in index.tolist()], device=tokens.device)[:, None]
-        self.tokens.masked_fill_(sampled, 0)
-        self.modality.masked_fill_(sampled, 0)
+        order = list(range(n)) + [0] * (self.tokens.shape[0] - n)
         for buffer, values in ((self.first, lengths), (self.end, [n + max_new_tokens for n in lengths]),
                                (self.default, [r.default for r in rows]),
                                (self.pending, [r.pending or 0 for r in rows]),
                                (self.remaining, [r.remaining for r in rows])):
-            buffer.copy_(torch.tensor([values[i] for i in index.tolist()]))
+            buffer.copy_(torch.tensor([values[i] for i in order]))
+        index = torch.tensor(order, device=tokens.device)
+        for buffer, values in [(self.tokens, tokens), (self.modality, modality)] + \
+                [(self.latents[name], latents[name]) for name in self.latents]:
+            buffer.zero_()
+            buffer[:, :length] = values[index, :length]
+        sampled = torch.arange(self.tokens.shape[1], device=tokens.device) >= self.first[:, None]
+        self.tokens.masked_fill_(sampled, 0)
+        self.modality.masked_fill_(sampled, 0)
         self.t.fill_(t)
 
     def reset_state(self) -> None:
@@ -351,8 +351,7 @@ class _Lockstep:
             scheduled = sampled & (self.remaining > 0)
             chosen = torch.where(scheduled, self.pending, self.default)
             self.remaining.sub_(scheduled.long())
-        names = [m.name for m in model.modalities]
-        draws = [(m, _sample(model.heads[names[m]](h), self.temperature, self.top_k, None)) for m in self.heads]
+        draws = [(m, _sample(model.heads[name](h), self.temperature, self.top_k, None)) for m, name in self.heads]
         sample = draws[0][1]
         for m, drawn in draws[1:]:
             sample = torch.where(chosen == m, drawn, sample)
@@ -367,21 +366,28 @@ class _Lockstep:
         self.t.add_(1)
 
 
+def capture(run, warm_up=None, times: int = 2):
+    """``run()`` captured in a CUDA graph, after ``times`` calls of ``warm_up`` (``run`` when ``None``) on a side
+    stream, which compile the kernels and settle the allocator: the graph, to replay, and what the captured call
+    returned (tensors that each replay overwrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            (warm_up or run)()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = run()
+    return graph, result
+
+
 class _Graphed:
-    """A :class:`_Lockstep` whose step is captured in a CUDA graph (after warm-up steps on a side stream, which
-    also compile the kernels)."""
+    """A :class:`_Lockstep` whose step is captured in a CUDA graph (:func:`capture`)."""
 
     def __init__(self, loop: _Lockstep):
         self.loop = loop
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                loop.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            loop.step()
+        self.graph, _ = capture(loop.step)
 
     def step(self) -> None:
         self.graph.replay()
@@ -459,7 +465,7 @@ def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new
         cuda_graph = False
     rules = rows[0].rules
     heads = tuple(sorted({r.default for r in rows} | {then for then, _ in rules.values()}))
-    names = tuple(name for name in prompt.latents)
+    names = tuple(prompt.latents)
     start = min(lengths) - 1 if model.can_prefill else 0
     with _seeded(generator, device) if temperature > 0 else contextlib.nullcontext():
         decoder = _decoder(model, cuda_graph, batch, total, heads, rules, names, temperature, top_k)

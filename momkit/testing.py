@@ -45,6 +45,7 @@ import torch
 
 from momkit.blocks import Block, state_tensors
 from momkit.errors import SpecError
+from momkit.generation import capture
 from momkit.model import build_block
 from momkit.ops import available_backends
 
@@ -204,16 +205,9 @@ def _check_captured_steps(block, x: torch.Tensor, modality: torch.Tensor) -> Non
     with torch.no_grad():
         eager_state = block.decoding_state(x.shape[0], x.shape[1])
         eager = torch.stack([block.step(x[:, t], modality[:, t], eager_state) for t in range(x.shape[1])], dim=1)
-        state = block.decoding_state(x.shape[0], x.shape[1])
+        state, scratch = (block.decoding_state(x.shape[0], x.shape[1]) for _ in range(2))
         x_t, m_t = x[:, 0].clone(), modality[:, 0].clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            block.step(x_t, m_t, block.decoding_state(x.shape[0], x.shape[1]))
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = block.step(x_t, m_t, state)
+        graph, out = capture(lambda: block.step(x_t, m_t, state), lambda: block.step(x_t, m_t, scratch), times=1)
         outputs = []
         for t in range(x.shape[1]):
             x_t.copy_(x[:, t])
