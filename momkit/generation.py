@@ -435,19 +435,27 @@ def _decoder(model, cuda_graph: bool | None, batch: int, total: int, *options) -
 
 
 @contextlib.contextmanager
-def _seeded(generator: torch.Generator | None, device: torch.device):
+def _seeded(generator: torch.Generator | None, device: torch.device, sampled: bool):
     """Draw the sampling's noise from the device's default generator, seeded from ``generator`` (or from the
-    global generator), and leave the global generators as they were."""
+    global generator), and leave the global generators as they were; yields a function that seeds it again (after
+    a capture, whose warm-up draws noise). Without ``sampled`` (greedy decoding) nothing is drawn or seeded."""
+    if not sampled:
+        yield lambda: None
+        return
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
                              device=generator.device if generator is not None else "cpu"))
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+
+    def restart():
         torch.random.default_generator.manual_seed(seed)
         if devices:
             with torch.cuda.device(devices[0]):
                 torch.cuda.manual_seed(seed)
-        yield
+
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        restart()
+        yield restart
 
 
 def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new_tokens: int,
@@ -467,8 +475,9 @@ def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new
     heads = tuple(sorted({r.default for r in rows} | {then for then, _ in rules.values()}))
     names = tuple(prompt.latents)
     start = min(lengths) - 1 if model.can_prefill else 0
-    with _seeded(generator, device) if temperature > 0 else contextlib.nullcontext():
+    with _seeded(generator, device, temperature > 0) as restart:
         decoder = _decoder(model, cuda_graph, batch, total, heads, rules, names, temperature, top_k)
+        restart()
         loop = decoder.loop if isinstance(decoder, _Graphed) else decoder
         loop.load(tokens, modality, latents, lengths, max_new_tokens, rows, start)
         if start > 0:
