@@ -47,11 +47,11 @@ def _ssd_scan(**kwargs):
     return ssd_scan(**kwargs)
 
 
-def _routed_linear(*, x, weight, bias, modality):
+def _routed_linear(*, x, weight, bias, modality, order=None):
     from momkit.kernels.triton.routed_linear import routed_linear
 
     flat = routed_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
-                         None if bias is None else bias.contiguous(), modality.reshape(-1))
+                         None if bias is None else bias.contiguous(), modality.reshape(-1), order=order)
     return flat.view(*x.shape[:-1], weight.shape[1])
 
 
@@ -87,7 +87,7 @@ def momkit_scan_backends():
         conv_state_update=_conv_state_update,
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),
         priority=10,
-        extensions=frozenset({"modality", "seq_idx", "initial_state"}),
+        extensions=frozenset({"modality", "seq_idx", "initial_state", "order"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         is_available=_available,
     )]

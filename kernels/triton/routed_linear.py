@@ -5,15 +5,19 @@ Shapes: ``x (N, K)``, ``weight (M, O, K)``, ``bias (M, O)``, ``modality (N,)`` w
 (with IEEE precision for float32 operands, no tf32), and results are stored in the inputs' dtypes.
 
 Tokens are never sorted, gathered or scattered: every kernel reads ``x`` and ``dy`` in place, and routing
-happens inside the tiles.
+happens inside the tiles. Tokens whose ids come in no order (a router's expert choices) come with ``order``, a
+permutation that groups them by id: the kernels then form their tiles of the rows ``order[p]`` (with ids
+``ids[order[p]]``), loading and storing each row in place through it, so that the tiles hold runs of one id as
+runs of one modality do, and nothing is moved before or after.
 
 Forward and ``dx``. One kernel computes ``out_i = a_i B_{m_i}`` with ``B (M, R, C)`` read through its strides:
 ``y = x W_m^T + b_m`` with ``B = W^T (M, K, O)``, and ``dx = dy W_m`` with ``B = W`` as it is. For many tokens
 the forward reads ``W^T`` from a transposed copy made for the call (``M O K`` elements, small beside the
-activations; Hopper's tensor cores are fed faster from a weight tile contiguous along the output dimension); for
-fewer, where the copy costs more than it saves (decoding reads each weight once per token), it reads ``W`` in
-place through its strides; ``Tiling.copy_rows`` sets the bound, and ``benchmarks/routed_linear_tiling.py``
-measures both sides of it. A program owns a ``(token tile, output tile)`` block of ``out`` (grouped along
+activations of many tokens per weight set; Hopper's tensor cores are fed faster from a weight tile contiguous
+along the output dimension); for fewer tokens per weight set, where the copy costs more than it saves (decoding
+reads each weight once per token; eight experts share a batch's tokens eight ways), it reads ``W`` in place
+through its strides; ``Tiling.copy_rows`` sets the bound in tokens per weight set, and
+``benchmarks/routed_linear_tiling.py`` measures both sides of it. A program owns a ``(token tile, output tile)`` block of ``out`` (grouped along
 tokens, ``Tiling.group`` token tiles at a time, so that programs running together share tiles of ``a`` and ``B``
 in L2). It loads its tokens' modality ids first. When they are all one modality ``m``, the
 common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with ``B_m`` and
@@ -31,8 +35,9 @@ and one ``(O tile, K tile)`` block of ``dW_m`` and reduces ``tl.dot(tl.trans(dy_
 dot's result). Visiting every token tile would cost ``M`` times the work of one matmul, so each program visits only
 the tiles that hold a token of its modality. Before the launch, torch builds on the device a ``(tiles, M)``
 presence matrix (an ``index_fill_`` of ``tile * M + modality``), marks the tiles that hold one modality only as
-pure, and stably argsorts, for each modality, its tiles by the rank pure, mixed, absent: the list starts with the
-modality's pure tiles, then its mixed ones, each in token order, and two sums give how many of each. The program
+pure, and places each tile in its modality's list by counting (cumulative sums) the tiles of its kind before it:
+the list starts with the modality's pure tiles, then its mixed ones, each in token order, and two sums give how
+many of each. (A sort would do the same, at several times the host's time per call.) The program
 walks its modality's list in two loops whose bounds it loads from device memory: the pure tiles, read whole, then
 the mixed ones, whose rows of other modalities are loaded as zeros. Neither loop has a branch around its loads
 (that would stop Triton from software-pipelining them), and each looks up the next tile's rows one step ahead, so
@@ -94,7 +99,8 @@ class Tiling:
         group: token tiles (forward, ``dx``) or ``O`` tiles (``dweight``) whose programs are launched together
             across all output tiles, for reuse in L2; any positive number.
         copy_rows: the forward reads a transposed copy of the weight when the call has at least this many
-            tokens, and the weight in place otherwise; any number from 0 (always copy).
+            tokens per weight set (``N >= copy_rows * M``: the copy's cost grows with ``M``, what it saves with
+            ``N``), and the weight in place otherwise; any number from 0 (always copy).
         gemv_rows: up to this many tokens (decoding), the forward is one matrix-vector product per token on the
             vector units instead of token tiles on the tensor cores; any number from 0 (never).
         gemv_block_o: outputs per program of that product.
@@ -119,7 +125,7 @@ class Tiling:
     dw_warps: int = 4
     dw_stages: int = 3
     group: int = 8
-    copy_rows: int = 16384
+    copy_rows: int = 8192
     gemv_rows: int = 4
     gemv_block_o: int = 8
     gemv_block_k: int = 256
@@ -199,6 +205,14 @@ def _grouped(pid, tiles_a, tiles_b, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _rows_at(perm_ptr, positions, mask, PERM: tl.constexpr):
+    """The rows (int64) at tile ``positions``: ``perm[positions]`` with ``PERM``, else the positions."""
+    if PERM:
+        return tl.load(perm_ptr + positions, mask=mask, other=0).to(tl.int64)
+    return positions.to(tl.int64)
+
+
+@triton.jit
 def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, stride_r, stride_c,
                  BLOCK_R: tl.constexpr):
     """``acc + a[rows] @ b`` with ``a (n, n_red)`` row-major and ``b (n_red, n_cols)`` of strides
@@ -217,20 +231,21 @@ def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, strid
 
 
 @triton.jit
-def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, out_ptr, n_rows, n_red, n_cols, stride_m, stride_r,
-                      stride_c, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
+def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, perm_ptr, out_ptr, n_rows, n_red, n_cols, stride_m,
+                      stride_r, stride_c, HAS_BIAS: tl.constexpr, PERM: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
     """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, n_red)`` row-major, ``b (M, n_red, n_cols)`` of strides
-    ``(stride_m, stride_r, stride_c)``, ``out (N, n_cols)``; see the module docstring."""
+    ``(stride_m, stride_r, stride_c)``, ``out (N, n_cols)``; with ``PERM``, tile position ``p`` holds row
+    ``perm[p]`` and ``mod_ptr`` the ids in that order. See the module docstring."""
     pid_n, pid_c = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_C), GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
+    positions = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = positions < n_rows
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < n_cols
-    mods = tl.load(mod_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+    mods = tl.load(mod_ptr + positions, mask=row_mask, other=-1).to(tl.int32)
     m_hi = tl.max(mods, 0)
     m_lo = tl.min(tl.where(row_mask, mods, m_hi), 0)
-    rows = rows.to(tl.int64)
+    rows = _rows_at(perm_ptr, positions, row_mask, PERM)
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     mask = row_mask[:, None] & col_mask[None, :]
     if m_lo == m_hi:
@@ -288,54 +303,54 @@ def _routed_gemv(x, weight, bias, modality, block_o, block_k, warps):
 
 
 @triton.jit
-def _listed_rows(tiles_ptr, j, last, mod_ptr, m, n_rows, CHECK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The rows of the token tile listed at ``tiles_ptr[j]`` and which of them to take: those inside the batch
-    and, with ``CHECK``, of modality ``m``; none when ``j >= last``."""
+def _listed_rows(tiles_ptr, j, last, mod_ptr, perm_ptr, m, n_rows, CHECK: tl.constexpr, PERM: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The rows (int64) of the token tile listed at ``tiles_ptr[j]`` and which of them to take: those inside the
+    batch and, with ``CHECK``, of modality ``m``; none when ``j >= last``."""
     inside = j < last
-    rows = tl.load(tiles_ptr + j, mask=inside, other=0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    sel = rows < tl.where(inside, n_rows, 0)
+    positions = tl.load(tiles_ptr + j, mask=inside, other=0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sel = positions < tl.where(inside, n_rows, 0)
     if CHECK:
-        sel = tl.load(mod_ptr + rows, mask=sel, other=-1) == m
-    return rows, sel
+        sel = tl.load(mod_ptr + positions, mask=sel, other=-1) == m
+    return _rows_at(perm_ptr, positions, sel, PERM), sel
 
 
 @triton.jit
-def _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, tiles_ptr, m, first, last, n_rows, n_in, n_out,
-                       outs, out_mask, ins, in_mask, CHECK: tl.constexpr, SUM_ROWS: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+def _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, first, last, n_rows, n_in,
+                       n_out, outs, out_mask, ins, in_mask, CHECK: tl.constexpr, PERM: tl.constexpr,
+                       SUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """``acc + sum_t dy_t^T x_t`` (and, with ``SUM_ROWS``, ``row_sum + sum_t`` of ``dy_t``'s rows) over the
     token tiles ``t`` listed at ``tiles_ptr[first:last]``. With ``CHECK`` the rows of other modalities than ``m``
     are read as zeros; without, every token of the listed tiles is taken to be of modality ``m``.
 
     The rows of the next tile are looked up one step ahead, so that no load of ``dy`` or ``x`` depends on a
     load of the same step and the software pipeline can run them several steps ahead."""
-    rows, sel = _listed_rows(tiles_ptr, first, last, mod_ptr, m, n_rows, CHECK, BLOCK_N)
+    rows, sel = _listed_rows(tiles_ptr, first, last, mod_ptr, perm_ptr, m, n_rows, CHECK, PERM, BLOCK_N)
     for j in range(first, last):
-        wide = rows.to(tl.int64)
-        dy = tl.load(dy_ptr + wide[:, None] * n_out + outs[None, :], mask=sel[:, None] & out_mask[None, :],
+        dy = tl.load(dy_ptr + rows[:, None] * n_out + outs[None, :], mask=sel[:, None] & out_mask[None, :],
                      other=0.0)
-        x = tl.load(x_ptr + wide[:, None] * n_in + ins[None, :], mask=sel[:, None] & in_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * n_in + ins[None, :], mask=sel[:, None] & in_mask[None, :], other=0.0)
         acc = _dot(tl.trans(dy), x, acc)
         if SUM_ROWS:
             row_sum += tl.sum(dy.to(tl.float32), 0)
-        rows, sel = _listed_rows(tiles_ptr, j + 1, last, mod_ptr, m, n_rows, CHECK, BLOCK_N)
+        rows, sel = _listed_rows(tiles_ptr, j + 1, last, mod_ptr, perm_ptr, m, n_rows, CHECK, PERM, BLOCK_N)
     return acc, row_sum
 
 
 @triton.jit
-def _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in, n_out,
-                      outs, out_mask, ins, in_mask,
-                      SUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+def _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in,
+                      n_out, outs, out_mask, ins, in_mask, PERM: tl.constexpr, SUM_ROWS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     """One ``(BLOCK_O, BLOCK_K)`` block of ``dW_m`` over the token tiles listed at ``tiles_ptr``, the first
     ``pure`` of them holding modality ``m`` alone, the next up to ``present`` mixed; and, with ``SUM_ROWS``, the
     block ``outs`` of ``dbias_m``."""
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    acc, row_sum = _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, tiles_ptr, m, 0, pure, n_rows, n_in,
-                                      n_out, outs, out_mask, ins, in_mask, False, SUM_ROWS, BLOCK_N)
-    acc, row_sum = _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, tiles_ptr, m, pure, present, n_rows,
-                                      n_in, n_out, outs, out_mask, ins, in_mask, True, SUM_ROWS, BLOCK_N)
+    acc, row_sum = _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, 0, pure, n_rows,
+                                      n_in, n_out, outs, out_mask, ins, in_mask, False, PERM, SUM_ROWS, BLOCK_N)
+    acc, row_sum = _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, pure, present,
+                                      n_rows, n_in, n_out, outs, out_mask, ins, in_mask, True, PERM, SUM_ROWS,
+                                      BLOCK_N)
     m = m.to(tl.int64)
     tl.store(dw_ptr + (m * n_out + outs[:, None]) * n_in + ins[None, :], _cast(acc, dw_ptr.dtype.element_ty),
              mask=out_mask[:, None] & in_mask[None, :])
@@ -344,12 +359,13 @@ def _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, p
 
 
 @triton.jit
-def _weight_grad_kernel(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, counts_ptr,
+def _weight_grad_kernel(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, counts_ptr,
                         n_rows, n_in, n_out, n_tiles,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """``dW_m = sum_{i: m_i = m} dy_i^T x_i`` and ``dbias_m = sum_{i: m_i = m} dy_i``: ``dy (N, O)``,
-    ``x (N, K)``, the tile lists ``(M, n_tiles)`` and their lengths ``(M, 2)``; see the module docstring."""
+    ``x (N, K)``, the tile lists ``(M, n_tiles)`` and their lengths ``(M, 2)``; with ``PERM``, tile position
+    ``p`` holds row ``perm[p]`` and ``mod_ptr`` the ids in that order. See the module docstring."""
     tiles_o = tl.cdiv(n_out, BLOCK_O)
     tiles_k = tl.cdiv(n_in, BLOCK_K)
     pid = tl.program_id(0)
@@ -364,102 +380,110 @@ def _weight_grad_kernel(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, co
     in_mask = ins < n_in
     if HAS_BIAS:
         if pid_k == 0:
-            _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in,
-                              n_out, outs, out_mask, ins, in_mask, True, BLOCK_N, BLOCK_O, BLOCK_K)
+            _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present,
+                              n_rows, n_in, n_out, outs, out_mask, ins, in_mask, PERM, True, BLOCK_N, BLOCK_O,
+                              BLOCK_K)
         else:
-            _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in,
-                              n_out, outs, out_mask, ins, in_mask, False, BLOCK_N, BLOCK_O, BLOCK_K)
+            _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present,
+                              n_rows, n_in, n_out, outs, out_mask, ins, in_mask, PERM, False, BLOCK_N, BLOCK_O,
+                              BLOCK_K)
     else:
-        _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in,
-                          n_out, outs, out_mask, ins, in_mask, False, BLOCK_N, BLOCK_O, BLOCK_K)
+        _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows,
+                          n_in, n_out, outs, out_mask, ins, in_mask, PERM, False, BLOCK_N, BLOCK_O, BLOCK_K)
 
 
-def _routed_mm(a, b, bias, modality, block_n, block_c, block_r, warps, stages, group):
-    """``out[i] = a[i] @ b[modality[i]] (+ bias[modality[i]])``: ``a (N, R)`` contiguous, ``b (M, R, C)`` of any
-    strides, ``out (N, C)``."""
+def _routed_mm(a, b, bias, ids, perm, block_n, block_c, block_r, warps, stages, group):
+    """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, R)`` contiguous, ``b (M, R, C)`` of any strides,
+    ``out (N, C)``; ``m_i = ids[i]``, or with ``perm``, ``m_{perm[p]} = ids[p]`` and tiles formed in that order."""
     n_rows, n_red = a.shape
     n_cols = b.shape[2]
     out = a.new_empty((n_rows, n_cols))
     grid = (triton.cdiv(n_rows, block_n) * triton.cdiv(n_cols, block_c),)
-    _routed_mm_kernel[grid](a, b, bias, modality, out, n_rows, n_red, n_cols, *b.stride(),
-                            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=block_r,
-                            GROUP=group, num_warps=warps, num_stages=stages)
+    _routed_mm_kernel[grid](a, b, bias, ids, perm, out, n_rows, n_red, n_cols, *b.stride(),
+                            HAS_BIAS=bias is not None, PERM=perm is not None, BLOCK_N=block_n, BLOCK_C=block_c,
+                            BLOCK_R=block_r, GROUP=group, num_warps=warps, num_stages=stages)
     return out
 
 
 def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each modality, the token tiles of ``block`` tokens that hold it, and how many.
 
-    Returns ``tiles (M, T)`` and ``counts (M, 2)``, int32, with ``T = ceil(N / block)``: ``tiles[m, :counts[m, 0]]``
-    are the tiles whose tokens are all of modality ``m``, ``tiles[m, counts[m, 0]:counts[m, 1]]`` those that hold
-    it among others, each group in token order. Computed on the device without synchronising.
+    Returns ``tiles (M, T + 1)`` and ``counts (M, 2)``, int32, with ``T = ceil(N / block)``: ``tiles[m, :counts[m,
+    0]]`` are the tiles whose tokens are all of modality ``m``, ``tiles[m, counts[m, 0]:counts[m, 1]]`` those that
+    hold it among others, each group in token order (the rest is not read). Computed on the device without
+    synchronising, and without a sort: a tile's place in its list is a count of the tiles of its kind before it.
     """
     n_tiles = triton.cdiv(modality.shape[0], block)
     tile = torch.arange(modality.shape[0], device=modality.device) // block
     present = torch.zeros(n_tiles * n_modalities, dtype=torch.int32, device=modality.device)
     present.index_fill_(0, tile * n_modalities + modality, 1)
-    present = present.view(n_tiles, n_modalities)
-    pure = present * (present.sum(1, keepdim=True) == 1)
-    rank = (2 - present - pure).T.contiguous()
-    tiles = torch.argsort(rank, dim=1, stable=True).to(torch.int32)
-    return tiles, torch.stack([pure.sum(0, dtype=torch.int32), present.sum(0, dtype=torch.int32)], 1)
+    present = present.view(n_tiles, n_modalities).T
+    pure = present * (present.sum(0, keepdim=True) == 1)
+    mixed = present - pure
+    n_pure = pure.sum(1, keepdim=True, dtype=torch.int32)
+    place = torch.where(pure.bool(), pure.cumsum(1) - 1,
+                        torch.where(mixed.bool(), n_pure + mixed.cumsum(1) - 1, n_tiles))
+    tiles = torch.zeros(n_modalities, n_tiles + 1, dtype=torch.int32, device=modality.device)
+    tiles.scatter_(1, place, torch.arange(n_tiles, dtype=torch.int32, device=modality.device).expand_as(place))
+    return tiles, torch.cat([n_pure, present.sum(1, keepdim=True, dtype=torch.int32)], 1)
 
 
-def _weight_grads(dy, x, modality, weight, bias, tiling):
+def _weight_grads(dy, x, ids, perm, weight, bias, tiling):
     """``dweight (M, O, K)`` in ``weight``'s dtype and ``dbias (M, O)`` in ``bias``'s (``None`` without a
-    bias)."""
+    bias); ``ids`` and ``perm`` as :func:`_routed_mm` takes them."""
     n_rows, n_in = x.shape
     n_mod, n_out = weight.shape[:2]
-    tiles, counts = _tile_lists(modality, n_mod, tiling.dw_block_n)
+    tiles, counts = _tile_lists(ids, n_mod, tiling.dw_block_n)
     dweight = torch.empty_like(weight)
     dbias = None if bias is None else torch.empty_like(bias)
     grid = (n_mod * triton.cdiv(n_out, tiling.dw_block_o) * triton.cdiv(n_in, tiling.dw_block_k),)
-    _weight_grad_kernel[grid](dy, x, modality, dweight, dbias, tiles, counts, n_rows, n_in, n_out, tiles.shape[1],
-                              HAS_BIAS=bias is not None, BLOCK_N=tiling.dw_block_n, BLOCK_O=tiling.dw_block_o,
-                              BLOCK_K=tiling.dw_block_k, GROUP=tiling.group, num_warps=tiling.dw_warps,
-                              num_stages=tiling.dw_stages)
+    _weight_grad_kernel[grid](dy, x, ids, perm, dweight, dbias, tiles, counts, n_rows, n_in, n_out, tiles.shape[1],
+                              HAS_BIAS=bias is not None, PERM=perm is not None, BLOCK_N=tiling.dw_block_n,
+                              BLOCK_O=tiling.dw_block_o, BLOCK_K=tiling.dw_block_k, GROUP=tiling.group,
+                              num_warps=tiling.dw_warps, num_stages=tiling.dw_stages)
     return dweight, dbias
 
 
 class RoutedLinearFn(torch.autograd.Function):
-    """Autograd node of the Triton routed linear layer; see the module docstring."""
+    """Autograd node of the Triton routed linear layer; see the module docstring. ``ids`` and ``perm`` as
+    :func:`_routed_mm` takes them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, modality, tiling):
-        ctx.save_for_backward(x, weight, bias, modality)
+    def forward(ctx, x, weight, bias, ids, perm, tiling):
+        ctx.save_for_backward(x, weight, bias, ids, perm)
         ctx.tiling = tiling
         if x.shape[0] == 0:
             return x.new_empty((0, weight.shape[1]))
         t = tiling
         if x.shape[0] <= t.gemv_rows:
             block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
-            return _routed_gemv(x, weight, bias, modality, t.gemv_block_o, block_k, t.gemv_warps)
+            return _routed_gemv(x, weight, bias, ids, t.gemv_block_o, block_k, t.gemv_warps)
         weight_t = weight.transpose(1, 2)
-        if x.shape[0] >= t.copy_rows:
+        if x.shape[0] >= t.copy_rows * weight.shape[0]:
             weight_t = weight_t.contiguous()
-        return _routed_mm(x, weight_t, bias, modality, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group)
+        return _routed_mm(x, weight_t, bias, ids, perm, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, modality = ctx.saved_tensors
+        x, weight, bias, ids, perm = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.shape[0] == 0:
             return (torch.empty_like(x) if need_x else None, torch.zeros_like(weight) if need_w else None,
-                    torch.zeros_like(bias) if need_b else None, None, None)
+                    torch.zeros_like(bias) if need_b else None, None, None, None)
         t = ctx.tiling
         dy = dy.contiguous()
         dx = dweight = dbias = None
         if need_x:
-            dx = _routed_mm(dy, weight, None, modality, t.dx_block_n, t.dx_block_k, t.dx_block_o,
+            dx = _routed_mm(dy, weight, None, ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
                             t.dx_warps, t.dx_stages, t.group)
         if need_w or need_b:
-            dweight, dbias = _weight_grads(dy, x, modality, weight, bias if need_b else None, t)
-        return dx, dweight if need_w else None, dbias, None, None
+            dweight, dbias = _weight_grads(dy, x, ids, perm, weight, bias if need_b else None, t)
+        return dx, dweight if need_w else None, dbias, None, None, None
 
 
 def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modality: torch.Tensor,
-                  tiling: Tiling | None = None) -> torch.Tensor:
+                  tiling: Tiling | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
     """``y[i] = x[i] @ weight[modality[i]].T + bias[modality[i]]``, differentiable in ``x``, ``weight``, ``bias``.
 
     Args:
@@ -469,6 +493,10 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         modality: ``(N,)`` int64 ids in ``0..M-1`` (checked by the caller).
         tiling: block sizes, warps and stages (:func:`default_tiling` of ``x``'s dtype and ``N`` when
             ``None``); the result does not depend on it beyond rounding.
+        order: optional ``(N,)`` int64 permutation of the tokens that groups them by id (a stable argsort of
+            ``modality``): the kernels then form their token tiles in that order, reading and writing each row
+            in place through it, so that ids in any order cost what runs of one id cost. The result does not
+            depend on it. Not used up to ``tiling.gemv_rows`` tokens.
 
     Returns:
         ``y (N, O)`` in ``x``'s dtype. Gradients come in each input's dtype; a modality absent from
@@ -483,5 +511,12 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise SpecError(f"the triton routed linear computes in float32 but {', '.join(wide)} is torch.float64; "
                         f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
     rows = x.shape[0] if x.shape[0] <= FEW_ROWS else None
+    tiling = tiling or default_tiling(x.dtype, rows)
+    modality = modality.contiguous()
+    if order is not None and x.shape[0] <= tiling.gemv_rows:
+        order = None
+    if order is not None:
+        order = order.contiguous()
+        modality = modality[order]
     return RoutedLinearFn.apply(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                                modality.contiguous(), tiling or default_tiling(x.dtype, rows))
+                                modality, order, tiling)

@@ -115,7 +115,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
                              return_final_states, modality, backend)
 
 
-def routed_linear(x, weight, bias, modality, *, backend="auto"):
+def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
     """``y = x W_m^T + b_m`` with each position's own modality ``m``: the routed projection.
 
     Args:
@@ -123,6 +123,11 @@ def routed_linear(x, weight, bias, modality, *, backend="auto"):
         weight: ``(M, out, in)``, one matrix per modality, in ``x``'s dtype.
         bias: optional ``(M, out)``.
         modality: ``x``'s leading shape ``(...)``, int64 ids in ``0..M-1``.
+        order: optional ``(positions,)`` int64 permutation of the flattened positions that groups them by id
+            (``torch.argsort(modality.reshape(-1), stable=True)``), for ids in no order such as a router's expert
+            choices: a backend that takes it (the ``triton`` one) forms its tiles in that order without moving a
+            position. A hint: the result does not depend on it, and a backend that does not take it runs
+            without it. Checked to be a permutation on the CPU only.
         backend: a registered backend name, or ``"auto"``.
 
     Returns:
@@ -137,7 +142,7 @@ def routed_linear(x, weight, bias, modality, *, backend="auto"):
         bias = None if bias is None else bias.to(dtype)
     if torch.compiler.is_compiling():
         return library.routed_linear(x, weight, bias, modality, backend_name(backend, "routed_linear"))
-    return dispatch.routed_linear(x, weight, bias, modality, backend)
+    return dispatch.routed_linear(x, weight, bias, modality, backend, order)
 
 
 def causal_conv1d(x, weight, bias=None, seq_idx=None, *, modality=None, backend="auto"):

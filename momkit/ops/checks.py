@@ -123,8 +123,9 @@ def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
         expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, dev, floating=False)
 
 
-def check_routed_linear(x, weight, bias, modality) -> None:
-    """Check the arguments of :func:`momkit.ops.routed_linear`."""
+def check_routed_linear(x, weight, bias, modality, order=None) -> None:
+    """Check the arguments of :func:`momkit.ops.routed_linear`; ``order`` is a permutation of the positions only
+    checked on the CPU (on a GPU that would wait for the device)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise TypeError(f"x must be a torch.Tensor of shape (..., in_features), got "
                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -135,6 +136,12 @@ def check_routed_linear(x, weight, bias, modality) -> None:
         expect_tensor("bias", bias, {"(M, out)": tuple(weight.shape[:2])}, x.device)
     expect_tensor("modality", modality, {"x's leading shape": tuple(x.shape[:-1])}, x.device, floating=False)
     check_ids(modality, weight.shape[0], "weight")
+    if order is not None:
+        expect_tensor("order", order, {"(positions,)": (modality.numel(),)}, x.device, floating=False)
+        if order.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                not torch.equal(torch.sort(order).values, torch.arange(len(order))):
+            raise SpecError(f"order must be a permutation of 0..{len(order) - 1} (an argsort of the flattened "
+                            f"modality), got {order.tolist()[:8]}{' ...' if len(order) > 8 else ''}")
 
 
 def _routable(name, value, shape: tuple, labels: str, modality, device) -> None:

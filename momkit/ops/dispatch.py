@@ -95,12 +95,13 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                          return_final_states=return_final_states, modality=modality)
 
 
-def routed_linear(x, weight, bias, modality, backend):
+def routed_linear(x, weight, bias, modality, backend, order=None):
     """:func:`momkit.ops.routed_linear` on inputs already in the autocast dtype, checked and run on its
-    backend."""
-    check_routed_linear(x, weight, bias, modality)
+    backend (with ``order`` if it takes it)."""
+    check_routed_linear(x, weight, bias, modality, order)
     impl = resolve_backend(backend, x.device, "routed_linear", dtype=x.dtype)
-    return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality)
+    hint = {"order": order} if order is not None and "order" in impl.extensions else {}
+    return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality, **hint)
 
 
 def causal_conv1d(x, weight, bias, seq_idx, modality, backend):

@@ -135,6 +135,22 @@ def test_small_shapes_16_bit(kernels, gen, dtype):
     assert_absent_zero(got, 0, str(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ids_in_no_order_through_an_order(kernels, gen, dtype):
+    """Ids drawn per token (a router's expert choices) with ``order``: the stable argsort that groups them, and a
+    random permutation that leaves every tile mixed; rows are read and written in place through it, forward
+    and backward, and an absent id's gradients stay exactly zero."""
+    inputs = make_inputs(gen, 130, 23, 45, 8, absent=5, dtype=dtype)
+    ref = reference(inputs, 8)
+    orders = {"argsort": torch.argsort(inputs["modality"], stable=True),
+              "random": torch.randperm(130, generator=gen).to(DEVICE)}
+    for tiling in small_tilings(kernels):
+        for name, order in orders.items():
+            got = run(kernels.routed_linear, inputs, 8, tiling=tiling, order=order)
+            assert_close(got, ref, dtype, f"{name}, {tiling}")
+            assert_absent_zero(got, 5, f"{name}, {tiling}")
+
+
 @pytest.mark.parametrize("n", [130, 16, 3])
 def test_default_tiling(kernels, gen, n):
     """The default tilings, that of a few tokens (decoding) included."""
@@ -211,24 +227,50 @@ def test_tiling_checks(kernels):
     assert kernels.default_tiling(torch.bfloat16, kernels.FEW_ROWS + 1) == kernels.Tiling()
 
 
-def test_front_door(kernels, gen):
+def with_triton():
+    """The installed plugins' registry, in use, with the Triton backend registered."""
     import momkit.kernels.triton as plugin
     from importlib.metadata import entry_points
 
-    from momkit import ops
     from momkit.registry import Registry, use_registry
 
     registry = Registry.from_entry_points()
     if "momkit.kernels.triton" not in {ep.value for ep in entry_points(group="momkit")}:
         registry.register(plugin, distribution="momkit")
+    return use_registry(registry)
+
+
+def test_front_door(kernels, gen):
+    from momkit import ops
+
     inputs = make_inputs(gen, 2 * 19, 21, 19, 3, runs=(2, 9))
     inputs["x"] = inputs["x"].view(2, 19, 21)
     inputs["modality"] = inputs["modality"].view(2, 19)
-    with use_registry(registry):
+    with with_triton():
         y = ops.routed_linear(**inputs, backend="triton")
     ref = per_token(inputs["x"].double().view(-1, 21), inputs["weight"].double(), inputs["bias"].double(),
                     inputs["modality"].view(-1)).view(2, 19, 19)
     assert ((y.double() - ref).norm() / ref.norm()).item() <= TOLERANCE[torch.float32]
+
+
+def test_front_door_order(kernels, gen):
+    """``order`` reaches a backend that takes it and is left out for one that does not; on the CPU, one that is
+    not a permutation of the positions is refused, naming it."""
+    from momkit import ops
+    from momkit.errors import SpecError
+
+    inputs = make_inputs(gen, 37, 21, 19, 4)
+    order = torch.argsort(inputs["modality"], stable=True)
+    ref = per_token(*(inputs[k].double() for k in ("x", "weight", "bias")), inputs["modality"])
+    for backend in ("triton", "reference"):
+        with with_triton():
+            y = ops.routed_linear(**inputs, order=order, backend=backend)
+        assert ((y.double() - ref).norm() / ref.norm()).item() <= TOLERANCE[torch.float32], backend
+    if DEVICE == "cpu":
+        with pytest.raises(SpecError, match="order must be a permutation of 0..36"):
+            ops.routed_linear(**inputs, order=torch.zeros_like(order), backend="reference")
+    with pytest.raises(ValueError, match="order"):
+        ops.routed_linear(**inputs, order=order[:-1], backend="reference")
 
 
 def large_tilings(kernels, dtype):
@@ -265,6 +307,18 @@ def test_large_shapes(cuda_kernels, gen, case, dtype):
         got = run(cuda_kernels.routed_linear, inputs, 11, tiling=tiling)
         assert_close(got, ref, dtype, f"{tiling}")
         assert_absent_zero(got, case.get("absent"), f"{tiling}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_large_shapes_through_an_order(cuda_kernels, gen, dtype):
+    """Eight ids drawn per token, one absent, grouped by their argsort: the experts' case."""
+    inputs = make_inputs(gen, 4096 + 17, 1024, 2048, 8, absent=3, dtype=dtype)
+    ref = reference(inputs, 12, fn=per_modality)
+    order = torch.argsort(inputs["modality"], stable=True)
+    for tiling in large_tilings(cuda_kernels, dtype):
+        got = run(cuda_kernels.routed_linear, inputs, 12, tiling=tiling, order=order)
+        assert_close(got, ref, dtype, f"{tiling}")
+        assert_absent_zero(got, 3, f"{tiling}")
 
 
 def test_no_host_synchronisation(cuda_kernels, gen):
