@@ -164,7 +164,7 @@ class Block(nn.Module, ABC):
         supports_prefill: Class attribute: whether :meth:`run` takes a decoding state (prefill); ``False``
             unless the backbone sets it, and then :meth:`forward` refuses a state.
         position_wise: Class attribute: whether each output position depends on its own input position alone
-            (a feed-forward layer); such a block with experts runs on its tokens sorted by expert.
+            (a feed-forward layer), which makes it bidirectional as it is.
         supports_bidirectional: Class attribute: whether the class takes ``bidirectional`` (spans seen whole).
         capturable_step: Class attribute: whether :meth:`run_step` (and a prefill) can be captured in a CUDA
             graph and replayed: it reads no device value on the host and updates the tensors of its decoding
@@ -236,26 +236,23 @@ class Block(nn.Module, ABC):
             return self.allocate_state(batch_size, max_length)
         return [self.allocate_state(batch_size, max_length) for _ in range(self.branches)]
 
-    def _mix(self, x: torch.Tensor, route, run: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """``x + sum_j gates_j (run(j) - x)``, run ``j`` with the expert sublayers on the ``j``-th chosen ids."""
+    def _mix(self, x: torch.Tensor, route, run: Callable[[int], torch.Tensor], grouped: bool) -> torch.Tensor:
+        """``x + sum_j gates_j (run(j) - x)``, run ``j`` with the expert sublayers on the ``j``-th chosen ids (and,
+        when ``grouped``, the order that groups them: the capacity's sort where it is that, else an argsort)."""
         self.router_stats = route.stats
         out = x
         try:
             for j in range(self.branches):
-                self.choice.ids = route.ids[..., j]
-                out = out + route.gates[..., j, None] * (run(j) - x)
+                ids = route.ids[..., j]
+                order = route.order if self.branches == 1 else None
+                if grouped and order is None:
+                    order = torch.argsort(ids.reshape(-1), stable=True)
+                self.choice.ids, self.choice.order = ids, order if grouped else None
+                gate = route.gates[..., j, None]
+                out = torch.lerp(x, run(j), gate) if self.branches == 1 else out + gate * (run(j) - x)
         finally:
-            self.choice.ids, self.choice.sorted = None, False
+            self.choice.ids = self.choice.order = None
         return out
-
-    def _sorted_run(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """:meth:`run` of a position-wise block on its tokens sorted by the current expert ids (one sequence of
-        all ``b l`` tokens), put back in place: the expert sublayers then see runs of one expert."""
-        ids = self.choice.ids.reshape(1, -1)
-        order = torch.argsort(ids[0], stable=True)
-        self.choice.ids, self.choice.sorted = ids[:, order], True
-        y = self.run(x.reshape(1, -1, x.shape[-1])[:, order], Layout(layout.modality.reshape(1, -1)[:, order]))
-        return torch.empty_like(y[0]).index_copy_(0, order, y[0]).reshape(x.shape)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | Layout, seq_idx: torch.Tensor | None = None, *,
                 state: Any = None) -> torch.Tensor:
@@ -279,8 +276,7 @@ class Block(nn.Module, ABC):
             return self.run(x, layout, state)
         if state is not None:
             raise SpecError("a block with experts takes no decoding state in forward; feed positions through step")
-        run = (lambda j: self._sorted_run(x, layout)) if self.position_wise else (lambda j: self.run(x, layout))
-        return self._mix(x, self._route(x, layout.modality, self.training), run)
+        return self._mix(x, self._route(x, layout.modality, self.training), lambda j: self.run(x, layout), True)
 
     def step(self, x: torch.Tensor, modality: torch.Tensor | Layout, state: Any) -> torch.Tensor:
         """One position per sequence: ``x (b, d_model)``, ``modality (b,)`` int64 (or a :class:`Layout` of it)
@@ -294,7 +290,8 @@ class Block(nn.Module, ABC):
         if not isinstance(states, list) or len(states) != self.branches:
             raise SpecError(f"a block with top_k = {self.branches} experts decodes {self.branches} branches; pass "
                             f"the state of decoding_state(), a list of {self.branches} states")
-        return self._mix(x, self._route(x, layout.modality, False), lambda j: self.run_step(x, layout, states[j]))
+        return self._mix(x, self._route(x, layout.modality, False), lambda j: self.run_step(x, layout, states[j]),
+                         False)
 
     def _route(self, x: torch.Tensor, modality: torch.Tensor, training: bool):
         router = getattr(self, "router", None)

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from momkit.errors import PluginError, SpecError
@@ -39,12 +40,12 @@ EPS = 1e-6
 
 @dataclass
 class Choice:
-    """The expert ids the expert sublayers of a block apply in the current run: ``(b, l)`` or ``(b,)``, and
-    whether the tokens come sorted by them."""
+    """The expert ids the expert sublayers of a block apply in the current run: ``(b, l)`` or ``(b,)``, and the
+    permutation of the flattened positions that groups them (``None`` when decoding), which the grouped kernels
+    form their tiles by (:func:`momkit.ops.routed_linear`'s ``order``)."""
 
     ids: torch.Tensor | None = None
-    sorted: bool = False
-
+    order: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,18 +69,22 @@ class RouterStats:
 
 @dataclass
 class Route:
-    """A router's decision: ``ids (..., top_k)`` expert ids and ``gates (..., top_k)``, and its statistics."""
+    """A router's decision: ``ids (..., top_k)`` expert ids and ``gates (..., top_k)``, its statistics, and, where
+    the capacity sorted them, the stable argsort of the slot-major flattened ids (``ids.t()`` of ``(N, top_k)``),
+    which with ``top_k = 1`` groups the tokens by expert."""
 
     ids: torch.Tensor
     gates: torch.Tensor
     stats: RouterStats
+    order: torch.Tensor | None = None
 
 
 def capacity_mask(ids: torch.Tensor, id_sets: torch.Tensor, tokens_per_set: torch.Tensor, n_experts: int,
-                  factor: float) -> torch.Tensor:
+                  factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Which slots of ``ids (N, k)`` (expert ids ``0..n_ids-1``) the capacity keeps: expert ``i`` (of router
     set ``id_sets[i]``, which saw ``tokens_per_set[id_sets[i]]`` tokens) keeps its first
-    ``ceil(factor * k * tokens / n_experts)`` slots, slot 0 of every token before slot 1, tokens in order."""
+    ``ceil(factor * k * tokens / n_experts)`` slots, slot 0 of every token before slot 1, tokens in order.
+    Returns that ``(N, k)`` mask and the stable argsort of ``ids.t()`` flattened, which ranked the slots."""
     n, k = ids.shape
     order = ids.t().reshape(-1)
     ranked = torch.argsort(order, stable=True)
@@ -88,7 +93,7 @@ def capacity_mask(ids: torch.Tensor, id_sets: torch.Tensor, tokens_per_set: torc
     position = torch.empty_like(order)
     position[ranked] = torch.arange(len(order), device=ids.device) - starts[order[ranked]]
     capacity = torch.ceil(factor * k * tokens_per_set[id_sets].double() / n_experts).long()
-    return (position < capacity[order]).reshape(k, n).t()
+    return (position < capacity[order]).reshape(k, n).t(), ranked
 
 
 def counts_of(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -123,7 +128,7 @@ class Router(nn.Module):
         """Route ``x (..., d)`` of ``modality (...)``; the capacity applies when ``training``."""
         e, k = self.experts.n_experts, self.experts.top_k
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + EPS)
+        h = F.rms_norm(wide, (wide.shape[-1],), eps=EPS)
         logits = self.proj(h.to(self.proj.weight.dtype), modality).to(wide.dtype)
         probs = logits.softmax(-1)
         top_p, top_e = probs.topk(k, dim=-1)
@@ -134,14 +139,14 @@ class Router(nn.Module):
         flat_ids, flat_sets = ids.reshape(-1, k), sets.reshape(-1)
         n_sets = self.n_modalities if self.experts.per_modality else 1
         tokens = counts_of(flat_sets, n_sets)
-        keep = torch.ones_like(flat_ids, dtype=torch.bool)
+        keep, order = torch.ones_like(flat_ids, dtype=torch.bool), None
         if training and self.experts.capacity_factor is not None:
             id_sets = torch.arange(self.n_ids, device=x.device) // e
-            keep = capacity_mask(flat_ids, id_sets, tokens, e, self.experts.capacity_factor)
+            keep, order = capacity_mask(flat_ids, id_sets, tokens, e, self.experts.capacity_factor)
             gates = gates * keep.reshape(gates.shape)
         stats = self._stats(logits.reshape(-1, e), probs.reshape(-1, e), top_e.reshape(-1, k), flat_sets, tokens,
                             flat_ids, keep, modality.reshape(-1))
-        return Route(ids, gates.to(x.dtype), stats)
+        return Route(ids, gates.to(x.dtype), stats, order)
 
     def _stats(self, logits, probs, top_e, sets, tokens, ids, keep, modality) -> RouterStats:
         e, k = self.experts.n_experts, self.experts.top_k

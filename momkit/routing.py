@@ -70,24 +70,12 @@ class Linear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.choice is None:
             return ops.routed_linear(x, self.weight, self.bias, modality, backend=self.backend)
-        if self.choice.sorted or x.device.type == "cpu":
-            return ops.routed_linear(x, self.weight, self.bias, self.choice.ids, backend=self.backend)
-        return grouped_linear(x, self.weight, self.bias, self.choice.ids, self.backend)
+        return ops.routed_linear(x, self.weight, self.bias, self.choice.ids, order=self.choice.order,
+                                 backend=self.backend)
 
     def extra_repr(self) -> str:
         sharing = _sharing(self.n_modalities) if self.choice is None else f"{self.n_modalities} expert weight sets"
         return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}, {sharing}"
-
-
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                   backend: str = "auto") -> torch.Tensor:
-    """:func:`momkit.ops.routed_linear` of tokens in any order of ids (a router's expert choices): sorted by id
-    (stably) for the call and put back after, so that the grouped kernel sees runs of one id, as runs of one
-    modality give it."""
-    flat, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    y = ops.routed_linear(flat[order], weight, bias, flat_ids[order], backend=backend)
-    return torch.empty_like(y).index_copy_(0, order, y).reshape(*x.shape[:-1], y.shape[-1])
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,6 @@ import momkit
 from momkit import SpecError
 from momkit.cli import main
 from momkit.experts import capacity_mask, mutual_information
-from momkit.routing import grouped_linear
 
 FFN = {"kind": "ffn", "d_model": 16}
 EXPERTS = {"sublayers": ["w1", "w2", "w3"], "n_experts": 4}
@@ -111,8 +110,9 @@ def test_capacity_drops_match_a_float64_reference(top_k):
 
 def test_capacity_mask_serves_slot_0_first():
     ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
-    keep = capacity_mask(ids, torch.zeros(2, dtype=torch.long), torch.tensor([4]), 2, 0.5)
+    keep, order = capacity_mask(ids, torch.zeros(2, dtype=torch.long), torch.tensor([4]), 2, 0.5)
     assert keep.tolist() == [[True, True], [True, False], [True, False], [False, False]]
+    assert order.tolist() == [0, 1, 3, 6, 2, 4, 5, 7]
 
 
 def test_per_modality_experts_stay_in_their_modality():
@@ -193,16 +193,6 @@ def test_sparse_upcycling_starts_every_expert_as_the_dense_weight(tmp_path):
         torch.testing.assert_close(model(batch).hidden, source(batch).hidden, rtol=1e-5, atol=1e-5)
     with pytest.raises(SpecError, match="transformers has no routed model"):
         momkit.export(model, tmp_path / "nope")
-
-
-def test_grouped_linear_puts_sorted_tokens_back():
-    gen = torch.Generator().manual_seed(6)
-    x, w, b = (torch.randn(3, 17, 8, generator=gen, dtype=torch.float64),
-               torch.randn(5, 6, 8, generator=gen, dtype=torch.float64), torch.randn(5, 6, generator=gen,
-                                                                                     dtype=torch.float64))
-    ids = torch.randint(0, 5, (3, 17), generator=gen)
-    expected = torch.einsum("blk,blok->blo", x, w[ids]) + b[ids]
-    torch.testing.assert_close(grouped_linear(x, w, b, ids, "reference"), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.gpu
