@@ -139,7 +139,7 @@ def check_routed_linear(x, weight, bias, modality, order=None) -> None:
     if order is not None:
         expect_tensor("order", order, {"(positions,)": (modality.numel(),)}, x.device, floating=False)
         if order.device.type == "cpu" and not torch.compiler.is_compiling() and \
-                not torch.equal(torch.sort(order).values, torch.arange(len(order))):
+                not torch.equal(torch.sort(order).values, torch.arange(len(order), dtype=order.dtype)):
             raise SpecError(f"order must be a permutation of 0..{len(order) - 1} (an argsort of the flattened "
                             f"modality), got {order.tolist()[:8]}{' ...' if len(order) > 8 else ''}")
 
