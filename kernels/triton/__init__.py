@@ -50,8 +50,7 @@ def _ssd_scan(**kwargs):
 def _routed_linear(*, x, weight, bias, modality, order=None):
     from momkit.kernels.triton.routed_linear import routed_linear
 
-    flat = routed_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
-                         None if bias is None else bias.contiguous(), modality.reshape(-1), order=order)
+    flat = routed_linear(x.reshape(-1, x.shape[-1]), weight, bias, modality.reshape(-1), order=order)
     return flat.view(*x.shape[:-1], weight.shape[1])
 
 

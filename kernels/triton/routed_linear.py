@@ -444,6 +444,19 @@ def _weight_grads(dy, x, ids, perm, weight, bias, tiling):
     return dweight, dbias
 
 
+def _forward(x, weight, bias, ids, perm, t: Tiling) -> torch.Tensor:
+    """``y (N, O)``; ``ids`` and ``perm`` as :func:`_routed_mm` takes them."""
+    if x.shape[0] == 0:
+        return x.new_empty((0, weight.shape[1]))
+    if x.shape[0] <= t.gemv_rows:
+        block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
+        return _routed_gemv(x, weight, bias, ids, t.gemv_block_o, block_k, t.gemv_warps)
+    weight_t = weight.transpose(1, 2)
+    if x.shape[0] >= t.copy_rows * weight.shape[0]:
+        weight_t = weight_t.contiguous()
+    return _routed_mm(x, weight_t, bias, ids, perm, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group)
+
+
 class RoutedLinearFn(torch.autograd.Function):
     """Autograd node of the Triton routed linear layer; see the module docstring. ``ids`` and ``perm`` as
     :func:`_routed_mm` takes them."""
@@ -452,16 +465,7 @@ class RoutedLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, ids, perm, tiling):
         ctx.save_for_backward(x, weight, bias, ids, perm)
         ctx.tiling = tiling
-        if x.shape[0] == 0:
-            return x.new_empty((0, weight.shape[1]))
-        t = tiling
-        if x.shape[0] <= t.gemv_rows:
-            block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
-            return _routed_gemv(x, weight, bias, ids, t.gemv_block_o, block_k, t.gemv_warps)
-        weight_t = weight.transpose(1, 2)
-        if x.shape[0] >= t.copy_rows * weight.shape[0]:
-            weight_t = weight_t.contiguous()
-        return _routed_mm(x, weight_t, bias, ids, perm, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group)
+        return _forward(x, weight, bias, ids, perm, tiling)
 
     @staticmethod
     @once_differentiable
@@ -500,7 +504,8 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Returns:
         ``y (N, O)`` in ``x``'s dtype. Gradients come in each input's dtype; a modality absent from
-        ``modality`` gets exactly zero gradient.
+        ``modality`` gets exactly zero gradient. Where none is wanted (grad mode off, or no input requires one),
+        the kernels run without an autograd node, whose Python costs a decoding step as much as the launch.
 
     Raises:
         SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
@@ -518,5 +523,8 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if order is not None:
         order = order.contiguous()
         modality = modality[order]
-    return RoutedLinearFn.apply(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                                modality, order, tiling)
+    inputs = (x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), modality, order,
+              tiling)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in named.values()):
+        return RoutedLinearFn.apply(*inputs)
+    return _forward(*inputs)

@@ -190,11 +190,21 @@ def test_partial_gradients(kernels, gen):
                 assert_close({f"d{name}": leaf.grad}, {f"d{name}": ref[f"d{name}"]}, torch.float32, f"{frozen}")
 
 
-def test_forward_without_gradients(kernels, gen):
-    inputs = make_inputs(gen, 37, 21, 19, 3, runs=(2, 5))
+@pytest.mark.parametrize("n", [37, 1])
+def test_forward_without_gradients(kernels, gen, n):
+    """Without gradients to take (grad mode off, or no input requiring one), the kernels run without an autograd
+    node, to the same result."""
+    inputs = make_inputs(gen, n, 21, 19, 3, runs=(2, 5))
+    tiling = small_tilings(kernels)[1]
     with torch.no_grad():
-        y = kernels.routed_linear(**inputs, tiling=small_tilings(kernels)[1])
-    assert_close({"y": y}, {"y": reference(inputs, 0)["y"]}, torch.float32, "no grad")
+        y = kernels.routed_linear(**inputs, tiling=tiling)
+    frozen = kernels.routed_linear(**inputs, tiling=tiling)
+    leaf = inputs["weight"].clone().requires_grad_()
+    tracked = kernels.routed_linear(**{**inputs, "weight": leaf}, tiling=tiling)
+    assert y.grad_fn is None and frozen.grad_fn is None and tracked.grad_fn is not None
+    ref = reference(inputs, 0)["y"]
+    for name, got in (("no grad", y), ("no input requires grad", frozen), ("tracked", tracked.detach())):
+        assert_close({"y": got}, {"y": ref}, torch.float32, name)
 
 
 def test_no_tokens(kernels, gen):
