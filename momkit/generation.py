@@ -33,6 +33,7 @@ from torch import nn
 from momkit.batch import Batch
 from momkit.blocks import state_tensors
 from momkit.errors import SpecError
+from momkit.ops import unchecked
 from momkit.registry import get_registry
 
 
@@ -462,7 +463,9 @@ def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new
                     rows: list[_RowSchedule], sampling, cuda_graph: bool | None) -> None:
     """Discrete generation of every row in lockstep through the step path, into ``sequences``; the positions
     before the shortest prompt's last go through one prefill pass where every block takes one. On a GPU the
-    decoding step runs as one CUDA graph (unless ``cuda_graph`` is ``False``)."""
+    decoding step runs as one CUDA graph (unless ``cuda_graph`` is ``False``). Eager steps after the first skip
+    the kernel front doors' argument checks (:func:`momkit.ops.unchecked`): a step's calls of them repeat the
+    first step's dtypes, devices and, for the state updates and the projections of one position, shapes."""
     tokens, modality, latents = sequences
     batch, total = tokens.shape
     device = tokens.device
@@ -483,8 +486,11 @@ def _generate_steps(model, prompt: Batch, sequences, lengths: list[int], max_new
         if start > 0:
             model.prefill(loop.tokens[:, :start], loop.modality[:, :start], loop.state,
                           {name: values[:, :start] for name, values in loop.latents.items()})
-        for _ in range(start, total - 1):
+        if start < total - 1:
             decoder.step()
+        with unchecked():
+            for _ in range(start + 1, total - 1):
+                decoder.step()
     tokens.copy_(loop.tokens[:batch, :total])
     modality.copy_(loop.modality[:batch, :total])
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import momkit
-from momkit import Batch, ModalitySchedule, ScheduleRule, build_model
+from momkit import Batch, ModalitySchedule, ScheduleRule, build_model, ops
 
 MODALITIES = ["text", {"kind": "image", "name": "image_vq", "vocab_size": 40},
               {"kind": "image", "name": "image_latent", "latent_dim": 6}]
@@ -140,6 +140,25 @@ def test_prefill_then_steps_equal_the_full_forward(gen, kind, routing):
     rest = [model.step(batch.tokens[:, t], batch.modality[:, t], state, {k: v[:, t] for k, v in batch.latents.items()})
             for t in range(11, 17)]
     torch.testing.assert_close(torch.cat([first, torch.stack(rest, 1)], 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_eager_generation_checks_the_front_doors_at_its_first_step_only(gen, monkeypatch):
+    from momkit.ops import checks
+    model = random_model(gen, modalities=["text", {"kind": "image", "vocab_size": 40}])
+    prompt = random_batch(gen, model, batch=2, length=5)
+    calls = []
+    real = checks.expect_tensor
+    monkeypatch.setattr(checks, "expect_tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = []
+    for new_tokens in (3, 9):
+        calls.clear()
+        model.generate(prompt, new_tokens, temperature=0)
+        counts.append(len(calls))
+    assert counts[0] == counts[1] > 0
+    checked = model.generate(prompt, 9, temperature=0)
+    with pytest.raises(ValueError, match="modality holds ids"):
+        ops.routed_linear(torch.randn(2, 3), torch.randn(2, 4, 3), None, torch.full((2,), 7))
+    greedy_matches_full_forward(model, checked, torch.tensor([5, 5]))
 
 
 def test_greedy_generation_prefills_a_long_prompt(gen):

@@ -125,6 +125,22 @@ def test_routed_linear_checks(gen, change, message):
         ops.routed_linear(**{**routed_args(gen), **change})
 
 
+def test_unchecked_skips_the_checks_and_only_inside(gen, monkeypatch):
+    from momkit.ops import checks
+    seen = []
+    real = checks.expect_tensor
+    monkeypatch.setattr(checks, "expect_tensor", lambda name, *a, **k: seen.append(name) or real(name, *a, **k))
+    args = routed_args(gen)
+    with ops.unchecked():
+        inside = ops.routed_linear(**args)
+        ops.selective_state_update(**update_args(gen))
+    assert seen == []
+    torch.testing.assert_close(inside, ops.routed_linear(**args))
+    assert seen == ["weight", "bias", "modality"]
+    with pytest.raises(ValueError, match="bias has shape"):
+        ops.routed_linear(**{**args, "bias": torch.zeros(2, 4)})
+
+
 def update_args(gen, b=2, d=6, n=4):
     return dict(state=torch.zeros(b, d, n), x=torch.randn(b, d, generator=gen), dt=torch.randn(b, d, generator=gen),
                 A=-torch.rand(d, n, generator=gen), B=torch.randn(b, n, generator=gen),

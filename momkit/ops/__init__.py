@@ -13,6 +13,8 @@ run the call (its device, dtype and extensions). A named backend runs every oper
 operation it does not implement at all runs on the ``"auto"`` choice, so one name (a spec's
 ``scan_backend``) can be passed to every operation of a block. ``backend=`` may also map operation names to
 backends (``{"selective_scan": "cuda", "default": "auto"}``), so a spec can choose per operation.
+
+Inside :func:`unchecked` the front doors skip their argument checks, for loops of calls already checked once.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import torch
 
 from momkit.errors import SpecError
 from momkit.ops import dispatch, library
-from momkit.ops.checks import check_conv_state_update, check_selective_state_update
+from momkit.ops.checks import check_conv_state_update, check_selective_state_update, unchecked
 from momkit.ops.dispatch import _extensions, backend_name, resolve_backend
 from momkit.registry import get_registry
 
 __all__ = ["available_backends", "causal_conv1d", "conv_state_update", "resolve_backend", "routed_linear",
-           "selective_scan", "selective_state_update", "ssd_scan"]
+           "selective_scan", "selective_state_update", "ssd_scan", "unchecked"]
 
 
 def available_backends() -> list[str]:

@@ -3,15 +3,47 @@
 Shapes, dtypes and devices are checked for every call. The values of an index tensor (``modality``) are
 checked on the CPU only: on a GPU, reading them would make the host wait for the device at every layer. There
 the model checks a batch's ids once per call (:meth:`momkit.Model.check`).
+
+Inside :func:`unchecked`, the front doors skip these checks: for a loop that repeats calls whose arguments were
+checked once, such as the steps of eager decoding after the first.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
 
 import torch
 
 from momkit.errors import SpecError
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_UNCHECKED = contextvars.ContextVar("momkit_unchecked", default=False)
+
+
+@contextlib.contextmanager
+def unchecked():
+    """Inside, the kernel front doors do not check their arguments (the choice of backend is unchanged).
+
+    For a loop whose calls repeat the shapes, dtypes and devices of calls already checked: there the checks are
+    Python run again for nothing, a tenth of an eagerly decoded step's host time. A wrong argument inside is not
+    reported: it fails in a backend, or silently gives a wrong result.
+    """
+    token = _UNCHECKED.set(True)
+    try:
+        yield
+    finally:
+        _UNCHECKED.reset(token)
+
+
+def _front_door(check):
+    """``check``, skipped inside :func:`unchecked`."""
+    @functools.wraps(check)
+    def run(*args) -> None:
+        if not _UNCHECKED.get():
+            check(*args)
+    return run
 
 
 def _fmt(shape) -> str:
@@ -66,6 +98,7 @@ def check_ids(modality: torch.Tensor, count: int, holder: str | None = None, nam
         raise SpecError(f"{label} holds ids in [{low}, {high}]{owner}; valid ids: {valid}")
 
 
+@_front_door
 def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, initial_state=None) -> None:
     """Check the arguments of :func:`momkit.ops.selective_scan`."""
     if not isinstance(u, torch.Tensor):
@@ -94,6 +127,7 @@ def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx,
         expect_tensor("initial_state", initial_state, {"(b, d, n)": (batch, dim, state)}, dev)
 
 
+@_front_door
 def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, modality) -> None:
     """Check the arguments of :func:`momkit.ops.ssd_scan`."""
     if not isinstance(x, torch.Tensor):
@@ -123,6 +157,7 @@ def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
         expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, dev, floating=False)
 
 
+@_front_door
 def check_routed_linear(x, weight, bias, modality, order=None) -> None:
     """Check the arguments of :func:`momkit.ops.routed_linear`; ``order`` is a permutation of the positions only
     checked on the CPU (on a GPU that would wait for the device)."""
@@ -154,6 +189,7 @@ def _routable(name, value, shape: tuple, labels: str, modality, device) -> None:
         check_ids(modality, value.shape[0], name)
 
 
+@_front_door
 def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, modality) -> None:
     """Check the arguments of :func:`momkit.ops.selective_state_update`."""
     if not isinstance(state, torch.Tensor):
@@ -185,6 +221,7 @@ def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, modality)
         raise SpecError(f"state has dtype {state.dtype}; expected torch.float32 (or torch.float64)")
 
 
+@_front_door
 def check_conv_state_update(x, conv_state, weight, bias, activation, modality) -> None:
     """Check the arguments of :func:`momkit.ops.conv_state_update`."""
     if not isinstance(x, torch.Tensor):
@@ -201,6 +238,7 @@ def check_conv_state_update(x, conv_state, weight, bias, activation, modality) -
         raise SpecError(f"activation must be None or 'silu', got {activation!r}")
 
 
+@_front_door
 def check_causal_conv1d(x, weight, bias, seq_idx, modality) -> None:
     """Check the arguments of :func:`momkit.ops.causal_conv1d`."""
     if not isinstance(x, torch.Tensor):
