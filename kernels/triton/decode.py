@@ -96,28 +96,39 @@ def _refuse_float64(**tensors) -> None:
 
 
 def selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, modality):
-    """:func:`momkit.ops.selective_state_update` in one launch; ``state`` must be float32."""
+    """:func:`momkit.ops.selective_state_update` in one launch; ``state`` must be float32.
+
+    Mamba-1's channels layout is addressed as one head of ``d`` channels through strides with a zero for the
+    head (and group) dimension, not reshaped: a view costs a decoding step more host time than its arithmetic."""
     _refuse_float64(state=state, x=x, A=A)
-    heads_layout = state.dim() == 4
-    if not heads_layout:
-        state, x, dt, z = state[:, None], x[:, None], dt[:, None], None if z is None else z[:, None]
-        A = A.unsqueeze(-3)
-        D = None if D is None else D.unsqueeze(-2)
-        dt_bias = None if dt_bias is None else dt_bias.unsqueeze(-2)
-        B, C = B[:, None], C[:, None]
-    batch, heads, channels, n = state.shape
+    if state.dim() == 4:
+        batch, heads, channels, n = state.shape
+        groups = B.shape[1]
+        strides = (*state.stride(), *x.stride(), *dt.stride(), *_param_strides(A, 3), *B.stride(), *C.stride(),
+                   *_param_strides(D, 2), *_strides(z, 3), *_param_strides(dt_bias, 2))
+    else:
+        batch, channels, n = state.shape
+        heads = groups = 1
+        strides = (*_one_head(state.stride()), *_one_head(x.stride()), *_one_head(dt.stride()),
+                   *_one_head(_param_strides(A, 2)), *_one_head(B.stride()), *_one_head(C.stride()),
+                   *_one_head(_param_strides(D, 1)), *_one_head(_strides(z, 2)),
+                   *_one_head(_param_strides(dt_bias, 1)))
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_n = max(16, pow2(n))
     block_p = max(1, min(pow2(channels), 4096 // block_n))
     grid = (triton.cdiv(channels, block_p), batch * heads)
     _state_update_kernel[grid](
-        state, x, dt, A, B, C, D, z, dt_bias, modality, out,
-        heads, channels, n, heads // B.shape[1], *_strides(modality, 1),
-        *state.stride(), *x.stride(), *dt.stride(), *_param_strides(A, 3), *B.stride(), *C.stride(),
-        *_param_strides(D, 2), *_strides(z, 3), *_param_strides(dt_bias, 2), *out.stride(),
+        state, x, dt, A, B, C, D, z, dt_bias, modality, out, heads, channels, n, heads // groups,
+        *_strides(modality, 1), *strides, *(out.stride() if state.dim() == 4 else _one_head(out.stride())),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, HAS_MOD=modality is not None,
         SOFTPLUS=bool(dt_softplus), BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
-    return out if heads_layout else out[:, 0]
+    return out
+
+
+def _one_head(strides) -> tuple[int, ...]:
+    """``strides`` with a zero inserted after the first (the batch's, or a parameter's ``M``): a tensor of
+    Mamba-1's layout read as one of one head."""
+    return (strides[0], 0, *strides[1:])
 
 
 @triton.jit
