@@ -14,6 +14,8 @@ choosing the reference backend.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
@@ -34,42 +36,38 @@ def _available() -> bool:
     return torch.cuda.is_available() or _interpreting()
 
 
+@functools.cache
+def _kernels(name: str):
+    """The kernel module ``name``, imported on first call: an import statement in every call would cost a
+    decoding step's launch a few microseconds of the host's time."""
+    return importlib.import_module(f"momkit.kernels.triton.{name}")
+
+
 def _selective_scan(**kwargs):
     """:func:`momkit.ops.selective_scan` through the Triton kernels (imported on first call, as below)."""
-    from momkit.kernels.triton.selective_scan import selective_scan
-
-    return selective_scan(**kwargs)
+    return _kernels("selective_scan").selective_scan(**kwargs)
 
 
 def _ssd_scan(**kwargs):
-    from momkit.kernels.triton.ssd import ssd_scan
-
-    return ssd_scan(**kwargs)
+    return _kernels("ssd").ssd_scan(**kwargs)
 
 
 def _routed_linear(*, x, weight, bias, modality, order=None):
-    from momkit.kernels.triton.routed_linear import routed_linear
-
-    flat = routed_linear(x.reshape(-1, x.shape[-1]), weight, bias, modality.reshape(-1), order=order)
+    flat = _kernels("routed_linear").routed_linear(x.reshape(-1, x.shape[-1]), weight, bias, modality.reshape(-1),
+                                                   order=order)
     return flat.view(*x.shape[:-1], weight.shape[1])
 
 
 def _causal_conv1d(**kwargs):
-    from momkit.kernels.triton.conv import causal_conv1d
-
-    return causal_conv1d(**kwargs)
+    return _kernels("conv").causal_conv1d(**kwargs)
 
 
 def _selective_state_update(**kwargs):
-    from momkit.kernels.triton.decode import selective_state_update
-
-    return selective_state_update(**kwargs)
+    return _kernels("decode").selective_state_update(**kwargs)
 
 
 def _conv_state_update(**kwargs):
-    from momkit.kernels.triton.decode import conv_state_update
-
-    return conv_state_update(**kwargs)
+    return _kernels("decode").conv_state_update(**kwargs)
 
 
 @hookimpl

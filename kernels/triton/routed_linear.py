@@ -510,9 +510,9 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Raises:
         SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
     """
-    named = dict(x=x, weight=weight, bias=bias)
-    wide = [name for name, t in named.items() if t is not None and t.dtype == torch.float64]
-    if wide:
+    if torch.float64 in (x.dtype, weight.dtype, None if bias is None else bias.dtype):
+        wide = [name for name, t in dict(x=x, weight=weight, bias=bias).items()
+                if t is not None and t.dtype == torch.float64]
         raise SpecError(f"the triton routed linear computes in float32 but {', '.join(wide)} is torch.float64; "
                         f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
     rows = x.shape[0] if x.shape[0] <= FEW_ROWS else None
@@ -525,6 +525,7 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         modality = modality[order]
     inputs = (x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), modality, order,
               tiling)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in named.values()):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
         return RoutedLinearFn.apply(*inputs)
     return _forward(*inputs)

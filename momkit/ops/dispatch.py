@@ -20,9 +20,9 @@ from momkit.registry import Registry, get_registry
 def backend_name(backend: str | Mapping[str, str], op: str) -> str:
     """The backend name ``backend`` gives ``op``: itself, or from a mapping of operation names (and ``default``,
     else ``"auto"``) to names."""
-    if isinstance(backend, Mapping):
-        return backend.get(op, backend.get("default", "auto"))
-    return backend
+    if isinstance(backend, str) or not isinstance(backend, Mapping):
+        return backend
+    return backend.get(op, backend.get("default", "auto"))
 
 
 def resolve_backend(name: str | Mapping[str, str], device: torch.device | str, op: str, extensions=frozenset(),
@@ -38,8 +38,8 @@ def resolve_backend(name: str | Mapping[str, str], device: torch.device | str, o
         SpecError: ``name`` is not registered or cannot run here (it lacks the device, an extension or the
             dtype), or no backend runs the call; the message lists the backends that would do.
     """
-    return _resolve(get_registry(), backend_name(name, op), torch.device(device).type, op, frozenset(extensions),
-                    dtype)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _resolve(get_registry(), backend_name(name, op), device_type, op, frozenset(extensions), dtype)
 
 
 @functools.lru_cache(maxsize=256)
