@@ -92,7 +92,7 @@ class RMSNorm(nn.Module):
         """``x (..., d)``, ``modality (...)`` -> ``(..., d)``, through ``F.rms_norm`` (one fused kernel on a GPU,
         which sums the squares in float32 for 16-bit inputs)."""
         if self.n_modalities is None and self.weight.dtype == x.dtype:
-            return F.rms_norm(x, (self.dim,), self.weight, self.eps).to(x.dtype)
+            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
         weight = self.weight if self.n_modalities is None else self.weight[modality]
         return (F.rms_norm(x, (self.dim,), eps=self.eps) * weight).to(x.dtype)
 
