@@ -17,14 +17,14 @@ activations of many tokens per weight set; Hopper's tensor cores are fed faster 
 along the output dimension); for fewer tokens per weight set, where the copy costs more than it saves (decoding
 reads each weight once per token; eight experts share a batch's tokens eight ways), it reads ``W`` in place
 through its strides; ``Tiling.copy_rows`` sets the bound in tokens per weight set, and
-``benchmarks/routed_linear_tiling.py`` measures both sides of it. A program owns a ``(token tile, output tile)`` block of ``out`` (grouped along
-tokens, ``Tiling.group`` token tiles at a time, so that programs running together share tiles of ``a`` and ``B``
-in L2). It loads its tokens' modality ids first. When they are all one modality ``m``, the
-common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with ``B_m`` and
-adds ``b_m``. A mixed tile instead runs that loop once for each modality present between the smallest and largest
-id of the tile, loading the rows of the other modalities as zeros, sums the results and gathers the bias per row;
-so any mix is exact, and only tiles that straddle a change of modality pay more than one loop. Up to
-``Tiling.gemv_rows`` tokens (decoding) the forward is instead one matrix-vector product per token: a program owns
+``benchmarks/routed_linear_tiling.py`` measures both sides of it. A program owns a ``(token tile, output tile)``
+block of ``out`` (grouped along tokens, ``Tiling.group`` token tiles at a time, so that programs running together
+share tiles of ``a`` and ``B`` in L2). It loads its tokens' modality ids first. When they are all one modality
+``m``, the common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with
+``B_m`` and adds ``b_m``. A mixed tile instead runs that loop once for each modality present between the smallest
+and largest id of the tile, loading the rows of the other modalities as zeros, sums the results and gathers the
+bias per row; so any mix is exact, and only tiles that straddle a change of modality pay more than one loop. Up
+to ``Tiling.gemv_rows`` tokens (decoding) the forward is instead one matrix-vector product per token: a program owns
 one token and ``Tiling.gemv_block_o`` outputs, reads that token's modality's weight rows in place and sums the
 products in float32 on the vector units; with so few rows, reading the weight is the whole cost, and narrow
 programs spread it over the multiprocessors.
