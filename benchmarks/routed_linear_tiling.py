@@ -5,9 +5,10 @@ Run from the repository root on a machine with a CUDA GPU: ``python benchmarks/r
 forward alone, bfloat16, two modalities; the defaults they set are ``Tiling.copy_rows``, ``FEW_ROWS_BLOCK_O`` and
 ``FEW_ROWS_BLOCK_K`` in ``kernels/triton/routed_linear.py``.
 
-1. ``copy_rows``: the forward at 2048 -> 4096 for several token counts (modalities in runs of 1024), reading a
-   transposed copy of the weight made for the call (``copy_rows=0``) or the weight in place through its strides,
-   beside one dense ``F.linear`` of the same tokens.
+1. ``copy_rows``: the forward at 2048 -> 4096 for several token counts (modalities in runs of 1024), its tiles
+   loaded through pointers (``tma=False``) from a transposed copy of the weight made for the call
+   (``copy_rows=0``) or from the weight in place, and through tensor descriptors (the default tiling, on a GPU
+   with bulk tensor copies), beside one dense ``F.linear`` of the same tokens.
 2. Few tokens (decoding): 1 and 16 tokens at the shapes of a d_model 1024 Mamba block's input and output
    projections, at the default tiling of many tokens (with and without the copy) and at 16-token tiles of each
    candidate output and reduction width; the fastest six, beside one dense ``F.linear``.
@@ -29,13 +30,16 @@ def forward_us(fn) -> float:
 
 
 def copy_rows_table(gen):
-    print("| tokens | copy (µs) | in place (µs) | dense `F.linear` (µs) |\n|---|---|---|---|")
+    print("| tokens | copy (µs) | in place (µs) | tensor descriptors (µs) | dense `F.linear` (µs) |\n"
+          "|---|---|---|---|---|")
     weight, bias = randn(gen, 2, 4096, 2048, scale=2048 ** -0.5), randn(gen, 2, 4096)
+    default = rl.default_tiling(torch.bfloat16)
+    tilings = (rl.replace(default, tma=False, copy_rows=0), rl.replace(default, tma=False, copy_rows=2 ** 62), default)
     for n in (256, 1024, 4096, 16384, 65536):
         x, modality = randn(gen, n, 2048), runs_of(1, n, 1024).view(-1)
-        times = [forward_us(lambda t=rl.replace(rl.default_tiling(torch.bfloat16), copy_rows=rows):
-                            rl.routed_linear(x, weight, bias, modality, t)) for rows in (0, 2 ** 62)]
-        print(f"| {n} | {times[0]:.1f} | {times[1]:.1f} | {forward_us(lambda: F.linear(x, weight[0], bias[0])):.1f} |")
+        times = [forward_us(lambda t=t: rl.routed_linear(x, weight, bias, modality, t)) for t in tilings]
+        print(f"| {n} | {' | '.join(f'{t:.1f}' for t in times)} | "
+              f"{forward_us(lambda: F.linear(x, weight[0], bias[0])):.1f} |")
 
 
 def few_rows_table(gen):

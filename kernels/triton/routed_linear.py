@@ -17,7 +17,14 @@ activations of many tokens per weight set; Hopper's tensor cores are fed faster 
 along the output dimension); for fewer tokens per weight set, where the copy costs more than it saves (decoding
 reads each weight once per token; eight experts share a batch's tokens eight ways), it reads ``W`` in place
 through its strides; ``Tiling.copy_rows`` sets the bound in tokens per weight set, and
-``benchmarks/routed_linear_tiling.py`` measures both sides of it. A program owns a ``(token tile, output tile)``
+``benchmarks/routed_linear_tiling.py`` measures both sides of it. On a GPU with bulk tensor copies (Hopper and
+later; ``Tiling.tma``), tiles of one weight set load their operands through tensor descriptors instead, when they
+are 16-bit, ``Tiling.tma_rows`` tokens or more come without ``order`` and every row is 16-byte aligned: the copy
+engine brings whole tiles of ``a`` and of ``W`` (in place; the forward transposes its tile in shared memory, so
+it makes no copy) and fills their parts past the edges with zeros. Mixed tiles, rows gathered through ``order``
+and float32 load through pointers as described here. (Mixed tiles loaded through descriptors, the other
+modalities' rows zeroed by ``tl.where``, gave wrong products on an H200 with Triton 3.6 at ``128 x 256`` tiles in
+eight warps, and right ones in four warps at ``128 x 128``.) A program owns a ``(token tile, output tile)``
 block of ``out`` (grouped along tokens, ``Tiling.group`` token tiles at a time, so that programs running together
 share tiles of ``a`` and ``B`` in L2). It loads its tokens' modality ids first. When they are all one modality
 ``m``, the common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with
@@ -42,9 +49,12 @@ walks its modality's list in two loops whose bounds it loads from device memory:
 the mixed ones, whose rows of other modalities are loaded as zeros. Neither loop has a branch around its loads
 (that would stop Triton from software-pipelining them), and each looks up the next tile's rows one step ahead, so
 that no load of ``dy`` or ``x`` waits on another load of its own step and the pipeline can run them
-``Tiling.dw_stages - 1`` steps ahead. The programs of the first ``K`` tile also sum ``dy``'s rows into ``dbias``,
-in separate copies of the loops chosen once per program. A modality absent from the batch has empty lists: its
-programs store exact zeros.
+``Tiling.dw_stages - 1`` steps ahead. Where the forward's tiles load through tensor descriptors, so do the pure
+tiles of ``dweight``. A modality absent from the batch has empty lists: its programs store exact zeros.
+``dbias_m`` is the sum of ``dy``'s rows of modality ``m``: a kernel of its own walks the same lists, each program
+``BIAS_BLOCK_O`` outputs over ``BIAS_CHUNK_ROWS`` tokens' tiles, and torch adds the programs' float32 partial sums.
+(Summed inside the ``dweight`` kernel by the programs of one ``K`` tile, with the pure tiles loaded through
+descriptors, it made the 65,536-token benchmark row's forward and backward 12 to 16% slower.)
 
 No host synchronisation. Nothing reads a device value on the host (no ``.item()``, ``.tolist()``,
 ``nonzero()``), and every shape and launch grid follows from ``N``, ``K``, ``O``, ``M`` and the tiling alone;
@@ -63,13 +73,21 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 from momkit.errors import SpecError
 from momkit.kernels.triton.tiling import check_tiling, pow2
 
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRETED = tl.constexpr(_INTERPRETING)
 FEW_ROWS = 16
 FEW_ROWS_BLOCK_O = 32
 FEW_ROWS_BLOCK_K = 128
+BIAS_BLOCK_O = 64
+BIAS_CHUNK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -98,15 +116,20 @@ class Tiling:
         dw_stages: pipeline stages of ``dweight``'s loop.
         group: token tiles (forward, ``dx``) or ``O`` tiles (``dweight``) whose programs are launched together
             across all output tiles, for reuse in L2; any positive number.
-        copy_rows: the forward reads a transposed copy of the weight when the call has at least this many
-            tokens per weight set (``N >= copy_rows * M``: the copy's cost grows with ``M``, what it saves with
-            ``N``), and the weight in place otherwise; any number from 0 (always copy).
+        copy_rows: where its tiles load through pointers, the forward reads a transposed copy of the weight
+            when the call has at least this many tokens per weight set (``N >= copy_rows * M``: the copy's cost
+            grows with ``M``, what it saves with ``N``), and the weight in place otherwise; any number from 0
+            (always copy).
         gemv_rows: up to this many tokens (decoding), the forward is one matrix-vector product per token on the
             vector units instead of token tiles on the tensor cores; any number from 0 (never).
         gemv_block_o: outputs per program of that product.
         gemv_block_k: inputs (``K``) per step of its loop (taken down to the next power of two of ``K``, and at
             least 16).
         gemv_warps: warps per program of that product.
+        tma: whether tiles of one weight set load their 16-bit operands through tensor descriptors (Hopper's
+            bulk tensor copies) where the GPU has them and the operands allow (see the module docstring).
+        tma_rows: they do from this many tokens on; any number from 0. Below, the descriptors' cost on the host
+            exceeds what they save (``benchmarks/routed_linear_tiling.py``).
     """
 
     block_n: int = 128
@@ -130,9 +153,12 @@ class Tiling:
     gemv_block_o: int = 8
     gemv_block_k: int = 256
     gemv_warps: int = 4
+    tma: bool = True
+    tma_rows: int = 4096
 
     def __post_init__(self):
-        check_tiling(self, counts=("stages", "group"), small=("gemv_block_o",), sizes=("copy_rows", "gemv_rows"))
+        check_tiling(self, counts=("stages", "group"), small=("gemv_block_o",),
+                     sizes=("copy_rows", "gemv_rows", "tma_rows"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,12 +257,31 @@ def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, strid
 
 
 @triton.jit
-def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, perm_ptr, out_ptr, n_rows, n_red, n_cols, stride_m,
-                      stride_r, stride_c, HAS_BIAS: tl.constexpr, PERM: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
+def _reduce_tile(acc, a_desc, b_desc, m, row, col, n_red, TRANS_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """``acc + a[row:row + BLOCK_N] @ b[m][:, col:col + BLOCK_C]`` through tensor descriptors: ``a_desc`` of
+    ``a (N, n_red)`` in blocks of ``(BLOCK_N, BLOCK_R)``; ``b_desc`` of ``b (M, n_red, C)`` in blocks of ``(1,
+    BLOCK_R, BLOCK_C)``, or with ``TRANS_B`` of its transpose ``(M, C, n_red)`` in blocks of ``(1, BLOCK_C,
+    BLOCK_R)``. Elements past the tensors' edges load as zeros."""
+    for start in range(0, n_red, BLOCK_R):
+        a = a_desc.load([row, start])
+        if TRANS_B:
+            b = tl.trans(tl.reshape(b_desc.load([m, col, start]), (BLOCK_C, BLOCK_R)))
+        else:
+            b = tl.reshape(b_desc.load([m, start, col]), (BLOCK_R, BLOCK_C))
+        acc = _dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _routed_mm_kernel(a_ptr, b_ptr, a_desc, b_desc, bias_ptr, mod_ptr, perm_ptr, out_ptr, n_rows, n_red, n_cols,
+                      stride_m, stride_r, stride_c, HAS_BIAS: tl.constexpr, PERM: tl.constexpr, TMA: tl.constexpr,
+                      TRANS_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                      GROUP: tl.constexpr):
     """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, n_red)`` row-major, ``b (M, n_red, n_cols)`` of strides
     ``(stride_m, stride_r, stride_c)``, ``out (N, n_cols)``; with ``PERM``, tile position ``p`` holds row
-    ``perm[p]`` and ``mod_ptr`` the ids in that order. See the module docstring."""
+    ``perm[p]`` and ``mod_ptr`` the ids in that order; with ``TMA``, tiles of one weight set load ``a`` and ``b``
+    through ``a_desc`` and ``b_desc`` (:func:`_reduce_tile`). See the module docstring."""
     pid_n, pid_c = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_C), GROUP)
     positions = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = positions < n_rows
@@ -249,8 +294,12 @@ def _routed_mm_kernel(a_ptr, b_ptr, bias_ptr, mod_ptr, perm_ptr, out_ptr, n_rows
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     mask = row_mask[:, None] & col_mask[None, :]
     if m_lo == m_hi:
-        acc = _reduce_rows(acc, a_ptr, b_ptr + m_lo.to(tl.int64) * stride_m, rows, row_mask, cols, col_mask,
-                           n_red, stride_r, stride_c, BLOCK_R)
+        if TMA:
+            acc = _reduce_tile(acc, a_desc, b_desc, m_lo, pid_n * BLOCK_N, pid_c * BLOCK_C, n_red, TRANS_B, BLOCK_C,
+                               BLOCK_R)
+        else:
+            acc = _reduce_rows(acc, a_ptr, b_ptr + m_lo.to(tl.int64) * stride_m, rows, row_mask, cols, col_mask,
+                               n_red, stride_r, stride_c, BLOCK_R)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + m_lo * n_cols + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     else:
@@ -316,12 +365,11 @@ def _listed_rows(tiles_ptr, j, last, mod_ptr, perm_ptr, m, n_rows, CHECK: tl.con
 
 
 @triton.jit
-def _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, first, last, n_rows, n_in,
-                       n_out, outs, out_mask, ins, in_mask, CHECK: tl.constexpr, PERM: tl.constexpr,
-                       SUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``acc + sum_t dy_t^T x_t`` (and, with ``SUM_ROWS``, ``row_sum + sum_t`` of ``dy_t``'s rows) over the
-    token tiles ``t`` listed at ``tiles_ptr[first:last]``. With ``CHECK`` the rows of other modalities than ``m``
-    are read as zeros; without, every token of the listed tiles is taken to be of modality ``m``.
+def _weight_grad_steps(acc, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, first, last, n_rows, n_in, n_out, outs,
+                       out_mask, ins, in_mask, CHECK: tl.constexpr, PERM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc + sum_t dy_t^T x_t`` over the token tiles ``t`` listed at ``tiles_ptr[first:last]``. With ``CHECK``
+    the rows of other modalities than ``m`` are read as zeros; without, every token of the listed tiles is taken
+    to be of modality ``m``.
 
     The rows of the next tile are looked up one step ahead, so that no load of ``dy`` or ``x`` depends on a
     load of the same step and the software pipeline can run them several steps ahead."""
@@ -331,41 +379,29 @@ def _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr
                      other=0.0)
         x = tl.load(x_ptr + rows[:, None] * n_in + ins[None, :], mask=sel[:, None] & in_mask[None, :], other=0.0)
         acc = _dot(tl.trans(dy), x, acc)
-        if SUM_ROWS:
-            row_sum += tl.sum(dy.to(tl.float32), 0)
         rows, sel = _listed_rows(tiles_ptr, j + 1, last, mod_ptr, perm_ptr, m, n_rows, CHECK, PERM, BLOCK_N)
-    return acc, row_sum
+    return acc
 
 
 @triton.jit
-def _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows, n_in,
-                      n_out, outs, out_mask, ins, in_mask, PERM: tl.constexpr, SUM_ROWS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One ``(BLOCK_O, BLOCK_K)`` block of ``dW_m`` over the token tiles listed at ``tiles_ptr``, the first
-    ``pure`` of them holding modality ``m`` alone, the next up to ``present`` mixed; and, with ``SUM_ROWS``, the
-    block ``outs`` of ``dbias_m``."""
-    acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    acc, row_sum = _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, 0, pure, n_rows,
-                                      n_in, n_out, outs, out_mask, ins, in_mask, False, PERM, SUM_ROWS, BLOCK_N)
-    acc, row_sum = _weight_grad_steps(acc, row_sum, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, pure, present,
-                                      n_rows, n_in, n_out, outs, out_mask, ins, in_mask, True, PERM, SUM_ROWS,
-                                      BLOCK_N)
-    m = m.to(tl.int64)
-    tl.store(dw_ptr + (m * n_out + outs[:, None]) * n_in + ins[None, :], _cast(acc, dw_ptr.dtype.element_ty),
-             mask=out_mask[:, None] & in_mask[None, :])
-    if SUM_ROWS:
-        tl.store(dbias_ptr + m * n_out + outs, _cast(row_sum, dbias_ptr.dtype.element_ty), mask=out_mask)
+def _weight_grad_pure_steps(acc, dy_desc, x_desc, tiles_ptr, last, first_out, first_in, BLOCK_N: tl.constexpr):
+    """:func:`_weight_grad_steps` without ``CHECK`` over the tiles listed at ``tiles_ptr[:last]``, loading ``dy`` and
+    ``x`` through tensor descriptors in blocks of ``(BLOCK_N, BLOCK_O)`` at output ``first_out`` and ``(BLOCK_N,
+    BLOCK_K)`` at input ``first_in``; rows past the batch load as zeros."""
+    for j in range(0, last):
+        row = tl.load(tiles_ptr + j) * BLOCK_N
+        acc = _dot(tl.trans(dy_desc.load([row, first_out])), x_desc.load([row, first_in]), acc)
+    return acc
 
 
 @triton.jit
-def _weight_grad_kernel(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, counts_ptr,
-                        n_rows, n_in, n_out, n_tiles,
-                        HAS_BIAS: tl.constexpr, PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    """``dW_m = sum_{i: m_i = m} dy_i^T x_i`` and ``dbias_m = sum_{i: m_i = m} dy_i``: ``dy (N, O)``,
-    ``x (N, K)``, the tile lists ``(M, n_tiles)`` and their lengths ``(M, 2)``; with ``PERM``, tile position
-    ``p`` holds row ``perm[p]`` and ``mod_ptr`` the ids in that order. See the module docstring."""
+def _weight_grad_kernel(dy_ptr, x_ptr, dy_desc, x_desc, mod_ptr, perm_ptr, dw_ptr, tiles_ptr, counts_ptr, n_rows,
+                        n_in, n_out, n_tiles, PERM: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """``dW_m = sum_{i: m_i = m} dy_i^T x_i``: ``dy (N, O)``, ``x (N, K)``, the tile lists ``(M, n_tiles)`` and their
+    lengths ``(M, 2)``; with ``PERM``, tile position ``p`` holds row ``perm[p]`` and ``mod_ptr`` the ids in that
+    order; with ``TMA``, the tiles of modality ``m`` alone load through ``dy_desc`` and ``x_desc``. See the module
+    docstring."""
     tiles_o = tl.cdiv(n_out, BLOCK_O)
     tiles_k = tl.cdiv(n_in, BLOCK_K)
     pid = tl.program_id(0)
@@ -378,31 +414,82 @@ def _weight_grad_kernel(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, til
     tiles_ptr += m.to(tl.int64) * n_tiles
     out_mask = outs < n_out
     in_mask = ins < n_in
-    if HAS_BIAS:
-        if pid_k == 0:
-            _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present,
-                              n_rows, n_in, n_out, outs, out_mask, ins, in_mask, PERM, True, BLOCK_N, BLOCK_O,
-                              BLOCK_K)
-        else:
-            _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present,
-                              n_rows, n_in, n_out, outs, out_mask, ins, in_mask, PERM, False, BLOCK_N, BLOCK_O,
-                              BLOCK_K)
+    acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+    if TMA:
+        acc = _weight_grad_pure_steps(acc, dy_desc, x_desc, tiles_ptr, pure, pid_o * BLOCK_O, pid_k * BLOCK_K,
+                                      BLOCK_N)
     else:
-        _weight_grad_tile(dy_ptr, x_ptr, mod_ptr, perm_ptr, dw_ptr, dbias_ptr, tiles_ptr, m, pure, present, n_rows,
-                          n_in, n_out, outs, out_mask, ins, in_mask, PERM, False, BLOCK_N, BLOCK_O, BLOCK_K)
+        acc = _weight_grad_steps(acc, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, 0, pure, n_rows, n_in, n_out,
+                                 outs, out_mask, ins, in_mask, False, PERM, BLOCK_N)
+    acc = _weight_grad_steps(acc, dy_ptr, x_ptr, mod_ptr, perm_ptr, tiles_ptr, m, pure, present, n_rows, n_in, n_out,
+                             outs, out_mask, ins, in_mask, True, PERM, BLOCK_N)
+    tl.store(dw_ptr + (m.to(tl.int64) * n_out + outs[:, None]) * n_in + ins[None, :],
+             _cast(acc, dw_ptr.dtype.element_ty), mask=out_mask[:, None] & in_mask[None, :])
 
 
-def _routed_mm(a, b, bias, ids, perm, block_n, block_c, block_r, warps, stages, group):
+@triton.jit
+def _bias_grad_kernel(dy_ptr, mod_ptr, perm_ptr, partial_ptr, tiles_ptr, counts_ptr, n_rows, n_out, n_tiles, chunk,
+                      PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr):
+    """``partial[s, m] = sum_{i: m_i = m} dy_i`` over the tiles ``s * chunk`` to ``(s + 1) * chunk`` of modality
+    ``m``'s list, for ``BLOCK_O`` outputs, summed in float32 (rows of other modalities read as zeros); ``PERM`` as
+    :func:`_weight_grad_kernel` takes it."""
+    m, pid_o, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    out_mask = outs < n_out
+    last = tl.minimum(tl.load(counts_ptr + 2 * m + 1), (split + 1) * chunk)
+    tiles_ptr += m.to(tl.int64) * n_tiles
+    acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
+    for j in range(split * chunk, last):
+        rows, sel = _listed_rows(tiles_ptr, j, last, mod_ptr, perm_ptr, m, n_rows, True, PERM, BLOCK_N)
+        acc += tl.load(dy_ptr + rows[:, None] * n_out + outs[None, :], mask=sel[:, None] & out_mask[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(partial_ptr + (split * tl.num_programs(0) + m).to(tl.int64) * n_out + outs, tl.sum(acc, 0),
+             mask=out_mask)
+
+
+def _routed_mm(a, b, bias, ids, perm, block_n, block_c, block_r, warps, stages, group, tma=False):
     """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, R)`` contiguous, ``b (M, R, C)`` of any strides,
-    ``out (N, C)``; ``m_i = ids[i]``, or with ``perm``, ``m_{perm[p]} = ids[p]`` and tiles formed in that order."""
+    ``out (N, C)``; ``m_i = ids[i]``, or with ``perm``, ``m_{perm[p]} = ids[p]`` and tiles formed in that order.
+    With ``tma`` (:func:`_tma`), tiles of one id load ``a`` and ``b`` (then contiguous along ``R`` or ``C``) through
+    tensor descriptors."""
     n_rows, n_red = a.shape
     n_cols = b.shape[2]
     out = a.new_empty((n_rows, n_cols))
+    a_desc = b_desc = None
+    trans_b = tma and b.stride(2) != 1
+    if tma:
+        a_desc = TensorDescriptor.from_tensor(a, [block_n, block_r])
+        b_desc = (TensorDescriptor.from_tensor(b.transpose(1, 2), [1, block_c, block_r]) if trans_b else
+                  TensorDescriptor.from_tensor(b, [1, block_r, block_c]))
     grid = (triton.cdiv(n_rows, block_n) * triton.cdiv(n_cols, block_c),)
-    _routed_mm_kernel[grid](a, b, bias, ids, perm, out, n_rows, n_red, n_cols, *b.stride(),
-                            HAS_BIAS=bias is not None, PERM=perm is not None, BLOCK_N=block_n, BLOCK_C=block_c,
-                            BLOCK_R=block_r, GROUP=group, num_warps=warps, num_stages=stages)
+    _routed_mm_kernel[grid](a, b, a_desc, b_desc, bias, ids, perm, out, n_rows, n_red, n_cols, *b.stride(),
+                            HAS_BIAS=bias is not None, PERM=perm is not None, TMA=tma, TRANS_B=trans_b,
+                            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=block_r, GROUP=group, num_warps=warps,
+                            num_stages=stages)
     return out
+
+
+@functools.cache
+def _bulk_copies(device_index: int) -> bool:
+    """Whether CUDA device ``device_index`` has the bulk tensor copies that tensor descriptors load through
+    (compute capability 9.0 and later)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _tma(tiling: Tiling, perm, *tensors) -> bool:
+    """Whether tiles of one weight set load ``tensors`` (``N`` rows first, each contiguous along its last
+    dimension) through tensor descriptors: ``tiling.tma``, no ``perm`` (rows gathered through it are not tiles of
+    the tensor), at least ``tiling.tma_rows`` rows, a Triton that has descriptors, 16-bit tensors with 16-byte
+    aligned bases and strides, and a GPU with bulk tensor copies (or the interpreter)."""
+    first = tensors[0]
+    if not tiling.tma or perm is not None or first.shape[0] < tiling.tma_rows or TensorDescriptor is None:
+        return False
+    if first.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not (_INTERPRETING or _bulk_copies(first.device.index)):
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
 
 
 def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,19 +515,33 @@ def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[
     return tiles, torch.cat([n_pure, present.sum(1, keepdim=True, dtype=torch.int32)], 1)
 
 
-def _weight_grads(dy, x, ids, perm, weight, bias, tiling):
-    """``dweight (M, O, K)`` in ``weight``'s dtype and ``dbias (M, O)`` in ``bias``'s (``None`` without a
-    bias); ``ids`` and ``perm`` as :func:`_routed_mm` takes them."""
+def _weight_grads(dy, x, ids, perm, weight, bias, tiling, need_weight=True):
+    """``dweight (M, O, K)`` in ``weight``'s dtype (``None`` unless ``need_weight``) and ``dbias (M, O)`` in
+    ``bias``'s (``None`` without a bias); ``ids`` and ``perm`` as :func:`_routed_mm` takes them."""
     n_rows, n_in = x.shape
     n_mod, n_out = weight.shape[:2]
     tiles, counts = _tile_lists(ids, n_mod, tiling.dw_block_n)
-    dweight = torch.empty_like(weight)
-    dbias = None if bias is None else torch.empty_like(bias)
-    grid = (n_mod * triton.cdiv(n_out, tiling.dw_block_o) * triton.cdiv(n_in, tiling.dw_block_k),)
-    _weight_grad_kernel[grid](dy, x, ids, perm, dweight, dbias, tiles, counts, n_rows, n_in, n_out, tiles.shape[1],
-                              HAS_BIAS=bias is not None, PERM=perm is not None, BLOCK_N=tiling.dw_block_n,
-                              BLOCK_O=tiling.dw_block_o, BLOCK_K=tiling.dw_block_k, GROUP=tiling.group,
-                              num_warps=tiling.dw_warps, num_stages=tiling.dw_stages)
+    dweight = dbias = None
+    if need_weight:
+        dweight = torch.empty_like(weight)
+        dy_desc = x_desc = None
+        tma = _tma(tiling, perm, dy, x)
+        if tma:
+            dy_desc = TensorDescriptor.from_tensor(dy, [tiling.dw_block_n, tiling.dw_block_o])
+            x_desc = TensorDescriptor.from_tensor(x, [tiling.dw_block_n, tiling.dw_block_k])
+        grid = (n_mod * triton.cdiv(n_out, tiling.dw_block_o) * triton.cdiv(n_in, tiling.dw_block_k),)
+        _weight_grad_kernel[grid](dy, x, dy_desc, x_desc, ids, perm, dweight, tiles, counts, n_rows, n_in, n_out,
+                                  tiles.shape[1], PERM=perm is not None, TMA=tma, BLOCK_N=tiling.dw_block_n,
+                                  BLOCK_O=tiling.dw_block_o, BLOCK_K=tiling.dw_block_k, GROUP=tiling.group,
+                                  num_warps=tiling.dw_warps, num_stages=tiling.dw_stages)
+    if bias is not None:
+        chunk = max(1, BIAS_CHUNK_ROWS // tiling.dw_block_n)
+        splits = triton.cdiv(tiles.shape[1] - 1, chunk)
+        partial = torch.empty(splits, n_mod, n_out, dtype=torch.float32, device=dy.device)
+        _bias_grad_kernel[(n_mod, triton.cdiv(n_out, BIAS_BLOCK_O), splits)](
+            dy, ids, perm, partial, tiles, counts, n_rows, n_out, tiles.shape[1], chunk, PERM=perm is not None,
+            BLOCK_N=tiling.dw_block_n, BLOCK_O=BIAS_BLOCK_O)
+        dbias = partial.sum(0).to(bias.dtype)
     return dweight, dbias
 
 
@@ -451,10 +552,12 @@ def _forward(x, weight, bias, ids, perm, t: Tiling) -> torch.Tensor:
     if x.shape[0] <= t.gemv_rows:
         block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
         return _routed_gemv(x, weight, bias, ids, t.gemv_block_o, block_k, t.gemv_warps)
+    tma = _tma(t, perm, x, weight)
     weight_t = weight.transpose(1, 2)
-    if x.shape[0] >= t.copy_rows * weight.shape[0]:
+    if not tma and x.shape[0] >= t.copy_rows * weight.shape[0]:
         weight_t = weight_t.contiguous()
-    return _routed_mm(x, weight_t, bias, ids, perm, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group)
+    return _routed_mm(x, weight_t, bias, ids, perm, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group,
+                      tma)
 
 
 class RoutedLinearFn(torch.autograd.Function):
@@ -480,10 +583,10 @@ class RoutedLinearFn(torch.autograd.Function):
         dx = dweight = dbias = None
         if need_x:
             dx = _routed_mm(dy, weight, None, ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
-                            t.dx_warps, t.dx_stages, t.group)
+                            t.dx_warps, t.dx_stages, t.group, _tma(t, perm, dy, weight))
         if need_w or need_b:
-            dweight, dbias = _weight_grads(dy, x, ids, perm, weight, bias if need_b else None, t)
-        return dx, dweight if need_w else None, dbias, None, None, None
+            dweight, dbias = _weight_grads(dy, x, ids, perm, weight, bias if need_b else None, t, need_w)
+        return dx, dweight, dbias, None, None, None
 
 
 def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modality: torch.Tensor,

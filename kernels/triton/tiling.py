@@ -13,10 +13,12 @@ def check_tiling(tiling, counts: tuple[str, ...], small: tuple[str, ...] = (), s
 
     A field named in ``sizes`` must be at least 0, one whose name ends in one of ``counts`` at least 1; every
     other is a block size or a warp count, a power of two, and at least 16 (``tl.dot``'s smallest size) unless its
-    name ends in ``warps`` or is in ``small``.
+    name ends in ``warps`` or is in ``small``; a ``bool`` field is a switch, and any value of it is valid.
     """
     for f in fields(tiling):
         name, value = f.name, getattr(tiling, f.name)
+        if isinstance(value, bool):
+            continue
         if name in sizes:
             if value < 0:
                 raise SpecError(f"Tiling.{name} must be at least 0, got {value}")

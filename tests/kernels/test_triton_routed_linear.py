@@ -98,6 +98,7 @@ SMALL = [
     dict(n=130, k=18, o=35, m=3, absent=2, bias=False),
     dict(n=130, k=9, o=24, m=1, bias=False),
     dict(n=130, k=26, o=20, m=8, runs=(1, 12), absent=5),
+    dict(n=2100, k=9, o=24, m=3, runs=(1, 700), absent=1),
 ]
 
 
@@ -133,6 +134,41 @@ def test_small_shapes_16_bit(kernels, gen, dtype):
     got = run(kernels.routed_linear, inputs, 3, tiling=small_tilings(kernels)[1])
     assert_close(got, reference(inputs, 3), dtype, str(dtype))
     assert_absent_zero(got, 0, str(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiles_of_one_modality_through_tensor_descriptors(kernels, gen, dtype, monkeypatch):
+    """16-bit operands with 16-byte aligned rows load the tiles of one modality through tensor descriptors
+    (two per kernel: forward, ``dx``, ``dweight``) from ``tma_rows`` tokens on, with tiles of mixed modalities,
+    partial tiles and an absent modality beside them; the same shapes with ``tma=False``, with an ``order``, with
+    rows of 23 elements, or below ``tma_rows`` load through pointers alone. Every variant matches the float64
+    reference."""
+    made = []
+    real = kernels.TensorDescriptor
+
+    class Counted(real):
+        @staticmethod
+        def from_tensor(tensor, block_shape, **options):
+            made.append(tuple(block_shape))
+            return real.from_tensor(tensor, block_shape, **options)
+
+    monkeypatch.setattr(kernels, "TensorDescriptor", Counted)
+    tiling = kernels.replace(small_tilings(kernels)[1], tma_rows=70)
+    shapes = ((130, 24, 40, (20, 60), 6), (77, 16, 48, (3, 30), 6), (130, 23, 40, (20, 60), 0))
+    for n, k, o, runs, descriptors in shapes:
+        inputs = make_inputs(gen, n, k, o, 3, runs=runs, absent=0, dtype=dtype)
+        ref = reference(inputs, 5)
+        order = torch.argsort(inputs["modality"], stable=True)
+        for variant, extra, expected in (("tma", dict(tiling=tiling), descriptors),
+                                         ("pointers", dict(tiling=kernels.replace(tiling, tma=False)), 0),
+                                         ("few", dict(tiling=kernels.replace(tiling, tma_rows=n + 1)), 0),
+                                         ("order", dict(tiling=tiling, order=order), 0)):
+            made.clear()
+            got = run(kernels.routed_linear, inputs, 5, **extra)
+            label = f"n {n}, k {k}, o {o}, {variant}"
+            assert len(made) == expected, f"{label}: {len(made)} tensor descriptors, not {expected}"
+            assert_close(got, ref, dtype, label)
+            assert_absent_zero(got, 0, label)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -230,6 +266,8 @@ def test_tiling_checks(kernels):
         kernels.Tiling(group=0)
     with pytest.raises(ValueError, match="copy_rows must be at least 0"):
         kernels.Tiling(copy_rows=-1)
+    with pytest.raises(ValueError, match="tma_rows must be at least 0"):
+        kernels.Tiling(tma_rows=-1)
     with pytest.raises(ValueError, match="gemv_block_o must be a power of two"):
         kernels.Tiling(gemv_block_o=6)
     assert kernels.default_tiling(torch.float32) != kernels.default_tiling(torch.bfloat16) == kernels.Tiling()
