@@ -19,10 +19,10 @@ reads each weight once per token; eight experts share a batch's tokens eight way
 through its strides; ``Tiling.copy_rows`` sets the bound in tokens per weight set, and
 ``benchmarks/routed_linear_tiling.py`` measures both sides of it. On a GPU with bulk tensor copies (Hopper and
 later; ``Tiling.tma``), tiles of one weight set load their operands through tensor descriptors instead, when they
-are 16-bit, ``Tiling.tma_rows`` tokens or more come without ``order`` and every row is 16-byte aligned: the copy
-engine brings whole tiles of ``a`` and of ``W`` (in place; the forward transposes its tile in shared memory, so
-it makes no copy) and fills their parts past the edges with zeros. Mixed tiles, rows gathered through ``order``
-and float32 load through pointers as described here. (Mixed tiles loaded through descriptors, the other
+are 16-bit, ``Tiling.tma_rows`` tokens or more come without ``order``, every row is 16-byte aligned and no side
+of a tile exceeds ``TMA_BLOCK``: the copy engine brings whole tiles of ``a`` and of ``W`` (in place; the forward
+transposes its tile in shared memory, so it makes no copy) and fills their parts past the edges with zeros.
+Mixed tiles, rows gathered through ``order`` and float32 load through pointers as described here. (Mixed tiles loaded through descriptors, the other
 modalities' rows zeroed by ``tl.where``, gave wrong products on an H200 with Triton 3.6 at ``128 x 256`` tiles in
 eight warps, and right ones in four warps at ``128 x 128``.) A program owns a ``(token tile, output tile)``
 block of ``out`` (grouped along tokens, ``Tiling.group`` token tiles at a time, so that programs running together
@@ -49,8 +49,8 @@ walks its modality's list in two loops whose bounds it loads from device memory:
 the mixed ones, whose rows of other modalities are loaded as zeros. Neither loop has a branch around its loads
 (that would stop Triton from software-pipelining them), and each looks up the next tile's rows one step ahead, so
 that no load of ``dy`` or ``x`` waits on another load of its own step and the pipeline can run them
-``Tiling.dw_stages - 1`` steps ahead. Where the forward's tiles load through tensor descriptors, so do the pure
-tiles of ``dweight``. A modality absent from the batch has empty lists: its programs store exact zeros.
+``Tiling.dw_stages - 1`` steps ahead. Under the forward's conditions (on ``dy`` and ``x``), the pure tiles load
+through tensor descriptors. A modality absent from the batch has empty lists: its programs store exact zeros.
 ``dbias_m`` is the sum of ``dy``'s rows of modality ``m``: a kernel of its own walks the same lists, each program
 ``BIAS_BLOCK_O`` outputs over ``BIAS_CHUNK_ROWS`` tokens' tiles, and torch adds the programs' float32 partial sums.
 (Summed inside the ``dweight`` kernel by the programs of one ``K`` tile, with the pure tiles loaded through
@@ -88,6 +88,9 @@ FEW_ROWS_BLOCK_O = 32
 FEW_ROWS_BLOCK_K = 128
 BIAS_BLOCK_O = 64
 BIAS_CHUNK_ROWS = 1024
+TMA_BLOCK = 256
+TILE_BLOCKS = ("block_n", "block_o", "block_k", "dx_block_n", "dx_block_k", "dx_block_o", "dw_block_o", "dw_block_k",
+               "dw_block_n")
 
 
 @dataclass(frozen=True)
@@ -480,9 +483,12 @@ def _tma(tiling: Tiling, perm, *tensors) -> bool:
     """Whether tiles of one weight set load ``tensors`` (``N`` rows first, each contiguous along its last
     dimension) through tensor descriptors: ``tiling.tma``, no ``perm`` (rows gathered through it are not tiles of
     the tensor), at least ``tiling.tma_rows`` rows, a Triton that has descriptors, 16-bit tensors with 16-byte
-    aligned bases and strides, and a GPU with bulk tensor copies (or the interpreter)."""
+    aligned bases and strides, a GPU with bulk tensor copies (or the interpreter), and no token-tile block of the
+    tiling (``TILE_BLOCKS``) larger than ``TMA_BLOCK``, the largest side of a bulk copy's box."""
     first = tensors[0]
     if not tiling.tma or perm is not None or first.shape[0] < tiling.tma_rows or TensorDescriptor is None:
+        return False
+    if any(getattr(tiling, name) > TMA_BLOCK for name in TILE_BLOCKS):
         return False
     if first.dtype not in (torch.bfloat16, torch.float16):
         return False

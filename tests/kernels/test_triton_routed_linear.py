@@ -141,8 +141,8 @@ def test_tiles_of_one_modality_through_tensor_descriptors(kernels, gen, dtype, m
     """16-bit operands with 16-byte aligned rows load the tiles of one modality through tensor descriptors
     (two per kernel: forward, ``dx``, ``dweight``) from ``tma_rows`` tokens on, with tiles of mixed modalities,
     partial tiles and an absent modality beside them; the same shapes with ``tma=False``, with an ``order``, with
-    rows of 23 elements, or below ``tma_rows`` load through pointers alone. Every variant matches the float64
-    reference."""
+    rows of 23 elements, below ``tma_rows``, or with a block wider than a bulk copy's box load through pointers
+    alone. Every variant matches the float64 reference."""
     made = []
     real = kernels.TensorDescriptor
 
@@ -162,6 +162,7 @@ def test_tiles_of_one_modality_through_tensor_descriptors(kernels, gen, dtype, m
         for variant, extra, expected in (("tma", dict(tiling=tiling), descriptors),
                                          ("pointers", dict(tiling=kernels.replace(tiling, tma=False)), 0),
                                          ("few", dict(tiling=kernels.replace(tiling, tma_rows=n + 1)), 0),
+                                         ("wide", dict(tiling=kernels.replace(tiling, dx_block_k=512)), 0),
                                          ("order", dict(tiling=tiling, order=order), 0)):
             made.clear()
             got = run(kernels.routed_linear, inputs, 5, **extra)
