@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from momkit.kernels.triton.tiling import cdiv
+
 BLOCK_C, BLOCK_L = 64, 32
 
 
@@ -122,7 +124,7 @@ def _channels_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _grid(x: torch.Tensor) -> tuple[int, int, int]:
     b, c, length = x.shape
-    return b, triton.cdiv(c, BLOCK_C), triton.cdiv(length, BLOCK_L)
+    return b, cdiv(c, BLOCK_C), cdiv(length, BLOCK_L)
 
 
 def _per_modality(weight: torch.Tensor, bias: torch.Tensor | None):

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from momkit.errors import SpecError
-from momkit.kernels.triton.tiling import pow2
+from momkit.kernels.triton.tiling import cdiv, pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -116,7 +116,7 @@ def selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_n = max(16, pow2(n))
     block_p = max(1, min(pow2(channels), 4096 // block_n))
-    grid = (triton.cdiv(channels, block_p), batch * heads)
+    grid = (cdiv(channels, block_p), batch * heads)
     _state_update_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, modality, out, heads, channels, n, heads // groups,
         *_strides(modality, 1), *strides, *(out.stride() if state.dim() == 4 else _one_head(out.stride())),
@@ -165,7 +165,7 @@ def conv_state_update(*, x, conv_state, weight, bias, activation, modality):
     out = torch.empty_like(x)
     block_k = pow2(width)
     block_c = max(1, min(pow2(channels), 2048 // block_k))
-    grid = (triton.cdiv(channels, block_c), batch)
+    grid = (cdiv(channels, block_c), batch)
     _conv_update_kernel[grid](
         x, conv_state, weight, bias, modality, out, channels, width, *_strides(modality, 1),
         *x.stride(), *conv_state.stride(), *_param_strides(weight, 2), *_param_strides(bias, 1), *out.stride(),

@@ -79,7 +79,7 @@ except ImportError:
     TensorDescriptor = None
 
 from momkit.errors import SpecError
-from momkit.kernels.triton.tiling import check_tiling, pow2
+from momkit.kernels.triton.tiling import cdiv, check_tiling, pow2
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRETED = tl.constexpr(_INTERPRETING)
@@ -348,7 +348,7 @@ def _routed_gemv(x, weight, bias, modality, block_o, block_k, warps):
     n_rows, n_in = x.shape
     n_out = weight.shape[1]
     out = x.new_empty((n_rows, n_out))
-    _routed_gemv_kernel[(n_rows, triton.cdiv(n_out, block_o))](x, weight, bias, modality, out, n_in, n_out,
+    _routed_gemv_kernel[(n_rows, cdiv(n_out, block_o))](x, weight, bias, modality, out, n_in, n_out,
                                                                 HAS_BIAS=bias is not None, BLOCK_O=block_o,
                                                                 BLOCK_K=block_k, num_warps=warps)
     return out
@@ -464,7 +464,7 @@ def _routed_mm(a, b, bias, ids, perm, block_n, block_c, block_r, warps, stages, 
         a_desc = TensorDescriptor.from_tensor(a, [block_n, block_r])
         b_desc = (TensorDescriptor.from_tensor(b.transpose(1, 2), [1, block_c, block_r]) if trans_b else
                   TensorDescriptor.from_tensor(b, [1, block_r, block_c]))
-    grid = (triton.cdiv(n_rows, block_n) * triton.cdiv(n_cols, block_c),)
+    grid = (cdiv(n_rows, block_n) * cdiv(n_cols, block_c),)
     _routed_mm_kernel[grid](a, b, a_desc, b_desc, bias, ids, perm, out, n_rows, n_red, n_cols, *b.stride(),
                             HAS_BIAS=bias is not None, PERM=perm is not None, TMA=tma, TRANS_B=trans_b,
                             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=block_r, GROUP=group, num_warps=warps,
@@ -506,7 +506,7 @@ def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[
     hold it among others, each group in token order (the rest is not read). Computed on the device without
     synchronising, and without a sort: a tile's place in its list is a count of the tiles of its kind before it.
     """
-    n_tiles = triton.cdiv(modality.shape[0], block)
+    n_tiles = cdiv(modality.shape[0], block)
     tile = torch.arange(modality.shape[0], device=modality.device) // block
     present = torch.zeros(n_tiles * n_modalities, dtype=torch.int32, device=modality.device)
     present.index_fill_(0, tile * n_modalities + modality, 1)
@@ -535,16 +535,16 @@ def _weight_grads(dy, x, ids, perm, weight, bias, tiling, need_weight=True):
         if tma:
             dy_desc = TensorDescriptor.from_tensor(dy, [tiling.dw_block_n, tiling.dw_block_o])
             x_desc = TensorDescriptor.from_tensor(x, [tiling.dw_block_n, tiling.dw_block_k])
-        grid = (n_mod * triton.cdiv(n_out, tiling.dw_block_o) * triton.cdiv(n_in, tiling.dw_block_k),)
+        grid = (n_mod * cdiv(n_out, tiling.dw_block_o) * cdiv(n_in, tiling.dw_block_k),)
         _weight_grad_kernel[grid](dy, x, dy_desc, x_desc, ids, perm, dweight, tiles, counts, n_rows, n_in, n_out,
                                   tiles.shape[1], PERM=perm is not None, TMA=tma, BLOCK_N=tiling.dw_block_n,
                                   BLOCK_O=tiling.dw_block_o, BLOCK_K=tiling.dw_block_k, GROUP=tiling.group,
                                   num_warps=tiling.dw_warps, num_stages=tiling.dw_stages)
     if bias is not None:
         chunk = max(1, BIAS_CHUNK_ROWS // tiling.dw_block_n)
-        splits = triton.cdiv(tiles.shape[1] - 1, chunk)
+        splits = cdiv(tiles.shape[1] - 1, chunk)
         partial = torch.empty(splits, n_mod, n_out, dtype=torch.float32, device=dy.device)
-        _bias_grad_kernel[(n_mod, triton.cdiv(n_out, BIAS_BLOCK_O), splits)](
+        _bias_grad_kernel[(n_mod, cdiv(n_out, BIAS_BLOCK_O), splits)](
             dy, ids, perm, partial, tiles, counts, n_rows, n_out, tiles.shape[1], chunk, PERM=perm is not None,
             BLOCK_N=tiling.dw_block_n, BLOCK_O=BIAS_BLOCK_O)
         dbias = partial.sum(0).to(bias.dtype)

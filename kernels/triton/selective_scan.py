@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from momkit.errors import SpecError
-from momkit.kernels.triton.tiling import pow2
+from momkit.kernels.triton.tiling import cdiv, pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -338,13 +338,13 @@ class SelectiveScanFn(torch.autograd.Function):
         modality = None if modality is None else modality.contiguous()
         seq_idx = None if seq_idx is None else seq_idx.contiguous()
         tiling = tiling or default_tiling(dim, length, groups)
-        n_chunks = triton.cdiv(length, tiling.chunk)
+        n_chunks = cdiv(length, tiling.chunk)
         save = any(ctx.needs_input_grad[:8]) or ctx.needs_input_grad[12]
         n_slots = n_chunks + 1 if save else 2
         out = torch.empty_like(u)
         states = u.new_empty((batch, dim, n_slots, state), dtype=torch.float32)
         states[:, :, 0] = 0 if initial_state is None else initial_state
-        grid = (groups * triton.cdiv(dim // groups, tiling.block_d), batch)
+        grid = (groups * cdiv(dim // groups, tiling.block_d), batch)
         _fwd_kernel[grid](u, delta, A.float().contiguous(), Bg, Cg, D, z, delta_bias, modality, seq_idx, out,
                           states, dim, length, state, dim // groups, n_chunks, n_slots,
                           **_flags(D, z, delta_bias, delta_softplus, modality, seq_idx),
@@ -377,7 +377,7 @@ class SelectiveScanFn(torch.autograd.Function):
         dA = torch.zeros(A.shape, **f32)
         dD = torch.zeros(dim, **f32)
         d_bias = torch.zeros(dim, **f32)
-        grid = (groups * triton.cdiv(dim // groups, tiling.block_d_bwd), batch)
+        grid = (groups * cdiv(dim // groups, tiling.block_d_bwd), batch)
         _bwd_kernel[grid](u, delta, A.float().contiguous(), Bg, Cg, D, z, delta_bias, modality, seq_idx, states,
                           carry, dout, du, ddelta, dz, dB, dC, dA, dD, d_bias,
                           dim, length, state, dim // groups, ctx.n_chunks, 1 if modality is None else A.shape[0],

@@ -76,7 +76,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from momkit.errors import SpecError
-from momkit.kernels.triton.tiling import check_tiling, pow2
+from momkit.kernels.triton.tiling import cdiv, check_tiling, pow2
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -766,7 +766,7 @@ class _Plan:
         self.batch, self.length, self.heads, self.dim = x.shape
         self.groups, self.state = B.shape[2:]
         self.chunk = min(chunk_size, self.length)
-        self.n_chunks = triton.cdiv(self.length, self.chunk)
+        self.n_chunks = cdiv(self.length, self.chunk)
         self.n_mod = 1 if modality is None else A.shape[0]
         self.tiling = tiling
         t = self.chunk
@@ -809,14 +809,14 @@ class _Plan:
         return self.length, self.heads, self.dim, self.state, self.groups, self.chunk, self.n_chunks
 
     def rows(self, kernel: str) -> int:
-        return triton.cdiv(self.chunk, self.launch[kernel]["BLOCK_M"])
+        return cdiv(self.chunk, self.launch[kernel]["BLOCK_M"])
 
     def state_grid(self):
-        tiles = triton.cdiv(self.dim, self.state_p) * triton.cdiv(self.state, self.state_n)
+        tiles = cdiv(self.dim, self.state_p) * cdiv(self.state, self.state_n)
         return tiles, self.heads, self.batch
 
     def step_grid(self):
-        return self.n_chunks, triton.cdiv(self.heads, self.block_h), self.batch
+        return self.n_chunks, cdiv(self.heads, self.block_h), self.batch
 
     def chunk_grid(self, kernel: str, per_group: int = 1):
         """Programs of a chunk kernel: ``per_group`` per group, chunk and block of rows."""
@@ -824,7 +824,7 @@ class _Plan:
 
     def split_grid(self, kernel: str, heads: int):
         """Programs of a chunk kernel whose programs cover ``heads`` heads of a group each."""
-        return self.chunk_grid(kernel, triton.cdiv(self.heads // self.groups, heads))
+        return self.chunk_grid(kernel, cdiv(self.heads // self.groups, heads))
 
     def cb(self, B, C, runs):
         """``C_i . B_j`` of each chunk and group, causal and within documents, ``(b, c, g, T, T)``."""

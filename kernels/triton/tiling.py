@@ -1,5 +1,5 @@
-"""What the Triton kernels' tilings share: the check of their ``Tiling`` dataclasses, and block sizes rounded
-up to powers of two."""
+"""What the Triton kernels' tilings share: the check of their ``Tiling`` dataclasses, block sizes rounded up to
+powers of two, and launch grids' counts of blocks."""
 
 from __future__ import annotations
 
@@ -34,3 +34,9 @@ def check_tiling(tiling, counts: tuple[str, ...], small: tuple[str, ...] = (), s
 def pow2(x: int) -> int:
     """The smallest power of two that is at least ``x`` (1 for ``x <= 1``)."""
     return 1 << max(0, (x - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ``b > 0``: the host's count of blocks of ``b`` in ``a`` (``triton.cdiv`` is a constexpr
+    function, whose call from Python costs a decoding step's launch several microseconds)."""
+    return -(-a // b)
