@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from momkit.errors import SpecError
+from momkit.kernels.triton.launch import Launcher
 from momkit.kernels.triton.tiling import cdiv, pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -75,6 +76,9 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     tl.store(out_ptr + b * o_b + h * o_h + offs_p * o_p, y.to(out_ptr.dtype.element_ty), mask=mask_p)
 
 
+_STATE_UPDATE = Launcher(_state_update_kernel, pointers=11)
+
+
 def _param_strides(t: torch.Tensor | None, dims: int) -> list[int]:
     """The stride along a parameter's leading ``M`` (0 when it is shared, so that every modality id reads the
     same row), then the strides of its ``dims`` trailing dimensions; zeros for a missing parameter."""
@@ -117,8 +121,8 @@ def selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
     block_n = max(16, pow2(n))
     block_p = max(1, min(pow2(channels), 4096 // block_n))
     grid = (cdiv(channels, block_p), batch * heads)
-    _state_update_kernel[grid](
-        state, x, dt, A, B, C, D, z, dt_bias, modality, out, heads, channels, n, heads // groups,
+    _STATE_UPDATE(
+        grid, state, x, dt, A, B, C, D, z, dt_bias, modality, out, heads, channels, n, heads // groups,
         *_strides(modality, 1), *strides, *(out.stride() if state.dim() == 4 else _one_head(out.stride())),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, HAS_MOD=modality is not None,
         SOFTPLUS=bool(dt_softplus), BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
@@ -157,6 +161,9 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, mod_ptr, out_ptr, cha
     tl.store(out_ptr + b * o_b + offs_c * o_c, y.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
+_CONV_UPDATE = Launcher(_conv_update_kernel, pointers=6)
+
+
 def conv_state_update(*, x, conv_state, weight, bias, activation, modality):
     """:func:`momkit.ops.conv_state_update` in one launch."""
     _refuse_float64(x=x, conv_state=conv_state, weight=weight)
@@ -166,8 +173,8 @@ def conv_state_update(*, x, conv_state, weight, bias, activation, modality):
     block_k = pow2(width)
     block_c = max(1, min(pow2(channels), 2048 // block_k))
     grid = (cdiv(channels, block_c), batch)
-    _conv_update_kernel[grid](
-        x, conv_state, weight, bias, modality, out, channels, width, *_strides(modality, 1),
+    _CONV_UPDATE(
+        grid, x, conv_state, weight, bias, modality, out, channels, width, *_strides(modality, 1),
         *x.stride(), *conv_state.stride(), *_param_strides(weight, 2), *_param_strides(bias, 1), *out.stride(),
         HAS_BIAS=bias is not None, HAS_MOD=modality is not None, SILU=activation == "silu", BLOCK_C=block_c,
         BLOCK_K=block_k, num_warps=4)

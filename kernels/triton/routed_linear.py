@@ -79,6 +79,7 @@ except ImportError:
     TensorDescriptor = None
 
 from momkit.errors import SpecError
+from momkit.kernels.triton.launch import Launcher
 from momkit.kernels.triton.tiling import cdiv, check_tiling, pow2
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -342,15 +343,17 @@ def _routed_gemv_kernel(x_ptr, w_ptr, bias_ptr, mod_ptr, out_ptr, n_in, n_out, H
     tl.store(out_ptr + row * n_out + outs, _cast(y, out_ptr.dtype.element_ty), mask=out_mask)
 
 
+_ROUTED_GEMV = Launcher(_routed_gemv_kernel, pointers=5)
+
+
 def _routed_gemv(x, weight, bias, modality, block_o, block_k, warps):
     """``y[i] = weight[modality[i]] @ x[i] (+ bias[modality[i]])`` token by token: ``x (N, K)``, ``weight (M, O,
     K)``, both contiguous."""
     n_rows, n_in = x.shape
     n_out = weight.shape[1]
     out = x.new_empty((n_rows, n_out))
-    _routed_gemv_kernel[(n_rows, cdiv(n_out, block_o))](x, weight, bias, modality, out, n_in, n_out,
-                                                                HAS_BIAS=bias is not None, BLOCK_O=block_o,
-                                                                BLOCK_K=block_k, num_warps=warps)
+    _ROUTED_GEMV((n_rows, cdiv(n_out, block_o)), x, weight, bias, modality, out, n_in, n_out,
+                 HAS_BIAS=bias is not None, BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps)
     return out
 
 

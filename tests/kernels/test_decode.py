@@ -4,7 +4,9 @@ Stepping ``selective_state_update`` position by position must give the per-token
 and final state, in both layouts (Mamba-1's channels, Mamba-2's heads with groups) and with parameters given
 per modality; ``conv_state_update`` must give the routed convolution's output. The reference backend runs
 in float64 (exact to rounding, 1e-10); the Triton kernels in float32 (1e-4) and with bfloat16 inputs (1e-2),
-under ``TRITON_INTERPRET=1`` on the CPU or on a CUDA GPU.
+under ``TRITON_INTERPRET=1`` on the CPU or on a CUDA GPU. Each position's inputs are views into the whole
+sequence's tensors, so they start at addresses that are multiples of 16 bytes at some positions and not at others,
+as the kernels' reused launches must tell apart (:mod:`momkit.kernels.triton.launch`).
 """
 
 import os
@@ -85,9 +87,9 @@ def test_selective_state_update_channels(gen, backend, dtype, tol, case):
     state = torch.zeros(b, d, n, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE)
     params = {k: None if v is None else v.to(DEVICE, state.dtype) for k, v in dict(A=A, D=D, dt_bias=bias).items()}
     steps = []
+    inputs = {k: None if v is None else v.to(DEVICE, dtype) for k, v in dict(u=u, delta=delta, B=B, C=C, z=z).items()}
     for t in range(length):
-        at = {k: None if v is None else v[..., t].to(DEVICE, dtype) for k, v in dict(u=u, delta=delta, B=B, C=C,
-                                                                                         z=z).items()}
+        at = {k: None if v is None else v[..., t] for k, v in inputs.items()}
         steps.append(ops.selective_state_update(state, at["u"], at["delta"], params["A"], at["B"], at["C"],
                                                 D=params["D"], z=at["z"], dt_bias=params["dt_bias"], dt_softplus=True,
                                                 modality=None if M is None else modality[:, t].to(DEVICE),
@@ -157,7 +159,8 @@ def test_conv_state_update(gen, backend, dtype, tol, n_modalities, bias):
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     conv_state = torch.zeros(b, c, k, dtype=dtype, device=DEVICE)
     w, bb = weight.to(DEVICE, wide), None if b_param is None else b_param.to(DEVICE, wide)
-    steps = [ops.conv_state_update(x[:, t].to(DEVICE, dtype), conv_state, w, bb, "silu",
+    x_in = x.to(DEVICE, dtype)
+    steps = [ops.conv_state_update(x_in[:, t], conv_state, w, bb, "silu",
                                    modality=None if modality is None else modality[:, t].to(DEVICE), backend=backend)
              for t in range(length)]
     assert rel_err(torch.stack(steps, 1).cpu(), ref) <= tol

@@ -210,6 +210,26 @@ def test_few_tokens_take_one_product_per_token(kernels, gen, dtype):
             assert_close(run(kernels.routed_linear, inputs, 4, tiling=tiling), ref, dtype, f"n {n}, {tiling}")
 
 
+def test_few_tokens_at_any_address(kernels, gen):
+    """One product per token with ``x``, the weight and the bias starting at addresses that are multiples of 16
+    bytes and that are not, in turn, at the same shapes: on a GPU, launches that repeat reuse a compiled kernel, and
+    one compiled for aligned rows must not take the others."""
+    inputs = make_inputs(gen, 2, 64, 40, 2, dtype=torch.bfloat16)
+    ref = per_token(**as_float64(inputs))
+    for offset in (0, 1, 0, 3):
+        moved = {}
+        for name in ("x", "weight", "bias"):
+            flat = torch.zeros(offset + inputs[name].numel(), dtype=torch.bfloat16, device=DEVICE)
+            flat[offset:] = inputs[name].reshape(-1)
+            moved[name] = flat[offset:].view(inputs[name].shape)
+        with torch.no_grad():
+            y = kernels.routed_linear(**{**inputs, **moved})
+        assert_close({"y": y}, {"y": ref}, torch.bfloat16, f"offset {offset}")
+    if DEVICE == "cuda":
+        kept = [key for key in kernels._ROUTED_GEMV.compiled if key[2] == (64, 40)]
+        assert len(kept) == 2, f"one compiled kernel for aligned rows and one for the others, got {len(kept)}"
+
+
 def test_partial_gradients(kernels, gen):
     """Only the gradients asked for are computed, and they match."""
     inputs = make_inputs(gen, 37, 21, 19, 2, runs=(3, 6))
