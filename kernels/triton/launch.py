@@ -46,8 +46,9 @@ class Launcher:
     """``launcher(grid, *args, num_warps=w, **constexprs)`` launches ``kernel`` as ``kernel[grid](*args,
     num_warps=w, **constexprs)`` does; ``args`` are the kernel's runtime arguments in order, of which the first
     ``pointers`` are tensors or ``None`` and the rest plain values, and ``constexprs`` all the rest, by name (the
-    key is built in a few microseconds for a launch of 48 arguments). Keeps at most :data:`MOST_KEYS` compiled
-    kernels (then starts over)."""
+    key is built in a few microseconds for a launch of 48 arguments). A call site passes each argument with the
+    same type every time: values that compare equal share a key, as ``1`` and ``True`` do, though Triton compiles
+    an int and a bool differently. Keeps at most :data:`MOST_KEYS` compiled kernels (then starts over)."""
 
     def __init__(self, kernel, pointers: int):
         self.kernel, self.pointers = kernel, pointers
