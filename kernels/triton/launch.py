@@ -10,10 +10,10 @@ whatever Triton specialises them on. The first call of a key goes through the JI
 calls pass the arguments straight to the compiled kernel's launch function on the current stream.
 
 It takes the JIT launcher's path every time for a kernel the interpreter runs (``TRITON_INTERPRET=1``), with a
-Triton that has no ``triton.knobs`` (before 3.4; its compiled kernels are launched differently), and while a launch
-hook is set (a profiler's, which wants the launch metadata that the direct path does not build). Not for kernels with
-tensor descriptors or other arguments that are neither tensors nor plain values: their keys would not tell
-specialisations apart.
+Triton that has no ``triton.knobs`` (before 3.4; the direct path follows the launch of Triton 3.6 to 3.9), and
+while a launch hook is set (a profiler's, which wants the launch metadata that the direct path does not build).
+Not for kernels with tensor descriptors or other arguments that are neither tensors nor plain values: their keys
+would not tell specialisations apart.
 """
 
 from __future__ import annotations
