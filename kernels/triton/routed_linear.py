@@ -22,9 +22,9 @@ later; ``Tiling.tma``), tiles of one weight set load their operands through tens
 are 16-bit, ``Tiling.tma_rows`` tokens or more come without ``order``, every row is 16-byte aligned and no side
 of a tile exceeds ``TMA_BLOCK``: the copy engine brings whole tiles of ``a`` and of ``W`` (in place; the forward
 transposes its tile in shared memory, so it makes no copy) and fills their parts past the edges with zeros.
-Mixed tiles, rows gathered through ``order`` and float32 load through pointers as described here. (Mixed tiles loaded through descriptors, the other
-modalities' rows zeroed by ``tl.where``, gave wrong products on an H200 with Triton 3.6 at ``128 x 256`` tiles in
-eight warps, and right ones in four warps at ``128 x 128``.) A program owns a ``(token tile, output tile)``
+Mixed tiles, rows gathered through ``order`` and float32 load through pointers as described here. (Mixed tiles
+loaded through descriptors, the other modalities' rows zeroed by ``tl.where``, gave wrong products on an H200 with
+Triton 3.6 at ``128 x 256`` tiles in eight warps, and right ones in four warps at ``128 x 128``.) A program owns a ``(token tile, output tile)``
 block of ``out`` (grouped along tokens, ``Tiling.group`` token tiles at a time, so that programs running together
 share tiles of ``a`` and ``B`` in L2). It loads its tokens' modality ids first. When they are all one modality
 ``m``, the common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with
