@@ -406,11 +406,11 @@ def _copies(spec: ModelSpec, source: ModelSpec, name: str) -> list[int]:
 def fill(model: Model, source: Model) -> None:
     """Copy ``source``'s weights into ``model``, upcycling where ``model`` routes what ``source`` shares.
 
-    Blocks and the final norm must have the same structure (layer count and kinds, widths); a sublayer routed
-    in ``model`` and shared in ``source`` gets the shared weight in every copy, so on a modality the source
-    knows, the filled model computes what the source did; so does a shared sublayer made experts (sparse
-    upcycling: every expert starts as the dense weight, the router as initialised). Adapters, heads and step embeddings are copied for
-    the modalities both have (by name); the spec's other modalities keep their initialisation.
+    Blocks and the final norm must have the same structure (layer count and kinds, widths); a sublayer routed in
+    ``model`` and shared in ``source`` gets the shared weight in every copy, so on a modality the source knows, the
+    filled model computes what the source did; so does a shared sublayer made experts (sparse upcycling: every
+    expert starts as the dense weight, the router as initialised). Adapters, heads and step embeddings are copied
+    for the modalities both have (by name); the spec's other modalities keep their initialisation.
 
     Raises:
         SpecError: naming the spec field that does not fit (``backbone.d_model``, ``backbone.n_layers``,
@@ -478,7 +478,8 @@ def export(model: Model, directory: str | Path, to: str = "transformers") -> Pat
     ``AutoModelForCausalLM.from_pretrained`` loads with the same logits.
 
     Only dense ``mamba`` (selective throughout), ``mamba2`` and ``transformer`` (as ``LlamaForCausalLM``)
-    models of one discrete modality export: transformers has no routed model. ``SpecError`` names what stands in the way.
+    models of one discrete modality export: transformers has no routed model. ``SpecError`` names what stands in
+    the way.
     """
     if to != "transformers":
         raise SpecError(f"cannot export to {to!r}; valid targets: transformers")

@@ -63,7 +63,8 @@ def test_front_doors_match_naive(gen):
     (dict(z=torch.zeros(2, 6, 9, dtype=torch.int64)), "z has dtype torch.int64; expected one of"),
     (dict(u=torch.zeros(2, 6, 9, device="meta")), "delta is on cpu but the other inputs are on meta"),
     (dict(A=torch.zeros(3, 6, 4), modality=torch.full((2, 9), 3)), r"modality holds ids in \[3, 3\] but A has 3"),
-    (dict(modality=torch.zeros(2, 9, dtype=torch.int64)), r"A has shape \(6, 4\); expected \(M, d, n\) = \(\*, 6, \*\)"),
+    (dict(modality=torch.zeros(2, 9, dtype=torch.int64)),
+     r"A has shape \(6, 4\); expected \(M, d, n\) = \(\*, 6, \*\)"),
     (dict(A=torch.zeros(3, 6, 4), modality=torch.zeros(2, 9)), "modality has dtype torch.float32; expected an "
                                                                "integer dtype"),
 ])

@@ -10,31 +10,30 @@ permutation that groups them by id: the kernels then form their tiles of the row
 ``ids[order[p]]``), loading and storing each row in place through it, so that the tiles hold runs of one id as
 runs of one modality do, and nothing is moved before or after.
 
-Forward and ``dx``. One kernel computes ``out_i = a_i B_{m_i}`` with ``B (M, R, C)`` read through its strides:
-``y = x W_m^T + b_m`` with ``B = W^T (M, K, O)``, and ``dx = dy W_m`` with ``B = W`` as it is. For many tokens
-the forward reads ``W^T`` from a transposed copy made for the call (``M O K`` elements, small beside the
-activations of many tokens per weight set; Hopper's tensor cores are fed faster from a weight tile contiguous
-along the output dimension); for fewer tokens per weight set, where the copy costs more than it saves (decoding
-reads each weight once per token; eight experts share a batch's tokens eight ways), it reads ``W`` in place
-through its strides; ``Tiling.copy_rows`` sets the bound in tokens per weight set, and
-``benchmarks/routed_linear_tiling.py`` measures both sides of it. On a GPU with bulk tensor copies (Hopper and
-later; ``Tiling.tma``), tiles of one weight set load their operands through tensor descriptors instead, when they
-are 16-bit, ``Tiling.tma_rows`` tokens or more come without ``order``, every row is 16-byte aligned and no side
-of a tile exceeds ``TMA_BLOCK``: the copy engine brings whole tiles of ``a`` and of ``W`` (in place; the forward
-transposes its tile in shared memory, so it makes no copy) and fills their parts past the edges with zeros.
-Mixed tiles, rows gathered through ``order`` and float32 load through pointers as described here. (Mixed tiles
-loaded through descriptors, the other modalities' rows zeroed by ``tl.where``, gave wrong products on an H200 with
-Triton 3.6 at ``128 x 256`` tiles in eight warps, and right ones in four warps at ``128 x 128``.) A program owns a ``(token tile, output tile)``
-block of ``out`` (grouped along tokens, ``Tiling.group`` token tiles at a time, so that programs running together
-share tiles of ``a`` and ``B`` in L2). It loads its tokens' modality ids first. When they are all one modality
-``m``, the common case for runs of tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with
-``B_m`` and adds ``b_m``. A mixed tile instead runs that loop once for each modality present between the smallest
-and largest id of the tile, loading the rows of the other modalities as zeros, sums the results and gathers the
-bias per row; so any mix is exact, and only tiles that straddle a change of modality pay more than one loop. Up
-to ``Tiling.gemv_rows`` tokens (decoding) the forward is instead one matrix-vector product per token: a program owns
-one token and ``Tiling.gemv_block_o`` outputs, reads that token's modality's weight rows in place and sums the
-products in float32 on the vector units; with so few rows, reading the weight is the whole cost, and narrow
-programs spread it over the multiprocessors.
+Forward and ``dx``. One kernel computes ``out_i = a_i B_{m_i}`` with ``B (M, R, C)`` read through its strides: ``y =
+x W_m^T + b_m`` with ``B = W^T (M, K, O)``, and ``dx = dy W_m`` with ``B = W`` as it is. For many tokens the forward
+reads ``W^T`` from a transposed copy made for the call (``M O K`` elements, small beside the activations of many
+tokens per weight set; Hopper's tensor cores are fed faster from a weight tile contiguous along the output
+dimension); for fewer tokens per weight set, where the copy costs more than it saves (decoding reads each weight
+once per token; eight experts share a batch's tokens eight ways), it reads ``W`` in place through its strides;
+``Tiling.copy_rows`` sets the bound in tokens per weight set, and ``benchmarks/routed_linear_tiling.py`` measures
+both sides of it. On a GPU with bulk tensor copies (Hopper and later; ``Tiling.tma``), tiles of one weight set load
+their operands through tensor descriptors instead, when they are 16-bit, ``Tiling.tma_rows`` tokens or more come
+without ``order``, every row is 16-byte aligned and no side of a tile exceeds ``TMA_BLOCK``: the copy engine brings
+whole tiles of ``a`` and of ``W`` (in place; the forward transposes its tile in shared memory, so it makes no copy)
+and fills their parts past the edges with zeros. Mixed tiles, rows gathered through ``order`` and float32 load
+through pointers as described here. (Mixed tiles loaded through descriptors, the other modalities' rows zeroed by
+``tl.where``, gave wrong products on an H200 with Triton 3.6 at ``128 x 256`` tiles in eight warps, and right ones
+in four warps at ``128 x 128``.) A program owns a ``(token tile, output tile)`` block of ``out`` (grouped along
+tokens, ``Tiling.group`` token tiles at a time, so that programs running together share tiles of ``a`` and ``B`` in
+L2). It loads its tokens' modality ids first. When they are all one modality ``m``, the common case for runs of
+tokens, it runs one plain loop of ``tl.dot`` over the reduced dimension with ``B_m`` and adds ``b_m``. A mixed tile
+instead runs that loop once for each modality present between the smallest and largest id of the tile, loading the
+rows of the other modalities as zeros, sums the results and gathers the bias per row; so any mix is exact, and only
+tiles that straddle a change of modality pay more than one loop. Up to ``Tiling.gemv_rows`` tokens (decoding) the
+forward is instead one matrix-vector product per token: a program owns one token and ``Tiling.gemv_block_o``
+outputs, reads that token's modality's weight rows in place and sums the products in float32 on the vector units;
+with so few rows, reading the weight is the whole cost, and narrow programs spread it over the multiprocessors.
 
 ``dweight`` and ``dbias``. ``dW_m = sum over tokens i of modality m of dy_i^T x_i``: a program owns one modality
 and one ``(O tile, K tile)`` block of ``dW_m`` and reduces ``tl.dot(tl.trans(dy_tile), x_tile)`` over token tiles

@@ -85,8 +85,8 @@ class TestAttention(BackboneContract):
 
 
 class TestFFN(BackboneContract):
-    case = ContractCase(backbone={"kind": "ffn", "d_model": 16}, routings={"dense": "dense", "all": "all", "w2": ["w2"]},
-                        unit_scale=("norm",))
+    case = ContractCase(backbone={"kind": "ffn", "d_model": 16},
+                        routings={"dense": "dense", "all": "all", "w2": ["w2"]}, unit_scale=("norm",))
 
 
 def test_fresh_states_have_the_documented_shapes(gen):
