@@ -54,10 +54,10 @@ def _ssd_scan(**kwargs):
 
 def _routed_linear(*, x, weight, bias, modality, order=None):
     """:func:`momkit.ops.routed_linear` over the flattened positions (a decoding step's ``(b, in)`` as it is)."""
+    routed_linear = _kernels("routed_linear").routed_linear
     if x.dim() == 2:
-        return _kernels("routed_linear").routed_linear(x, weight, bias, modality, order=order)
-    flat = _kernels("routed_linear").routed_linear(x.reshape(-1, x.shape[-1]), weight, bias, modality.reshape(-1),
-                                                   order=order)
+        return routed_linear(x, weight, bias, modality, order=order)
+    flat = routed_linear(x.reshape(-1, x.shape[-1]), weight, bias, modality.reshape(-1), order=order)
     return flat.view(*x.shape[:-1], weight.shape[1])
 
 

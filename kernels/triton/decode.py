@@ -105,25 +105,25 @@ def selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
     Mamba-1's channels layout is addressed as one head of ``d`` channels through strides with a zero for the
     head (and group) dimension, not reshaped: a view costs a decoding step more host time than its arithmetic."""
     _refuse_float64(state=state, x=x, A=A)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if state.dim() == 4:
         batch, heads, channels, n = state.shape
         groups = B.shape[1]
         strides = (*state.stride(), *x.stride(), *dt.stride(), *_param_strides(A, 3), *B.stride(), *C.stride(),
-                   *_param_strides(D, 2), *_strides(z, 3), *_param_strides(dt_bias, 2))
+                   *_param_strides(D, 2), *_strides(z, 3), *_param_strides(dt_bias, 2), *out.stride())
     else:
         batch, channels, n = state.shape
         heads = groups = 1
         strides = (*_one_head(state.stride()), *_one_head(x.stride()), *_one_head(dt.stride()),
                    *_one_head(_param_strides(A, 2)), *_one_head(B.stride()), *_one_head(C.stride()),
                    *_one_head(_param_strides(D, 1)), *_one_head(_strides(z, 2)),
-                   *_one_head(_param_strides(dt_bias, 1)))
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                   *_one_head(_param_strides(dt_bias, 1)), *_one_head(out.stride()))
     block_n = max(16, pow2(n))
     block_p = max(1, min(pow2(channels), 4096 // block_n))
     grid = (cdiv(channels, block_p), batch * heads)
     _STATE_UPDATE(
         grid, state, x, dt, A, B, C, D, z, dt_bias, modality, out, heads, channels, n, heads // groups,
-        *_strides(modality, 1), *strides, *(out.stride() if state.dim() == 4 else _one_head(out.stride())),
+        *_strides(modality, 1), *strides,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, HAS_MOD=modality is not None,
         SOFTPLUS=bool(dt_softplus), BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return out
