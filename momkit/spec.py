@@ -351,6 +351,24 @@ class ParallelConfig(StrictModel):
                           description="`ddp`: DistributedDataParallel, every rank holds the whole model; `fsdp`: "
                                       "FSDP2 (`fully_shard`), parameters, gradients and optimiser state sharded "
                                       "over the ranks.")
+    reshard_after_forward: bool = Field(
+        True, description="`fsdp`: free each block's gathered parameters after its forward and gather them again "
+                          "for its backward; `false` keeps them until the backward (one all-gather fewer per "
+                          "block and step, for the memory of the blocks' whole parameters).")
+    param_dtype: str = Field(
+        "fp32", pattern="^(fp32|bf16)$",
+        description="`fsdp`: the dtype the parameters are gathered in and computed with. `bf16` halves the "
+                    "all-gathers and casts once per gather instead of at every use; the sharded parameters, the "
+                    "optimiser and the gradients' reduction stay in float32.")
+
+    @model_validator(mode="after")
+    def _fsdp_options(self) -> ParallelConfig:
+        changed = [f"{name}: {value}" for name, value in self.model_dump().items()
+                   if name != "strategy" and value != type(self).model_fields[name].default]
+        if self.strategy != "fsdp" and changed:
+            raise SpecError(f"parallel.{changed[0]} applies to strategy fsdp, not {self.strategy!r}; set "
+                            f"parallel.strategy: fsdp or leave the option at its default")
+        return self
 
 
 class LayerSpec(StrictModel):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
+from torch.distributed.checkpoint import FileSystemReader
 
 from momkit.model import Model
 from momkit.spec import ModelSpec
@@ -38,9 +39,9 @@ EXPERTS = {**SPEC, "routing": {"specific": "dense"},
                "sublayers": ["w1", "w2", "w3"], "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}}]}
 
 
-def momkit(tmp_path, ranks, out, *args, strategy="ddp", base=SPEC):
+def momkit(tmp_path, ranks, out, *args, strategy="ddp", base=SPEC, parallel=None):
     spec = tmp_path / f"spec-{strategy}.yaml"
-    spec.write_text(yaml.safe_dump({**base, "parallel": {"strategy": strategy}}))
+    spec.write_text(yaml.safe_dump({**base, "parallel": {"strategy": strategy, **(parallel or {})}}))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m"] if ranks > 1 else \
         [sys.executable, "-m"]
@@ -74,12 +75,25 @@ def assert_same_run(a, b, strategy="ddp", base=SPEC):
         torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_process(tmp_path, strategy):
+@pytest.mark.parametrize("strategy, parallel", [("ddp", {}), ("fsdp", {}),
+                                                ("fsdp", {"reshard_after_forward": False})])
+def test_two_ranks_equal_one_process(tmp_path, strategy, parallel):
     momkit(tmp_path, 1, tmp_path / "one", strategy=strategy)
-    momkit(tmp_path, 2, tmp_path / "two", strategy=strategy)
+    momkit(tmp_path, 2, tmp_path / "two", strategy=strategy, parallel=parallel)
     assert_same_run(tmp_path / "one", tmp_path / "two", strategy)
     assert (tmp_path / "two" / "result.json").exists()
+
+
+def test_fsdp_computes_in_bfloat16_and_keeps_float32_parameters(tmp_path):
+    momkit(tmp_path, 1, tmp_path / "one", strategy="fsdp")
+    momkit(tmp_path, 2, tmp_path / "two", strategy="fsdp", parallel={"param_dtype": "bf16"})
+    one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
+    losses = [(x["loss"], y["loss"]) for x, y in zip(one, two, strict=True) if x["split"] == "eval"]
+    assert all(abs(x - y) < 0.02 * x for x, y in losses), losses
+    assert any(x != y for x, y in losses), "bf16 parameters computed the float32 run exactly"
+    saved = FileSystemReader(tmp_path / "two" / "checkpoint").read_metadata().state_dict_metadata
+    model = {name: meta for name, meta in saved.items() if name.startswith("model.")}
+    assert model and all(meta.properties.dtype == torch.float32 for meta in model.values())
 
 
 def test_two_ranks_equal_one_process_with_experts(tmp_path):

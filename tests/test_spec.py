@@ -1,6 +1,7 @@
 """Specs: valid ones build, invalid ones name the bad field and what would be valid."""
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 import momkit
@@ -109,3 +110,18 @@ def test_build_block_takes_dict_blockspec_and_modelspec():
         block = momkit.build_block(spec)
         assert block.in_proj.weight.shape == (2, 128, 32)
         assert block.conv1d.weight.shape == (64, 4)
+
+
+def test_fsdp_options_need_strategy_fsdp(tmp_path):
+    base = with_changes(name="m", backbone_n_layers=2)
+    spec = ModelSpec.model_validate({**base, "parallel": {"strategy": "fsdp", "reshard_after_forward": False,
+                                                          "param_dtype": "bf16"}})
+    assert ModelSpec.model_validate(spec.model_dump()) == spec
+    ddp = ModelSpec.model_validate({**base, "parallel": {"strategy": "ddp"}})
+    assert ModelSpec.model_validate(ddp.model_dump()) == ddp
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**base, "parallel": {"param_dtype": "bf16"}}))
+    with pytest.raises(ValueError, match="parallel.param_dtype: bf16 applies to strategy fsdp, not 'ddp'"):
+        load_spec(path)
+    with pytest.raises(ValueError, match=r"parallel.param_dtype\s+String should match pattern .\^\(fp32\|bf16\)"):
+        ModelSpec.model_validate({**base, "parallel": {"strategy": "fsdp", "param_dtype": "fp16"}})
