@@ -122,12 +122,15 @@ def _parallel(model: Model, spec: ModelSpec, ranks: _Ranks, device: torch.device
     """
     if ranks.world == 1:
         return model
-    if spec.parallel.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    parallel = spec.parallel
+    if parallel.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if parallel.param_dtype == "bf16" else None,
+                                      reduce_dtype=torch.float32)
         for block in model.blocks:
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, reshard_after_forward=parallel.reshard_after_forward, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -352,34 +355,43 @@ class _Progress:
 @dataclass
 class _StepStats:
     """What one optimiser step measured over its micro-batches (summed over ranks by :meth:`summed`): per
-    modality the summed loss and the number of predictions, the training FLOPs and the tokens."""
+    modality the summed loss and the number of predictions, the training FLOPs and the tokens.
 
-    loss_sums: list[float]
+    While the micro-batches run, the losses and the routers' figures add up as tensors on the device, read
+    once by :meth:`summed`, so that counting a micro-batch does not wait for its kernels."""
+
+    loss_sums: list
     counts: list[float]
     flops: float = 0.0
     tokens: float = 0.0
-    router: list[float] = field(default_factory=lambda: [0.0] * 5)  # balance, z, dropped, slots, micro-batches
+    router: list = field(default_factory=lambda: [0.0] * 5)  # balance, z, dropped, slots, micro-batches
 
     @classmethod
     def empty(cls, n_modalities: int) -> _StepStats:
         return cls([0.0] * n_modalities, [0.0] * n_modalities)
 
-    def add(self, parts: dict, batch, per_token: list[float], router: RouterSummary | None = None) -> None:
-        """Count one micro-batch: its objectives' ``{name: (loss_sum, count)}`` in modality order, its FLOPs,
-        its routers' summary."""
+    def add(self, parts: dict, modality: torch.Tensor, per_token: list[float],
+            router: RouterSummary | None = None) -> None:
+        """Count one micro-batch: its objectives' ``{name: (loss_sum, count)}`` in modality order, its FLOPs
+        from its ``modality`` ids (on the host), its routers' summary."""
         for i, (summed, count) in enumerate(parts.values()):
-            self.loss_sums[i] += float(summed.detach())
+            self.loss_sums[i] = self.loss_sums[i] + summed.detach().float()
             self.counts[i] += count
-        counts = torch.bincount(batch.modality.flatten(), minlength=len(per_token)).tolist()
+        counts = torch.bincount(modality.flatten(), minlength=len(per_token)).tolist()
         self.flops += float(sum(c * f for c, f in zip(counts, per_token)))
-        self.tokens += batch.modality.numel()
+        self.tokens += modality.numel()
         if router is not None:
-            values = (float(router.balance.detach()), float(router.z.detach()), float(router.dropped), router.slots, 1)
+            values = (router.balance.detach().float(), router.z.detach().float(), router.dropped.float(),
+                      router.slots, 1)
             self.router = [a + b for a, b in zip(self.router, values)]
 
     def summed(self, ranks: _Ranks) -> _StepStats:
         n = len(self.counts)
-        values = ranks.total(*self.loss_sums, *self.counts, self.flops, self.tokens, *self.router)
+        pending = [v for v in (*self.loss_sums, *self.router) if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack(pending).tolist() if pending else [])
+        loss_sums, router = ([next(read) if isinstance(v, torch.Tensor) else v for v in values]
+                             for values in (self.loss_sums, self.router))
+        values = ranks.total(*loss_sums, *self.counts, self.flops, self.tokens, *router)
         return _StepStats(values[:n], values[n:2 * n], values[2 * n], values[2 * n + 1], values[2 * n + 2:])
 
     def losses(self, names: list[str]) -> dict[str, float]:
@@ -411,6 +423,7 @@ class _Trainer:
     per_token: list[float]
     autocast: Callable
     scaler: torch.amp.GradScaler | None
+    ahead: tuple | None = None
 
     @classmethod
     def build(cls, spec: ModelSpec, device: torch.device, ranks: _Ranks) -> _Trainer:
@@ -449,15 +462,20 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.spec)
         stats = _StepStats.empty(len(self.spec.modalities))
-        for micro in range(ranks.rank, t.grad_accum, ranks.world):
+        micros = range(ranks.rank, t.grad_accum, ranks.world)
+        for k, micro in enumerate(micros):
             index = step * t.grad_accum + micro
-            batch = _move(self.train_source.batch(index, t.batch_size), self.device)
+            modality, batch = self._batch(index)
             generator = torch.Generator().manual_seed(t.seed * 1_000_003 + index)
             with self.autocast():
                 loss, parts, output = self.objectives.evaluate(self.wrapped, batch, generator)
             loss = loss * ranks.world / t.grad_accum
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            stats.add(parts, batch, self.per_token, output.router)
+            stats.add(parts, modality, self.per_token, output.router)
+            if k + 1 < len(micros):
+                self._prepare(step * t.grad_accum + micros[k + 1])
+            elif step + 1 < t.steps:
+                self._prepare((step + 1) * t.grad_accum + micros[0])
         stats = stats.summed(ranks)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -471,6 +489,20 @@ class _Trainer:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return stats, finite
+
+    def _prepare(self, index: int) -> None:
+        """Read training batch ``index`` and start its copy to the device, while the device still runs the
+        kernels of the micro-batch before it."""
+        batch = self.train_source.batch(index, self.spec.train.batch_size)
+        self.ahead = (index, batch.modality, _move(batch, self.device))
+
+    def _batch(self, index: int) -> tuple[torch.Tensor, object]:
+        """Training batch ``index``: its modality ids on the host, and the batch on the device."""
+        if self.ahead is None or self.ahead[0] != index:
+            self._prepare(index)
+        _, modality, batch = self.ahead
+        self.ahead = None
+        return modality, batch
 
     def scaler_state(self) -> dict:
         """The gradient scaler's state (empty without fp16), for the checkpoint."""

@@ -49,6 +49,21 @@ def test_resume_continues_exactly(toy_registry, tmp_path):
     assert lines(split) == lines(whole)
 
 
+def test_each_training_batch_is_read_once_before_the_step_that_needs_it_waits(toy_registry, tmp_path,
+                                                                               monkeypatch):
+    from tests.conftest import ToySource
+
+    reads, at_clipping = [], []
+    read, clip = ToySource.batch, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(ToySource, "batch", lambda self, index, size: (
+        reads.append(index) if self.seed % 2 == 0 else None) or read(self, index, size))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: (
+        at_clipping.append(len(reads)) or clip(*args, **kwargs)))
+    train(toy_spec(steps=5, grad_accum=2, eval_every=5), tmp_path, progress=False)
+    assert reads == list(range(10))
+    assert at_clipping == [3, 5, 7, 9, 10]
+
+
 def test_finished_run_is_skipped(toy_registry, tmp_path):
     train(toy_spec(steps=8), tmp_path, progress=False)
     before = (tmp_path / "metrics.jsonl").read_text()
