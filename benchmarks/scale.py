@@ -67,7 +67,7 @@ def spec(args: argparse.Namespace, strategy: str, parallel: dict) -> dict:
 
 def gpu_time(events, steps: int) -> dict:
     """Per step, in ms: the union of the compute kernels' and of the communication kernels' intervals, the
-    communication no compute kernel overlaps, and the time between the first and last kernel with none."""
+    communication no compute kernel overlaps, and the time between the first and last kernel that runs none."""
     from torch.autograd import DeviceType
 
     def union(spans):
@@ -90,7 +90,7 @@ def gpu_time(events, steps: int) -> dict:
     window = max(e for _, _, e in kernels) - min(s for _, s, _ in kernels)
     return {"compute": length(compute) / steps / 1e3, "communication": length(comm) / steps / 1e3,
             "exposed communication": (length(comm) - overlap) / steps / 1e3,
-            "idle": (window - length(both)) / steps / 1e3, "window": window / steps / 1e3}
+            "idle": (window - length(both)) / steps / 1e3}
 
 
 def profiler_plugin(first: int, out: Path):
@@ -192,21 +192,19 @@ def label(parallel: dict) -> str:
 
 def scaling_table(args: argparse.Namespace, variants: list[dict]) -> None:
     rows = [("ddp", 1, {}), ("ddp", 2, {}), ("fsdp", 1, {})] + [("fsdp", 2, v) for v in variants]
-    results = [(row, measure(args, *row)) for row in rows]
-    one = {strategy: r["tokens_per_s"] for (strategy, gpus, _), r in results if gpus == 1}
-    print("| strategy | options | GPUs | tokens/s | scaling vs 1 GPU | peak memory per GPU (GiB) |")
-    print("|---|---|---|---|---|---|")
-    for (strategy, gpus, parallel), r in results:
+    profiled = ["compute", "communication", "exposed communication", "idle"] if args.profile else []
+    print("| strategy | options | GPUs | tokens/s | scaling vs 1 GPU | peak memory per GPU (GiB) |"
+          + "".join(f" {key} (ms/step) |" for key in profiled))
+    print("|---|---|---|---|---|---|" + "---|" * len(profiled), flush=True)
+    one = {}
+    for strategy, gpus, parallel in rows:
+        r = measure(args, strategy, gpus, parallel)
+        one.setdefault(strategy, r["tokens_per_s"])
         print(f"| {strategy} | {label(parallel)} | {gpus} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / one[strategy]:.2f}x | {r['memory'] / 2**30:.2f} |")
-    profiled = [(row, r["profile"]) for row, r in results if r["profile"]]
+              f"{r['tokens_per_s'] / one[strategy]:.2f}x | {r['memory'] / 2**30:.2f} |"
+              + "".join(f" {r['profile'][key]:.1f} |" for key in profiled), flush=True)
     if profiled:
-        keys = list(profiled[0][1])
-        print(f"\nGPU time per step on rank 0, ms, over {PROFILED} profiled steps\n")
-        print("| strategy | options | " + " | ".join(keys) + " |")
-        print("|---|---|" + "---|" * len(keys))
-        for (strategy, _, parallel), p in profiled:
-            print(f"| {strategy} | {label(parallel)} | " + " | ".join(f"{p[k]:.1f}" for k in keys) + " |")
+        print(f"\nGPU time of rank 0 over {PROFILED} profiled steps, per step.")
 
 
 def memory_table(args: argparse.Namespace, variants: list[dict]) -> None:
@@ -215,7 +213,7 @@ def memory_table(args: argparse.Namespace, variants: list[dict]) -> None:
     for strategy, parallel in [("ddp", {})] + [("fsdp", v) for v in variants]:
         memory = measure(args, strategy, 2, parallel)["memory"]
         shown = "out of memory" if memory is None else f"{memory / 2**30:.2f}"
-        print(f"| {strategy} | {label(parallel)} | 2 | {shown} |")
+        print(f"| {strategy} | {label(parallel)} | 2 | {shown} |", flush=True)
 
 
 def main() -> None:
