@@ -1,14 +1,17 @@
-"""Data-parallel scaling of ``momkit train`` on the GPUs of one host: DDP and FSDP2 on 1 and 2 GPUs.
+"""Data-parallel scaling of ``momkit train`` on the GPUs of one host: DDP and FSDP2 on 2 GPUs against 1.
 
-Run from the repository root on a machine with two GPUs: ``python benchmarks/scale.py``. For each strategy
-and GPU count it launches ``torchrun --nproc-per-node N`` on this same script in worker mode, which trains a
+Run from the repository root on a machine with two GPUs: ``python benchmarks/scale.py``. For each row it
+launches ``torchrun --nproc-per-node N`` on this same script in worker mode, which trains a
 Mixture-of-Mamba model (bf16 autocast, the same global batch whatever N: ``grad_accum`` micro-batches shared
 by the ranks) on the ``synthetic`` dataset, then prints one table:
 
 - tokens/s: training tokens over the wall-clock time between the end of step ``--warmup`` and the last step,
   read from the run's ``metrics.jsonl`` (evaluation and checkpoint time excluded: both happen at the end);
-- scaling: tokens/s on N GPUs over tokens/s on 1 GPU with the same strategy;
-- peak memory: the largest ``torch.cuda.max_memory_allocated()`` over the ranks.
+- peak memory: the largest ``torch.cuda.max_memory_allocated()`` over the ranks;
+
+and the scaling of each two-GPU row: its tokens/s over the mean of two one-GPU runs, the first and the last
+of the table (on one GPU both strategies run the model unwrapped, so one run serves both; two runs show how
+far the machine drifts between them).
 
 ``--fsdp OPTIONS`` (repeatable) adds a two-GPU FSDP2 row per set of ``parallel`` options, e.g.
 ``--fsdp "" --fsdp reshard_after_forward=false,param_dtype=bf16``. ``--profile`` records, on rank 0 of every
@@ -19,7 +22,7 @@ nothing.
 
 ``--memory`` measures instead whether a model fits: each row runs ``--steps`` training steps (no evaluation,
 no checkpoint) and reports the peak memory per GPU, or that a rank ran out of memory. Use it with a model
-whose parameters and optimiser state dominate, e.g. ``--memory --d-model 4096 --layers 48 --batch-size 1``.
+whose parameters and optimiser state dominate, e.g. ``--memory --d-model 4096 --layers 40 --batch-size 1``.
 """
 
 from __future__ import annotations
@@ -191,20 +194,26 @@ def label(parallel: dict) -> str:
 
 
 def scaling_table(args: argparse.Namespace, variants: list[dict]) -> None:
-    rows = [("ddp", 1, {}), ("ddp", 2, {}), ("fsdp", 1, {})] + [("fsdp", 2, v) for v in variants]
+    rows = [("one", 1, {}), ("ddp", 2, {})] + [("fsdp", 2, v) for v in variants] + [("one", 1, {})]
     profiled = ["compute", "communication", "exposed communication", "idle"] if args.profile else []
-    print("| strategy | options | GPUs | tokens/s | scaling vs 1 GPU | peak memory per GPU (GiB) |"
+    print("| strategy | options | GPUs | tokens/s | peak memory per GPU (GiB) |"
           + "".join(f" {key} (ms/step) |" for key in profiled))
-    print("|---|---|---|---|---|---|" + "---|" * len(profiled), flush=True)
-    one = {}
+    print("|---|---|---|---|---|" + "---|" * len(profiled), flush=True)
+    results = []
     for strategy, gpus, parallel in rows:
-        r = measure(args, strategy, gpus, parallel)
-        one.setdefault(strategy, r["tokens_per_s"])
-        print(f"| {strategy} | {label(parallel)} | {gpus} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / one[strategy]:.2f}x | {r['memory'] / 2**30:.2f} |"
-              + "".join(f" {r['profile'][key]:.1f} |" for key in profiled), flush=True)
+        r = measure(args, "ddp" if strategy == "one" else strategy, gpus, parallel)
+        results.append((strategy, parallel, r["tokens_per_s"]))
+        print(f"| {'none' if strategy == 'one' else strategy} | {label(parallel)} | {gpus} | "
+              f"{r['tokens_per_s']:,.0f} | {r['memory'] / 2**30:.2f} |"
+              + "".join(f" {max(0.0, r['profile'][key]):.1f} |" for key in profiled), flush=True)
     if profiled:
         print(f"\nGPU time of rank 0 over {PROFILED} profiled steps, per step.")
+    first, last = results[0][2], results[-1][2]
+    one = (first + last) / 2
+    print(f"\nOne GPU, run first and last: {first:,.0f} and {last:,.0f} tokens/s. Scaling on two GPUs over "
+          f"their mean, {one:,.0f}:")
+    for strategy, parallel, rate in results[1:-1]:
+        print(f"- {strategy} ({label(parallel)}): {rate / one:.2f}x")
 
 
 def memory_table(args: argparse.Namespace, variants: list[dict]) -> None:

@@ -50,3 +50,26 @@ def test_gpu_profile_prints_its_table_from_kept_csv(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert empty.returncode != 0 and "Traceback" not in empty.stderr
     assert "no CSV of gpu_profile.py" in empty.stderr and "selective_scan-triton.csv" in empty.stderr
+
+
+def test_scale_profile_splits_a_step_into_compute_communication_and_idle():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scale
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def kernel(name, start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    # two steps, in microseconds: compute 0-400 and 500-900 (two kernels that overlap), an all-gather 300-600
+    # of which 400-500 runs alone, a reduce-scatter 950-1000 alone, and a CPU event that must not count
+    events = [kernel("gemm", 0, 400), kernel("scan", 500, 800), kernel("norm", 700, 900),
+              kernel("ncclDevKernel_AllGather", 300, 600), kernel("ncclDevKernel_ReduceScatter", 950, 1000),
+              kernel("aten::mm", -5000, 5000, DeviceType.CPU)]
+    assert scale.gpu_time(events, 2) == pytest.approx({
+        "compute": 0.4, "communication": 0.175, "exposed communication": 0.075, "idle": 0.025})
