@@ -18,7 +18,7 @@ far the machine drifts between them).
 row, the ``PROFILED`` steps after the warm-up with the PyTorch profiler (the timing starts one step after
 them, past the profile's processing) and prints where a step's GPU time goes: compute kernels, communication
 (NCCL) kernels, the part of the communication that no compute kernel overlaps, and the time the GPU runs
-nothing.
+nothing; then, for each FSDP2 row, the kernels whose time per step differs most from DDP's.
 
 ``--memory`` measures instead whether a model fits: each row runs ``--steps`` training steps (no evaluation,
 no checkpoint) and reports the peak memory per GPU, or that a rank ran out of memory. Use it with a model
@@ -96,6 +96,28 @@ def gpu_time(events, steps: int) -> dict:
             "idle": (window - length(both)) / steps / 1e3}
 
 
+def kernel_time(events, steps: int) -> dict:
+    """Per step, in ms: the time of the GPU's kernels and copies by name (the first 70 characters)."""
+    from torch.autograd import DeviceType
+
+    times: dict[str, float] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            name = e.name[:70]
+            times[name] = times.get(name, 0.0) + (e.time_range.end - e.time_range.start) / steps / 1e3
+    return times
+
+
+def differences(rows: list[tuple[str, dict]], reference: dict, most: int = 8) -> None:
+    """Print, for each row, the ``most`` kernels whose time per step differs most from ``reference``'s."""
+    for name, kernels in rows:
+        changed = sorted(set(kernels) | set(reference), key=lambda k: -abs(kernels.get(k, 0) - reference.get(k, 0)))
+        print(f"\n{name}, against ddp on 2 GPUs (ms per step: this row, ddp, difference):\n")
+        for kernel in changed[:most]:
+            mine, theirs = kernels.get(kernel, 0.0), reference.get(kernel, 0.0)
+            print(f"- `{kernel}`: {mine:.2f}, {theirs:.2f}, {mine - theirs:+.2f}")
+
+
 def profiler_plugin(first: int, out: Path):
     """A logger that steps a profiler with the run's training steps: steps ``first`` to ``first + PROFILED``
     - 1 are recorded (after one step of profiler warm-up) and summarised into ``out/profile.json``."""
@@ -103,7 +125,9 @@ def profiler_plugin(first: int, out: Path):
     from momkit.descriptors import Logger
 
     def ready(profiler):
-        (out / "profile.json").write_text(json.dumps(gpu_time(profiler.events(), PROFILED)))
+        events = profiler.events()
+        summary = {**gpu_time(events, PROFILED), "kernels": kernel_time(events, PROFILED)}
+        (out / "profile.json").write_text(json.dumps(summary))
 
     profiler = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
@@ -202,7 +226,7 @@ def scaling_table(args: argparse.Namespace, variants: list[dict]) -> None:
     results = []
     for strategy, gpus, parallel in rows:
         r = measure(args, "ddp" if strategy == "one" else strategy, gpus, parallel)
-        results.append((strategy, parallel, r["tokens_per_s"]))
+        results.append((strategy, parallel, r["tokens_per_s"], r["profile"]))
         print(f"| {'none' if strategy == 'one' else strategy} | {label(parallel)} | {gpus} | "
               f"{r['tokens_per_s']:,.0f} | {r['memory'] / 2**30:.2f} |"
               + "".join(f" {max(0.0, r['profile'][key]):.1f} |" for key in profiled), flush=True)
@@ -212,8 +236,11 @@ def scaling_table(args: argparse.Namespace, variants: list[dict]) -> None:
     one = (first + last) / 2
     print(f"\nOne GPU, run first and last: {first:,.0f} and {last:,.0f} tokens/s. Scaling on two GPUs over "
           f"their mean, {one:,.0f}:")
-    for strategy, parallel, rate in results[1:-1]:
+    for strategy, parallel, rate, _ in results[1:-1]:
         print(f"- {strategy} ({label(parallel)}): {rate / one:.2f}x")
+    if profiled:
+        differences([(f"fsdp ({label(parallel)})", profile["kernels"]) for _, parallel, _, profile in results[2:-1]],
+                    results[1][3]["kernels"])
 
 
 def memory_table(args: argparse.Namespace, variants: list[dict]) -> None:

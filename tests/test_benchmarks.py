@@ -52,7 +52,7 @@ def test_gpu_profile_prints_its_table_from_kept_csv(tmp_path):
     assert "no CSV of gpu_profile.py" in empty.stderr and "selective_scan-triton.csv" in empty.stderr
 
 
-def test_scale_profile_splits_a_step_into_compute_communication_and_idle():
+def test_scale_profile_splits_a_step_into_compute_communication_idle_and_kernels():
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
@@ -73,3 +73,5 @@ def test_scale_profile_splits_a_step_into_compute_communication_and_idle():
               kernel("aten::mm", -5000, 5000, DeviceType.CPU)]
     assert scale.gpu_time(events, 2) == pytest.approx({
         "compute": 0.4, "communication": 0.175, "exposed communication": 0.075, "idle": 0.025})
+    assert scale.kernel_time(events, 2) == pytest.approx({
+        "gemm": 0.2, "scan": 0.15, "norm": 0.1, "ncclDevKernel_AllGather": 0.15, "ncclDevKernel_ReduceScatter": 0.025})
