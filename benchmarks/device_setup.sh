@@ -13,11 +13,13 @@
 #   its entry points, and so that the tests, which put the repository root on sys.path, import the same package)
 #   into the image's Python.
 # There, when a command needs the peers (the `cuda` backend, the peer columns of benchmarks/gpu_scan.py):
-#   bash benchmarks/device_setup.sh peers
+#   bash benchmarks/device_setup.sh peers [NAME ...]
 #   builds causal-conv1d and mamba_ssm from .whl/peers for the local GPU's architecture only, both at once (about
-#   five minutes on 16 cores), and installs them. Without causal-conv1d, mamba_ssm's decoding falls back to
-#   PyTorch for its convolution step and is a weakened peer. The machine keeps nothing between leases: plan one
-#   command that builds them and then runs every comparison that needs them.
+#   five minutes on 16 cores), and installs them; with names (mamba_ssm, causal_conv1d), only those. Without
+#   causal-conv1d, mamba_ssm's decoding falls back to PyTorch for its convolution step and is a weakened peer;
+#   the scans and the routed linear compare with mamba_ssm alone (`peers mamba_ssm`: about two minutes). The
+#   machine keeps nothing between leases: plan one command that builds them and then runs every comparison that
+#   needs them.
 set -euo pipefail
 
 WHEELS=(pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2)
@@ -44,10 +46,18 @@ for pin in sys.argv[1:]:
 PY
     ls .whl .whl/extra .whl/peers
 elif [[ "${1:-}" == "peers" ]]; then
+    shift
+    names=("$@")
+    [[ ${#names[@]} -gt 0 ]] || names=(mamba_ssm causal_conv1d)
     arch=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
     build=$(mktemp -d)
-    for sdist in .whl/peers/*.tar.gz; do
-        tar xzf "$sdist" -C "$build"
+    for name in "${names[@]}"; do
+        sdist=(.whl/peers/"$name"-*.tar.gz)
+        if [[ ! -f "${sdist[0]}" ]]; then
+            echo "no source of peer '$name' in .whl/peers; the peers: mamba_ssm, causal_conv1d" >&2
+            exit 2
+        fi
+        tar xzf "${sdist[0]}" -C "$build"
     done
     pids=()
     for source in "$build"/*/; do
@@ -69,8 +79,9 @@ PY
     for pid in "${pids[@]}"; do
         wait "$pid"
     done
-    python3 -c "import mamba_ssm, causal_conv1d; print('mamba_ssm', mamba_ssm.__version__, 'causal_conv1d',
-                causal_conv1d.__version__)"
+    for name in "${names[@]}"; do
+        python3 -c "import $name; print('$name', $name.__version__)"
+    done
 else
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl
     if [[ -d .whl/extra ]]; then
