@@ -389,9 +389,12 @@ class _StepStats:
         n = len(self.counts)
         pending = [v for v in (*self.loss_sums, *self.router) if isinstance(v, torch.Tensor)]
         read = iter(torch.stack(pending).tolist() if pending else [])
-        loss_sums, router = ([next(read) if isinstance(v, torch.Tensor) else v for v in values]
-                             for values in (self.loss_sums, self.router))
-        values = ranks.total(*loss_sums, *self.counts, self.flops, self.tokens, *router)
+
+        def host(values: list) -> list[float]:
+            return [next(read) if isinstance(v, torch.Tensor) else v for v in values]
+
+        loss_sums = host(self.loss_sums)
+        values = ranks.total(*loss_sums, *self.counts, self.flops, self.tokens, *host(self.router))
         return _StepStats(values[:n], values[n:2 * n], values[2 * n], values[2 * n + 1], values[2 * n + 2:])
 
     def losses(self, names: list[str]) -> dict[str, float]:
