@@ -470,10 +470,10 @@ class _Trainer:
             index = step * t.grad_accum + micro
             modality, batch = self._batch(index)
             generator = torch.Generator().manual_seed(t.seed * 1_000_003 + index)
-            with self.autocast():
+            with self._gradient_sync(k + 1 == len(micros)), self.autocast():
                 loss, parts, output = self.objectives.evaluate(self.wrapped, batch, generator)
-            loss = loss * ranks.world / t.grad_accum
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+                loss = loss * ranks.world / t.grad_accum
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             stats.add(parts, modality, self.per_token, output.router)
             if k + 1 < len(micros):
                 self._prepare(step * t.grad_accum + micros[k + 1])
@@ -492,6 +492,23 @@ class _Trainer:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return stats, finite
+
+    @contextmanager
+    def _gradient_sync(self, sync: bool):
+        """Over several ranks, reduce the gradients only in the backward of a rank's last micro-batch of the
+        step; those of the micro-batches before it add up on the rank (DDP's ``no_sync``, FSDP2's
+        ``set_requires_gradient_sync``)."""
+        if not sync and isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
+            with self.wrapped.no_sync():
+                yield
+        elif not sync and hasattr(self.wrapped, "set_requires_gradient_sync"):
+            self.wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.wrapped.set_requires_gradient_sync(True)
+        else:
+            yield
 
     def _prepare(self, index: int) -> None:
         """Read training batch ``index`` and start its copy to the device, while the device still runs the

@@ -84,6 +84,14 @@ def test_two_ranks_equal_one_process(tmp_path, strategy, parallel):
     assert (tmp_path / "two" / "result.json").exists()
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_accumulating_micro_batches_equal_one_process(tmp_path, strategy):
+    base = {**SPEC, "train": {**SPEC["train"], "grad_accum": 4}}
+    momkit(tmp_path, 1, tmp_path / "one", strategy=strategy, base=base)
+    momkit(tmp_path, 2, tmp_path / "two", strategy=strategy, base=base)
+    assert_same_run(tmp_path / "one", tmp_path / "two", strategy, base)
+
+
 def test_fsdp_computes_in_bfloat16_and_keeps_float32_parameters(tmp_path):
     momkit(tmp_path, 1, tmp_path / "one", strategy="fsdp")
     momkit(tmp_path, 2, tmp_path / "two", strategy="fsdp", parallel={"param_dtype": "bf16"})
