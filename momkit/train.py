@@ -493,22 +493,13 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return stats, finite
 
-    @contextmanager
     def _gradient_sync(self, sync: bool):
-        """Over several ranks, reduce the gradients only in the backward of a rank's last micro-batch of the
-        step; those of the micro-batches before it add up on the rank (DDP's ``no_sync``, FSDP2's
-        ``set_requires_gradient_sync``)."""
+        """With DDP, all-reduce the gradients only in the backward of a rank's last micro-batch of the step;
+        those of the micro-batches before it add up on the rank (``no_sync``). FSDP2 reduce-scatters after
+        every micro-batch, which keeps only a shard of the gradients between them."""
         if not sync and isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
-            with self.wrapped.no_sync():
-                yield
-        elif not sync and hasattr(self.wrapped, "set_requires_gradient_sync"):
-            self.wrapped.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.wrapped.set_requires_gradient_sync(True)
-        else:
-            yield
+            return self.wrapped.no_sync()
+        return nullcontext()
 
     def _prepare(self, index: int) -> None:
         """Read training batch ``index`` and start its copy to the device, while the device still runs the
