@@ -439,6 +439,14 @@ class ModelSpec(BlockSpec):
         return self
 
     @model_validator(mode="after")
+    def _parameters_match_precision(self) -> ModelSpec:
+        if self.parallel.param_dtype == "bf16" and self.train.precision == "fp16":
+            raise SpecError("parallel.param_dtype: bf16 with train.precision: fp16 would compute float16 products "
+                            "from bfloat16 parameters; use train.precision bf16 or auto with bf16 parameters, or "
+                            "parallel.param_dtype: fp32 with fp16")
+        return self
+
+    @model_validator(mode="after")
     def _bidirectional_objectives(self) -> ModelSpec:
         for name in self.bidirectional:
             if self.objective(name).kind == "next_token":

@@ -125,3 +125,6 @@ def test_fsdp_options_need_strategy_fsdp(tmp_path):
         load_spec(path)
     with pytest.raises(ValueError, match=r"parallel.param_dtype\s+String should match pattern .\^\(fp32\|bf16\)"):
         ModelSpec.model_validate({**base, "parallel": {"strategy": "fsdp", "param_dtype": "fp16"}})
+    with pytest.raises(ValueError, match="param_dtype: bf16 with train.precision: fp16 would compute float16"):
+        ModelSpec.model_validate({**base, "parallel": {"strategy": "fsdp", "param_dtype": "bf16"},
+                                  "train": {"precision": "fp16"}})
