@@ -271,6 +271,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile a few steps of every row")
     parser.add_argument("--memory", action="store_true", help="peak memory or out of memory, per strategy")
     args = parser.parse_args()
+    if args.profile and args.warmup < 1:
+        parser.error(f"--profile records the steps after the warm-up and needs --warmup of at least 1, not "
+                     f"{args.warmup}")
     if args.worker:
         worker(args)
         return
