@@ -4,9 +4,10 @@
 # Here (with network), once:   bash benchmarks/device_setup.sh download
 #   fetches into .whl/ (ignored by git) the wheels that the device image lacks for Python 3.12: pydantic and
 #   its dependencies; into .whl/extra the optional extras the data tests use (tokenizers, diffusers and their
-#   dependencies); into .whl/peers the source distributions of the peers of the GPU benchmarks, mamba_ssm and
-#   causal-conv1d. The image has torch, triton, pluggy, einops, pyyaml, tqdm, torchmetrics, matplotlib, pytest,
-#   pytest-xdist, and nvcc, ninja, setuptools and wheel for the peers' builds.
+#   dependencies); into .whl/peers the peers of the GPU benchmarks: the source distributions of mamba_ssm and
+#   causal-conv1d, and fla-core's wheel (flash-linear-attention's kernels, pure Python and Triton). The image
+#   has torch, triton, pluggy, einops, pyyaml, tqdm, torchmetrics, matplotlib, pytest, pytest-xdist, and nvcc,
+#   ninja, setuptools and wheel for the peers' builds.
 # There (no network), at the start of every device command, carrying .whl:
 #   bash benchmarks/device_setup.sh
 #   installs the carried wheels (the extras resolved against what the image has), and momkit itself editable (with
@@ -15,7 +16,8 @@
 # There, when a command needs the peers (the `cuda` backend, the peer columns of benchmarks/gpu_scan.py):
 #   bash benchmarks/device_setup.sh peers [NAME ...]
 #   builds causal-conv1d and mamba_ssm from .whl/peers for the local GPU's architecture only, both at once (about
-#   five minutes on 16 cores), and installs them; with names (mamba_ssm, causal_conv1d), only those. Without
+#   five minutes on 16 cores), and installs them and fla; with names (mamba_ssm, causal_conv1d, fla), only those
+#   (fla installs in seconds: it has nothing to build). Without
 #   causal-conv1d, mamba_ssm's decoding falls back to PyTorch for its convolution step and is a weakened peer;
 #   the scans and the routed linear compare with mamba_ssm alone (`peers mamba_ssm`: about two minutes). The
 #   machine keeps nothing between leases: plan one command that builds them and then runs every comparison that
@@ -25,6 +27,7 @@ set -euo pipefail
 WHEELS=(pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2)
 EXTRAS=(diffusers tokenizers)
 PEERS=(mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0)
+PEER_WHEELS=(fla-core==0.6.0)
 PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 
@@ -44,22 +47,30 @@ for pin in sys.argv[1:]:
         if file["packagetype"] == "sdist":
             urllib.request.urlretrieve(file["url"], f".whl/peers/{file['filename']}")
 PY
+    python3 -m pip download --quiet --no-deps -d .whl/peers "${PEER_WHEELS[@]}"
     ls .whl .whl/extra .whl/peers
 elif [[ "${1:-}" == "peers" ]]; then
     shift
     names=("$@")
-    [[ ${#names[@]} -gt 0 ]] || names=(mamba_ssm causal_conv1d)
+    [[ ${#names[@]} -gt 0 ]] || names=(mamba_ssm causal_conv1d fla)
     arch=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
     build=$(mktemp -d)
     for name in "${names[@]}"; do
+        if [[ "$name" == fla ]]; then
+            wheel=(.whl/peers/fla_core-*.whl)
+            [[ -f "${wheel[0]}" ]] || { echo "no fla_core wheel in .whl/peers" >&2; exit 2; }
+            python3 -m pip install -q --no-index --no-deps --no-cache-dir "${wheel[0]}"
+            continue
+        fi
         sdist=(.whl/peers/"$name"-*.tar.gz)
         if [[ ! -f "${sdist[0]}" ]]; then
-            echo "no source of peer '$name' in .whl/peers; the peers: mamba_ssm, causal_conv1d" >&2
+            echo "no source of peer '$name' in .whl/peers; the peers: mamba_ssm, causal_conv1d, fla" >&2
             exit 2
         fi
         tar xzf "${sdist[0]}" -C "$build"
     done
     pids=()
+    shopt -s nullglob
     for source in "$build"/*/; do
         # keep one -gencode, the local GPU's, of the many the setup scripts name
         python3 - "$source/setup.py" "$arch" <<'PY'

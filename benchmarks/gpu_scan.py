@@ -12,6 +12,13 @@ One table, a row per operation and shape; times are medians of ``triton.testing.
   delta_bias`` float32, ``delta_softplus``; peer: mamba_ssm's ``selective_scan_fn`` (CUDA).
 - ``ssd_scan`` (Mamba-2) at ``b x l x h``, chunk 256, one group, n = 128, p = 64; ``x, dt, B, C`` bfloat16,
   ``A, D, dt_bias`` float32, ``dt_softplus``; peer: mamba_ssm's ``mamba_chunk_scan_combined`` (Triton).
+- below the table, ``ssd_scan``'s forward against fla's ``chunk_simple_gla`` (fla-core, where installed:
+  ``device_setup.sh peers fla``), which computes the same recurrence with a scalar decay per head: ``q = C`` and
+  ``k = B`` (the one group expanded to every head, a view), ``v = dt x``, ``g = dt A``, scale 1, plus ``D x``
+  outside it. fla's kernel is timed on those prepared inputs, and again with the preparation (``softplus(dt +
+  dt_bias)``, ``dt x``, ``dt A``) in PyTorch, as a model calling it would run it; its output with ``D x`` is
+  compared with ``ssd_scan``'s. fla's gated backward is not run: on Hopper with Triton 3.4 to 3.7 it is refused
+  (BENCHMARKS.md).
 - routed linear: 65,536 tokens, 2048 -> 4096, bfloat16, 2 modalities in runs of 1024; peer: one dense
   ``F.linear`` of all tokens (the floor: routing adds no FLOPs).
 - a Mixture-of-Mamba layer (``mamba`` backbone, preset ``mom``) against the dense Mamba layer of the same
@@ -155,6 +162,48 @@ def scan_rows(op, shapes, make, grads, nbytes, backends, peer, notes):
         del inputs, dout, probe
         torch.cuda.empty_cache()
     return rows
+
+
+def simple_gla_inputs(x, dt, A, B, C, dt_bias, **_):
+    """The arguments of fla's ``chunk_simple_gla`` for ``ssd_scan``'s (one group, ``dt_softplus``), whose output
+    plus ``D x`` is ``ssd_scan``'s: ``q = C`` and ``k = B`` expanded to every head, ``v = dt x``, the log decay
+    ``g = dt A``, scale 1."""
+    step = F.softplus(dt.to(torch.promote_types(dt.dtype, torch.float32)) + dt_bias)
+    heads = x.shape[2]
+    return dict(q=C.expand(-1, -1, heads, -1).contiguous(), k=B.expand(-1, -1, heads, -1).contiguous(),
+                v=(x * step[..., None]).to(x.dtype), g=step * A, scale=1.0)
+
+
+def fla_notes(ssd_fn, notes):
+    """``ssd_scan``'s forward against fla's ``chunk_simple_gla`` at the SSD shapes (see the module docstring)."""
+    try:
+        import fla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        notes.append("- fla is not installed (`bash benchmarks/device_setup.sh peers fla`): no `chunk_simple_gla` "
+                     "comparison")
+        return
+
+    def prepared_and_run(**inputs):
+        return chunk_simple_gla(**simple_gla_inputs(**inputs))[0] + inputs["D"][:, None] * inputs["x"]
+
+    notes.append("\n`ssd_scan` forward against fla's `chunk_simple_gla` (fla-core "
+                 f"{fla.__version__}, this run; ms)\n")
+    notes.append("| shape | `ssd_scan` fwd | fla kernel fwd, prepared inputs | fla fwd with its preparation | "
+                 "fwd / fla kernel | fwd / fla with preparation | output relative difference |\n"
+                 "|---|---|---|---|---|---|---|")
+    for index, shape in enumerate(SSD_SHAPES):
+        inputs = ssd_inputs(*shape, torch.Generator(device="cuda").manual_seed(index))
+        ours = median_ms(lambda: forward(ssd_fn, inputs))
+        prepared = simple_gla_inputs(**inputs)
+        kernel = median_ms(lambda: forward(chunk_simple_gla, prepared))
+        whole = median_ms(lambda: forward(prepared_and_run, inputs))
+        with torch.no_grad():
+            diff = rel(prepared_and_run(**inputs).float(), ssd_fn(**inputs).double())
+        notes.append(f"| {' × '.join(map(str, shape))} | {ours:.3f} | {kernel:.3f} | {whole:.3f} | "
+                     f"{ours / kernel:.2f} | {ours / whole:.2f} | {diff:.1e} |")
+        del inputs, prepared
+        torch.cuda.empty_cache()
 
 
 def runs_of(batch, length, run, n_modalities=2):
@@ -340,6 +389,7 @@ def main():
         rows += scan_rows("ssd_scan", SSD_SHAPES, ssd_inputs, SSD_GRADS,
                           lambda b, l, h: 2 * (2 * b * l * h * 64 + b * l * h + 2 * b * l * 128), backends, peer,
                           notes)
+        fla_notes(backends["triton"].ssd_scan, notes)
     if "routed_linear" in parts:
         rows.append(routed_linear_row(backends))
     if "layers" in parts:

@@ -75,3 +75,39 @@ def test_scale_profile_splits_a_step_into_compute_communication_idle_and_kernels
         "compute": 0.4, "communication": 0.175, "exposed communication": 0.075, "idle": 0.025})
     assert scale.kernel_time(events, 2) == pytest.approx({
         "gemm": 0.2, "scan": 0.15, "norm": 0.1, "ncclDevKernel_AllGather": 0.15, "ncclDevKernel_ReduceScatter": 0.025})
+
+
+def test_gpu_scan_maps_ssd_scan_onto_simple_gla_exactly():
+    """The fla comparison's arguments: a simple gated linear attention of them, written out here in float64, plus
+    ``D x`` equals the reference ``ssd_scan`` on fresh random inputs."""
+    pytest.importorskip("triton")
+    import torch
+
+    from momkit.registry import get_registry
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_scan
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def simple_gla(q, k, v, g, scale):
+        decay = g.cumsum(1).transpose(1, 2)
+        scores = torch.einsum("bthn,bshn->bhts", q, k) * scale * (decay[..., :, None] - decay[..., None, :]).exp()
+        causal = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()
+        return torch.einsum("bhts,bshp->bthp", scores.masked_fill(~causal, 0), v)
+
+    gen = torch.Generator().manual_seed(3)
+    b, length, heads, p, n = 2, 40, 3, 5, 4
+    inputs = dict(x=torch.randn(b, length, heads, p, generator=gen, dtype=torch.float64),
+                  dt=torch.randn(b, length, heads, generator=gen, dtype=torch.float64) * 0.5 - 1,
+                  A=-torch.rand(heads, generator=gen, dtype=torch.float64) - 0.5,
+                  B=torch.randn(b, length, 1, n, generator=gen, dtype=torch.float64),
+                  C=torch.randn(b, length, 1, n, generator=gen, dtype=torch.float64),
+                  D=torch.randn(heads, generator=gen, dtype=torch.float64),
+                  dt_bias=torch.randn(heads, generator=gen, dtype=torch.float64) * 0.3)
+    expected = get_registry().scan_backends["reference"].ssd_scan(
+        **inputs, chunk_size=16, z=None, initial_states=None, seq_idx=None, dt_softplus=True,
+        return_final_states=False, modality=None)
+    got = simple_gla(**gpu_scan.simple_gla_inputs(**inputs)) + inputs["D"][:, None] * inputs["x"]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
