@@ -238,12 +238,14 @@ class Block(nn.Module, ABC):
 
     def _mix(self, x: torch.Tensor, route, run: Callable[[int], torch.Tensor], grouped: bool) -> torch.Tensor:
         """``x + sum_j gates_j (run(j) - x)``, run ``j`` with the expert sublayers on the ``j``-th chosen ids (and,
-        when ``grouped``, the order that groups them: the capacity's sort where it is that, else an argsort)."""
+        when ``grouped``, the order that groups them: the capacity's sort where it is that, else an argsort). The
+        ids are made contiguous once per run, so that the sublayers' kernels get the same tensor and can share
+        what they derive from it."""
         self.router_stats = route.stats
         out = x
         try:
             for j in range(self.branches):
-                ids = route.ids[..., j]
+                ids = route.ids[..., j].contiguous()
                 order = route.order if self.branches == 1 else None
                 if grouped and order is None:
                     order = torch.argsort(ids.reshape(-1), stable=True)

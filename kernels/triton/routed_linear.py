@@ -55,6 +55,15 @@ through tensor descriptors. A modality absent from the batch has empty lists: it
 (Summed inside the ``dweight`` kernel by the programs of one ``K`` tile, with the pure tiles loaded through
 descriptors, it made the 65,536-token benchmark row's forward and backward 12 to 16% slower.)
 
+Shared between layers. The ids in their order and the tile lists depend on ``modality`` and ``order`` only, and
+the layers of a block pass the same ones (the expert sublayers of a block the same choice of experts, the routed
+projections of a Mixture-of-Mamba block the same modalities). So they are computed once per pair and kept in a
+small cache (``GROUPINGS_KEPT`` pairs) keyed by each tensor's address, shape, strides, dtype and version counter;
+an entry holds both tensors, so their memory cannot be reused under its key while it lives, and an in-place change
+gives a new version, hence a new entry. Inference tensors (which have no version counter) and calls during CUDA
+graph capture (whose results live in the graph's memory) are not cached. For the experts layer of
+``benchmarks/gpu_scan.py`` (three expert sublayers), that is one set of tile lists per pass instead of three.
+
 No host synchronisation. Nothing reads a device value on the host (no ``.item()``, ``.tolist()``,
 ``nonzero()``), and every shape and launch grid follows from ``N``, ``K``, ``O``, ``M`` and the tiling alone;
 the data-dependent parts (which modalities a tile holds, the tile lists, their lengths) are decided on the
@@ -523,12 +532,56 @@ def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[
     return tiles, torch.cat([n_pure, present.sum(1, keepdim=True, dtype=torch.int32)], 1)
 
 
-def _weight_grads(dy, x, ids, perm, weight, bias, tiling, need_weight=True):
+GROUPINGS_KEPT = 8
+
+
+class _Grouping:
+    """What the kernels derive from one ``modality`` and ``order``: the ids in the order the tiles are formed in
+    (``ids``), and the tile lists of :func:`_tile_lists` per number of weight sets and block, made when first
+    asked for. It holds ``modality`` and ``order``, so that their memory is not reused while it is cached."""
+
+    def __init__(self, modality: torch.Tensor, order: torch.Tensor | None):
+        self.sources = (modality, order)
+        self.ids = modality if order is None else modality[order]
+        self.tiles = {}
+
+    def tile_lists(self, n_modalities: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n_modalities, block)
+        if key not in self.tiles:
+            self.tiles[key] = _tile_lists(self.ids, n_modalities, block)
+        return self.tiles[key]
+
+
+_GROUPINGS: dict[tuple, _Grouping] = {}
+
+
+def _identity(t: torch.Tensor | None):
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version)
+
+
+def _grouping(modality: torch.Tensor, order: torch.Tensor | None) -> _Grouping:
+    """The :class:`_Grouping` of ``modality`` and ``order``: the cached one of the same tensors at the same
+    versions, or a new one (cached unless an input is an inference tensor or a CUDA graph is being captured)."""
+    if modality.is_inference() or (order is not None and order.is_inference()) or \
+            (modality.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _Grouping(modality, order)
+    key = (_identity(modality), _identity(order))
+    found = _GROUPINGS.get(key)
+    if found is None:
+        if len(_GROUPINGS) >= GROUPINGS_KEPT:
+            del _GROUPINGS[next(iter(_GROUPINGS))]
+        found = _GROUPINGS[key] = _Grouping(modality, order)
+    return found
+
+
+def _weight_grads(dy, x, grouping, perm, weight, bias, tiling, need_weight=True):
     """``dweight (M, O, K)`` in ``weight``'s dtype (``None`` unless ``need_weight``) and ``dbias (M, O)`` in
-    ``bias``'s (``None`` without a bias); ``ids`` and ``perm`` as :func:`_routed_mm` takes them."""
+    ``bias``'s (``None`` without a bias); the ids in their order and the tile lists from ``grouping`` (a
+    :class:`_Grouping`), ``perm`` as :func:`_routed_mm` takes it."""
     n_rows, n_in = x.shape
     n_mod, n_out = weight.shape[:2]
-    tiles, counts = _tile_lists(ids, n_mod, tiling.dw_block_n)
+    ids = grouping.ids
+    tiles, counts = grouping.tile_lists(n_mod, tiling.dw_block_n)
     dweight = dbias = None
     if need_weight:
         dweight = torch.empty_like(weight)
@@ -570,12 +623,12 @@ def _forward(x, weight, bias, ids, perm, t: Tiling) -> torch.Tensor:
 
 class RoutedLinearFn(torch.autograd.Function):
     """Autograd node of the Triton routed linear layer; see the module docstring. ``ids`` and ``perm`` as
-    :func:`_routed_mm` takes them."""
+    :func:`_routed_mm` takes them, from ``grouping`` (a :class:`_Grouping`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, ids, perm, tiling):
+    def forward(ctx, x, weight, bias, ids, perm, tiling, grouping):
         ctx.save_for_backward(x, weight, bias, ids, perm)
-        ctx.tiling = tiling
+        ctx.tiling, ctx.grouping = tiling, grouping
         return _forward(x, weight, bias, ids, perm, tiling)
 
     @staticmethod
@@ -585,7 +638,7 @@ class RoutedLinearFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.shape[0] == 0:
             return (torch.empty_like(x) if need_x else None, torch.zeros_like(weight) if need_w else None,
-                    torch.zeros_like(bias) if need_b else None, None, None, None)
+                    torch.zeros_like(bias) if need_b else None, None, None, None, None)
         t = ctx.tiling
         dy = dy.contiguous()
         dx = dweight = dbias = None
@@ -593,8 +646,8 @@ class RoutedLinearFn(torch.autograd.Function):
             dx = _routed_mm(dy, weight, None, ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
                             t.dx_warps, t.dx_stages, t.group, _tma(t, perm, dy, weight))
         if need_w or need_b:
-            dweight, dbias = _weight_grads(dy, x, ids, perm, weight, bias if need_b else None, t, need_w)
-        return dx, dweight, dbias, None, None, None
+            dweight, dbias = _weight_grads(dy, x, ctx.grouping, perm, weight, bias if need_b else None, t, need_w)
+        return dx, dweight, dbias, None, None, None, None
 
 
 def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modality: torch.Tensor,
@@ -633,10 +686,10 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         order = None
     if order is not None:
         order = order.contiguous()
-        modality = modality[order]
-    inputs = (x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), modality, order,
-              tiling)
+    inputs = (x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
-        return RoutedLinearFn.apply(*inputs)
-    return _forward(*inputs)
+        grouping = _grouping(modality, order)
+        return RoutedLinearFn.apply(*inputs, grouping.ids, order, tiling, grouping)
+    ids = modality if order is None else _grouping(modality, order).ids
+    return _forward(*inputs, ids, order, tiling)

@@ -59,3 +59,35 @@ def test_block_matches_float64_reference(kernels, gen, backbone, routing, bidire
         rest = torch.stack([block.step(x[:, t].float(), modality[:, t], state) for t in range(6, 13)], 1)
     assert_close({"prefill": torch.cat([first, rest], 1)}, {"prefill": ref["out"].detach()}, torch.float32,
                  f"{backbone} prefill, then decoding")
+
+
+@pytest.mark.parametrize("backbone,routing,builds", [
+    ({"kind": "ffn", "d_model": 16}, {"specific": "dense", "experts": {
+        "sublayers": ["w1", "w2", "w3"], "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}, 2),
+    (BACKBONES["mamba"], {"specific": "mom"}, 1),
+], ids=["experts", "mom"])
+def test_routed_layers_of_a_block_share_their_tile_lists(kernels, gen, monkeypatch, backbone, routing, builds):
+    """The routed projections of a block get the same ids (and with experts the same order, per slot), so one
+    forward and backward builds the ``dweight`` tile lists once per slot; the block still equals its copy on the
+    reference backend (float32, so that both routers choose the same experts), forward and backward."""
+    routed_linear = kernels._kernels("routed_linear")
+    made = []
+    real = routed_linear._tile_lists
+    monkeypatch.setattr(routed_linear, "_tile_lists", lambda *args: made.append(args[1:]) or real(*args))
+    spec = {"modalities": ["text", "image"], "backbone": backbone, "routing": routing, "scan_backend": "triton"}
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    block = build_block(spec).to(DEVICE)
+    reference = build_block({**spec, "scan_backend": "reference"}).to(DEVICE)
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
+    modality = (torch.arange(40) // 7 % 2).repeat(2, 1).to(DEVICE)
+    weight = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
+
+    def run(layer):
+        out = layer(x, modality)
+        grads = torch.autograd.grad((out * weight).sum(), list(layer.parameters()))
+        return {"out": out, **{f"d{name}": g for (name, _), g in zip(layer.named_parameters(), grads)}}
+
+    got = run(block)
+    assert len(made) == builds, f"tile lists built {len(made)} times in one pass: {made}"
+    assert_close(got, run(reference), torch.float32, "triton against reference")

@@ -264,6 +264,43 @@ def test_forward_without_gradients(kernels, gen, n):
         assert_close({"y": got}, {"y": ref}, torch.float32, name)
 
 
+def test_layers_of_the_same_ids_and_order_share_their_tile_lists(kernels, gen, monkeypatch):
+    """Layers called with the same ``modality`` and ``order`` (the expert sublayers of a block; the projections of a
+    MoM block, without an order) build the ids in their order and the tile lists once. An in-place change of
+    either gives new ones, and inference tensors are not cached; every result matches float64."""
+    made = []
+    real = kernels._tile_lists
+    monkeypatch.setattr(kernels, "_tile_lists", lambda *args: made.append(args[1:]) or real(*args))
+    monkeypatch.setattr(kernels, "_GROUPINGS", {})
+    tiling = small_tilings(kernels)[1]
+    first = make_inputs(gen, 130, 23, 45, 8, absent=5)
+    modality = first["modality"]
+    layers = [first, {**make_inputs(gen, 130, 23, 45, 8), "modality": modality},
+              {**make_inputs(gen, 130, 45, 23, 8, bias=False), "modality": modality}]
+    for order in (None, torch.argsort(modality, stable=True)):
+        made.clear()
+        for index, inputs in enumerate(layers):
+            got = run(kernels.routed_linear, inputs, index, tiling=tiling, order=order)
+            assert_close(got, reference(inputs, index), torch.float32, f"layer {index}, order {order is not None}")
+        assert made == [(8, tiling.dw_block_n)], f"order {order is not None}: tile lists built {len(made)} times"
+    for changed_order in (False, True):
+        changed = modalities(gen, 130, 8)
+        modality.copy_(changed)
+        if changed_order:
+            order.copy_(torch.argsort(changed, stable=True))
+        for index, inputs in enumerate(layers):
+            got = run(kernels.routed_linear, inputs, index, tiling=tiling, order=order if changed_order else None)
+            assert_close(got, reference({**inputs, "modality": changed}, index), torch.float32,
+                         f"changed in place, order {changed_order}, layer {index}")
+    assert len(made) == 3
+    kept = len(kernels._GROUPINGS)
+    with torch.inference_mode():
+        ids = modality.clone()
+        kernels.routed_linear(first["x"], first["weight"], first["bias"], ids, tiling=tiling,
+                              order=torch.argsort(ids, stable=True))
+    assert len(kernels._GROUPINGS) == kept
+
+
 def test_no_tokens(kernels, gen):
     inputs = make_inputs(gen, 0, 21, 19, 2)
     got = run(kernels.routed_linear, inputs, 1)
