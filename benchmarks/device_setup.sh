@@ -19,7 +19,7 @@
 #   five minutes on 16 cores), and installs them and fla; with names (mamba_ssm, causal_conv1d, fla), only those
 #   (fla installs in seconds: it has nothing to build). Without
 #   causal-conv1d, mamba_ssm's decoding falls back to PyTorch for its convolution step and is a weakened peer;
-#   the scans and the routed linear compare with mamba_ssm alone (`peers mamba_ssm`: about two minutes). The
+#   the scans and the routed linear compare with mamba_ssm and fla (`peers mamba_ssm fla`: about two minutes). The
 #   machine keeps nothing between leases: plan one command that builds them and then runs every comparison that
 #   needs them.
 set -euo pipefail
