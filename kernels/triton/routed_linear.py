@@ -622,32 +622,32 @@ def _forward(x, weight, bias, ids, perm, t: Tiling) -> torch.Tensor:
 
 
 class RoutedLinearFn(torch.autograd.Function):
-    """Autograd node of the Triton routed linear layer; see the module docstring. ``ids`` and ``perm`` as
-    :func:`_routed_mm` takes them, from ``grouping`` (a :class:`_Grouping`)."""
+    """Autograd node of the Triton routed linear layer; see the module docstring. ``perm`` as :func:`_routed_mm`
+    takes it, with the ids in its order from ``grouping`` (a :class:`_Grouping`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, ids, perm, tiling, grouping):
-        ctx.save_for_backward(x, weight, bias, ids, perm)
+    def forward(ctx, x, weight, bias, perm, tiling, grouping):
+        ctx.save_for_backward(x, weight, bias, perm)
         ctx.tiling, ctx.grouping = tiling, grouping
-        return _forward(x, weight, bias, ids, perm, tiling)
+        return _forward(x, weight, bias, grouping.ids, perm, tiling)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, ids, perm = ctx.saved_tensors
+        x, weight, bias, perm = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.shape[0] == 0:
             return (torch.empty_like(x) if need_x else None, torch.zeros_like(weight) if need_w else None,
-                    torch.zeros_like(bias) if need_b else None, None, None, None, None)
+                    torch.zeros_like(bias) if need_b else None, None, None, None)
         t = ctx.tiling
         dy = dy.contiguous()
         dx = dweight = dbias = None
         if need_x:
-            dx = _routed_mm(dy, weight, None, ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
+            dx = _routed_mm(dy, weight, None, ctx.grouping.ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
                             t.dx_warps, t.dx_stages, t.group, _tma(t, perm, dy, weight))
         if need_w or need_b:
             dweight, dbias = _weight_grads(dy, x, ctx.grouping, perm, weight, bias if need_b else None, t, need_w)
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None
 
 
 def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, modality: torch.Tensor,
@@ -689,7 +689,6 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     inputs = (x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
-        grouping = _grouping(modality, order)
-        return RoutedLinearFn.apply(*inputs, grouping.ids, order, tiling, grouping)
+        return RoutedLinearFn.apply(*inputs, order, tiling, _grouping(modality, order))
     ids = modality if order is None else _grouping(modality, order).ids
     return _forward(*inputs, ids, order, tiling)
