@@ -24,6 +24,13 @@ BACKBONES = {
 }
 
 
+def forward_backward(layer, x, modality, weight):
+    """The layer's output and every parameter's gradient for the linear loss ``sum(out * weight)``."""
+    out = layer(x, modality)
+    grads = torch.autograd.grad((out * weight.to(out.dtype)).sum(), list(layer.parameters()))
+    return {"out": out, **{f"d{name}": g for (name, _), g in zip(layer.named_parameters(), grads)}}
+
+
 @pytest.mark.parametrize("bidirectional", [[], ["image"]], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("routing", [{"specific": "mom"}, {"specific": "all"}], ids=["mom", "all"])
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -40,13 +47,9 @@ def test_block_matches_float64_reference(kernels, gen, backbone, routing, bidire
     x, modality = x.to(DEVICE), modality.to(DEVICE)
     weight = torch.randn(2, 13, 16, generator=gen, dtype=torch.float64).to(DEVICE)
 
-    def run(layer, inputs):
-        out = layer(inputs, modality)
-        grads = torch.autograd.grad((out * weight.to(out.dtype)).sum(), list(layer.parameters()))
-        return {"out": out, **{f"d{name}": g for (name, _), g in zip(layer.named_parameters(), grads)}}
-
-    ref = run(wide, x)
-    assert_close(run(block, x.float()), ref, torch.float32, f"{backbone} forward and backward")
+    ref = forward_backward(wide, x, modality, weight)
+    assert_close(forward_backward(block, x.float(), modality, weight), ref, torch.float32,
+                 f"{backbone} forward and backward")
     if bidirectional:
         return
     state = block.allocate_state(2)
@@ -82,12 +85,6 @@ def test_routed_layers_of_a_block_share_their_tile_lists(kernels, gen, monkeypat
     x = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
     modality = (torch.arange(40) // 7 % 2).repeat(2, 1).to(DEVICE)
     weight = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
-
-    def run(layer):
-        out = layer(x, modality)
-        grads = torch.autograd.grad((out * weight).sum(), list(layer.parameters()))
-        return {"out": out, **{f"d{name}": g for (name, _), g in zip(layer.named_parameters(), grads)}}
-
-    got = run(block)
+    got = forward_backward(block, x, modality, weight)
     assert len(made) == builds, f"tile lists built {len(made)} times in one pass: {made}"
-    assert_close(got, run(reference), torch.float32, "triton against reference")
+    assert_close(got, forward_backward(reference, x, modality, weight), torch.float32, "triton against reference")
