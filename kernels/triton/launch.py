@@ -1,7 +1,8 @@
 """Launches of small Triton kernels that repeat, without the JIT launcher's work on every call.
 
 A decoding step launches a few kernels per layer on a few thousand elements each, so the host's time per launch
-is the step's time. Triton's launcher (``kernel[grid](...)``) binds and specialises every argument, builds a
+is the step's time; a training step whose layers are small (eight experts sharing a batch) is bound by the host
+too. Triton's launcher (``kernel[grid](...)``) binds and specialises every argument, builds a
 cache key and looks the compiled kernel up on every call, which takes about as long as the rest of a launch.
 :class:`Launcher` keeps the compiled kernel of each specialisation under a key of its own: a tensor's dtype and
 whether its address is a multiple of 16 bytes (what Triton specialises a pointer on), and the exact value of every
@@ -43,10 +44,11 @@ def _driver():
 
 
 class Launcher:
-    """``launcher(grid, *args, num_warps=w, **constexprs)`` launches ``kernel`` as ``kernel[grid](*args,
-    num_warps=w, **constexprs)`` does; ``args`` are the kernel's runtime arguments in order, of which the first
-    ``pointers`` are tensors or ``None`` and the rest plain values, and ``constexprs`` all the rest, by name (the
-    key is built in a few microseconds for a launch of 48 arguments). A call site passes each argument with the
+    """``launcher(grid, *args, num_warps=w, num_stages=s, **constexprs)`` launches ``kernel`` as
+    ``kernel[grid](*args, num_warps=w, num_stages=s, **constexprs)`` does (``num_stages`` optional); ``args`` are
+    the kernel's runtime arguments in order, of which the first ``pointers`` are tensors or ``None`` and the rest
+    plain values, and ``constexprs`` all the rest, by name (the key is built in a few microseconds for a launch of
+    48 arguments). A call site passes each argument with the
     same type every time: values that compare equal share a key, as ``1`` and ``True`` do, though Triton compiles
     an int and a bool differently. Keeps at most :data:`MOST_KEYS` compiled kernels (then starts over)."""
 
@@ -55,22 +57,26 @@ class Launcher:
         self.direct = isinstance(kernel, JITFunction) and hasattr(triton, "knobs")
         self.compiled: dict = {}
 
-    def __call__(self, grid: tuple[int, ...], *args, num_warps: int, **constexprs) -> None:
+    def __call__(self, grid: tuple[int, ...], *args, num_warps: int, num_stages: int | None = None,
+                 **constexprs) -> None:
+        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps,
+                                                                        "num_stages": num_stages}
         if not self.direct or _hooked():
-            self.kernel[grid](*args, num_warps=num_warps, **constexprs)
+            self.kernel[grid](*args, **options, **constexprs)
             return
         current_device, current_stream = _driver()
         device = current_device()
         n = self.pointers
         try:
-            key = (device, num_warps, args[n:], *[None if a is None else (a.dtype, a.data_ptr() % 16 == 0)
-                                                  for a in args[:n]], *constexprs.items())
+            key = (device, num_warps, num_stages, args[n:],
+                   *[None if a is None else (a.dtype, a.data_ptr() % 16 == 0) for a in args[:n]],
+                   *constexprs.items())
         except AttributeError:
             self._check(args)
             raise
         found = self.compiled.get(key)
         if found is None:
-            self._compile(key, grid, args, num_warps, constexprs)
+            self._compile(key, grid, args, options, constexprs)
             return
         compiled, tail = found
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
@@ -86,14 +92,14 @@ class Launcher:
             raise TypeError(f"{self.kernel}: its first {n} runtime arguments {self.kernel.arg_names[:n]} must be "
                             f"tensors or None and the others not tensors, got {[type(a).__name__ for a in args]}")
 
-    def _compile(self, key, grid, args, num_warps, constexprs) -> None:
+    def _compile(self, key, grid, args, options, constexprs) -> None:
         """Launch through the JIT launcher and keep what it compiled, with the constexprs in the kernel's order."""
         self._check(args)
         names = self.kernel.arg_names[len(args):]
         if sorted(names) != sorted(constexprs):
             raise TypeError(f"{self.kernel}: pass the runtime arguments {self.kernel.arg_names[:len(args)]} "
                             f"in order and exactly the constexprs {names} by name, got {sorted(constexprs)}")
-        compiled = self.kernel[grid](*args, num_warps=num_warps, **constexprs)
+        compiled = self.kernel[grid](*args, **options, **constexprs)
         if len(self.compiled) >= MOST_KEYS:
             self.compiled.clear()
         self.compiled[key] = compiled, tuple(constexprs[name] for name in names)

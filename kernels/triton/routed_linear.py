@@ -64,6 +64,13 @@ gives a new version, hence a new entry. Inference tensors (which have no version
 graph capture (whose results live in the graph's memory) are not cached. For the experts layer of
 ``benchmarks/gpu_scan.py`` (three expert sublayers), that is one set of tile lists per pass instead of three.
 
+Launches. Every launch without tensor descriptors (the matrix-vector product of decoding, the grouped products
+through pointers or an ``order``, ``dweight`` through pointers, ``dbias``) goes through
+:class:`momkit.kernels.triton.launch.Launcher`, which reuses the compiled kernel of a repeated specialisation
+instead of Triton's launcher binding and specialising each of the 15 to 20 arguments on every call: the expert
+sublayers launch nine such kernels per forward and backward. Launches with descriptors (Python objects, which
+the launcher's key cannot tell apart) go through Triton's launcher.
+
 No host synchronisation. Nothing reads a device value on the host (no ``.item()``, ``.tolist()``,
 ``nonzero()``), and every shape and launch grid follows from ``N``, ``K``, ``O``, ``M`` and the tiling alone;
 the data-dependent parts (which modalities a tile holds, the tile lists, their lengths) are decided on the
@@ -461,6 +468,11 @@ def _bias_grad_kernel(dy_ptr, mod_ptr, perm_ptr, partial_ptr, tiles_ptr, counts_
              mask=out_mask)
 
 
+_ROUTED_MM = Launcher(_routed_mm_kernel, pointers=8)
+_WEIGHT_GRAD = Launcher(_weight_grad_kernel, pointers=9)
+_BIAS_GRAD = Launcher(_bias_grad_kernel, pointers=6)
+
+
 def _routed_mm(a, b, bias, ids, perm, block_n, block_c, block_r, warps, stages, group, tma=False):
     """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, R)`` contiguous, ``b (M, R, C)`` of any strides,
     ``out (N, C)``; ``m_i = ids[i]``, or with ``perm``, ``m_{perm[p]} = ids[p]`` and tiles formed in that order.
@@ -476,10 +488,13 @@ def _routed_mm(a, b, bias, ids, perm, block_n, block_c, block_r, warps, stages, 
         b_desc = (TensorDescriptor.from_tensor(b.transpose(1, 2), [1, block_c, block_r]) if trans_b else
                   TensorDescriptor.from_tensor(b, [1, block_r, block_c]))
     grid = (cdiv(n_rows, block_n) * cdiv(n_cols, block_c),)
-    _routed_mm_kernel[grid](a, b, a_desc, b_desc, bias, ids, perm, out, n_rows, n_red, n_cols, *b.stride(),
-                            HAS_BIAS=bias is not None, PERM=perm is not None, TMA=tma, TRANS_B=trans_b,
-                            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=block_r, GROUP=group, num_warps=warps,
-                            num_stages=stages)
+    args = (a, b, a_desc, b_desc, bias, ids, perm, out, n_rows, n_red, n_cols, *b.stride())
+    options = dict(HAS_BIAS=bias is not None, PERM=perm is not None, TMA=tma, TRANS_B=trans_b, BLOCK_N=block_n,
+                   BLOCK_C=block_c, BLOCK_R=block_r, GROUP=group, num_warps=warps, num_stages=stages)
+    if tma:
+        _routed_mm_kernel[grid](*args, **options)
+    else:
+        _ROUTED_MM(grid, *args, **options)
     return out
 
 
@@ -591,17 +606,21 @@ def _weight_grads(dy, x, grouping, perm, weight, bias, tiling, need_weight=True)
             dy_desc = TensorDescriptor.from_tensor(dy, [tiling.dw_block_n, tiling.dw_block_o])
             x_desc = TensorDescriptor.from_tensor(x, [tiling.dw_block_n, tiling.dw_block_k])
         grid = (n_mod * cdiv(n_out, tiling.dw_block_o) * cdiv(n_in, tiling.dw_block_k),)
-        _weight_grad_kernel[grid](dy, x, dy_desc, x_desc, ids, perm, dweight, tiles, counts, n_rows, n_in, n_out,
-                                  tiles.shape[1], PERM=perm is not None, TMA=tma, BLOCK_N=tiling.dw_block_n,
-                                  BLOCK_O=tiling.dw_block_o, BLOCK_K=tiling.dw_block_k, GROUP=tiling.group,
-                                  num_warps=tiling.dw_warps, num_stages=tiling.dw_stages)
+        args = (dy, x, dy_desc, x_desc, ids, perm, dweight, tiles, counts, n_rows, n_in, n_out, tiles.shape[1])
+        options = dict(PERM=perm is not None, TMA=tma, BLOCK_N=tiling.dw_block_n, BLOCK_O=tiling.dw_block_o,
+                       BLOCK_K=tiling.dw_block_k, GROUP=tiling.group, num_warps=tiling.dw_warps,
+                       num_stages=tiling.dw_stages)
+        if tma:
+            _weight_grad_kernel[grid](*args, **options)
+        else:
+            _WEIGHT_GRAD(grid, *args, **options)
     if bias is not None:
         chunk = max(1, BIAS_CHUNK_ROWS // tiling.dw_block_n)
         splits = cdiv(tiles.shape[1] - 1, chunk)
         partial = torch.empty(splits, n_mod, n_out, dtype=torch.float32, device=dy.device)
-        _bias_grad_kernel[(n_mod, cdiv(n_out, BIAS_BLOCK_O), splits)](
-            dy, ids, perm, partial, tiles, counts, n_rows, n_out, tiles.shape[1], chunk, PERM=perm is not None,
-            BLOCK_N=tiling.dw_block_n, BLOCK_O=BIAS_BLOCK_O)
+        _BIAS_GRAD((n_mod, cdiv(n_out, BIAS_BLOCK_O), splits), dy, ids, perm, partial, tiles, counts, n_rows, n_out,
+                   tiles.shape[1], chunk, PERM=perm is not None, BLOCK_N=tiling.dw_block_n, BLOCK_O=BIAS_BLOCK_O,
+                   num_warps=4)
         dbias = partial.sum(0).to(bias.dtype)
     return dweight, dbias
 

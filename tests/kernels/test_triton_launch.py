@@ -84,12 +84,15 @@ def test_what_triton_specialises_on_compiles_again(direct):
              ((storage.half(), 5), base),
              ((storage, 6), base),
              ((storage, 5), {**base, "num_warps": 8}),
+             ((storage, 5), {**base, "num_stages": 3}),
+             ((storage, 5), {**base, "num_stages": 4}),
              ((storage, 5), {**base, "BLOCK": 32}),
              ((None, 5), base)]
     for args, options in calls + calls:
         launcher((1,), *args, **options)
     assert len(kernel.compiled) == len(calls)
     assert [len(compiled.launches) for *_, compiled in kernel.compiled] == [1] * len(calls)
+    assert [options.get("num_stages") for _, _, options, _ in kernel.compiled] == [None] * 5 + [3, 4, None, None]
 
 
 def test_a_full_cache_starts_over(direct):

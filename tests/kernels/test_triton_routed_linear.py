@@ -226,7 +226,7 @@ def test_few_tokens_at_any_address(kernels, gen):
             y = kernels.routed_linear(**{**inputs, **moved})
         assert_close({"y": y}, {"y": ref}, torch.bfloat16, f"offset {offset}")
     if DEVICE == "cuda":
-        kept = [key for key in kernels._ROUTED_GEMV.compiled if key[2] == (64, 40)]
+        kept = [key for key in kernels._ROUTED_GEMV.compiled if (64, 40) in key]
         assert len(kept) == 2, f"one compiled kernel for aligned rows and one for the others, got {len(kept)}"
 
 
