@@ -113,9 +113,48 @@ def test_routed_linear_follows_autocast(gen):
     assert y.dtype == torch.bfloat16
 
 
+def test_routed_linear_float32_master_weights(gen):
+    """Float32 weights beside bfloat16 tokens (given so, or under autocast) reach a backend that declares
+    ``"float32_weights"`` as they are and any other cast to bfloat16; both compute the products of the rounded
+    weights, and the weights' gradients come in float32."""
+    seen = {}
+
+    def recording(name, extensions):
+        def call(**kwargs):
+            seen[name] = (kwargs["weight"].dtype, kwargs["bias"].dtype)
+            return reference.routed_linear(**{k: v.to(kwargs["x"].dtype) if k in ("weight", "bias") else v
+                                              for k, v in kwargs.items()})
+        return ScanBackend(name=name, description="records the dtypes", routed_linear=call, devices=("cpu",),
+                           extensions=frozenset(extensions))
+
+    class Plugin:
+        @hookimpl
+        def momkit_scan_backends(self):
+            return [recording("wide", {"float32_weights"}), recording("narrow", set())]
+
+    registry = Registry()
+    registry.register(Plugin(), distribution="tests")
+    args = routed_args(gen)
+    rounded = {**args, "x": args["x"].bfloat16(), "weight": args["weight"].bfloat16(), "bias": args["bias"].bfloat16()}
+    expected = ops.routed_linear(**rounded)
+    with use_registry(registry):
+        for backend, dtypes in (("wide", (torch.float32, torch.float32)), ("narrow", (torch.bfloat16,) * 2)):
+            leaves = {k: v.clone().requires_grad_(True) for k, v in args.items() if k in ("weight", "bias")}
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = ops.routed_linear(**{**args, **leaves}, backend=backend)
+            assert seen.pop(backend) == dtypes and torch.equal(y, expected), backend
+            y.float().sum().backward()
+            assert leaves["weight"].grad.dtype == leaves["bias"].grad.dtype == torch.float32, backend
+            given = ops.routed_linear(**{**args, "x": args["x"].bfloat16()}, backend=backend)
+            assert seen.pop(backend) == dtypes and torch.equal(given, expected), backend
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(weight=torch.zeros(3, 4, 5)), r"weight has shape \(3, 4, 5\); expected \(M, out, in\) = \(\*, \*, 6\)"),
     (dict(weight=torch.zeros(3, 4, 6, dtype=torch.float64)), "weight has dtype torch.float64 but x has torch.float32"),
+    (dict(x=torch.zeros(2, 5, 6, dtype=torch.bfloat16), weight=torch.zeros(3, 4, 6, dtype=torch.float16)),
+     "weight has dtype torch.float16 but x has torch.bfloat16; pass weight in x's dtype, or in torch.float32"),
+    (dict(bias=torch.zeros(3, 4, dtype=torch.bfloat16)), "bias has dtype torch.bfloat16 but weight has torch.float32"),
     (dict(bias=torch.zeros(2, 4)), r"bias has shape \(2, 4\); expected \(M, out\) = \(3, 4\)"),
     (dict(modality=torch.zeros(2, 4, dtype=torch.int64)), r"modality has shape \(2, 4\); expected x's leading "
                                                           r"shape = \(2, 5\)"),

@@ -87,7 +87,7 @@ def momkit_scan_backends():
         conv_state_update=_conv_state_update,
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),
         priority=10,
-        extensions=frozenset({"modality", "seq_idx", "initial_state", "order"}),
+        extensions=frozenset({"modality", "seq_idx", "initial_state", "order", "float32_weights"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         is_available=_available,
     )]

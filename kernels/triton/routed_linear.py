@@ -2,7 +2,11 @@
 
 Shapes: ``x (N, K)``, ``weight (M, O, K)``, ``bias (M, O)``, ``modality (N,)`` with ids in ``0..M-1``,
 ``y (N, O)``. Inputs may be float32, bfloat16 or float16; every product is a ``tl.dot`` accumulated in float32
-(with IEEE precision for float32 operands, no tf32), and results are stored in the inputs' dtypes.
+(with IEEE precision for float32 operands, no tf32), and results are stored in the inputs' dtypes. The weight and
+bias may also be float32 beside 16-bit tokens (the master weights of mixed-precision training): tiles loaded
+through pointers round them to the tokens' dtype in registers, so no rounded copy of the weight is made, and
+``dweight`` is stored in float32 straight from its sums. (Tensor descriptors copy tiles as they are, so where
+those load the weight, it is cast once for the call.)
 
 Tokens are never sorted, gathered or scattered: every kernel reads ``x`` and ``dy`` in place, and routing
 happens inside the tiles. Tokens whose ids come in no order (a router's expert choices) come with ``order``, a
@@ -226,6 +230,15 @@ def _cast(v, DT: tl.constexpr):
 
 
 @triton.jit
+def _narrow(v, DT: tl.constexpr):
+    """``v`` in ``DT``: as it is if already, else rounded to nearest (a float32 master weight read for 16-bit
+    products)."""
+    if v.dtype != DT:
+        v = _cast(v, DT)
+    return v
+
+
+@triton.jit
 def _dot(a, b, acc):
     """``acc + a @ b`` in float32 with IEEE products.
 
@@ -268,7 +281,7 @@ def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, strid
     for start in range(0, n_red, BLOCK_R):
         red_mask = red < n_red - start
         a = tl.load(a_ptrs, mask=row_mask[:, None] & red_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=red_mask[:, None] & col_mask[None, :], other=0.0)
+        b = _narrow(tl.load(b_ptrs, mask=red_mask[:, None] & col_mask[None, :], other=0.0), a_ptr.dtype.element_ty)
         acc = _dot(a, b, acc)
         a_ptrs += BLOCK_R
         b_ptrs += BLOCK_R * stride_r
@@ -320,7 +333,8 @@ def _routed_mm_kernel(a_ptr, b_ptr, a_desc, b_desc, bias_ptr, mod_ptr, perm_ptr,
             acc = _reduce_rows(acc, a_ptr, b_ptr + m_lo.to(tl.int64) * stride_m, rows, row_mask, cols, col_mask,
                                n_red, stride_r, stride_c, BLOCK_R)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + m_lo * n_cols + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + m_lo * n_cols + cols, mask=col_mask, other=0.0)
+            acc += _narrow(bias, out_ptr.dtype.element_ty).to(tl.float32)[None, :]
     else:
         for m in range(m_lo, m_hi + 1):
             sel = mods == m
@@ -328,7 +342,8 @@ def _routed_mm_kernel(a_ptr, b_ptr, a_desc, b_desc, bias_ptr, mod_ptr, perm_ptr,
                 acc = _reduce_rows(acc, a_ptr, b_ptr + tl.cast(m, tl.int64) * stride_m, rows, sel, cols, col_mask,
                                    n_red, stride_r, stride_c, BLOCK_R)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + mods[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + mods[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+            acc += _narrow(bias, out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], _cast(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -349,12 +364,13 @@ def _routed_gemv_kernel(x_ptr, w_ptr, bias_ptr, mod_ptr, out_ptr, n_in, n_out, H
         in_mask = ins < n_in - start
         w = tl.load(w_ptrs, mask=out_mask[:, None] & in_mask[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=in_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += _narrow(w, x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     y = tl.sum(acc, 1)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + m * n_out + outs, mask=out_mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + m * n_out + outs, mask=out_mask, other=0.0)
+        y += _narrow(bias, x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * n_out + outs, _cast(y, out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -520,8 +536,16 @@ def _tma(tiling: Tiling, perm, *tensors) -> bool:
         return False
     if not (_INTERPRETING or _bulk_copies(first.device.index)):
         return False
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    return all(t.data_ptr() % 16 == 0 and all(s * first.element_size() % 16 == 0 for s in t.stride()[:-1])
                for t in tensors)
+
+
+def _operand(tiling: Tiling, perm, a, weight) -> tuple[torch.Tensor, bool]:
+    """The weight as the products with ``a`` read it, and whether through tensor descriptors (:func:`_tma`): a
+    float32 master weight beside a 16-bit ``a`` is cast for descriptors, which copy tiles as they are, and read
+    in place otherwise (each tile rounded as it is loaded)."""
+    tma = _tma(tiling, perm, a, weight)
+    return (weight.to(a.dtype) if tma else weight), tma
 
 
 def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -632,10 +656,10 @@ def _forward(x, weight, bias, ids, perm, t: Tiling) -> torch.Tensor:
     if x.shape[0] <= t.gemv_rows:
         block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
         return _routed_gemv(x, weight, bias, ids, t.gemv_block_o, block_k, t.gemv_warps)
-    tma = _tma(t, perm, x, weight)
+    weight, tma = _operand(t, perm, x, weight)
     weight_t = weight.transpose(1, 2)
     if not tma and x.shape[0] >= t.copy_rows * weight.shape[0]:
-        weight_t = weight_t.contiguous()
+        weight_t = weight_t.to(x.dtype, memory_format=torch.contiguous_format)
     return _routed_mm(x, weight_t, bias, ids, perm, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group,
                       tma)
 
@@ -662,8 +686,9 @@ class RoutedLinearFn(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dweight = dbias = None
         if need_x:
-            dx = _routed_mm(dy, weight, None, ctx.grouping.ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
-                            t.dx_warps, t.dx_stages, t.group, _tma(t, perm, dy, weight))
+            operand, tma = _operand(t, perm, dy, weight)
+            dx = _routed_mm(dy, operand, None, ctx.grouping.ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
+                            t.dx_warps, t.dx_stages, t.group, tma)
         if need_w or need_b:
             dweight, dbias = _weight_grads(dy, x, ctx.grouping, perm, weight, bias if need_b else None, t, need_w)
         return dx, dweight, dbias, None, None, None
@@ -675,8 +700,9 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Args:
         x: ``(N, K)``, float32, bfloat16 or float16.
-        weight: ``(M, O, K)`` in ``x``'s dtype.
-        bias: ``(M, O)`` or ``None``.
+        weight: ``(M, O, K)`` in ``x``'s dtype, or float32 with a 16-bit ``x`` (a master weight, rounded to
+            ``x``'s dtype as the kernels read it).
+        bias: ``(M, O)`` in ``weight``'s dtype, or ``None``.
         modality: ``(N,)`` int64 ids in ``0..M-1`` (checked by the caller).
         tiling: block sizes, warps and stages (:func:`default_tiling` of ``x``'s dtype and ``N`` when
             ``None``); the result does not depend on it beyond rounding.
@@ -686,7 +712,8 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             depend on it. Not used up to ``tiling.gemv_rows`` tokens.
 
     Returns:
-        ``y (N, O)`` in ``x``'s dtype. Gradients come in each input's dtype; a modality absent from
+        ``y (N, O)`` in ``x``'s dtype. Gradients come in each input's dtype (a master weight's straight from
+        the float32 sums, never rounded to ``x``'s dtype); a modality absent from
         ``modality`` gets exactly zero gradient. Where none is wanted (grad mode off, or no input requires one),
         the kernels run without an autograd node, whose Python costs a decoding step as much as the launch.
 

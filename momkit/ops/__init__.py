@@ -122,8 +122,9 @@ def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
 
     Args:
         x: ``(..., in)``.
-        weight: ``(M, out, in)``, one matrix per modality, in ``x``'s dtype.
-        bias: optional ``(M, out)``.
+        weight: ``(M, out, in)``, one matrix per modality, in ``x``'s dtype, or in float32 with a bfloat16 or
+            float16 ``x`` (master weights: rounded to ``x``'s dtype for the products, their gradient in float32).
+        bias: optional ``(M, out)``, in ``weight``'s dtype.
         modality: ``x``'s leading shape ``(...)``, int64 ids in ``0..M-1``.
         order: optional ``(positions,)`` int64 permutation of the flattened positions that groups them by id
             (``torch.argsort(modality.reshape(-1), stable=True)``), for ids in no order such as a router's expert
@@ -134,14 +135,18 @@ def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
 
     Returns:
         ``(..., out)`` in ``x``'s dtype. A modality absent from ``modality`` gets exactly zero gradient.
-        Under autocast, ``x``, ``weight`` and ``bias`` are first cast as ``torch.nn.functional.linear``'s
-        would be.
+        Under autocast, ``x`` is first cast to the autocast dtype, and ``weight`` and ``bias`` too unless they
+        are float32: then they are master weights as above, which a backend with the ``"float32_weights"``
+        extension (the ``triton`` one) rounds as it reads them and others receive cast. Either way the products
+        are those of ``torch.nn.functional.linear`` under autocast.
     """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and \
             torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        x = x.to(dtype)
+        wide = weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+        weight = weight if wide else weight.to(dtype)
+        bias = None if bias is None else bias.to(weight.dtype)
     if torch.compiler.is_compiling():
         return library.routed_linear(x, weight, bias, modality, backend_name(backend, "routed_linear"))
     return dispatch.routed_linear(x, weight, bias, modality, backend, order)

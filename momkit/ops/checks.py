@@ -19,6 +19,7 @@ import torch
 from momkit.errors import SpecError
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _UNCHECKED = contextvars.ContextVar("momkit_unchecked", default=False)
 
 
@@ -165,10 +166,13 @@ def check_routed_linear(x, weight, bias, modality, order=None) -> None:
         raise TypeError(f"x must be a torch.Tensor of shape (..., in_features), got "
                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     expect_tensor("weight", weight, {"(M, out, in)": (None, None, x.shape[-1])}, x.device)
-    if weight.dtype != x.dtype:
-        raise SpecError(f"weight has dtype {weight.dtype} but x has {x.dtype}; cast one to the other")
+    if weight.dtype != x.dtype and not (weight.dtype == torch.float32 and x.dtype in SIXTEEN_BIT):
+        raise SpecError(f"weight has dtype {weight.dtype} but x has {x.dtype}; pass weight in x's dtype, or in "
+                        f"torch.float32 with a bfloat16 or float16 x")
     if bias is not None:
         expect_tensor("bias", bias, {"(M, out)": tuple(weight.shape[:2])}, x.device)
+        if bias.dtype != weight.dtype:
+            raise SpecError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}; pass both in one dtype")
     expect_tensor("modality", modality, {"x's leading shape": tuple(x.shape[:-1])}, x.device, floating=False)
     check_ids(modality, weight.shape[0], "weight")
     if order is not None:

@@ -97,9 +97,12 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
 
 def routed_linear(x, weight, bias, modality, backend, order=None):
     """:func:`momkit.ops.routed_linear` on inputs already in the autocast dtype, checked and run on its
-    backend (with ``order`` if it takes it)."""
+    backend (with ``order`` if it takes it); float32 ``weight`` and ``bias`` beside a 16-bit ``x`` are cast to
+    ``x``'s dtype first for a backend without the ``"float32_weights"`` extension."""
     check_routed_linear(x, weight, bias, modality, order)
     impl = resolve_backend(backend, x.device, "routed_linear", dtype=x.dtype)
+    if weight.dtype != x.dtype and "float32_weights" not in impl.extensions:
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     hint = {"order": order} if order is not None and "order" in impl.extensions else {}
     return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality, **hint)
 

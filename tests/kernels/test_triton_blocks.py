@@ -64,6 +64,18 @@ def test_block_matches_float64_reference(kernels, gen, backbone, routing, bidire
                  f"{backbone} prefill, then decoding")
 
 
+def on_both_backends(spec, gen):
+    """A block of ``spec`` in float32, its copy on the reference backend, and random ``x (2, 40, 16)``, runs of
+    both modalities and loss weights."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    block = build_block(spec).to(DEVICE)
+    reference = build_block({**spec, "scan_backend": "reference"}).to(DEVICE)
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
+    modality = (torch.arange(40) // 7 % 2).repeat(2, 1).to(DEVICE)
+    return block, reference, x, modality, torch.randn(2, 40, 16, generator=gen).to(DEVICE)
+
+
 @pytest.mark.parametrize("backbone,routing,builds", [
     ({"kind": "ffn", "d_model": 16}, {"specific": "dense", "experts": {
         "sublayers": ["w1", "w2", "w3"], "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}, 2),
@@ -78,13 +90,26 @@ def test_routed_layers_of_a_block_share_their_tile_lists(kernels, gen, monkeypat
     real = routed_linear._tile_lists
     monkeypatch.setattr(routed_linear, "_tile_lists", lambda *args: made.append(args[1:]) or real(*args))
     spec = {"modalities": ["text", "image"], "backbone": backbone, "routing": routing, "scan_backend": "triton"}
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    block = build_block(spec).to(DEVICE)
-    reference = build_block({**spec, "scan_backend": "reference"}).to(DEVICE)
-    reference.load_state_dict(block.state_dict())
-    x = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
-    modality = (torch.arange(40) // 7 % 2).repeat(2, 1).to(DEVICE)
-    weight = torch.randn(2, 40, 16, generator=gen).to(DEVICE)
+    block, reference, x, modality, weight = on_both_backends(spec, gen)
     got = forward_backward(block, x, modality, weight)
     assert len(made) == builds, f"tile lists built {len(made)} times in one pass: {made}"
     assert_close(got, forward_backward(reference, x, modality, weight), torch.float32, "triton against reference")
+
+
+@pytest.mark.parametrize("backbone,routing", [
+    ({"kind": "ffn", "d_model": 16}, {"specific": "dense", "experts": {
+        "sublayers": ["w1", "w2", "w3"], "n_experts": 4, "top_k": 1, "capacity_factor": 1.25}}),
+    ({"kind": "ffn", "d_model": 16}, {"specific": "all"}),
+], ids=["experts", "routed"])
+def test_blocks_under_autocast_take_float32_weights(kernels, gen, backbone, routing):
+    """Under bfloat16 autocast the routed projections on the Triton backend take the float32 weights as they are
+    (rounded as the kernels read them): output and every gradient match the block on the reference backend,
+    which is given the weights cast, and every gradient is float32. (Feed-forward blocks, whose routed
+    projections are all that the two backends compute differently: two scans in bfloat16 differ by more than
+    bfloat16's tolerance on their own.)"""
+    spec = {"modalities": ["text", "image"], "backbone": backbone, "routing": routing, "scan_backend": "triton"}
+    block, reference, x, modality, weight = on_both_backends(spec, gen)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, ref = forward_backward(block, x, modality, weight), forward_backward(reference, x, modality, weight)
+    assert all(g.dtype == torch.float32 for name, g in got.items() if name != "out")
+    assert_close(got, {k: v.double() for k, v in ref.items()}, torch.bfloat16, "triton against reference")

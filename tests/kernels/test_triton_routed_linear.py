@@ -58,22 +58,23 @@ def per_modality(x, weight, bias, modality):
     return y
 
 
-def run(fn, inputs, seed, **extra):
+def run(fn, inputs, seed, loss_dtype=None, **extra):
     """``y`` and the gradients of ``x``, ``weight`` and ``bias`` for a random linear loss of ``y``.
 
-    The loss weights are drawn in float64 and rounded to ``y``'s dtype, so that a low-precision run and its
-    float64 reference differentiate the same loss.
+    The loss weights are drawn in float64 and rounded to ``y``'s dtype, or first to ``loss_dtype``: a float64
+    reference given a low-precision run's dtype differentiates that run's loss exactly.
     """
     names = [name for name in ("x", "weight", "bias") if inputs[name] is not None]
     leaves = {name: inputs[name].clone().requires_grad_(True) for name in names}
     y = fn(**{**inputs, **leaves}, **extra)
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    grads = torch.autograd.grad((y * w.to(y.device, y.dtype)).sum(), list(leaves.values()))
+    w = w.to(y.device, loss_dtype or y.dtype).to(y.dtype)
+    grads = torch.autograd.grad((y * w).sum(), list(leaves.values()))
     return {"y": y, **{f"d{name}": g for name, g in zip(names, grads)}}
 
 
-def reference(inputs, seed, fn=per_token):
-    return run(fn, as_float64(inputs), seed)
+def reference(inputs, seed, fn=per_token, loss_dtype=None):
+    return run(fn, as_float64(inputs), seed, loss_dtype)
 
 
 def assert_close(got, ref, dtype, label):
@@ -186,6 +187,61 @@ def test_ids_in_no_order_through_an_order(kernels, gen, dtype):
             got = run(kernels.routed_linear, inputs, 8, tiling=tiling, order=order)
             assert_close(got, ref, dtype, f"{name}, {tiling}")
             assert_absent_zero(got, 5, f"{name}, {tiling}")
+
+
+def master_weights(gen, n, k, o, m, dtype, runs=(1, 1)):
+    """Inputs with a 16-bit ``x`` and a float32 ``weight`` and ``bias``, the same inputs with the weight and bias
+    rounded to ``dtype``, and the float64 reference of the rounded ones."""
+    inputs = make_inputs(gen, n, k, o, m, runs=runs, absent=m - 1, dtype=dtype)
+    for name in ("weight", "bias"):
+        inputs[name] = (inputs[name].float() + 1e-3 * torch.randn(inputs[name].shape, generator=gen).to(DEVICE))
+    rounded = {**inputs, "weight": inputs["weight"].to(dtype), "bias": inputs["bias"].to(dtype)}
+    assert not torch.equal(rounded["weight"].float(), inputs["weight"])
+    return inputs, rounded, reference(rounded, 6, loss_dtype=dtype)
+
+
+def assert_master_close(got, same, ref, dtype, label):
+    """The run of master weights ``got`` against the float64 reference ``ref``: ``y`` and ``dx`` in ``dtype``,
+    ``dweight`` and ``dbias`` in float32 at float32's tolerance, so never rounded to ``dtype`` on their way; and
+    against the run of the rounded weights ``same``: ``y`` and ``dx`` the same bits, ``dweight`` and ``dbias``
+    those bits once rounded."""
+    assert_close({k: got[k] for k in ("y", "dx")}, {k: ref[k] for k in ("y", "dx")}, dtype, label)
+    assert_close({k: got[k] for k in ("dweight", "dbias")}, {k: ref[k] for k in ("dweight", "dbias")},
+                 torch.float32, label)
+    for name in ("y", "dx", "dweight", "dbias"):
+        assert torch.equal(got[name].to(dtype), same[name]), f"{label}: {name} differs from the rounded weight's"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_master_weights(kernels, gen, dtype, monkeypatch):
+    """A float32 weight and bias beside 16-bit tokens compute the products of the weight and bias rounded to the
+    tokens' dtype, with their gradients in float32 straight from the float32 sums: through pointers (both small
+    tilings), through an ``order``, one product per token, and through tensor descriptors (the weight then
+    cast once for the call); through pointers no rounded copy of the weight is made."""
+    casts = []
+    real_to = torch.Tensor.to
+
+    def counted_to(self, *args, **kwargs):
+        if self.dtype == torch.float32 and self.dim() == 3:
+            casts.append(self.shape)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counted_to)
+    tma = kernels.replace(small_tilings(kernels)[1], tma_rows=70)
+    inputs, rounded, ref = master_weights(gen, 130, 24, 40, 3, dtype, runs=(20, 60))
+    order = torch.argsort(inputs["modality"], stable=True)
+    for label, extra, copies in (("pointers", dict(tiling=small_tilings(kernels)[0]), 1),
+                                 ("pointers in place", dict(tiling=small_tilings(kernels)[1]), 0),
+                                 ("order", dict(tiling=small_tilings(kernels)[1], order=order), 0),
+                                 ("tma", dict(tiling=tma), 2)):
+        casts.clear()
+        got = run(kernels.routed_linear, inputs, 6, **extra)
+        assert len(casts) == copies, f"{label}: {len(casts)} copies of the weight in {dtype}, not {copies}"
+        assert_master_close(got, run(kernels.routed_linear, rounded, 6, **extra), ref, dtype, label)
+        assert_absent_zero(got, 2, label)
+    inputs, rounded, ref = master_weights(gen, 3, 40, 33, 3, dtype)
+    assert_master_close(run(kernels.routed_linear, inputs, 6), run(kernels.routed_linear, rounded, 6), ref, dtype,
+                        "one product per token")
 
 
 @pytest.mark.parametrize("n", [130, 16, 3])
