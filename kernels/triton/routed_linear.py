@@ -3,10 +3,14 @@
 Shapes: ``x (N, K)``, ``weight (M, O, K)``, ``bias (M, O)``, ``modality (N,)`` with ids in ``0..M-1``,
 ``y (N, O)``. Inputs may be float32, bfloat16 or float16; every product is a ``tl.dot`` accumulated in float32
 (with IEEE precision for float32 operands, no tf32), and results are stored in the inputs' dtypes. The weight and
-bias may also be float32 beside 16-bit tokens (the master weights of mixed-precision training): tiles loaded
-through pointers round them to the tokens' dtype in registers, so no rounded copy of the weight is made, and
-``dweight`` is stored in float32 straight from its sums. (Tensor descriptors copy tiles as they are, so where
-those load the weight, it is cast once for the call.)
+bias may also be float32 beside 16-bit tokens (the master weights of mixed-precision training). The weight is
+then cast to the tokens' dtype once per call, and the forward and ``dx`` share that copy; ``dweight`` is stored in
+float32 straight from its float32 sums, so it is never rounded to 16 bits and cast back. The bias is rounded as it
+is loaded, and so is the weight by the one-product-per-token forward of decoding, which reads it once anyway.
+(Rounding the weight tiles of the grouped products as they are loaded instead, with the steps along the reduced
+dimension halved to fit the pipeline's float32 tiles in shared memory, made those products twice as slow on an
+H200: Hopper's tensor cores read that operand from shared memory, so a tile converted in registers goes back
+through it.)
 
 Tokens are never sorted, gathered or scattered: every kernel reads ``x`` and ``dy`` in place, and routing
 happens inside the tiles. Tokens whose ids come in no order (a router's expert choices) come with ``order``, a
@@ -231,8 +235,8 @@ def _cast(v, DT: tl.constexpr):
 
 @triton.jit
 def _narrow(v, DT: tl.constexpr):
-    """``v`` in ``DT``: as it is if already, else rounded to nearest (a float32 master weight read for 16-bit
-    products)."""
+    """``v`` in ``DT``: as it is if already, else rounded to nearest (a float32 master bias or, decoding, weight,
+    read for 16-bit products)."""
     if v.dtype != DT:
         v = _cast(v, DT)
     return v
@@ -281,7 +285,7 @@ def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, strid
     for start in range(0, n_red, BLOCK_R):
         red_mask = red < n_red - start
         a = tl.load(a_ptrs, mask=row_mask[:, None] & red_mask[None, :], other=0.0)
-        b = _narrow(tl.load(b_ptrs, mask=red_mask[:, None] & col_mask[None, :], other=0.0), a_ptr.dtype.element_ty)
+        b = tl.load(b_ptrs, mask=red_mask[:, None] & col_mask[None, :], other=0.0)
         acc = _dot(a, b, acc)
         a_ptrs += BLOCK_R
         b_ptrs += BLOCK_R * stride_r
@@ -333,8 +337,8 @@ def _routed_mm_kernel(a_ptr, b_ptr, a_desc, b_desc, bias_ptr, mod_ptr, perm_ptr,
             acc = _reduce_rows(acc, a_ptr, b_ptr + m_lo.to(tl.int64) * stride_m, rows, row_mask, cols, col_mask,
                                n_red, stride_r, stride_c, BLOCK_R)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + m_lo * n_cols + cols, mask=col_mask, other=0.0)
-            acc += _narrow(bias, out_ptr.dtype.element_ty).to(tl.float32)[None, :]
+            bias_row = tl.load(bias_ptr + m_lo * n_cols + cols, mask=col_mask, other=0.0)
+            acc += _narrow(bias_row, out_ptr.dtype.element_ty).to(tl.float32)[None, :]
     else:
         for m in range(m_lo, m_hi + 1):
             sel = mods == m
@@ -342,8 +346,8 @@ def _routed_mm_kernel(a_ptr, b_ptr, a_desc, b_desc, bias_ptr, mod_ptr, perm_ptr,
                 acc = _reduce_rows(acc, a_ptr, b_ptr + tl.cast(m, tl.int64) * stride_m, rows, sel, cols, col_mask,
                                    n_red, stride_r, stride_c, BLOCK_R)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + mods[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-            acc += _narrow(bias, out_ptr.dtype.element_ty).to(tl.float32)
+            bias_rows = tl.load(bias_ptr + mods[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+            acc += _narrow(bias_rows, out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], _cast(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -536,16 +540,8 @@ def _tma(tiling: Tiling, perm, *tensors) -> bool:
         return False
     if not (_INTERPRETING or _bulk_copies(first.device.index)):
         return False
-    return all(t.data_ptr() % 16 == 0 and all(s * first.element_size() % 16 == 0 for s in t.stride()[:-1])
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
                for t in tensors)
-
-
-def _operand(tiling: Tiling, perm, a, weight) -> tuple[torch.Tensor, bool]:
-    """The weight as the products with ``a`` read it, and whether through tensor descriptors (:func:`_tma`): a
-    float32 master weight beside a 16-bit ``a`` is cast for descriptors, which copy tiles as they are, and read
-    in place otherwise (each tile rounded as it is loaded)."""
-    tma = _tma(tiling, perm, a, weight)
-    return (weight.to(a.dtype) if tma else weight), tma
 
 
 def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -613,17 +609,17 @@ def _grouping(modality: torch.Tensor, order: torch.Tensor | None) -> _Grouping:
     return found
 
 
-def _weight_grads(dy, x, grouping, perm, weight, bias, tiling, need_weight=True):
-    """``dweight (M, O, K)`` in ``weight``'s dtype (``None`` unless ``need_weight``) and ``dbias (M, O)`` in
-    ``bias``'s (``None`` without a bias); the ids in their order and the tile lists from ``grouping`` (a
-    :class:`_Grouping`), ``perm`` as :func:`_routed_mm` takes it."""
+def _weight_grads(dy, x, grouping, perm, weight: tuple[torch.Size, torch.dtype], bias, tiling, need_weight=True):
+    """``dweight`` of the ``(M, O, K)`` shape and the dtype ``weight`` gives (``None`` unless ``need_weight``) and
+    ``dbias (M, O)`` in ``bias``'s dtype (``None`` without a bias); the ids in their order and the tile lists from
+    ``grouping`` (a :class:`_Grouping`), ``perm`` as :func:`_routed_mm` takes it."""
     n_rows, n_in = x.shape
-    n_mod, n_out = weight.shape[:2]
+    n_mod, n_out = weight[0][:2]
     ids = grouping.ids
     tiles, counts = grouping.tile_lists(n_mod, tiling.dw_block_n)
     dweight = dbias = None
     if need_weight:
-        dweight = torch.empty_like(weight)
+        dweight = torch.empty(weight[0], dtype=weight[1], device=dy.device)
         dy_desc = x_desc = None
         tma = _tma(tiling, perm, dy, x)
         if tma:
@@ -656,10 +652,11 @@ def _forward(x, weight, bias, ids, perm, t: Tiling) -> torch.Tensor:
     if x.shape[0] <= t.gemv_rows:
         block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
         return _routed_gemv(x, weight, bias, ids, t.gemv_block_o, block_k, t.gemv_warps)
-    weight, tma = _operand(t, perm, x, weight)
+    weight = weight.to(x.dtype)
+    tma = _tma(t, perm, x, weight)
     weight_t = weight.transpose(1, 2)
     if not tma and x.shape[0] >= t.copy_rows * weight.shape[0]:
-        weight_t = weight_t.to(x.dtype, memory_format=torch.contiguous_format)
+        weight_t = weight_t.contiguous()
     return _routed_mm(x, weight_t, bias, ids, perm, t.block_n, t.block_o, t.block_k, t.warps, t.stages, t.group,
                       tma)
 
@@ -670,9 +667,10 @@ class RoutedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, perm, tiling, grouping):
-        ctx.save_for_backward(x, weight, bias, perm)
-        ctx.tiling, ctx.grouping = tiling, grouping
-        return _forward(x, weight, bias, grouping.ids, perm, tiling)
+        operand = weight if x.shape[0] <= tiling.gemv_rows else weight.to(x.dtype)
+        ctx.save_for_backward(x, operand, bias, perm)
+        ctx.tiling, ctx.grouping, ctx.master = tiling, grouping, (weight.shape, weight.dtype)
+        return _forward(x, operand, bias, grouping.ids, perm, tiling)
 
     @staticmethod
     @once_differentiable
@@ -680,17 +678,17 @@ class RoutedLinearFn(torch.autograd.Function):
         x, weight, bias, perm = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.shape[0] == 0:
-            return (torch.empty_like(x) if need_x else None, torch.zeros_like(weight) if need_w else None,
-                    torch.zeros_like(bias) if need_b else None, None, None, None)
+            return (torch.empty_like(x) if need_x else None, x.new_zeros(ctx.master[0], dtype=ctx.master[1])
+                    if need_w else None, torch.zeros_like(bias) if need_b else None, None, None, None)
         t = ctx.tiling
         dy = dy.contiguous()
         dx = dweight = dbias = None
         if need_x:
-            operand, tma = _operand(t, perm, dy, weight)
-            dx = _routed_mm(dy, operand, None, ctx.grouping.ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
-                            t.dx_warps, t.dx_stages, t.group, tma)
+            weight = weight.to(dy.dtype)
+            dx = _routed_mm(dy, weight, None, ctx.grouping.ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
+                            t.dx_warps, t.dx_stages, t.group, _tma(t, perm, dy, weight))
         if need_w or need_b:
-            dweight, dbias = _weight_grads(dy, x, ctx.grouping, perm, weight, bias if need_b else None, t, need_w)
+            dweight, dbias = _weight_grads(dy, x, ctx.grouping, perm, ctx.master, bias if need_b else None, t, need_w)
         return dx, dweight, dbias, None, None, None
 
 
@@ -700,8 +698,8 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Args:
         x: ``(N, K)``, float32, bfloat16 or float16.
-        weight: ``(M, O, K)`` in ``x``'s dtype, or float32 with a 16-bit ``x`` (a master weight, rounded to
-            ``x``'s dtype as the kernels read it).
+        weight: ``(M, O, K)`` in ``x``'s dtype, or float32 with a 16-bit ``x`` (a master weight: the products
+            are those of its rounding to ``x``'s dtype, cast once for the forward and backward).
         bias: ``(M, O)`` in ``weight``'s dtype, or ``None``.
         modality: ``(N,)`` int64 ids in ``0..M-1`` (checked by the caller).
         tiling: block sizes, warps and stages (:func:`default_tiling` of ``x``'s dtype and ``N`` when

@@ -189,7 +189,7 @@ def test_ids_in_no_order_through_an_order(kernels, gen, dtype):
             assert_absent_zero(got, 5, f"{name}, {tiling}")
 
 
-def master_weights(gen, n, k, o, m, dtype, runs=(1, 1)):
+def master_weights(gen, n, k, o, m, dtype, runs=(1, 1), fn=per_token):
     """Inputs with a 16-bit ``x`` and a float32 ``weight`` and ``bias``, the same inputs with the weight and bias
     rounded to ``dtype``, and the float64 reference of the rounded ones."""
     inputs = make_inputs(gen, n, k, o, m, runs=runs, absent=m - 1, dtype=dtype)
@@ -197,7 +197,7 @@ def master_weights(gen, n, k, o, m, dtype, runs=(1, 1)):
         inputs[name] = (inputs[name].float() + 1e-3 * torch.randn(inputs[name].shape, generator=gen).to(DEVICE))
     rounded = {**inputs, "weight": inputs["weight"].to(dtype), "bias": inputs["bias"].to(dtype)}
     assert not torch.equal(rounded["weight"].float(), inputs["weight"])
-    return inputs, rounded, reference(rounded, 6, loss_dtype=dtype)
+    return inputs, rounded, reference(rounded, 6, fn, loss_dtype=dtype)
 
 
 def assert_master_close(got, same, ref, dtype, label):
@@ -216,8 +216,9 @@ def assert_master_close(got, same, ref, dtype, label):
 def test_float32_master_weights(kernels, gen, dtype, monkeypatch):
     """A float32 weight and bias beside 16-bit tokens compute the products of the weight and bias rounded to the
     tokens' dtype, with their gradients in float32 straight from the float32 sums: through pointers (both small
-    tilings), through an ``order``, one product per token, and through tensor descriptors (the weight then
-    cast once for the call); through pointers no rounded copy of the weight is made."""
+    tilings), through an ``order``, through tensor descriptors, and one product per token. The weight is cast
+    once per forward and backward: the forward's copy serves the backward too (one product per token reads it
+    in place, and its backward casts it)."""
     casts = []
     real_to = torch.Tensor.to
 
@@ -227,21 +228,20 @@ def test_float32_master_weights(kernels, gen, dtype, monkeypatch):
         return real_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", counted_to)
-    tma = kernels.replace(small_tilings(kernels)[1], tma_rows=70)
-    inputs, rounded, ref = master_weights(gen, 130, 24, 40, 3, dtype, runs=(20, 60))
-    order = torch.argsort(inputs["modality"], stable=True)
-    for label, extra, copies in (("pointers", dict(tiling=small_tilings(kernels)[0]), 1),
-                                 ("pointers in place", dict(tiling=small_tilings(kernels)[1]), 0),
-                                 ("order", dict(tiling=small_tilings(kernels)[1], order=order), 0),
-                                 ("tma", dict(tiling=tma), 2)):
+    in_place = small_tilings(kernels)[1]
+    many, few = master_weights(gen, 130, 24, 40, 3, dtype, runs=(20, 60)), master_weights(gen, 3, 40, 33, 3, dtype)
+    order = torch.argsort(many[0]["modality"], stable=True)
+    for label, (inputs, rounded, ref), extra in (
+            ("pointers", many, dict(tiling=small_tilings(kernels)[0])),
+            ("pointers in place", many, dict(tiling=in_place)),
+            ("order", many, dict(tiling=in_place, order=order)),
+            ("tma", many, dict(tiling=kernels.replace(in_place, tma_rows=70))),
+            ("one product per token", few, {})):
         casts.clear()
         got = run(kernels.routed_linear, inputs, 6, **extra)
-        assert len(casts) == copies, f"{label}: {len(casts)} copies of the weight in {dtype}, not {copies}"
+        assert len(casts) == 1, f"{label}: {len(casts)} copies of the weight in {dtype}, not 1"
         assert_master_close(got, run(kernels.routed_linear, rounded, 6, **extra), ref, dtype, label)
         assert_absent_zero(got, 2, label)
-    inputs, rounded, ref = master_weights(gen, 3, 40, 33, 3, dtype)
-    assert_master_close(run(kernels.routed_linear, inputs, 6), run(kernels.routed_linear, rounded, 6), ref, dtype,
-                        "one product per token")
 
 
 @pytest.mark.parametrize("n", [130, 16, 3])
@@ -482,6 +482,19 @@ def test_large_shapes_through_an_order(cuda_kernels, gen, dtype):
         got = run(cuda_kernels.routed_linear, inputs, 12, tiling=tiling, order=order)
         assert_close(got, ref, dtype, f"{tiling}")
         assert_absent_zero(got, 3, f"{tiling}")
+
+
+@pytest.mark.parametrize("through", ["order", "runs"])
+def test_large_shapes_master_weights(cuda_kernels, gen, through):
+    """Float32 weights beside bfloat16 tokens at the default tiling, through an order (the experts' case, tiles
+    read in place) and in runs of one modality (through tensor descriptors on Hopper)."""
+    runs = (1, 1) if through == "order" else (1024, 1024)
+    inputs, _, ref = master_weights(gen, 4096 + 17, 1024, 2048, 8, torch.bfloat16, runs=runs, fn=per_modality)
+    extra = {"order": torch.argsort(inputs["modality"], stable=True)} if through == "order" else {}
+    got = run(cuda_kernels.routed_linear, inputs, 6, **extra)
+    assert_close({k: got[k] for k in ("y", "dx")}, {k: ref[k] for k in ("y", "dx")}, torch.bfloat16, through)
+    assert_close({k: got[k] for k in ("dweight", "dbias")}, {k: ref[k] for k in ("dweight", "dbias")},
+                 torch.float32, through)
 
 
 def test_no_host_synchronisation(cuda_kernels, gen):
