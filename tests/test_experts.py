@@ -108,6 +108,61 @@ def test_capacity_drops_match_a_float64_reference(top_k):
     assert block.router_stats.dropped == 0
 
 
+def _router_reference(router, x, modality, factor):
+    """The router's decision and statistics written out token by token in float64: per router set (one, or one
+    per modality), the Switch load-balancing loss ``n_experts * sum_i f_i P_i`` averaged over the sets present,
+    the z-loss, and the capacity of each expert id over its set's tokens, slot 0 of all tokens before slot 1."""
+    experts, n_modalities = router.experts, router.n_modalities
+    e, k = experts.n_experts, experts.top_k
+    flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1).tolist()
+    h = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6)
+    w = router.proj.weight.detach()
+    logits = torch.stack([h[t] @ (w[mods[t]] if experts.per_modality else w).T for t in range(len(flat))])
+    probs = logits.softmax(-1)
+    top_p, top_e = probs.topk(k, dim=-1)
+    sets = mods if experts.per_modality else [0] * len(mods)
+    ids = [[sets[t] * e + int(top_e[t, j]) for j in range(k)] for t in range(len(flat))]
+    balance, present = 0.0, 0
+    for s in sorted(set(sets)):
+        tokens = [t for t in range(len(flat)) if sets[t] == s]
+        f = [sum(int(top_e[t, j]) == i for t in tokens for j in range(k)) / (k * len(tokens)) for i in range(e)]
+        mass = [sum(float(probs[t, i]) for t in tokens) / len(tokens) for i in range(e)]
+        balance += e * sum(fi * pi for fi, pi in zip(f, mass))
+        present += 1
+    taken, keep = {}, [[False] * k for _ in flat]
+    counts = torch.zeros(n_modalities, router.n_ids, dtype=torch.long)
+    for j in range(k):
+        for t in range(len(flat)):
+            tokens = sum(sets[u] == sets[t] for u in range(len(flat)))
+            if taken.get(ids[t][j], 0) < math.ceil(factor * k * tokens / e):
+                taken[ids[t][j]] = taken.get(ids[t][j], 0) + 1
+                keep[t][j] = True
+                counts[mods[t], ids[t][j]] += 1
+    gates = top_p / top_p.sum(-1, keepdim=True) * torch.tensor(keep, dtype=torch.float64)
+    z = torch.logsumexp(logits, -1).square().mean()
+    return dict(ids=torch.tensor(ids), gates=gates, balance=balance / present, z=float(z), counts=counts,
+                dropped=sum(not kept for row in keep for kept in row))
+
+
+@pytest.mark.parametrize("top_k,per_modality", [(1, False), (2, False), (1, True), (2, True)])
+def test_router_statistics_match_a_float64_reference(top_k, per_modality):
+    """The router's expert ids, gates, load-balancing loss, z-loss, kept slots per modality and id, and dropped
+    slots, in training with a capacity, against the token-by-token float64 reference."""
+    block = _block({**EXPERTS, "top_k": top_k, "per_modality": per_modality, "capacity_factor": 0.75})
+    x, modality = _inputs(5, length=30)
+    modality[0, :20] = 0
+    route = block.router(x, modality, True)
+    expected = _router_reference(block.router, x, modality, 0.75)
+    assert route.ids.reshape(-1, top_k).tolist() == expected["ids"].tolist()
+    torch.testing.assert_close(route.gates.reshape(-1, top_k), expected["gates"], rtol=1e-12, atol=1e-12)
+    assert route.stats.balance.item() == pytest.approx(expected["balance"], rel=1e-12)
+    assert route.stats.z.item() == pytest.approx(expected["z"], rel=1e-12)
+    assert route.stats.counts.tolist() == expected["counts"].tolist()
+    assert 0 < int(route.stats.dropped) == expected["dropped"]
+    assert route.stats.slots == top_k * modality.numel()
+    assert torch.equal(route.order, torch.argsort(route.ids.reshape(-1, top_k).t().reshape(-1), stable=True))
+
+
 def test_capacity_mask_serves_slot_0_first():
     ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
     keep, order = capacity_mask(ids, torch.zeros(2, dtype=torch.long), torch.tensor([4]), 2, 0.5)
