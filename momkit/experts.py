@@ -79,21 +79,21 @@ class Route:
     order: torch.Tensor | None = None
 
 
-def capacity_mask(ids: torch.Tensor, id_sets: torch.Tensor, tokens_per_set: torch.Tensor, n_experts: int,
-                  factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which slots of ``ids (N, k)`` (expert ids ``0..n_ids-1``) the capacity keeps: expert ``i`` (of router
-    set ``id_sets[i]``, which saw ``tokens_per_set[id_sets[i]]`` tokens) keeps its first
-    ``ceil(factor * k * tokens / n_experts)`` slots, slot 0 of every token before slot 1, tokens in order.
-    Returns that ``(N, k)`` mask and the stable argsort of ``ids.t()`` flattened, which ranked the slots."""
+def capacity_mask(ids: torch.Tensor, counts: torch.Tensor, capacity: int | torch.Tensor,
+                  n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which slots of ``ids (N, k)`` (expert ids ``0..n_ids-1``, each picked ``counts[i]`` times) the capacity
+    keeps: expert ``i`` keeps its first ``capacity`` slots (an int, or per router set ``capacity[i //
+    n_experts]``), slot 0 of every token before slot 1, tokens in order. Returns that ``(N, k)`` mask and the
+    stable argsort of ``ids.t()`` flattened, which ranked the slots."""
     n, k = ids.shape
-    order = ids.t().reshape(-1)
-    ranked = torch.argsort(order, stable=True)
-    counts = counts_of(order, len(id_sets))
-    starts = counts.cumsum(0) - counts
-    position = torch.empty_like(order)
-    position[ranked] = torch.arange(len(order), device=ids.device) - starts[order[ranked]]
-    capacity = torch.ceil(factor * k * tokens_per_set[id_sets].double() / n_experts).long()
-    return (position < capacity[order]).reshape(k, n).t(), ranked
+    slot_major = ids.t().reshape(-1)
+    ranked = torch.argsort(slot_major, stable=True)
+    ranked_ids = slot_major[ranked]
+    rank = torch.arange(len(ranked), device=ids.device) - (counts.cumsum(0) - counts)[ranked_ids]
+    if isinstance(capacity, torch.Tensor):
+        capacity = capacity[ranked_ids // n_experts]
+    keep = torch.empty_like(ranked, dtype=torch.bool).index_put_((ranked,), rank < capacity)
+    return keep.reshape(k, n).t(), ranked
 
 
 def counts_of(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -126,43 +126,54 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor, training: bool) -> Route:
         """Route ``x (..., d)`` of ``modality (...)``; the capacity applies when ``training``."""
-        e, k = self.experts.n_experts, self.experts.top_k
+        e, k, per_modality = self.experts.n_experts, self.experts.top_k, self.experts.per_modality
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         h = F.rms_norm(wide, (wide.shape[-1],), eps=EPS)
         logits = self.proj(h.to(self.proj.weight.dtype), modality).to(wide.dtype)
         probs = logits.softmax(-1)
         top_p, top_e = probs.topk(k, dim=-1)
-        total = top_p.sum(-1, keepdim=True)
+        total = top_p if k == 1 else top_p.sum(-1, keepdim=True)
         gates = top_p / (total.detach() if self.experts.gradient == "switch" else total)
-        sets = modality if self.experts.per_modality else torch.zeros_like(modality)
-        ids = top_e + (sets * e)[..., None]
-        flat_ids, flat_sets = ids.reshape(-1, k), sets.reshape(-1)
-        n_sets = self.n_modalities if self.experts.per_modality else 1
-        tokens = counts_of(flat_sets, n_sets)
-        keep, order = torch.ones_like(flat_ids, dtype=torch.bool), None
+        ids = top_e + (modality * e)[..., None] if per_modality else top_e
+        flat_ids, flat_modality = ids.reshape(-1, k), modality.reshape(-1)
+        picks = counts_of(flat_ids, self.n_ids)
+        tokens = picks.view(-1, e).sum(1) // k if per_modality else len(flat_ids)
+        keep, order = None, None
         if training and self.experts.capacity_factor is not None:
-            id_sets = torch.arange(self.n_ids, device=x.device) // e
-            keep, order = capacity_mask(flat_ids, id_sets, tokens, e, self.experts.capacity_factor)
+            factor = self.experts.capacity_factor
+            capacity = (torch.ceil(factor * k * tokens.double() / e).long() if per_modality
+                        else math.ceil(factor * k * tokens / e))
+            keep, order = capacity_mask(flat_ids, picks, capacity, e)
             gates = gates * keep.reshape(gates.shape)
-        stats = self._stats(logits.reshape(-1, e), probs.reshape(-1, e), top_e.reshape(-1, k), flat_sets, tokens,
-                            flat_ids, keep, modality.reshape(-1))
+        stats = self._stats(logits.reshape(-1, e), probs.reshape(-1, e), picks, tokens, flat_ids, keep,
+                            flat_modality)
         return Route(ids, gates.to(x.dtype), stats, order)
 
-    def _stats(self, logits, probs, top_e, sets, tokens, ids, keep, modality) -> RouterStats:
+    def _stats(self, logits, probs, picks, tokens, ids, keep, modality) -> RouterStats:
+        """The statistics of a routing: ``picks (n_ids,)`` the slots that chose each id before the capacity,
+        ``tokens`` those each router set saw (a tensor per set with ``per_modality``, else an int), ``keep`` the
+        capacity's mask (``None``: every slot kept)."""
         e, k = self.experts.n_experts, self.experts.top_k
-        n_sets = len(tokens)
-        picks = probs.new_zeros(len(top_e), e).scatter_add_(1, top_e, torch.ones_like(top_e, dtype=probs.dtype))
-        chosen = probs.new_zeros(n_sets, e).index_add_(0, sets, picks)
-        mass = probs.new_zeros(n_sets, e).index_add_(0, sets, probs)
-        seen = tokens.clamp(min=1).to(probs.dtype)[:, None]
-        per_set = e * (chosen / (k * seen) * mass / seen).sum(-1)
-        present = (tokens > 0).to(probs.dtype)
-        balance = (per_set * present).sum() / present.sum().clamp(min=1)
+        chosen = picks.view(-1, e).to(probs.dtype)
+        if self.experts.per_modality:
+            mass = probs.new_zeros(self.n_modalities, e).index_add_(0, modality, probs)
+            seen = tokens.clamp(min=1).to(probs.dtype)[:, None]
+            present = (tokens > 0).to(probs.dtype)
+            per_set = e * (chosen / (k * seen) * mass / seen).sum(-1)
+            balance = (per_set * present).sum() / present.sum().clamp(min=1)
+        else:
+            seen = max(tokens, 1)
+            balance = e * (chosen / (k * seen) * probs.sum(0) / seen).sum()
         z = torch.logsumexp(logits, dim=-1).square().sum() / max(len(logits), 1)
-        slot_id = modality[:, None].expand_as(ids) * self.n_ids + ids
+        slot_id = modality[:, None] * self.n_ids + ids
         counts = torch.zeros(self.n_modalities * self.n_ids, dtype=torch.long, device=ids.device)
-        counts.index_add_(0, slot_id.reshape(-1), keep.reshape(-1).long())
-        return RouterStats(balance, z, counts.reshape(self.n_modalities, self.n_ids), (~keep).sum(), keep.numel())
+        if keep is None:
+            counts.index_add_(0, slot_id.reshape(-1), torch.ones_like(slot_id.reshape(-1)))
+            dropped = torch.zeros((), dtype=torch.long, device=ids.device)
+        else:
+            counts.index_add_(0, slot_id.reshape(-1), keep.reshape(-1).long())
+            dropped = ids.numel() - counts.sum()
+        return RouterStats(balance, z, counts.reshape(self.n_modalities, self.n_ids), dropped, ids.numel())
 
 
 @dataclass
