@@ -1,5 +1,6 @@
-"""torch.compile traces a block of every backbone in one graph (the kernel front doors as torch.library
-operators), and the compiled block computes what the eager one does, forward and backward."""
+"""torch.compile traces a block of every backbone, and one with learned experts, in one graph (the kernel front
+doors as torch.library operators), and the compiled block computes what the eager one does, forward and backward
+(and with experts the router's statistics)."""
 
 import pytest
 import torch
@@ -13,7 +14,15 @@ CASES = [
     ({"kind": "transformer", "d_model": 16, "n_heads": 2}, "mot", True),
     ({"kind": "attention", "d_model": 16, "n_heads": 2}, "dense", False),
     ({"kind": "ffn", "d_model": 16}, "all", False),
+    ({"kind": "ffn", "d_model": 16}, {"specific": "dense", "experts": {
+        "sublayers": ["w1", "w2", "w3"], "n_experts": 4, "top_k": 2, "capacity_factor": 1.25}}, False),
 ]
+
+
+def case_id(value):
+    if isinstance(value, dict):
+        return value.get("kind", "experts")
+    return str(value)
 
 
 def _assert_compiled_equals_eager(backbone, routing, packed, device, scan_backend, length, compile_options,
@@ -22,7 +31,8 @@ def _assert_compiled_equals_eager(backbone, routing, packed, device, scan_backen
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = momkit.build_block({"modalities": ["text", "image"], "backbone": backbone,
-                                "routing": {"specific": routing}, "scan_backend": scan_backend}).to(device)
+                                "routing": routing if isinstance(routing, dict) else {"specific": routing},
+                                "scan_backend": scan_backend}).to(device)
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(2, length, 16, generator=gen, device=device, requires_grad=True)
     modality = torch.randint(0, 2, (2, length), generator=gen, device=device)
@@ -30,17 +40,57 @@ def _assert_compiled_equals_eager(backbone, routing, packed, device, scan_backen
         if packed else None
     weight = torch.randn(2, length, 16, generator=gen, device=device)
     compiled = torch.compile(block, fullgraph=True, **compile_options)
-    results = []
+    results, stats = [], []
     for run in (compiled, block):
         y = run(x, modality, seq_idx)
         results.append((y, *torch.autograd.grad((y * weight).sum(), [x, *block.parameters()])))
+        stats.append(block.router_stats)
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    if block.experts is not None:
+        for name in ("balance", "z", "counts", "dropped"):
+            torch.testing.assert_close(getattr(stats[0], name), getattr(stats[1], name), rtol=tolerance, atol=0)
 
 
-@pytest.mark.parametrize("backbone,routing,packed", CASES, ids=lambda v: v["kind"] if isinstance(v, dict) else str(v))
+@pytest.mark.parametrize("backbone,routing,packed", CASES, ids=case_id)
 def test_compiled_block_equals_eager(backbone, routing, packed):
     _assert_compiled_equals_eager(backbone, routing, packed, "cpu", "auto", 24, {"backend": "aot_eager"}, 1e-6)
+
+
+def test_compiled_routed_linear_passes_its_order():
+    """Under torch.compile ``routed_linear``'s ``order`` still reaches a backend that takes it (the Triton one
+    forms its tiles by it: without it, an experts layer's tiles would all be mixed)."""
+    from momkit import hookimpl
+    from momkit.descriptors import ScanBackend
+    from momkit.kernels import reference
+    from momkit.registry import Registry, use_registry
+
+    seen = []
+
+    class Plugin:
+        @hookimpl
+        def momkit_scan_backends(self):
+            def call(order=None, **kwargs):
+                seen.append(order)
+                return reference.routed_linear(**kwargs)
+            return [ScanBackend(name="ordered", description="records the order", routed_linear=call,
+                                extensions=frozenset({"order"}))]
+
+    registry = Registry()
+    registry.register(Plugin(), distribution="tests")
+    torch._dynamo.reset()
+    ids = torch.tensor([2, 0, 1, 0, 2, 1])
+    order = torch.argsort(ids, stable=True)
+    x, weight = torch.randn(6, 5, requires_grad=True), torch.randn(3, 4, 5)
+
+    def project(x, weight, ids, order):
+        return momkit.ops.routed_linear(x, weight, None, ids, order=order, backend="ordered")
+
+    with use_registry(registry):
+        y = torch.compile(project, fullgraph=True, backend="aot_eager")(x, weight, ids, order)
+        y.sum().backward()
+    assert len(seen) == 2 and all(torch.equal(o, order) for o in seen)
+    torch.testing.assert_close(y, torch.einsum("nk,nok->no", x, weight[ids]))
 
 
 def test_last_state_is_refused_under_compile():
@@ -56,6 +106,6 @@ def test_last_state_is_refused_under_compile():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backbone,routing,packed", CASES, ids=lambda v: v["kind"] if isinstance(v, dict) else str(v))
+@pytest.mark.parametrize("backbone,routing,packed", CASES, ids=case_id)
 def test_compiled_triton_block_equals_eager(backbone, routing, packed):
     _assert_compiled_equals_eager(backbone, routing, packed, "cuda", "triton", 64, {}, 1e-4)

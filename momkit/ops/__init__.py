@@ -148,7 +148,7 @@ def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
         weight = weight if wide else weight.to(dtype)
         bias = None if bias is None else bias.to(weight.dtype)
     if torch.compiler.is_compiling():
-        return library.routed_linear(x, weight, bias, modality, backend_name(backend, "routed_linear"))
+        return library.routed_linear(x, weight, bias, modality, order, backend_name(backend, "routed_linear"))
     return dispatch.routed_linear(x, weight, bias, modality, backend, order)
 
 
