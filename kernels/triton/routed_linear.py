@@ -645,14 +645,20 @@ def _weight_grads(dy, x, grouping, perm, weight: tuple[torch.Size, torch.dtype],
     return dweight, dbias
 
 
+def _operand(x, weight, t: Tiling) -> torch.Tensor:
+    """The weight as the forward reads it: a float32 master weight beside 16-bit tokens cast to their dtype once for
+    the call (the backward's ``dx`` reads the same copy), except by the one-product-per-token forward, which rounds
+    it as it loads it."""
+    return weight if x.shape[0] <= t.gemv_rows else weight.to(x.dtype)
+
+
 def _forward(x, weight, bias, ids, perm, t: Tiling) -> torch.Tensor:
-    """``y (N, O)``; ``ids`` and ``perm`` as :func:`_routed_mm` takes them."""
+    """``y (N, O)`` with ``weight`` from :func:`_operand`; ``ids`` and ``perm`` as :func:`_routed_mm` takes them."""
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[1]))
     if x.shape[0] <= t.gemv_rows:
         block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
         return _routed_gemv(x, weight, bias, ids, t.gemv_block_o, block_k, t.gemv_warps)
-    weight = weight.to(x.dtype)
     tma = _tma(t, perm, x, weight)
     weight_t = weight.transpose(1, 2)
     if not tma and x.shape[0] >= t.copy_rows * weight.shape[0]:
@@ -667,7 +673,7 @@ class RoutedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, perm, tiling, grouping):
-        operand = weight if x.shape[0] <= tiling.gemv_rows else weight.to(x.dtype)
+        operand = _operand(x, weight, tiling)
         ctx.save_for_backward(x, operand, bias, perm)
         ctx.tiling, ctx.grouping, ctx.master = tiling, grouping, (weight.shape, weight.dtype)
         return _forward(x, operand, bias, grouping.ids, perm, tiling)
@@ -730,9 +736,9 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         order = None
     if order is not None:
         order = order.contiguous()
-    inputs = (x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
+    x, weight, bias = x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
-        return RoutedLinearFn.apply(*inputs, order, tiling, _grouping(modality, order))
+        return RoutedLinearFn.apply(x, weight, bias, order, tiling, _grouping(modality, order))
     ids = modality if order is None else _grouping(modality, order).ids
-    return _forward(*inputs, ids, order, tiling)
+    return _forward(x, _operand(x, weight, tiling), bias, ids, order, tiling)

@@ -23,7 +23,7 @@ import torch
 
 from momkit.errors import SpecError
 from momkit.ops import dispatch, library
-from momkit.ops.checks import check_conv_state_update, check_selective_state_update, unchecked
+from momkit.ops.checks import SIXTEEN_BIT, check_conv_state_update, check_selective_state_update, unchecked
 from momkit.ops.dispatch import _extensions, backend_name, resolve_backend
 from momkit.registry import get_registry
 
@@ -137,14 +137,14 @@ def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
         ``(..., out)`` in ``x``'s dtype. A modality absent from ``modality`` gets exactly zero gradient.
         Under autocast, ``x`` is first cast to the autocast dtype, and ``weight`` and ``bias`` too unless they
         are float32: then they are master weights as above, which a backend with the ``"float32_weights"``
-        extension (the ``triton`` one) rounds as it reads them and others receive cast. Either way the products
+        extension (the ``triton`` one) receives as they are and others receive cast. Either way the products
         are those of ``torch.nn.functional.linear`` under autocast.
     """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and \
             torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
-        wide = weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+        wide = weight.dtype == torch.float32 and dtype in SIXTEEN_BIT
         weight = weight if wide else weight.to(dtype)
         bias = None if bias is None else bias.to(weight.dtype)
     if torch.compiler.is_compiling():
