@@ -47,11 +47,12 @@ with so few rows, reading the weight is the whole cost, and narrow programs spre
 and one ``(O tile, K tile)`` block of ``dW_m`` and reduces ``tl.dot(tl.trans(dy_tile), x_tile)`` over token tiles
 (only loaded tiles are transposed: Triton 3.4 to 3.7 miscompile on Hopper a ``tl.dot`` of the transpose of another
 dot's result). Visiting every token tile would cost ``M`` times the work of one matmul, so each program visits only
-the tiles that hold a token of its modality. Before the launch, torch builds on the device a ``(tiles, M)``
-presence matrix (an ``index_fill_`` of ``tile * M + modality``), marks the tiles that hold one modality only as
-pure, and places each tile in its modality's list by counting (cumulative sums) the tiles of its kind before it:
-the list starts with the modality's pure tiles, then its mixed ones, each in token order, and two sums give how
-many of each. (A sort would do the same, at several times the host's time per call.) The program
+the tiles that hold a token of its modality. Before it, a small kernel builds those lists, one program per
+modality: the list starts with the modality's pure tiles (all of whose tokens are of that modality), then its
+mixed ones, each in token order, and two counts give how many of each. The program reads the ids a chunk of
+tiles at a time and places each tile by counting (a cumulative sum over the chunk) the tiles of its kind before
+it; a first pass counts the pure tiles, so that the mixed ones start after them. (Built from torch operations
+instead, the same lists took 29 of them, and a sort several times the host's time of one call.) The program
 walks its modality's list in two loops whose bounds it loads from device memory: the pure tiles, read whole, then
 the mixed ones, whose rows of other modalities are loaded as zeros. Neither loop has a branch around its loads
 (that would stop Triton from software-pipelining them), and each looks up the next tile's rows one step ahead, so
@@ -82,7 +83,7 @@ the launcher's key cannot tell apart) go through Triton's launcher.
 No host synchronisation. Nothing reads a device value on the host (no ``.item()``, ``.tolist()``,
 ``nonzero()``), and every shape and launch grid follows from ``N``, ``K``, ``O``, ``M`` and the tiling alone;
 the data-dependent parts (which modalities a tile holds, the tile lists, their lengths) are decided on the
-device, by the torch ops above and inside the kernels. ``N = 0`` launches nothing.
+device, inside the kernels. ``N = 0`` launches nothing.
 """
 
 from __future__ import annotations
@@ -544,27 +545,60 @@ def _tma(tiling: Tiling, perm, *tensors) -> bool:
                for t in tensors)
 
 
+@triton.jit
+def _tile_kinds(ids_ptr, tiles, within, m, n_rows, BLOCK_N: tl.constexpr):
+    """Whether each token tile of ``tiles`` (of ``BLOCK_N`` tokens) holds a token of id ``m``, and whether all its
+    tokens are of id ``m``; neither for a tile past the batch."""
+    positions = tiles[:, None] * BLOCK_N + within[None, :]
+    inside = positions < n_rows
+    hits = ((tl.load(ids_ptr + positions, mask=inside, other=-1) == m) & inside).to(tl.int32)
+    held = tl.sum(hits, 1)
+    return held > 0, held == tl.sum(inside.to(tl.int32), 1)
+
+
+@triton.jit
+def _tile_lists_kernel(ids_ptr, tiles_ptr, counts_ptr, n_rows, n_tiles, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Program ``m``: row ``m`` of :func:`_tile_lists`'s ``tiles`` and ``counts``, ``CHUNK`` tiles at a time."""
+    m = tl.program_id(0)
+    chunk = tl.arange(0, CHUNK)
+    within = tl.arange(0, BLOCK_N)
+    n_pure = 0
+    for start in range(0, n_tiles, CHUNK):
+        present, pure = _tile_kinds(ids_ptr, start + chunk, within, m, n_rows, BLOCK_N)
+        n_pure += tl.sum((present & pure).to(tl.int32), 0)
+    row_ptr = tiles_ptr + m.to(tl.int64) * n_tiles
+    pure_before = 0
+    mixed_before = 0
+    for start in range(0, n_tiles, CHUNK):
+        present, pure = _tile_kinds(ids_ptr, start + chunk, within, m, n_rows, BLOCK_N)
+        pure = (present & pure).to(tl.int32)
+        mixed = present.to(tl.int32) - pure
+        place = tl.where(pure > 0, pure_before + tl.cumsum(pure, 0), n_pure + mixed_before + tl.cumsum(mixed, 0)) - 1
+        tl.store(row_ptr + place, start + chunk, mask=present)
+        pure_before += tl.sum(pure, 0)
+        mixed_before += tl.sum(mixed, 0)
+    tl.store(counts_ptr + 2 * m, n_pure)
+    tl.store(counts_ptr + 2 * m + 1, n_pure + mixed_before)
+
+
+_TILE_LISTS = Launcher(_tile_lists_kernel, pointers=3)
+TILE_LIST_CHUNK = 64
+
+
 def _tile_lists(modality: torch.Tensor, n_modalities: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each modality, the token tiles of ``block`` tokens that hold it, and how many.
 
-    Returns ``tiles (M, T + 1)`` and ``counts (M, 2)``, int32, with ``T = ceil(N / block)``: ``tiles[m, :counts[m,
+    Returns ``tiles (M, T)`` and ``counts (M, 2)``, int32, with ``T = ceil(N / block)``: ``tiles[m, :counts[m,
     0]]`` are the tiles whose tokens are all of modality ``m``, ``tiles[m, counts[m, 0]:counts[m, 1]]`` those that
-    hold it among others, each group in token order (the rest is not read). Computed on the device without
-    synchronising, and without a sort: a tile's place in its list is a count of the tiles of its kind before it.
+    hold it among others, each group in token order (the rest is not written). One launch of
+    :func:`_tile_lists_kernel`, which decides everything on the device.
     """
     n_tiles = cdiv(modality.shape[0], block)
-    tile = torch.arange(modality.shape[0], device=modality.device) // block
-    present = torch.zeros(n_tiles * n_modalities, dtype=torch.int32, device=modality.device)
-    present.index_fill_(0, tile * n_modalities + modality, 1)
-    present = present.view(n_tiles, n_modalities).T
-    pure = present * (present.sum(0, keepdim=True) == 1)
-    mixed = present - pure
-    n_pure = pure.sum(1, keepdim=True, dtype=torch.int32)
-    place = torch.where(pure.bool(), pure.cumsum(1) - 1,
-                        torch.where(mixed.bool(), n_pure + mixed.cumsum(1) - 1, n_tiles))
-    tiles = torch.zeros(n_modalities, n_tiles + 1, dtype=torch.int32, device=modality.device)
-    tiles.scatter_(1, place, torch.arange(n_tiles, dtype=torch.int32, device=modality.device).expand_as(place))
-    return tiles, torch.cat([n_pure, present.sum(1, keepdim=True, dtype=torch.int32)], 1)
+    tiles = torch.empty(n_modalities, n_tiles, dtype=torch.int32, device=modality.device)
+    counts = torch.empty(n_modalities, 2, dtype=torch.int32, device=modality.device)
+    _TILE_LISTS((n_modalities,), modality, tiles, counts, modality.shape[0], n_tiles, BLOCK_N=block,
+                CHUNK=TILE_LIST_CHUNK, num_warps=4)
+    return tiles, counts
 
 
 GROUPINGS_KEPT = 8
@@ -636,7 +670,7 @@ def _weight_grads(dy, x, grouping, perm, weight: tuple[torch.Size, torch.dtype],
             _WEIGHT_GRAD(grid, *args, **options)
     if bias is not None:
         chunk = max(1, BIAS_CHUNK_ROWS // tiling.dw_block_n)
-        splits = cdiv(tiles.shape[1] - 1, chunk)
+        splits = cdiv(tiles.shape[1], chunk)
         partial = torch.empty(splits, n_mod, n_out, dtype=torch.float32, device=dy.device)
         _BIAS_GRAD((n_mod, cdiv(n_out, BIAS_BLOCK_O), splits), dy, ids, perm, partial, tiles, counts, n_rows, n_out,
                    tiles.shape[1], chunk, PERM=perm is not None, BLOCK_N=tiling.dw_block_n, BLOCK_O=BIAS_BLOCK_O,

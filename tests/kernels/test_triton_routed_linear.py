@@ -324,6 +324,29 @@ def test_forward_without_gradients(kernels, gen, n):
         assert_close({"y": got}, {"y": ref}, torch.float32, name)
 
 
+def listed_tiles(ids, n_ids, block):
+    """Per id, the tiles of ``block`` tokens of ``ids`` that hold only it, then those that hold it among others,
+    each in token order."""
+    tiles = [set(ids[start:start + block].tolist()) for start in range(0, len(ids), block)]
+    return [[t for t, held in enumerate(tiles) if held == {i}] + [t for t, held in enumerate(tiles)
+                                                                  if i in held and len(held) > 1]
+            for i in range(n_ids)]
+
+
+@pytest.mark.parametrize("n, block, runs", [(1000, 16, (1, 1)), (4133, 64, (1, 90)), (4133, 32, (200, 900)),
+                                            (1, 16, (1, 1)), (64, 64, (64, 64))])
+def test_tile_lists(kernels, gen, n, block, runs):
+    """The ``dweight`` kernel's tile lists, against Python's, for ids in runs shorter and longer than a tile (more
+    tiles than one chunk of the kernel), sorted ids, one id absent, and a batch that is not a whole tile."""
+    for ids in (modalities(gen, n, 8, runs, absent=3), torch.sort(modalities(gen, n, 8, runs)).values):
+        tiles, counts = kernels._tile_lists(ids, 8, block)
+        expected = listed_tiles(ids.cpu(), 8, block)
+        got = [tiles[i, :counts[i, 1]].tolist() for i in range(8)]
+        pure = [sum(len(set(ids[t * block:(t + 1) * block].tolist())) == 1 for t in listed) for listed in expected]
+        assert tiles.shape == (8, -(-n // block)) and tiles.dtype == counts.dtype == torch.int32
+        assert got == expected and counts[:, 0].tolist() == pure, f"n {n}, block {block}, runs {runs}"
+
+
 def test_layers_of_the_same_ids_and_order_share_their_tile_lists(kernels, gen, monkeypatch):
     """Layers called with the same ``modality`` and ``order`` (the expert sublayers of a block; the projections of a
     MoM block, without an order) build the ids in their order and the tile lists once. An in-place change of
