@@ -2,8 +2,9 @@
 
 Run from the repository root: ``python benchmarks/compile.py`` (the GPU when there is one, else the CPU;
 ``--device cpu`` forces the CPU). Layers: a Mixture-of-Mamba layer (``mamba``, preset ``mom``), a
-Mixture-of-Mamba-2 layer (``mamba2``, preset ``mom``) and a Mixture-of-Transformers layer (``transformer``,
-preset ``mot``), two modalities in runs of half the length; on the GPU batch 8 x 2048 at d_model 1024 in
+Mixture-of-Mamba-2 layer (``mamba2``, preset ``mom``), a Mixture-of-Transformers layer (``transformer``,
+preset ``mot``), and the dense and experts ``ffn`` layers of ``benchmarks/gpu_scan.py``'s experts row (``w1``,
+``w2``, ``w3`` with 8 experts, top 1, capacity factor 1.25), two modalities in runs of half the length; on the GPU batch 8 x 2048 at d_model 1024 in
 bfloat16 autocast on the ``triton`` backend, on the CPU batch 2 x 512 at d_model 128 in float32 on
 ``reference``. Compiled is ``torch.compile(block)`` with the default (inductor) backend; the kernel front doors
 are opaque operators inside its graph (:mod:`momkit.ops.library`), so the compiler fuses the work around
@@ -23,10 +24,13 @@ import torch
 
 from momkit import build_block
 
+EXPERTS = {"sublayers": ["w1", "w2", "w3"], "n_experts": 8, "top_k": 1, "capacity_factor": 1.25}
 LAYERS = {
-    "MoM (`mamba`, `mom`)": ({"kind": "mamba", "d_state": 16}, "mom"),
-    "MoM-2 (`mamba2`, `mom`)": ({"kind": "mamba2"}, "mom"),
-    "MoT (`transformer`, `mot`)": ({"kind": "transformer", "n_heads": 8}, "mot"),
+    "MoM (`mamba`, `mom`)": ({"kind": "mamba", "d_state": 16}, {"specific": "mom"}),
+    "MoM-2 (`mamba2`, `mom`)": ({"kind": "mamba2"}, {"specific": "mom"}),
+    "MoT (`transformer`, `mot`)": ({"kind": "transformer", "n_heads": 8}, {"specific": "mot"}),
+    "dense `ffn`": ({"kind": "ffn"}, {"specific": "dense"}),
+    "experts `ffn` (8, top 1, capacity 1.25)": ({"kind": "ffn"}, {"specific": "dense", "experts": EXPERTS}),
 }
 
 
@@ -63,7 +67,7 @@ def main() -> None:
     for name, (backbone, routing) in LAYERS.items():
         torch.manual_seed(0)
         block = build_block({"modalities": ["text", "image"], "backbone": {**backbone, "d_model": d},
-                             "routing": {"specific": routing}, "scan_backend": backend}).to(device)
+                             "routing": routing, "scan_backend": backend}).to(device)
         compiled = torch.compile(block)
         outputs = {}
 
