@@ -8,7 +8,9 @@ position-wise layer (a feed-forward network) this is the usual mixture of expert
 slot is a branch with its own state.
 
 The router reads the block's input through a parameter-free RMS normalisation: ``p = softmax(W rms(x))``
-(``W`` per modality with ``per_modality``, whose experts are then numbered ``m * n_experts + e``). The gates
+(``W`` per modality with ``per_modality``, whose experts are then numbered ``m * n_experts + e``), in the
+precision of its weight and at least float32, also under autocast (Switch Transformer's selective precision: a
+router in bfloat16 rounds its logits, and with them its choices). The gates
 are ``g_j = p_j / sg(sum of the chosen p)``: their values are the renormalised top-k probabilities, which sum
 to one, so experts holding identical weights compute exactly the dense layer; their gradient reaches the
 router as the Switch Transformer's gate ``p_j`` does (``sg`` stops the gradient), also for ``top_k = 1``.
@@ -129,9 +131,10 @@ class Router(nn.Module):
         e, k, per_modality = self.experts.n_experts, self.experts.top_k, self.experts.per_modality
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         h = F.rms_norm(wide, (wide.shape[-1],), eps=EPS)
-        logits = self.proj(h.to(self.proj.weight.dtype), modality).to(wide.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.proj(h.to(self.proj.weight.dtype), modality).to(wide.dtype)
         probs = logits.softmax(-1)
-        top_p, top_e = probs.topk(k, dim=-1)
+        top_p, top_e = probs.max(-1, keepdim=True) if k == 1 else probs.topk(k, dim=-1)
         total = top_p if k == 1 else top_p.sum(-1, keepdim=True)
         gates = top_p / (total.detach() if self.experts.gradient == "switch" else total)
         ids = top_e + (modality * e)[..., None] if per_modality else top_e

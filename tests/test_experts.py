@@ -163,6 +163,19 @@ def test_router_statistics_match_a_float64_reference(top_k, per_modality):
     assert torch.equal(route.order, torch.argsort(route.ids.reshape(-1, top_k).t().reshape(-1), stable=True))
 
 
+@pytest.mark.parametrize("top_k,per_modality", [(1, False), (2, True)])
+def test_router_computes_in_float32_under_autocast(top_k, per_modality):
+    """Under bfloat16 autocast the router's ids, gates and losses are those of float32, as computed without."""
+    block = _block({**EXPERTS, "top_k": top_k, "per_modality": per_modality}).float()
+    x, modality = _inputs(6, length=64)
+    plain = block.router(x.float(), modality, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = block.router(x.float(), modality, True)
+    assert torch.equal(mixed.ids, plain.ids) and torch.equal(mixed.gates, plain.gates)
+    assert mixed.gates.dtype == torch.float32
+    assert torch.equal(mixed.stats.balance, plain.stats.balance) and torch.equal(mixed.stats.z, plain.stats.z)
+
+
 def test_capacity_mask_serves_slot_0_first():
     ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
     keep, order = capacity_mask(ids, torch.tensor([4, 4]), 2, 2)
