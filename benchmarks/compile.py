@@ -6,10 +6,10 @@ Mixture-of-Mamba-2 layer (``mamba2``, preset ``mom``), a Mixture-of-Transformers
 preset ``mot``), and the dense and experts ``ffn`` layers of ``benchmarks/gpu_scan.py``'s experts row (``w1``,
 ``w2``, ``w3`` with 8 experts, top 1, capacity factor 1.25); two modalities in runs of half the length; on the
 GPU batch 8 x 2048 at d_model 1024 in bfloat16 autocast on the ``triton`` backend, on the CPU batch 2 x 512 at
-d_model 128 in float32 on ``reference``. Compiled is ``torch.compile(block)`` with the default (inductor) backend; the kernel front doors
-are opaque operators inside its graph (:mod:`momkit.ops.library`), so the compiler fuses the work around
-them. Times: median of repeated fwd+bwd (forward, then ``torch.autograd.grad`` of every input and parameter
-with a fixed output gradient), after a warm-up that includes compiling.
+d_model 128 in float32 on ``reference``. Compiled is ``torch.compile(block)`` with the default (inductor)
+backend; the kernel front doors are opaque operators inside its graph (:mod:`momkit.ops.library`), so the
+compiler fuses the work around them. Times: median of repeated fwd+bwd (forward, then ``torch.autograd.grad``
+of every input and parameter with a fixed output gradient), after a warm-up that includes compiling.
 """
 
 from __future__ import annotations

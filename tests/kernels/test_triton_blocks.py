@@ -104,8 +104,8 @@ def test_routed_layers_of_a_block_share_their_tile_lists(kernels, gen, monkeypat
 def test_blocks_under_autocast_take_float32_weights(kernels, gen, backbone, routing):
     """Under bfloat16 autocast the routed projections on the Triton backend take the float32 weights as they are
     (cast once per call, their gradients stored in float32): output and every gradient match the block on the
-    reference backend, which is given the weights cast, and every gradient is float32. (Feed-forward blocks, whose routed
-    projections are all that the two backends compute differently: two scans in bfloat16 differ by more than
+    reference backend, which is given the weights cast, and every gradient is float32. (Feed-forward blocks, whose
+    routed projections are all that the two backends compute differently: two scans in bfloat16 differ by more than
     bfloat16's tolerance on their own.)"""
     spec = {"modalities": ["text", "image"], "backbone": backbone, "routing": routing, "scan_backend": "triton"}
     block, reference, x, modality, weight = on_both_backends(spec, gen)
