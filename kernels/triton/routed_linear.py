@@ -547,13 +547,13 @@ def _tma(tiling: Tiling, perm, *tensors) -> bool:
 
 @triton.jit
 def _tile_kinds(ids_ptr, tiles, within, m, n_rows, BLOCK_N: tl.constexpr):
-    """Whether each token tile of ``tiles`` (of ``BLOCK_N`` tokens) holds a token of id ``m``, and whether all its
-    tokens are of id ``m``; neither for a tile past the batch."""
+    """Whether each token tile of ``tiles`` (of ``BLOCK_N`` tokens) holds a token of id ``m``, and whether it holds
+    tokens of id ``m`` only; neither for a tile past the batch."""
     positions = tiles[:, None] * BLOCK_N + within[None, :]
     inside = positions < n_rows
     hits = ((tl.load(ids_ptr + positions, mask=inside, other=-1) == m) & inside).to(tl.int32)
     held = tl.sum(hits, 1)
-    return held > 0, held == tl.sum(inside.to(tl.int32), 1)
+    return held > 0, (held > 0) & (held == tl.sum(inside.to(tl.int32), 1))
 
 
 @triton.jit
@@ -565,13 +565,13 @@ def _tile_lists_kernel(ids_ptr, tiles_ptr, counts_ptr, n_rows, n_tiles, BLOCK_N:
     n_pure = 0
     for start in range(0, n_tiles, CHUNK):
         present, pure = _tile_kinds(ids_ptr, start + chunk, within, m, n_rows, BLOCK_N)
-        n_pure += tl.sum((present & pure).to(tl.int32), 0)
+        n_pure += tl.sum(pure.to(tl.int32), 0)
     row_ptr = tiles_ptr + m.to(tl.int64) * n_tiles
     pure_before = 0
     mixed_before = 0
     for start in range(0, n_tiles, CHUNK):
         present, pure = _tile_kinds(ids_ptr, start + chunk, within, m, n_rows, BLOCK_N)
-        pure = (present & pure).to(tl.int32)
+        pure = pure.to(tl.int32)
         mixed = present.to(tl.int32) - pure
         place = tl.where(pure > 0, pure_before + tl.cumsum(pure, 0), n_pure + mixed_before + tl.cumsum(mixed, 0)) - 1
         tl.store(row_ptr + place, start + chunk, mask=present)
