@@ -241,7 +241,8 @@ class ScanBackend:
     """A kernel backend, as returned by a plugin's ``momkit_scan_backends`` hook.
 
     A backend implements some of the kernel operations of :mod:`momkit.ops`: the two scans, the routed linear layer,
-    the causal convolution, and the two single-position state updates of decoding. Its name selects it for all of
+    the causal convolution, the two single-position state updates of decoding, and the learned experts' router
+    logits and gated mix. Its name selects it for all of
     them at once: a spec's ``scan_backend`` reaches every kernel operation of the blocks built from that spec, and
     an operation the named backend does not implement runs on the ``"auto"`` choice for that operation. The front
     doors check every argument before they call a backend, so a backend receives tensors of consistent shapes on one
@@ -272,6 +273,8 @@ class ScanBackend:
         causal_conv1d: Implements :func:`momkit.ops.causal_conv1d`, or ``None``.
         selective_state_update: Implements :func:`momkit.ops.selective_state_update`, or ``None``.
         conv_state_update: Implements :func:`momkit.ops.conv_state_update`, or ``None``.
+        router_logits: Implements :func:`momkit.ops.router_logits`, or ``None``.
+        gated_mix: Implements :func:`momkit.ops.gated_mix`, or ``None``.
         devices: Device types (``"cpu"``, ``"cuda"``) the backend runs on.
         priority: Among the available backends that run a call, ``backend="auto"`` picks the highest: one number
             for every operation, or ``{operation: number}`` (with ``"default"`` for the rest, else 0), so a
@@ -290,6 +293,8 @@ class ScanBackend:
     causal_conv1d: Callable | None = None
     selective_state_update: Callable | None = None
     conv_state_update: Callable | None = None
+    router_logits: Callable | None = None
+    gated_mix: Callable | None = None
     devices: tuple[str, ...] = ("cpu",)
     priority: int | Mapping[str, int] = 0
     extensions: frozenset[str] = frozenset()

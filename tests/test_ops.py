@@ -165,6 +165,56 @@ def test_routed_linear_checks(gen, change, message):
         ops.routed_linear(**{**routed_args(gen), **change})
 
 
+def router_args(gen, sets=3):
+    return dict(x=torch.randn(2, 5, 6, generator=gen, dtype=torch.float64) * 2,
+                weight=torch.randn(sets, 4, 6, generator=gen, dtype=torch.float64),
+                modality=torch.randint(0, sets, (2, 5), generator=gen))
+
+
+def test_router_logits_are_each_positions_routers_on_the_normalised_input(gen):
+    """Against the formula per position in float64, for one router per modality and for one shared; under
+    bfloat16 autocast the logits stay float32 and equal those without autocast."""
+    args = router_args(gen)
+    x, weight, modality = args.values()
+    h = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(ops.router_logits(**args), torch.einsum("bld,bled->ble", h, weight[modality]))
+    torch.testing.assert_close(ops.router_logits(x, weight[1]), h @ weight[1].T)
+    narrow = {**args, "x": x.float(), "weight": weight.float()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wide = ops.router_logits(**narrow)
+    assert wide.dtype == torch.float32 and torch.equal(wide, ops.router_logits(**narrow))
+
+
+def test_gated_mix_is_lerp_per_position(gen):
+    x, y = torch.randn(2, 5, 6, generator=gen), torch.randn(2, 5, 6, generator=gen)
+    gate = torch.rand(2, 5, 1, generator=gen)
+    torch.testing.assert_close(ops.gated_mix(x, y, gate), x + gate * (y - x))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(weight=torch.zeros(3, 4, 5)), r"weight has shape \(3, 4, 5\); expected \(e, d\) = \(\*, 6\) or "
+                                        r"\(M, e, d\) = \(\*, \*, 6\)"),
+    (dict(modality=None), r"weight \(M, e, d\) holds one router per modality; pass modality"),
+    (dict(modality=torch.full((2, 5), 3)), r"modality holds ids in \[3, 3\] but weight has 3 modalities"),
+    (dict(x=torch.zeros(2, 5, 6, dtype=torch.bfloat16)), "weight has dtype torch.float64 but x has torch.bfloat16"),
+    (dict(eps=0.0), "eps must be a positive number, got 0.0"),
+])
+def test_router_logits_checks(gen, change, message):
+    with pytest.raises(ValueError, match=message):
+        ops.router_logits(**{**router_args(gen), **change})
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(y=torch.zeros(2, 5, 7)), r"y has shape \(2, 5, 7\); expected x's shape = \(2, 5, 6\)"),
+    (dict(gate=torch.zeros(2, 5)), r"gate has shape \(2, 5\); expected \(..., 1\) = \(2, 5, 1\)"),
+    (dict(gate=torch.zeros(2, 5, 1, dtype=torch.float64)), "gate has dtype torch.float64 but x has torch.float32"),
+])
+def test_gated_mix_checks(change, message):
+    args = dict(x=torch.ones(2, 5, 6), y=torch.ones(2, 5, 6), gate=torch.ones(2, 5, 1))
+    with pytest.raises(ValueError, match=message):
+        ops.gated_mix(**{**args, **change})
+
+
 def test_unchecked_skips_the_checks_and_only_inside(gen, monkeypatch):
     from momkit.ops import checks
     seen = []
@@ -250,12 +300,16 @@ class Counting:
         return [self.backend]
 
 
-OPS = ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update")
+OPS = ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update",
+       "router_logits", "gated_mix")
 USED = {"mamba": {"selective_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
         "mamba2": {"ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
-        "transformer": {"routed_linear"}}
+        "transformer": {"routed_linear"},
+        "ffn": {"routed_linear", "router_logits", "gated_mix"}}
 SMALL = {"mamba": {"d_model": 16, "d_state": 4}, "mamba2": {"d_model": 16, "d_state": 8, "headdim": 8, "chunk_size": 4},
-         "transformer": {"d_model": 16, "n_heads": 2}}
+         "transformer": {"d_model": 16, "n_heads": 2}, "ffn": {"d_model": 16}}
+ROUTING = {"ffn": {"specific": "dense", "experts": {"sublayers": ["w1", "w2", "w3"], "n_experts": 3, "top_k": 1,
+                                                    "per_modality": True}}}
 
 
 @pytest.mark.parametrize("chosen", ["counting", "reference", "auto"])
@@ -265,7 +319,7 @@ def test_the_specs_backend_reaches_every_kernel_operation(gen, kind, chosen):
     registry = Registry.from_entry_points()
     registry.register(counting, distribution="tests")
     spec = {"modalities": ["text", "image"], "backbone": {"kind": kind, **SMALL[kind]},
-            "routing": {"specific": "all"}, "scan_backend": chosen}
+            "routing": ROUTING.get(kind, {"specific": "all"}), "scan_backend": chosen}
     with use_registry(registry):
         block = momkit.build_block(spec)
         x, modality = torch.randn(2, 9, 16, generator=gen), torch.randint(0, 2, (2, 9), generator=gen)

@@ -1,8 +1,9 @@
-"""The Triton backend for CUDA GPUs: both scans, the routed linear layer and the decoding state updates.
+"""The Triton backend for CUDA GPUs: both scans, the routed linear layer, the decoding state updates and the
+learned experts' router logits and gated mix.
 
 ``selective_scan.py`` and ``ssd.py`` hold the scan kernels and their autograd functions,
 ``routed_linear.py`` the grouped matmul of the routed projection, ``conv.py`` the causal convolution,
-``decode.py`` the single-position updates;
+``decode.py`` the single-position updates, ``experts.py`` the learned experts' router logits and gated mix;
 the PyTorch references in ``momkit.kernels.reference`` are what they are tested against.
 
 This module imports without Triton: the kernels are imported on first call, and the backend reports itself
@@ -65,6 +66,14 @@ def _causal_conv1d(**kwargs):
     return _kernels("conv").causal_conv1d(**kwargs)
 
 
+def _router_logits(**kwargs):
+    return _kernels("experts").router_logits(**kwargs)
+
+
+def _gated_mix(**kwargs):
+    return _kernels("experts").gated_mix(**kwargs)
+
+
 def _selective_state_update(**kwargs):
     return _kernels("decode").selective_state_update(**kwargs)
 
@@ -78,13 +87,15 @@ def momkit_scan_backends():
     return [ScanBackend(
         name="triton",
         description="Triton kernels for CUDA GPUs: both scans, routed linear, causal convolution, decoding "
-                    "updates; in float32",
+                    "updates, router logits, gated mix; in float32",
         selective_scan=_selective_scan,
         ssd_scan=_ssd_scan,
         routed_linear=_routed_linear,
         causal_conv1d=_causal_conv1d,
         selective_state_update=_selective_state_update,
         conv_state_update=_conv_state_update,
+        router_logits=_router_logits,
+        gated_mix=_gated_mix,
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),
         priority=10,
         extensions=frozenset({"modality", "seq_idx", "initial_state", "order", "float32_weights"}),

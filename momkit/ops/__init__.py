@@ -5,7 +5,8 @@
 reshaping a tensor; likewise :func:`causal_conv1d` (causal-conv1d's ``causal_conv1d_fn``) for training, and
 :func:`selective_state_update` (mamba_ssm's function of that name) and :func:`conv_state_update` (causal-conv1d's
 ``causal_conv1d_update``) for decoding one position.
-:func:`routed_linear` is the routed projection. Every argument is checked here, before any backend runs.
+:func:`routed_linear` is the routed projection; :func:`router_logits` and :func:`gated_mix` are a learned router's
+logits and the mix of its experts' outputs. Every argument is checked here, before any backend runs.
 
 Each front door takes ``backend=``: a registered backend name or ``"auto"``, which picks, per operation, the
 available backend that ranks highest for it (:meth:`momkit.descriptors.ScanBackend.rank`) among those that
@@ -27,8 +28,8 @@ from momkit.ops.checks import SIXTEEN_BIT, check_conv_state_update, check_select
 from momkit.ops.dispatch import _extensions, backend_name, resolve_backend
 from momkit.registry import get_registry
 
-__all__ = ["available_backends", "causal_conv1d", "conv_state_update", "resolve_backend", "routed_linear",
-           "selective_scan", "selective_state_update", "ssd_scan", "unchecked"]
+__all__ = ["available_backends", "causal_conv1d", "conv_state_update", "gated_mix", "resolve_backend",
+           "routed_linear", "router_logits", "selective_scan", "selective_state_update", "ssd_scan", "unchecked"]
 
 
 def available_backends() -> list[str]:
@@ -150,6 +151,44 @@ def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
     if torch.compiler.is_compiling():
         return library.routed_linear(x, weight, bias, modality, order, backend_name(backend, "routed_linear"))
     return dispatch.routed_linear(x, weight, bias, modality, backend, order)
+
+
+def router_logits(x, weight, modality=None, *, eps=1e-6, backend="auto"):
+    """The logits of a learned router: ``rms(x) W^T`` (``rms`` the RMS normalisation without a gain), computed
+    in float32 at least, also under autocast (Switch Transformer's selective precision).
+
+    Args:
+        x: ``(..., d)`` the tokens.
+        weight: ``(e, d)``, or ``(M, e, d)``: one router per modality, each position using its modality's;
+            in ``x``'s dtype or float32.
+        modality: ``x``'s leading shape ``(...)``, int64 ids in ``0..M-1``; needed with a ``(M, e, d)`` weight.
+        eps: added to the mean square before its square root.
+        backend: a registered backend name, or ``"auto"``.
+
+    Returns:
+        ``(..., e)`` in the wider of ``x``'s and ``weight``'s dtypes and float32.
+    """
+    if torch.compiler.is_compiling():
+        return library.router_logits(x, weight, modality, float(eps), backend_name(backend, "router_logits"))
+    return dispatch.router_logits(x, weight, modality, eps, backend)
+
+
+def gated_mix(x, y, gate, *, backend="auto"):
+    """``x + gate (y - x)``: ``torch.lerp`` with one weight per position, the mix of a block with learned
+    experts (:mod:`momkit.experts`), whose backward a backend may compute in one pass.
+
+    Args:
+        x: ``(..., d)``.
+        y: ``(..., d)``, in ``x``'s dtype.
+        gate: ``(..., 1)``, in ``x``'s dtype.
+        backend: a registered backend name, or ``"auto"``.
+
+    Returns:
+        ``(..., d)`` in ``x``'s dtype.
+    """
+    if torch.compiler.is_compiling():
+        return library.gated_mix(x, y, gate, backend_name(backend, "gated_mix"))
+    return dispatch.gated_mix(x, y, gate, backend)
 
 
 def causal_conv1d(x, weight, bias=None, seq_idx=None, *, modality=None, backend="auto"):

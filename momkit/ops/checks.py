@@ -183,6 +183,42 @@ def check_routed_linear(x, weight, bias, modality, order=None) -> None:
                             f"modality), got {order.tolist()[:8]}{' ...' if len(order) > 8 else ''}")
 
 
+@_front_door
+def check_router_logits(x, weight, modality, eps) -> None:
+    """Check the arguments of :func:`momkit.ops.router_logits`."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x must be a torch.Tensor of shape (..., d), got "
+                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    expect_tensor("x", x, {"(..., d)": (None,) * x.dim()}, x.device)
+    expect_tensor("weight", weight, {"(e, d)": (None, x.shape[-1]), "(M, e, d)": (None, None, x.shape[-1])},
+                  x.device)
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise SpecError(f"weight has dtype {weight.dtype} but x has {x.dtype}; pass weight in x's dtype or in "
+                        f"torch.float32")
+    if weight.dim() == 3:
+        if modality is None:
+            raise SpecError("weight (M, e, d) holds one router per modality; pass modality (...) to pick each "
+                            "position's")
+        expect_tensor("modality", modality, {"x's leading shape": tuple(x.shape[:-1])}, x.device, floating=False)
+        check_ids(modality, weight.shape[0], "weight")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise SpecError(f"eps must be a positive number, got {eps!r}")
+
+
+@_front_door
+def check_gated_mix(x, y, gate) -> None:
+    """Check the arguments of :func:`momkit.ops.gated_mix`."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x must be a torch.Tensor of shape (..., d), got "
+                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    expect_tensor("x", x, {"(..., d)": (None,) * x.dim()}, x.device)
+    expect_tensor("y", y, {"x's shape": tuple(x.shape)}, x.device)
+    expect_tensor("gate", gate, {"(..., 1)": (*x.shape[:-1], 1)}, x.device)
+    for name, t in (("y", y), ("gate", gate)):
+        if t.dtype != x.dtype:
+            raise SpecError(f"{name} has dtype {t.dtype} but x has {x.dtype}; pass x, y and gate in one dtype")
+
+
 def _routable(name, value, shape: tuple, labels: str, modality, device) -> None:
     """``value`` of ``shape``, or with ``modality`` optionally one per modality (a leading ``M``)."""
     shapes = {labels: shape}

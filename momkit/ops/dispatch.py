@@ -13,7 +13,8 @@ import torch
 
 from momkit.descriptors import ScanBackend
 from momkit.errors import SpecError
-from momkit.ops.checks import check_causal_conv1d, check_routed_linear, check_selective_scan, check_ssd_scan
+from momkit.ops.checks import (check_causal_conv1d, check_gated_mix, check_routed_linear, check_router_logits,
+                               check_selective_scan, check_ssd_scan)
 from momkit.registry import Registry, get_registry
 
 
@@ -113,3 +114,18 @@ def causal_conv1d(x, weight, bias, seq_idx, modality, backend):
     impl = resolve_backend(backend, x.device, "causal_conv1d", _extensions(modality=modality, seq_idx=seq_idx),
                            x.dtype)
     return impl.causal_conv1d(x=x, weight=weight, bias=bias, seq_idx=seq_idx, modality=modality)
+
+
+def router_logits(x, weight, modality, eps, backend):
+    """:func:`momkit.ops.router_logits`, checked and run on its backend, autocast off."""
+    check_router_logits(x, weight, modality, eps)
+    impl = resolve_backend(backend, x.device, "router_logits", _extensions(modality=modality), x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return impl.router_logits(x=x, weight=weight, modality=modality, eps=eps)
+
+
+def gated_mix(x, y, gate, backend):
+    """:func:`momkit.ops.gated_mix`, checked and run on its backend."""
+    check_gated_mix(x, y, gate)
+    impl = resolve_backend(backend, x.device, "gated_mix", dtype=x.dtype)
+    return impl.gated_mix(x=x, y=y, gate=gate)

@@ -1,7 +1,8 @@
 """The training front doors as ``torch.library`` custom operators, for ``torch.compile``.
 
 While :func:`torch.compile` traces a model, :func:`momkit.ops.selective_scan`, :func:`momkit.ops.ssd_scan`,
-:func:`momkit.ops.routed_linear` and :func:`momkit.ops.causal_conv1d` call ``torch.ops.momkit.<name>`` instead of
+:func:`momkit.ops.routed_linear`, :func:`momkit.ops.causal_conv1d`, :func:`momkit.ops.router_logits` and
+:func:`momkit.ops.gated_mix` call ``torch.ops.momkit.<name>`` instead of
 running their backend directly: an operator opaque to the tracer (its argument checks and the backend's choice,
 which read tensor values, run when the compiled graph runs), with a fake implementation that gives its output's
 shape and dtype, and an autograd formula. The backward is itself an operator, ``torch.ops.momkit.<name>_backward``:
@@ -170,7 +171,55 @@ def _(grad, x, weight, bias, seq_idx, modality, backend):
     return _fake_gradients([x, weight, bias], grad)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::router_logits", mutates_args=())
+def router_logits(x: Tensor, weight: Tensor, modality: Optional[Tensor], eps: float, backend: str) -> Tensor:
+    """:func:`momkit.ops.router_logits` as one operator."""
+    return dispatch.router_logits(x, weight, modality, eps, backend).contiguous()
+
+
+@router_logits.register_fake
+def _(x, weight, modality, eps, backend):
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    return x.new_empty(*x.shape[:-1], weight.shape[-2], dtype=dtype)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::router_logits_backward", mutates_args=())
+def router_logits_backward(grad: Tensor, x: Tensor, weight: Tensor, modality: Optional[Tensor], eps: float,
+                           backend: str) -> list[Tensor]:
+    """Gradients of :func:`router_logits` for ``x, weight``."""
+    return _gradients(lambda *t: dispatch.router_logits(*t, modality, eps, backend), [x, weight], grad)
+
+
+@router_logits_backward.register_fake
+def _(grad, x, weight, modality, eps, backend):
+    return _fake_gradients([x, weight], grad)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gated_mix", mutates_args=())
+def gated_mix(x: Tensor, y: Tensor, gate: Tensor, backend: str) -> Tensor:
+    """:func:`momkit.ops.gated_mix` as one operator."""
+    return dispatch.gated_mix(x, y, gate, backend).contiguous()
+
+
+@gated_mix.register_fake
+def _(x, y, gate, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gated_mix_backward", mutates_args=())
+def gated_mix_backward(grad: Tensor, x: Tensor, y: Tensor, gate: Tensor, backend: str) -> list[Tensor]:
+    """Gradients of :func:`gated_mix` for ``x, y, gate``."""
+    return _gradients(lambda *t: dispatch.gated_mix(*t, backend), [x, y, gate], grad)
+
+
+@gated_mix_backward.register_fake
+def _(grad, x, y, gate, backend):
+    return _fake_gradients([x, y, gate], grad)
+
+
 _differentiable(selective_scan, selective_scan_backward, 8)
 _differentiable(ssd_scan, ssd_scan_backward, 9)
 _differentiable(routed_linear, routed_linear_backward, 3)
 _differentiable(causal_conv1d, causal_conv1d_backward, 3)
+_differentiable(router_logits, router_logits_backward, 2)
+_differentiable(gated_mix, gated_mix_backward, 3)
