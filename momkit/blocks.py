@@ -251,7 +251,7 @@ class Block(nn.Module, ABC):
                     order = torch.argsort(ids.reshape(-1), stable=True)
                 self.choice.ids, self.choice.order = ids, order if grouped else None
                 gate = route.gates[..., j, None]
-                out = torch.lerp(x, run(j), gate) if self.branches == 1 else out + gate * (run(j) - x)
+                out = self.router.mix(x, run(j), gate) if self.branches == 1 else out + gate * (run(j) - x)
         finally:
             self.choice.ids = self.choice.order = None
         return out

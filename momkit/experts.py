@@ -8,9 +8,9 @@ position-wise layer (a feed-forward network) this is the usual mixture of expert
 slot is a branch with its own state.
 
 The router reads the block's input through a parameter-free RMS normalisation: ``p = softmax(W rms(x))``
-(``W`` per modality with ``per_modality``, whose experts are then numbered ``m * n_experts + e``), in the
-precision of its weight and at least float32, also under autocast (Switch Transformer's selective precision: a
-router in bfloat16 rounds its logits, and with them its choices). The gates
+(``W`` per modality with ``per_modality``, whose experts are then numbered ``m * n_experts + e``), in float32 at
+least, also under autocast (Switch Transformer's selective precision: a router in bfloat16 rounds its logits,
+and with them its choices); :func:`momkit.ops.router_logits` computes its logits. The gates
 are ``g_j = p_j / sg(sum of the chosen p)``: their values are the renormalised top-k probabilities, which sum
 to one, so experts holding identical weights compute exactly the dense layer; their gradient reaches the
 router as the Switch Transformer's gate ``p_j`` does (``sg`` stops the gradient), also for ``top_k = 1``.
@@ -31,9 +31,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from momkit import ops
 from momkit.errors import PluginError, SpecError
 from momkit.routing import Linear
 
@@ -117,7 +117,7 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, experts, n_modalities: int, backend: str = "auto"):
         super().__init__()
-        self.experts, self.n_modalities = experts, n_modalities
+        self.experts, self.n_modalities, self.backend = experts, n_modalities, backend
         self.proj = Linear(d_model, experts.n_experts, bias=False,
                            n_modalities=n_modalities if experts.per_modality else None, backend=backend)
 
@@ -129,10 +129,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, modality: torch.Tensor, training: bool) -> Route:
         """Route ``x (..., d)`` of ``modality (...)``; the capacity applies when ``training``."""
         e, k, per_modality = self.experts.n_experts, self.experts.top_k, self.experts.per_modality
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = F.rms_norm(wide, (wide.shape[-1],), eps=EPS)
-        with torch.autocast(x.device.type, enabled=False):
-            logits = self.proj(h.to(self.proj.weight.dtype), modality).to(wide.dtype)
+        logits = ops.router_logits(x, self.proj.weight, modality if per_modality else None, eps=EPS,
+                                   backend=self.backend)
         probs = logits.softmax(-1)
         top_p, top_e = probs.max(-1, keepdim=True) if k == 1 else probs.topk(k, dim=-1)
         total = top_p if k == 1 else top_p.sum(-1, keepdim=True)
@@ -151,6 +149,11 @@ class Router(nn.Module):
         stats = self._stats(logits.reshape(-1, e), probs.reshape(-1, e), picks, tokens, flat_ids, keep,
                             flat_modality)
         return Route(ids, gates.to(x.dtype), stats, order)
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The block's output at top 1, ``x + gate (y - x)`` for ``y`` its run on the chosen experts
+        (:func:`momkit.ops.gated_mix` on the router's backend)."""
+        return ops.gated_mix(x, y, gate, backend=self.backend)
 
     def _stats(self, logits, probs, picks, tokens, ids, keep, modality) -> RouterStats:
         """The statistics of a routing: ``picks (n_ids,)`` the slots that chose each id before the capacity,

@@ -1,6 +1,6 @@
-"""torch.compile traces a block of every backbone, and one with learned experts, in one graph (the kernel front
-doors as torch.library operators), and the compiled block computes what the eager one does, forward and backward
-(and with experts the router's statistics)."""
+"""torch.compile traces a block of every backbone, and two with learned experts (top 2 with a capacity; top 1 with a
+router per modality), in one graph (the kernel front doors as torch.library operators), and the compiled block
+computes what the eager one does, forward and backward (and with experts the router's statistics)."""
 
 import pytest
 import torch
@@ -16,12 +16,14 @@ CASES = [
     ({"kind": "ffn", "d_model": 16}, "all", False),
     ({"kind": "ffn", "d_model": 16}, {"specific": "dense", "experts": {
         "sublayers": ["w1", "w2", "w3"], "n_experts": 4, "top_k": 2, "capacity_factor": 1.25}}, False),
+    ({"kind": "ffn", "d_model": 16}, {"specific": "dense", "experts": {
+        "sublayers": ["w1", "w2", "w3"], "n_experts": 4, "top_k": 1, "per_modality": True}}, False),
 ]
 
 
 def case_id(value):
     if isinstance(value, dict):
-        return value.get("kind", "experts")
+        return value.get("kind", f"experts-top{value.get('experts', {}).get('top_k')}")
     return str(value)
 
 
