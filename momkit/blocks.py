@@ -248,7 +248,7 @@ class Block(nn.Module, ABC):
                 ids = route.ids[..., j].contiguous()
                 order = route.order if self.branches == 1 else None
                 if grouped and order is None:
-                    order = torch.argsort(ids.reshape(-1), stable=True)
+                    order = self.router.group_order(ids)
                 self.choice.ids, self.choice.order = ids, order if grouped else None
                 gate = route.gates[..., j, None]
                 out = self.router.mix(x, run(j), gate) if self.branches == 1 else out + gate * (run(j) - x)

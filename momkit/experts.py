@@ -89,13 +89,22 @@ def capacity_mask(ids: torch.Tensor, counts: torch.Tensor, capacity: int | torch
     stable argsort of ``ids.t()`` flattened, which ranked the slots."""
     n, k = ids.shape
     slot_major = ids.t().reshape(-1)
-    ranked = torch.argsort(slot_major, stable=True)
+    ranked = group_order(slot_major, len(counts))
     ranked_ids = slot_major[ranked]
     rank = torch.arange(len(ranked), device=ids.device) - (counts.cumsum(0) - counts)[ranked_ids]
     if isinstance(capacity, torch.Tensor):
         capacity = capacity[ranked_ids // n_experts]
     keep = torch.empty_like(ranked, dtype=torch.bool).index_put_((ranked,), rank < capacity)
     return keep.reshape(k, n).t(), ranked
+
+
+def group_order(ids: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """The stable argsort of ``ids`` (flattened, values in ``0..n_ids-1``): the order that groups the positions by
+    id. It sorts keys of the narrowest integer dtype that holds the ids, since a GPU's radix sort makes one pass
+    per byte of key: one for up to 256 ids, where int64 keys take eight."""
+    keys = ids.reshape(-1)
+    narrow = next((d for d in (torch.uint8, torch.int16) if n_ids - 1 <= torch.iinfo(d).max), torch.int32)
+    return torch.argsort(keys.to(narrow), stable=True)
 
 
 def counts_of(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -150,6 +159,10 @@ class Router(nn.Module):
                             flat_modality)
         return Route(ids, gates.to(x.dtype), stats, order)
 
+    def group_order(self, ids: torch.Tensor) -> torch.Tensor:
+        """:func:`group_order` of expert ids of this router."""
+        return group_order(ids, self.n_ids)
+
     def mix(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """The block's output at top 1, ``x + gate (y - x)`` for ``y`` its run on the chosen experts
         (:func:`momkit.ops.gated_mix` on the router's backend)."""
@@ -169,7 +182,7 @@ class Router(nn.Module):
             balance = (per_set * present).sum() / present.sum().clamp(min=1)
         else:
             seen = max(tokens, 1)
-            balance = e * (chosen / (k * seen) * probs.sum(0) / seen).sum()
+            balance = torch.dot(chosen.reshape(-1), probs.sum(0)) * (e / (k * seen * seen))
         z = torch.logsumexp(logits, dim=-1).square().sum() / max(len(logits), 1)
         slot_id = modality[:, None] * self.n_ids + ids
         counts = torch.zeros(self.n_modalities * self.n_ids, dtype=torch.long, device=ids.device)

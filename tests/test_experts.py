@@ -12,7 +12,7 @@ import yaml
 import momkit
 from momkit import SpecError
 from momkit.cli import main
-from momkit.experts import capacity_mask, mutual_information
+from momkit.experts import capacity_mask, group_order, mutual_information
 
 FFN = {"kind": "ffn", "d_model": 16}
 EXPERTS = {"sublayers": ["w1", "w2", "w3"], "n_experts": 4}
@@ -181,6 +181,15 @@ def test_capacity_mask_serves_slot_0_first():
     keep, order = capacity_mask(ids, torch.tensor([4, 4]), 2, 2)
     assert keep.tolist() == [[True, True], [True, False], [True, False], [False, False]]
     assert order.tolist() == [0, 1, 3, 6, 2, 4, 5, 7]
+
+
+@pytest.mark.parametrize("n_ids", [2, 256, 257, 32768, 32769])
+def test_group_order_is_the_stable_argsort_whatever_the_key_width(gen, n_ids):
+    """Ids up to each narrow key dtype's limit and one past it (few distinct values, so the sort's stability
+    decides most of the order)."""
+    ids = torch.tensor([0, n_ids - 1])[torch.randint(0, 2, (3000,), generator=gen)]
+    ids[::7] = torch.randint(0, n_ids, (len(ids[::7]),), generator=gen)
+    assert torch.equal(group_order(ids.view(30, 100), n_ids), torch.argsort(ids, stable=True))
 
 
 def test_per_modality_experts_stay_in_their_modality():
