@@ -7,10 +7,12 @@ are those of ``benchmarks/gpu_scan.py``'s experts row: an ``ffn`` layer at d_mod
 of the input and every parameter. Per pass, after five passes of warm-up:
 
 - wall time: the mean over 20 passes, synchronised at the end;
+- host time: the mean time the same 20 passes took to launch, read before that synchronisation;
 - GPU time: the sum of the kernels' times over 10 passes under ``torch.profiler``, divided by 10;
 - kernels: how many kernels one pass launches.
 
-When the wall time exceeds the GPU time, the host (Python, the launches) sets the pace, not the device.
+When the host time exceeds the GPU time, the host (Python, the launches) sets the pace, not the device, and the
+wall time is about the host time.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def main():
     modality = runs_of(8, 2048, 1024)
     dout = randn(gen, 8, 2048, 1024, dtype=torch.float32)
     print(f"# experts layer time per pass ({torch.cuda.get_device_name()}, torch {torch.__version__})\n")
-    print("| layer | wall (ms) | GPU (ms) | kernels |\n|---|---|---|---|")
+    print("| layer | wall (ms) | host (ms) | GPU (ms) | kernels |\n|---|---|---|---|---|")
     for name, routing in (("dense `ffn`", {"specific": "dense"}),
                           ("experts `ffn` (8, top 1)", {"specific": "dense", "experts": EXPERTS})):
         block = build_block(layer_spec({"kind": "ffn"}, routing)).cuda()
@@ -49,6 +51,7 @@ def main():
         start = time.perf_counter()
         for _ in range(20):
             step()
+        host = (time.perf_counter() - start) / 20 * 1e3
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / 20 * 1e3
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -57,7 +60,7 @@ def main():
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         gpu = sum(e.device_time for e in kernels) / 10 / 1e3
-        print(f"| {name} | {wall:.3f} | {gpu:.3f} | {len(kernels) / 10:.0f} |", flush=True)
+        print(f"| {name} | {wall:.3f} | {host:.3f} | {gpu:.3f} | {len(kernels) / 10:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
