@@ -14,8 +14,8 @@ forward and backward; the backward computes the three gradients in one pass, the
 Everything is computed in float32 and stored in the inputs' dtypes. The router's products need float32's
 precision, since its choices follow its logits' last bits; one TF32 product keeps 11 bits of each operand, so
 each is three TF32 products (``input_precision="tf32x3"``), which also round the operands' remainders. At 16,384
-x 1,024 inputs and 8 experts on an H200, the logits came within 2.2e-7 of float64 (5.7e-7 with the products in
-full float32 on the CUDA cores, ``"ieee"``, which took four times as long).
+x 1,024 inputs and 8 experts on an H200, the forward came within 2.2e-7 of float64 in 39 µs (5.7e-7 in 64 µs at
+the best tiling with the products in full float32 on the CUDA cores, ``"ieee"``).
 """
 
 from __future__ import annotations
