@@ -81,17 +81,18 @@ class Route:
     order: torch.Tensor | None = None
 
 
-def capacity_mask(ids: torch.Tensor, counts: torch.Tensor, capacity: int | torch.Tensor,
+def capacity_mask(ids: torch.Tensor, n_ids: int, capacity: int | torch.Tensor,
                   n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which slots of ``ids (N, k)`` (expert ids ``0..n_ids-1``, each picked ``counts[i]`` times) the capacity
-    keeps: expert ``i`` keeps its first ``capacity`` slots (an int, or per router set ``capacity[i //
-    n_experts]``), slot 0 of every token before slot 1, tokens in order. Returns that ``(N, k)`` mask and the
-    stable argsort of ``ids.t()`` flattened, which ranked the slots."""
+    """Which slots of ``ids (N, k)`` (expert ids ``0..n_ids-1``) the capacity keeps: expert ``i`` keeps its first
+    ``capacity`` slots (an int, or per router set ``capacity[i // n_experts]``), slot 0 of every token before
+    slot 1, tokens in order. Returns that ``(N, k)`` mask and the stable argsort of ``ids.t()`` flattened, which
+    ranked the slots: a slot's rank among its expert's is its place in that order less the place of the
+    expert's first slot."""
     n, k = ids.shape
     slot_major = ids.t().reshape(-1)
-    ranked = group_order(slot_major, len(counts))
+    ranked = group_order(slot_major, n_ids)
     ranked_ids = slot_major[ranked]
-    rank = torch.arange(len(ranked), device=ids.device) - (counts.cumsum(0) - counts)[ranked_ids]
+    rank = torch.arange(len(ranked), device=ids.device) - torch.searchsorted(ranked_ids, ranked_ids)
     if isinstance(capacity, torch.Tensor):
         capacity = capacity[ranked_ids // n_experts]
     keep = torch.empty_like(ranked, dtype=torch.bool).index_put_((ranked,), rank < capacity)
@@ -153,7 +154,7 @@ class Router(nn.Module):
             factor = self.experts.capacity_factor
             capacity = (torch.ceil(factor * k * tokens.double() / e).long() if per_modality
                         else math.ceil(factor * k * tokens / e))
-            keep, order = capacity_mask(flat_ids, picks, capacity, e)
+            keep, order = capacity_mask(flat_ids, self.n_ids, capacity, e)
             gates = gates * keep.reshape(gates.shape)
         stats = self._stats(logits.reshape(-1, e), probs.reshape(-1, e), picks, tokens, flat_ids, keep,
                             flat_modality)
@@ -183,7 +184,8 @@ class Router(nn.Module):
         else:
             seen = max(tokens, 1)
             balance = torch.dot(chosen.reshape(-1), probs.sum(0)) * (e / (k * seen * seen))
-        z = torch.logsumexp(logits, dim=-1).square().sum() / max(len(logits), 1)
+        squares = torch.logsumexp(logits, dim=-1).square()
+        z = squares.mean() if len(logits) else squares.sum()
         slot_id = modality[:, None] * self.n_ids + ids
         counts = torch.zeros(self.n_modalities * self.n_ids, dtype=torch.long, device=ids.device)
         if keep is None:

@@ -178,7 +178,7 @@ def test_router_computes_in_float32_under_autocast(top_k, per_modality):
 
 def test_capacity_mask_serves_slot_0_first():
     ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
-    keep, order = capacity_mask(ids, torch.tensor([4, 4]), 2, 2)
+    keep, order = capacity_mask(ids, 2, 2, 2)
     assert keep.tolist() == [[True, True], [True, False], [True, False], [False, False]]
     assert order.tolist() == [0, 1, 3, 6, 2, 4, 5, 7]
 
