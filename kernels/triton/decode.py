@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from momkit.errors import SpecError
 from momkit.kernels.triton.launch import Launcher
-from momkit.kernels.triton.tiling import cdiv, pow2
+from momkit.kernels.triton.tiling import cdiv, pow2, refuse_float64
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -92,19 +91,12 @@ def _strides(t: torch.Tensor | None, dims: int) -> list[int]:
     return [0] * dims if t is None else list(t.stride())
 
 
-def _refuse_float64(**tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.dtype == torch.float64:
-            raise SpecError(f"the triton backend computes in float32 and does not take float64 {name}; "
-                            f"use backend='reference' for float64")
-
-
 def selective_state_update(*, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, modality):
     """:func:`momkit.ops.selective_state_update` in one launch; ``state`` must be float32.
 
     Mamba-1's channels layout is addressed as one head of ``d`` channels through strides with a zero for the
     head (and group) dimension, not reshaped: a view costs a decoding step more host time than its arithmetic."""
-    _refuse_float64(state=state, x=x, A=A)
+    refuse_float64("decoding update", state=state, x=x, A=A)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if state.dim() == 4:
         batch, heads, channels, n = state.shape
@@ -166,7 +158,7 @@ _CONV_UPDATE = Launcher(_conv_update_kernel, pointers=6)
 
 def conv_state_update(*, x, conv_state, weight, bias, activation, modality):
     """:func:`momkit.ops.conv_state_update` in one launch."""
-    _refuse_float64(x=x, conv_state=conv_state, weight=weight)
+    refuse_float64("decoding update", x=x, conv_state=conv_state, weight=weight)
     batch, channels = x.shape
     width = conv_state.shape[-1]
     out = torch.empty_like(x)

@@ -24,9 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from momkit.errors import SpecError
 from momkit.kernels.triton.launch import Launcher
-from momkit.kernels.triton.tiling import cdiv
+from momkit.kernels.triton.tiling import cdiv, refuse_float64
 
 ROUTER_ROWS, ROUTER_COLUMNS = 64, 64
 BACKWARD_ROWS, BACKWARD_COLUMNS = 32, 128
@@ -145,13 +144,6 @@ _MIX = Launcher(_mix_kernel, pointers=4)
 _MIX_BACKWARD = Launcher(_mix_backward_kernel, pointers=7)
 
 
-def _no_float64(op: str, **tensors) -> None:
-    wide = [name for name, t in tensors.items() if t.dtype == torch.float64]
-    if wide:
-        raise SpecError(f"the triton {op} computes in float32 but {', '.join(wide)} is torch.float64; pass "
-                        f"float32, bfloat16 or float16 tensors, or use backend='reference'")
-
-
 def _padded(e: int) -> int:
     """The experts' block: a power of two, at least the 16 that a product's dimension needs."""
     return max(16, triton.next_power_of_2(e))
@@ -223,7 +215,7 @@ def _mix_blocks(d: int) -> dict:
 def router_logits(x: torch.Tensor, weight: torch.Tensor, modality: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``rms(x) W^T`` in float32 for ``x (..., d)`` and ``weight (e, d)``, or ``weight (M, e, d)`` with
     ``modality (...)`` picking each row's; see the module docstring. Differentiable in ``x`` and ``weight``."""
-    _no_float64("router logits", x=x, weight=weight)
+    refuse_float64("router logits", x=x, weight=weight)
     d, e = x.shape[-1], weight.shape[-2]
     sets = None if weight.dim() == 2 else modality.reshape(-1).contiguous()
     logits = RouterLogitsFn.apply(x.reshape(-1, d).contiguous(), weight.contiguous(), sets, float(eps))
@@ -233,6 +225,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, modality: torch.Tensor 
 def gated_mix(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + gate (y - x)`` for ``x, y (..., d)`` and ``gate (..., 1)``, all of one dtype; differentiable in all
     three."""
-    _no_float64("gated mix", x=x, y=y, gate=gate)
+    refuse_float64("gated mix", x=x, y=y, gate=gate)
     flat = [t.reshape(-1, t.shape[-1]).contiguous() for t in (x, y, gate)]
     return GatedMixFn.apply(flat[0], flat[1], flat[2].view(-1)).view(x.shape)

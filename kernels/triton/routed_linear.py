@@ -102,9 +102,8 @@ try:
 except ImportError:
     TensorDescriptor = None
 
-from momkit.errors import SpecError
 from momkit.kernels.triton.launch import Launcher
-from momkit.kernels.triton.tiling import cdiv, check_tiling, pow2
+from momkit.kernels.triton.tiling import cdiv, check_tiling, pow2, refuse_float64
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRETED = tl.constexpr(_INTERPRETING)
@@ -758,11 +757,7 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Raises:
         SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
     """
-    if torch.float64 in (x.dtype, weight.dtype, None if bias is None else bias.dtype):
-        wide = [name for name, t in dict(x=x, weight=weight, bias=bias).items()
-                if t is not None and t.dtype == torch.float64]
-        raise SpecError(f"the triton routed linear computes in float32 but {', '.join(wide)} is torch.float64; "
-                        f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
+    refuse_float64("routed linear", x=x, weight=weight, bias=bias)
     rows = x.shape[0] if x.shape[0] <= FEW_ROWS else None
     tiling = tiling or default_tiling(x.dtype, rows)
     modality = modality.contiguous()

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from momkit.errors import SpecError
-from momkit.kernels.triton.tiling import cdiv, pow2
+from momkit.kernels.triton.tiling import cdiv, pow2, refuse_float64
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -406,11 +406,8 @@ def selective_scan(*, u, delta, A, B, C, D, z, delta_bias, delta_softplus, retur
     Raises:
         SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
     """
-    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
-    wide = [name for name, x in named.items() if x is not None and x.dtype == torch.float64]
-    if wide:
-        raise SpecError(f"the triton scan backend computes in float32 but {', '.join(wide)} is float64; "
-                        f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
+    refuse_float64("scan backend", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                   initial_state=initial_state)
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, modality, seq_idx, delta_softplus,
                                       tiling, initial_state)
     return (out, last) if return_last_state else out

@@ -75,8 +75,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from momkit.errors import SpecError
-from momkit.kernels.triton.tiling import cdiv, check_tiling, pow2
+from momkit.kernels.triton.tiling import cdiv, check_tiling, pow2, refuse_float64
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -938,11 +937,8 @@ def ssd_scan(*, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initia
     Raises:
         SpecError: a float64 input; this backend computes in float32 (use ``backend="reference"``).
     """
-    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
-    wide = [name for name, t in named.items() if t is not None and t.dtype == torch.float64]
-    if wide:
-        raise SpecError(f"the triton scan backend computes in float32 but {', '.join(wide)} is float64; "
-                        f"pass float32, bfloat16 or float16 tensors, or use backend='reference'")
+    refuse_float64("scan backend", x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                   initial_states=initial_states)
     b, l, h, p = x.shape
     if b == 0 or l == 0:
         out = x.new_zeros(x.shape)

@@ -1,11 +1,22 @@
-"""What the Triton kernels' tilings share: the check of their ``Tiling`` dataclasses, block sizes rounded up to
-powers of two, and launch grids' counts of blocks."""
+"""What the Triton kernels share: the check of their ``Tiling`` dataclasses, block sizes rounded up to powers of
+two, launch grids' counts of blocks, and the refusal of float64 inputs."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
+import torch
+
 from momkit.errors import SpecError
+
+
+def refuse_float64(what: str, **tensors) -> None:
+    """Refuse float64 tensors among ``tensors`` (``None`` for an absent one): the kernels of ``what`` compute in
+    float32."""
+    wide = [name for name, t in tensors.items() if t is not None and t.dtype == torch.float64]
+    if wide:
+        raise SpecError(f"the triton {what} computes in float32 but {', '.join(wide)} is torch.float64; pass "
+                        f"float32, bfloat16 or float16 tensors, or use backend='reference'")
 
 
 def check_tiling(tiling, counts: tuple[str, ...], small: tuple[str, ...] = (), sizes: tuple[str, ...] = ()) -> None:
