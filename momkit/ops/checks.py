@@ -158,13 +158,18 @@ def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
         expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, dev, floating=False)
 
 
+def _expect_features(x, label: str) -> None:
+    """``x`` a tensor of at least one dimension, whose last is named ``label`` in the error."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x must be a torch.Tensor of shape (..., {label}), got "
+                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+
+
 @_front_door
 def check_routed_linear(x, weight, bias, modality, order=None) -> None:
     """Check the arguments of :func:`momkit.ops.routed_linear`; ``order`` is a permutation of the positions only
     checked on the CPU (on a GPU that would wait for the device)."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"x must be a torch.Tensor of shape (..., in_features), got "
-                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _expect_features(x, "in_features")
     expect_tensor("weight", weight, {"(M, out, in)": (None, None, x.shape[-1])}, x.device)
     if weight.dtype != x.dtype and not (weight.dtype == torch.float32 and x.dtype in SIXTEEN_BIT):
         raise SpecError(f"weight has dtype {weight.dtype} but x has {x.dtype}; pass weight in x's dtype, or in "
@@ -186,9 +191,7 @@ def check_routed_linear(x, weight, bias, modality, order=None) -> None:
 @_front_door
 def check_router_logits(x, weight, modality, eps) -> None:
     """Check the arguments of :func:`momkit.ops.router_logits`."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"x must be a torch.Tensor of shape (..., d), got "
-                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _expect_features(x, "d")
     expect_tensor("x", x, {"(..., d)": (None,) * x.dim()}, x.device)
     expect_tensor("weight", weight, {"(e, d)": (None, x.shape[-1]), "(M, e, d)": (None, None, x.shape[-1])},
                   x.device)
@@ -208,9 +211,7 @@ def check_router_logits(x, weight, modality, eps) -> None:
 @_front_door
 def check_gated_mix(x, y, gate) -> None:
     """Check the arguments of :func:`momkit.ops.gated_mix`."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"x must be a torch.Tensor of shape (..., d), got "
-                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _expect_features(x, "d")
     expect_tensor("x", x, {"(..., d)": (None,) * x.dim()}, x.device)
     expect_tensor("y", y, {"x's shape": tuple(x.shape)}, x.device)
     expect_tensor("gate", gate, {"(..., 1)": (*x.shape[:-1], 1)}, x.device)
