@@ -204,6 +204,28 @@ def test_router_logits_checks(gen, change, message):
         ops.router_logits(**{**router_args(gen), **change})
 
 
+def test_gated_residual_adds_the_gated_branch(gen):
+    x, branch = torch.randn(2, 5, 6, generator=gen), torch.randn(2, 5, 6, generator=gen)
+    gate = torch.rand(2, 5, 1, generator=gen)
+    torch.testing.assert_close(ops.gated_residual(x, branch, gate), x + gate * branch)
+    narrow = branch.bfloat16()
+    mixed = ops.gated_residual(x, narrow, gate)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, x + gate * narrow.float())
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(branch=torch.zeros(2, 5, 7)), r"branch has shape \(2, 5, 7\); expected x's shape = \(2, 5, 6\)"),
+    (dict(branch=torch.zeros(2, 5, 6, dtype=torch.int64)), "branch has dtype torch.int64"),
+    (dict(gate=torch.zeros(2, 5)), r"gate has shape \(2, 5\); expected \(..., 1\) = \(2, 5, 1\)"),
+    (dict(gate=torch.zeros(2, 5, 1, dtype=torch.bfloat16)), "gate has dtype torch.bfloat16 but x has torch.float32"),
+])
+def test_gated_residual_checks(change, message):
+    args = dict(x=torch.ones(2, 5, 6), branch=torch.ones(2, 5, 6), gate=torch.ones(2, 5, 1))
+    with pytest.raises(ValueError, match=message):
+        ops.gated_residual(**{**args, **change})
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(y=torch.zeros(2, 5, 7)), r"y has shape \(2, 5, 7\); expected x's shape = \(2, 5, 6\)"),
     (dict(gate=torch.zeros(2, 5)), r"gate has shape \(2, 5\); expected \(..., 1\) = \(2, 5, 1\)"),
@@ -301,7 +323,7 @@ class Counting:
 
 
 OPS = ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update",
-       "router_logits", "gated_mix")
+       "router_logits", "gated_residual", "gated_mix")
 USED = {"mamba": {"selective_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
         "mamba2": {"ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
         "transformer": {"routed_linear"},

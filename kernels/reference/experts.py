@@ -1,5 +1,5 @@
-"""The learned experts' router logits and gated mix in PyTorch (:func:`momkit.ops.router_logits`,
-:func:`momkit.ops.gated_mix`)."""
+"""The learned experts' router logits and the mixes of their outputs in PyTorch (:func:`momkit.ops.router_logits`,
+:func:`momkit.ops.gated_residual`, :func:`momkit.ops.gated_mix`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def router_logits(*, x: torch.Tensor, weight: torch.Tensor, modality: torch.Tens
     n_sets, e, d = weight.shape
     every = F.linear(h, weight.to(dtype).reshape(n_sets * e, d)).unflatten(-1, (n_sets, e))
     return torch.take_along_dim(every, modality[..., None, None], dim=-2).squeeze(-2)
+
+
+def gated_residual(*, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + gate branch``: ``torch.addcmul``, in the dtype ``x + branch`` has."""
+    return torch.addcmul(x, gate, branch)
 
 
 def gated_mix(*, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

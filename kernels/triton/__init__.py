@@ -70,6 +70,10 @@ def _router_logits(**kwargs):
     return _kernels("experts").router_logits(**kwargs)
 
 
+def _gated_residual(**kwargs):
+    return _kernels("experts").gated_residual(**kwargs)
+
+
 def _gated_mix(**kwargs):
     return _kernels("experts").gated_mix(**kwargs)
 
@@ -87,7 +91,7 @@ def momkit_scan_backends():
     return [ScanBackend(
         name="triton",
         description="Triton kernels for CUDA GPUs: both scans, routed linear, causal convolution, decoding "
-                    "updates, router logits, gated mix; in float32",
+                    "updates, router logits, gated residual and mix; in float32",
         selective_scan=_selective_scan,
         ssd_scan=_ssd_scan,
         routed_linear=_routed_linear,
@@ -95,6 +99,7 @@ def momkit_scan_backends():
         selective_state_update=_selective_state_update,
         conv_state_update=_conv_state_update,
         router_logits=_router_logits,
+        gated_residual=_gated_residual,
         gated_mix=_gated_mix,
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),
         priority=10,

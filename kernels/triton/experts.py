@@ -1,4 +1,4 @@
-"""The learned experts' two memory-bound operations in Triton: the router's logits and the gated mix.
+"""The learned experts' memory-bound operations in Triton: the router's logits and the two mixes of their outputs.
 
 :func:`router_logits` (``rms(x) W_m^T``, :func:`momkit.ops.router_logits`) reads ``x`` once: a program per block
 of rows sums, a block of columns at a time, both the squares of its rows and their products with the weights
@@ -9,8 +9,10 @@ columns. With ``r`` the rows' ``rsqrt``, ``l`` the logits and ``g`` their gradie
 and the program sums the weight gradient ``(r g)^T x`` of its rows, one set at a time. A sum over the groups
 completes it, so the result does not depend on the order of atomic additions.
 
-:func:`gated_mix` (``x + gate (y - x)``, :func:`momkit.ops.gated_mix`) takes a program per block of rows,
-forward and backward; the backward computes the three gradients in one pass, the gate's as a row sum.
+:func:`gated_residual` (``x + gate branch``, :func:`momkit.ops.gated_residual`) and :func:`gated_mix` (``x + gate
+(y - x)``, :func:`momkit.ops.gated_mix`) take a program per block of rows, forward and backward; each backward
+computes its gradients in one pass, the gate's as a row sum. The residual's input gradient is the output's, so its
+backward reads the output's gradient and the branch and writes the branch's and the gate's gradients only.
 Everything is computed in float32 and stored in the inputs' dtypes. The router's products need float32's
 precision, since its choices follow its logits' last bits; one TF32 product keeps 11 bits of each operand, so
 each is three TF32 products (``input_precision="tf32x3"``), which also round the operands' remainders. At 16,384
@@ -102,7 +104,9 @@ def _router_backward_kernel(x_ptr, w_ptr, sets_ptr, rstd_ptr, logits_ptr, grad_p
 
 
 @triton.jit
-def _mix_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, n_rows, d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _mix_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, n_rows, d, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """``out = x + gate y`` with ``RESIDUAL`` (``y`` a residual branch), else ``x + gate (y - x)``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < n_rows
     rows = rows.to(tl.int64)
@@ -113,12 +117,14 @@ def _mix_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, n_rows, d, BLOCK_N: tl.constexp
         at = rows[:, None] * d + cols[None, :]
         x = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + at, mask=tile, other=0.0).to(tl.float32)
-        tl.store(out_ptr + at, (x + gate * (y - x)).to(out_ptr.dtype.element_ty), mask=tile)
+        tl.store(out_ptr + at, (x + gate * (y if RESIDUAL else y - x)).to(out_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit
 def _mix_backward_kernel(x_ptr, y_ptr, gate_ptr, grad_ptr, dx_ptr, dy_ptr, dgate_ptr, n_rows, d,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The gradients of :func:`_mix_kernel`'s ``y`` and ``gate``, and without ``RESIDUAL`` of ``x`` (with it, the
+    output's gradient is ``x``'s, and ``x`` is neither read nor written)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < n_rows
     rows = rows.to(tl.int64)
@@ -129,12 +135,15 @@ def _mix_backward_kernel(x_ptr, y_ptr, gate_ptr, grad_ptr, dx_ptr, dy_ptr, dgate
         tile = row_in[:, None] & (cols < d)[None, :]
         at = rows[:, None] * d + cols[None, :]
         grad = tl.load(grad_ptr + at, mask=tile, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + at, mask=tile, other=0.0).to(tl.float32)
         dy = grad * gate
-        tl.store(dx_ptr + at, (grad - dy).to(dx_ptr.dtype.element_ty), mask=tile)
         tl.store(dy_ptr + at, dy.to(dy_ptr.dtype.element_ty), mask=tile)
-        dgate += tl.sum(grad * (y - x), 1)
+        if RESIDUAL:
+            dgate += tl.sum(grad * y, 1)
+        else:
+            x = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + at, (grad - dy).to(dx_ptr.dtype.element_ty), mask=tile)
+            dgate += tl.sum(grad * (y - x), 1)
     tl.store(dgate_ptr + rows, dgate.to(dgate_ptr.dtype.element_ty), mask=row_in)
 
 
@@ -183,28 +192,30 @@ class RouterLogitsFn(torch.autograd.Function):
 
 
 class GatedMixFn(torch.autograd.Function):
-    """Autograd node of :func:`gated_mix`."""
+    """Autograd node of :func:`gated_mix`, and with ``residual`` of :func:`gated_residual` (``y`` the branch)."""
 
     @staticmethod
-    def forward(ctx, x, y, gate):
+    def forward(ctx, x, y, gate, residual):
         n, d = x.shape
-        out = torch.empty_like(x)
+        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, y.dtype))
         if n:
             blocks = _mix_blocks(d)
-            _MIX((cdiv(n, blocks["BLOCK_N"]),), x, y, gate, out, n, d, num_warps=4, **blocks)
-        ctx.save_for_backward(x, y, gate)
+            _MIX((cdiv(n, blocks["BLOCK_N"]),), x, y, gate, out, n, d, num_warps=4, RESIDUAL=residual, **blocks)
+        ctx.save_for_backward(None if residual else x, y, gate)
+        ctx.residual, ctx.x_dtype = residual, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, y, gate = ctx.saved_tensors
-        n, d = x.shape
-        dx, dy, dgate = torch.empty_like(x), torch.empty_like(y), torch.empty_like(gate)
+        n, d = y.shape
+        dx = grad.to(ctx.x_dtype) if ctx.residual else torch.empty_like(x)
+        dy, dgate = torch.empty_like(y), torch.empty_like(gate)
         if n:
             blocks = _mix_blocks(d)
-            _MIX_BACKWARD((cdiv(n, blocks["BLOCK_N"]),), x, y, gate, grad.contiguous(), dx, dy, dgate, n, d,
-                          num_warps=4, **blocks)
-        return dx, dy, dgate
+            _MIX_BACKWARD((cdiv(n, blocks["BLOCK_N"]),), x, y, gate, grad.contiguous(),
+                          None if ctx.residual else dx, dy, dgate, n, d, num_warps=4, RESIDUAL=ctx.residual, **blocks)
+        return dx, dy, dgate, None
 
 
 def _mix_blocks(d: int) -> dict:
@@ -222,9 +233,20 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, modality: torch.Tensor 
     return logits.view(*x.shape[:-1], e)
 
 
+def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + gate branch`` for ``x, branch (..., d)`` and ``gate (..., 1)`` in ``x``'s dtype, in float32, stored in
+    the dtype of ``x + branch``; differentiable in all three."""
+    refuse_float64("gated residual", x=x, branch=branch, gate=gate)
+    return _gated(x, branch, gate, True)
+
+
 def gated_mix(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + gate (y - x)`` for ``x, y (..., d)`` and ``gate (..., 1)``, all of one dtype; differentiable in all
     three."""
     refuse_float64("gated mix", x=x, y=y, gate=gate)
+    return _gated(x, y, gate, False)
+
+
+def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, residual: bool) -> torch.Tensor:
     flat = [t.reshape(-1, t.shape[-1]).contiguous() for t in (x, y, gate)]
-    return GatedMixFn.apply(flat[0], flat[1], flat[2].view(-1)).view(x.shape)
+    return GatedMixFn.apply(flat[0], flat[1], flat[2].view(-1), residual).view(x.shape)

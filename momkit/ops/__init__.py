@@ -5,8 +5,9 @@
 reshaping a tensor; likewise :func:`causal_conv1d` (causal-conv1d's ``causal_conv1d_fn``) for training, and
 :func:`selective_state_update` (mamba_ssm's function of that name) and :func:`conv_state_update` (causal-conv1d's
 ``causal_conv1d_update``) for decoding one position.
-:func:`routed_linear` is the routed projection; :func:`router_logits` and :func:`gated_mix` are a learned router's
-logits and the mix of its experts' outputs. Every argument is checked here, before any backend runs.
+:func:`routed_linear` is the routed projection; :func:`router_logits` is a learned router's logits, and
+:func:`gated_residual` and :func:`gated_mix` mix its experts' outputs into the residual stream. Every argument is
+checked here, before any backend runs.
 
 Each front door takes ``backend=``: a registered backend name or ``"auto"``, which picks, per operation, the
 available backend that ranks highest for it (:meth:`momkit.descriptors.ScanBackend.rank`) among those that
@@ -28,7 +29,7 @@ from momkit.ops.checks import SIXTEEN_BIT, check_conv_state_update, check_select
 from momkit.ops.dispatch import _extensions, backend_name, resolve_backend
 from momkit.registry import get_registry
 
-__all__ = ["available_backends", "causal_conv1d", "conv_state_update", "gated_mix", "resolve_backend",
+__all__ = ["available_backends", "causal_conv1d", "conv_state_update", "gated_mix", "gated_residual", "resolve_backend",
            "routed_linear", "router_logits", "selective_scan", "selective_state_update", "ssd_scan", "unchecked"]
 
 
@@ -173,9 +174,29 @@ def router_logits(x, weight, modality=None, *, eps=1e-6, backend="auto"):
     return dispatch.router_logits(x, weight, modality, eps, backend)
 
 
+def gated_residual(x, branch, gate, *, backend="auto"):
+    """``x + gate branch``: a residual branch added with one weight per position, the mix of a block with learned
+    experts whose class has a residual branch (:attr:`momkit.Block.residual`, :mod:`momkit.experts`). A backend
+    may compute it, and its backward, in one pass each; the input's gradient is the output's.
+
+    Args:
+        x: ``(..., d)``, the residual stream.
+        branch: ``(..., d)``, of any floating dtype (a 16-bit branch under autocast beside a float32 ``x``).
+        gate: ``(..., 1)``, in ``x``'s dtype.
+        backend: a registered backend name, or ``"auto"``.
+
+    Returns:
+        ``(..., d)`` in the dtype that ``x + branch`` has (``torch.promote_types``).
+    """
+    if torch.compiler.is_compiling():
+        return library.gated_residual(x, branch, gate, backend_name(backend, "gated_residual"))
+    return dispatch.gated_residual(x, branch, gate, backend)
+
+
 def gated_mix(x, y, gate, *, backend="auto"):
     """``x + gate (y - x)``: ``torch.lerp`` with one weight per position, the mix of a block with learned
-    experts (:mod:`momkit.experts`), whose backward a backend may compute in one pass.
+    experts (:mod:`momkit.experts`) whose class has no residual branch, and of every block's decoding step;
+    a backend may compute its backward in one pass.
 
     Args:
         x: ``(..., d)``.

@@ -220,6 +220,17 @@ def check_gated_mix(x, y, gate) -> None:
             raise SpecError(f"{name} has dtype {t.dtype} but x has {x.dtype}; pass x, y and gate in one dtype")
 
 
+@_front_door
+def check_gated_residual(x, branch, gate) -> None:
+    """Check the arguments of :func:`momkit.ops.gated_residual`."""
+    _expect_features(x, "d")
+    expect_tensor("x", x, {"(..., d)": (None,) * x.dim()}, x.device)
+    expect_tensor("branch", branch, {"x's shape": tuple(x.shape)}, x.device)
+    expect_tensor("gate", gate, {"(..., 1)": (*x.shape[:-1], 1)}, x.device)
+    if gate.dtype != x.dtype:
+        raise SpecError(f"gate has dtype {gate.dtype} but x has {x.dtype}; pass gate in x's dtype")
+
+
 def _routable(name, value, shape: tuple, labels: str, modality, device) -> None:
     """``value`` of ``shape``, or with ``modality`` optionally one per modality (a leading ``M``)."""
     shapes = {labels: shape}

@@ -13,8 +13,8 @@ import torch
 
 from momkit.descriptors import ScanBackend
 from momkit.errors import SpecError
-from momkit.ops.checks import (check_causal_conv1d, check_gated_mix, check_routed_linear, check_router_logits,
-                               check_selective_scan, check_ssd_scan)
+from momkit.ops.checks import (check_causal_conv1d, check_gated_mix, check_gated_residual, check_routed_linear,
+                               check_router_logits, check_selective_scan, check_ssd_scan)
 from momkit.registry import Registry, get_registry
 
 
@@ -122,6 +122,13 @@ def router_logits(x, weight, modality, eps, backend):
     impl = resolve_backend(backend, x.device, "router_logits", _extensions(modality=modality), x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         return impl.router_logits(x=x, weight=weight, modality=modality, eps=eps)
+
+
+def gated_residual(x, branch, gate, backend):
+    """:func:`momkit.ops.gated_residual`, checked and run on its backend."""
+    check_gated_residual(x, branch, gate)
+    impl = resolve_backend(backend, x.device, "gated_residual", dtype=x.dtype)
+    return impl.gated_residual(x=x, branch=branch, gate=gate)
 
 
 def gated_mix(x, y, gate, backend):

@@ -1,8 +1,8 @@
 """The training front doors as ``torch.library`` custom operators, for ``torch.compile``.
 
 While :func:`torch.compile` traces a model, :func:`momkit.ops.selective_scan`, :func:`momkit.ops.ssd_scan`,
-:func:`momkit.ops.routed_linear`, :func:`momkit.ops.causal_conv1d`, :func:`momkit.ops.router_logits` and
-:func:`momkit.ops.gated_mix` call ``torch.ops.momkit.<name>`` instead of
+:func:`momkit.ops.routed_linear`, :func:`momkit.ops.causal_conv1d`, :func:`momkit.ops.router_logits`,
+:func:`momkit.ops.gated_residual` and :func:`momkit.ops.gated_mix` call ``torch.ops.momkit.<name>`` instead of
 running their backend directly: an operator opaque to the tracer (its argument checks and the backend's choice,
 which read tensor values, run when the compiled graph runs), with a fake implementation that gives its output's
 shape and dtype, and an autograd formula. The backward is itself an operator, ``torch.ops.momkit.<name>_backward``:
@@ -193,6 +193,41 @@ def router_logits_backward(grad: Tensor, x: Tensor, weight: Tensor, modality: Op
 @router_logits_backward.register_fake
 def _(grad, x, weight, modality, eps, backend):
     return _fake_gradients([x, weight], grad)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gated_residual", mutates_args=())
+def gated_residual(x: Tensor, branch: Tensor, gate: Tensor, backend: str) -> Tensor:
+    """:func:`momkit.ops.gated_residual` as one operator."""
+    return dispatch.gated_residual(x, branch, gate, backend).contiguous()
+
+
+@gated_residual.register_fake
+def _(x, branch, gate, backend):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gated_residual_backward", mutates_args=())
+def gated_residual_backward(grad: Tensor, x: Tensor, branch: Tensor, gate: Tensor, backend: str) -> list[Tensor]:
+    """Gradients of :func:`gated_residual` for ``branch, gate``; ``x``'s is the output's (an operator may not
+    return its input)."""
+    return _gradients(lambda *t: dispatch.gated_residual(x, *t, backend), [branch, gate], grad)
+
+
+@gated_residual_backward.register_fake
+def _(grad, x, branch, gate, backend):
+    return _fake_gradients([branch, gate], grad)
+
+
+def _residual_context(ctx, inputs, output):
+    ctx.saved = inputs
+
+
+def _residual_backward(ctx, grad):
+    x, branch, gate, backend = ctx.saved
+    return (grad.to(x.dtype), *gated_residual_backward(grad, x, branch, gate, backend), None)
+
+
+gated_residual.register_autograd(_residual_backward, setup_context=_residual_context)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::gated_mix", mutates_args=())

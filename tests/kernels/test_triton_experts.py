@@ -1,4 +1,5 @@
-"""The Triton router logits and gated mix against float64 formulas written out per token, forward and backward.
+"""The Triton router logits, gated residual and gated mix against float64 formulas written out per token, forward
+and backward.
 
 Small odd shapes (a width that is not a multiple of the kernels' column block, fewer experts than their padded
 block, row groups that end inside a block) run under Triton's interpreter on CPU tensors when
@@ -100,9 +101,37 @@ def test_gated_mix_large(cuda_kernels, gen):
         check_mix(cuda_kernels, gen, 16384 + 3, 1024, dtype)
 
 
+def check_residual(kernels, gen, n, d, dtype, branch_dtype):
+    inputs = dict(x=randn(gen, n, d, dtype=dtype), branch=randn(gen, n, d, dtype=branch_dtype),
+                  gate=torch.rand(n, 1, generator=gen, dtype=torch.float64).to(DEVICE, dtype))
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    got = outputs_and_grads(kernels.gated_residual, inputs, seed)
+    wide = {k: v.double() for k, v in inputs.items()}
+    ref = outputs_and_grads(lambda x, branch, gate: x + gate * branch, wide, seed)
+    assert got["out"].dtype == torch.promote_types(dtype, branch_dtype)
+    assert all(got[f"d{k}"].dtype == v.dtype for k, v in inputs.items())
+    label = f"gated residual n={n} d={d} {dtype} + {branch_dtype}"
+    assert_close({"dbranch": got.pop("dbranch")}, {"dbranch": ref.pop("dbranch")}, branch_dtype, label)
+    assert_close(got, ref, dtype, label)
+
+
+@pytest.mark.parametrize("dtype, branch_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("n, d", [(37, 70), (5, 5000)])
+def test_gated_residual(kernels, gen, n, d, dtype, branch_dtype):
+    check_residual(kernels, gen, n, d, dtype, branch_dtype)
+
+
+def test_gated_residual_large(cuda_kernels, gen):
+    for dtype, branch_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16)):
+        check_residual(cuda_kernels, gen, 16384 + 3, 1024, dtype, branch_dtype)
+
+
 def test_float64_is_refused(kernels, gen):
     x = randn(gen, 4, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="computes in float32 but x, weight is torch.float64"):
         kernels.router_logits(x, randn(gen, 3, 8, dtype=torch.float64), None, EPS)
     with pytest.raises(ValueError, match="computes in float32 but x, y, gate is torch.float64"):
         kernels.gated_mix(x, x, x[:, :1])
+    with pytest.raises(ValueError, match="computes in float32 but x, branch, gate is torch.float64"):
+        kernels.gated_residual(x, x, x[:, :1])
