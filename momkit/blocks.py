@@ -170,6 +170,10 @@ class Block(nn.Module, ABC):
             graph and replayed: it reads no device value on the host and updates the tensors of its decoding
             state in place, never replacing them; :func:`momkit.generation.generate` then captures the whole
             decoding step on a GPU.
+        residual: Class attribute: whether the class implements :meth:`branch`, the residual branch ``f`` of
+            :meth:`run` (which returns ``x + f``). Learned experts then add their branches to ``x`` instead of
+            mixing whole runs. A subclass that overrides :meth:`run` without :meth:`branch` and does not set it
+            itself gets ``False``, so that a branch it inherits never stands for a run it has changed.
         config: The backbone's options.
         d_model: Width of the residual stream.
         modalities: Modality names.
@@ -186,6 +190,13 @@ class Block(nn.Module, ABC):
     position_wise: ClassVar[bool] = False
     supports_bidirectional: ClassVar[bool] = False
     capturable_step: ClassVar[bool] = False
+    residual: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if "run" in own and "branch" not in own and "residual" not in own:
+            cls.residual = False
 
     def __init__(self, config: BackboneConfig, modalities: Sequence[str], routed: frozenset[str],
                  backend: str = "auto", *, bidirectional: Sequence[str] = ()):
@@ -236,11 +247,13 @@ class Block(nn.Module, ABC):
             return self.allocate_state(batch_size, max_length)
         return [self.allocate_state(batch_size, max_length) for _ in range(self.branches)]
 
-    def _mix(self, x: torch.Tensor, route, run: Callable[[int], torch.Tensor], grouped: bool) -> torch.Tensor:
-        """``x + sum_j gates_j (run(j) - x)``, run ``j`` with the expert sublayers on the ``j``-th chosen ids (and,
-        when ``grouped``, the order that groups them: the capacity's sort where it is that, else an argsort). The
-        ids are made contiguous once per run, so that the sublayers' kernels get the same tensor and can share
-        what they derive from it."""
+    def _mix(self, x: torch.Tensor, route, run: Callable[[int], torch.Tensor], grouped: bool,
+             residual: bool = False) -> torch.Tensor:
+        """``x + sum_j gates_j (run(j) - x)``, or with ``residual`` (``run`` giving :meth:`branch`) ``x + sum_j
+        gates_j run(j)``; run ``j`` with the expert sublayers on the ``j``-th chosen ids (and, when ``grouped``,
+        the order that groups them: the capacity's sort where it is that, else an argsort). The ids are made
+        contiguous once per run, so that the sublayers' kernels get the same tensor and can share what they
+        derive from it."""
         self.router_stats = route.stats
         out = x
         try:
@@ -251,7 +264,12 @@ class Block(nn.Module, ABC):
                     order = self.router.group_order(ids)
                 self.choice.ids, self.choice.order = ids, order if grouped else None
                 gate = route.gates[..., j, None]
-                out = self.router.mix(x, run(j), gate) if self.branches == 1 else out + gate * (run(j) - x)
+                if residual:
+                    out = self.router.add_branch(out, run(j), gate.to(out.dtype))
+                elif self.branches == 1:
+                    out = self.router.mix(x, run(j), gate)
+                else:
+                    out = out + gate * (run(j) - x)
         finally:
             self.choice.ids = self.choice.order = None
         return out
@@ -278,7 +296,10 @@ class Block(nn.Module, ABC):
             return self.run(x, layout, state)
         if state is not None:
             raise SpecError("a block with experts takes no decoding state in forward; feed positions through step")
-        return self._mix(x, self._route(x, layout.modality, self.training), lambda j: self.run(x, layout), True)
+        route = self._route(x, layout.modality, self.training)
+        if self.residual:
+            return self._mix(x, route, lambda j: self.branch(x, layout), True, residual=True)
+        return self._mix(x, route, lambda j: self.run(x, layout), True)
 
     def step(self, x: torch.Tensor, modality: torch.Tensor | Layout, state: Any) -> torch.Tensor:
         """One position per sequence: ``x (b, d_model)``, ``modality (b,)`` int64 (or a :class:`Layout` of it)
@@ -315,6 +336,14 @@ class Block(nn.Module, ABC):
         :meth:`allocate_state`: the block then starts from it and leaves in it the state after the last
         position, as if each position had gone through :meth:`run_step`.
         """
+
+    def branch(self, x: torch.Tensor, layout: Layout, state: Any = None) -> torch.Tensor:
+        """For a class that sets :attr:`residual`: the residual branch ``f`` of :meth:`run`, which returns ``x + f``
+        for the same arguments (``run(x, layout, state) == x + branch(x, layout, state)``). A block with learned
+        experts then computes ``x + sum_j g_j f_j`` (:func:`momkit.ops.gated_residual`) instead of ``x + sum_j
+        g_j (run_j - x)``, the same sum without the runs' residual additions and their subtraction. Other classes
+        do not implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not set residual, so it has no residual branch")
 
     @abstractmethod
     def run_step(self, x: torch.Tensor, layout: Layout, state: Any) -> torch.Tensor:

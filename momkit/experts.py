@@ -3,9 +3,10 @@
 
 A block with experts runs once per slot ``j < top_k``: in run ``j`` every expert sublayer applies to each
 token the weights of the token's ``j``-th expert (the same grouped routed-linear kernels as modality routing,
-with expert ids in place of modality ids), and the block's output is ``x + sum_j g_j (run_j(x) - x)``. For a
-position-wise layer (a feed-forward network) this is the usual mixture of experts; for a sequence mixer each
-slot is a branch with its own state.
+with expert ids in place of modality ids), and the block's output is ``x + sum_j g_j (run_j(x) - x)``. A block
+class with a residual branch (:attr:`momkit.Block.residual`: ``run(x) = x + f(x)``) computes the same sum as ``x +
+sum_j g_j f_j(x)``, without the runs' residual additions. For a position-wise layer (a feed-forward network) this
+is the usual mixture of experts; for a sequence mixer each slot is a branch with its own state.
 
 The router reads the block's input through a parameter-free RMS normalisation: ``p = softmax(W rms(x))``
 (``W`` per modality with ``per_modality``, whose experts are then numbered ``m * n_experts + e``), in float32 at
@@ -163,6 +164,11 @@ class Router(nn.Module):
     def group_order(self, ids: torch.Tensor) -> torch.Tensor:
         """:func:`group_order` of expert ids of this router."""
         return group_order(ids, self.n_ids)
+
+    def add_branch(self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``x + gate branch`` for ``branch`` a block's residual branch on the chosen experts
+        (:func:`momkit.ops.gated_residual` on the router's backend)."""
+        return ops.gated_residual(x, branch, gate, backend=self.backend)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """The block's output at top 1, ``x + gate (y - x)`` for ``y`` its run on the chosen experts

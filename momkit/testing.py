@@ -19,7 +19,9 @@ each ``check_*`` function builds float64 blocks with random parameters and rando
 - :func:`check_float32`: a float32 block runs forward and backward to finite values;
 - :func:`check_rejects_bad_inputs`: bad shapes, dtypes and ids are a ``SpecError`` naming the argument;
 - :func:`check_bidirectional_spans`: a block built with a bidirectional modality sees each span whole and
-  nothing else later, forward and backward (for a class that sets ``supports_bidirectional``).
+  nothing else later, forward and backward (for a class that sets ``supports_bidirectional``);
+- :func:`check_residual_branch`: for a class that sets ``residual``, ``run`` equals ``x + branch``, and learned
+  experts mix the same output from the branches as from the runs.
 
 A routed sublayer's parameters are those under the block attribute of the sublayer's name (the
 :class:`momkit.descriptors.Backbone` contract), with a leading modality dimension.
@@ -43,7 +45,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from momkit.blocks import Block, state_tensors
+from momkit.blocks import Block, Layout, state_tensors
 from momkit.errors import SpecError
 from momkit.generation import capture
 from momkit.model import build_block
@@ -448,11 +450,38 @@ def check_rejects_bad_inputs(case: ContractCase, routing: str) -> None:
             "step with a wrong modality shape")
 
 
+def check_residual_branch(case: ContractCase, routing: str) -> None:
+    """For a class with ``residual``: ``run`` gives ``x + branch`` for the same arguments; with learned experts,
+    the block's output mixed from the branches (``x + sum_j g_j f_j``) equals the one mixed from whole runs
+    (``x + sum_j g_j (run_j - x)``), forward and backward."""
+    gen = case.generator()
+    block = case.build(routing, gen)
+    if not block.residual:
+        return
+    x, modality = case.inputs(gen)
+    if block.experts is None:
+        layout = Layout.of(modality)
+        _close(block.run(x, layout), x + block.branch(x, layout), case.tolerance, "run differs from x + branch")
+        return
+    weights = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    results = []
+    for residual in (True, False):
+        block.residual = residual
+        leaf = x.clone().requires_grad_(True)
+        out = block(leaf, modality)
+        results.append((out.detach(), *torch.autograd.grad((out * weights).sum(), [leaf, *block.parameters()],
+                                                          allow_unused=True, materialize_grads=True)))
+    del block.residual
+    for what, branches, runs in zip(("output", "input gradient", *(n for n, _ in block.named_parameters())),
+                                    *results):
+        _close(branches, runs, case.tolerance, f"{what} mixed from the branches differs from the runs'")
+
+
 CHECKS = (check_step_matches_forward, check_prefill_matches_forward, check_step_capturable, check_causal,
           check_packed_documents, check_identical_copies_ignore_labels, check_labels_matter,
           check_swapped_copies_equal_swapped_labels,
           check_absent_modality_gets_zero_gradient, check_gradients, check_float32, check_rejects_bad_inputs,
-          check_bidirectional_spans)
+          check_bidirectional_spans, check_residual_branch)
 """Every check, in the order :class:`BackboneContract` runs them."""
 
 
@@ -499,3 +528,6 @@ class BackboneContract:
 
     def test_bidirectional_spans(self):
         run_checks(self.case, [check_bidirectional_spans])
+
+    def test_residual_branch(self):
+        run_checks(self.case, [check_residual_branch])

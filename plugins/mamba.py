@@ -104,6 +104,7 @@ class MambaBlock(Block):
     supports_bidirectional = True
     supports_prefill = True
     capturable_step = True
+    residual = True
 
     def __init__(self, config: MambaConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto", *,
                  bidirectional: tuple[str, ...] = ()):
@@ -245,6 +246,10 @@ class MambaBlock(Block):
     def run(self, x: torch.Tensor, layout: Layout, state: MambaState | None = None) -> torch.Tensor:
         """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run` (a ``state`` is prefilled:
         the conv starts from its inputs and the scan from its state)."""
+        return x + self.branch(x, layout, state)
+
+    def branch(self, x: torch.Tensor, layout: Layout, state: MambaState | None = None) -> torch.Tensor:
+        """The residual branch of :meth:`run`: the output projection of the scan."""
         modality, seq_idx = layout.modality, layout.seq_idx
         x_in, z = self.in_proj(self.norm(x, modality), modality).chunk(2, dim=-1)
         y = self._scan(x_in, z, modality, seq_idx, state=state)
@@ -252,7 +257,7 @@ class MambaBlock(Block):
         if spans is not None:
             backward = self._scan(reverse_spans(x_in, spans), reverse_spans(z, spans), modality, spans.segments, "_b")
             y = torch.where(spans.mask[..., None], y + reverse_spans(backward, spans), y)
-        return x + self.out_proj(y, modality)
+        return self.out_proj(y, modality)
 
     def allocate_state(self, batch_size: int, max_length: int | None = None) -> MambaState:
         """Zero decoding state for ``batch_size`` sequences (``max_length`` is accepted and unused: the state

@@ -102,6 +102,7 @@ class Mamba2Block(Block):
     supports_bidirectional = True
     supports_prefill = True
     capturable_step = True
+    residual = True
 
     def __init__(self, config: Mamba2Config, modalities: list[str], routed: frozenset[str], backend: str = "auto",
                  *, bidirectional: tuple[str, ...] = ()):
@@ -166,6 +167,10 @@ class Mamba2Block(Block):
 
     def run(self, x: torch.Tensor, layout: Layout, state: Mamba2State | None = None) -> torch.Tensor:
         """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
+        return x + self.branch(x, layout, state)
+
+    def branch(self, x: torch.Tensor, layout: Layout, state: Mamba2State | None = None) -> torch.Tensor:
+        """The residual branch of :meth:`run`: the output projection of the gated scan."""
         modality, seq_idx = layout.modality, layout.seq_idx
         z, xBC, dt = self._split_in_proj(self.in_proj(self.norm(x, modality), modality))
         y = self._scan(xBC, dt, modality, seq_idx, state=state)
@@ -174,7 +179,7 @@ class Mamba2Block(Block):
             backward = self._scan(reverse_spans(xBC, spans), reverse_spans(dt, spans), modality, spans.segments, "_b")
             y = torch.where(spans.mask[..., None, None], y + reverse_spans(backward, spans), y)
         y = self.gate_norm(y.flatten(-2), z, modality)
-        return x + self.out_proj(y, modality)
+        return self.out_proj(y, modality)
 
     def allocate_state(self, batch_size: int, max_length: int | None = None) -> Mamba2State:
         """Zero decoding state for ``batch_size`` sequences (``max_length`` is accepted and unused: the state

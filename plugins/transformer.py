@@ -199,6 +199,7 @@ class AttentionBlock(Block):
     config: AttentionConfig
     supports_bidirectional = True
     supports_prefill = True
+    residual = True
 
     def __init__(self, config: AttentionConfig, modalities: list[str], routed: frozenset[str],
                  backend: str = "auto", *, bidirectional: tuple[str, ...] = ()):
@@ -235,8 +236,12 @@ class AttentionBlock(Block):
     def run(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
         """``x (b, l, d_model)`` -> ``x + attention``, ``(b, l, d_model)``; see :meth:`momkit.Block.run` (a
         ``state`` is prefilled: the positions attend to its cache too, and their keys and values join it)."""
+        return x + self.branch(x, layout, state)
+
+    def branch(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
+        """The residual branch of :meth:`run`: the attention's output projection."""
         if state is not None:
-            return x + self._prefill(x, layout, state)
+            return self._prefill(x, layout, state)
         modality, seq_idx = layout.modality, layout.seq_idx
         spans = self.spans(layout)
         if seq_idx is None and spans is None:
@@ -246,7 +251,7 @@ class AttentionBlock(Block):
         if spans is not None:
             mask = mask | ((spans.ids[:, :, None] == spans.ids[:, None, :]) & spans.mask[:, :, None])[:, None]
         q, k, v = self._qkv(x, modality, positions)
-        return x + self.o_proj(self._attend(q, k, v, mask, causal=mask is None), modality)
+        return self.o_proj(self._attend(q, k, v, mask, causal=mask is None), modality)
 
     def _prefill(self, x: torch.Tensor, layout: Layout, state: TransformerState) -> torch.Tensor:
         """The attention output of positions ``x (b, l, d_model)`` after those in ``state``'s cache, which they
@@ -296,10 +301,11 @@ class TransformerBlock(AttentionBlock):
         self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, n_modalities=self.routing("ffn_norm"))
         self.ffn = SwiGLU(config.d_model, config.ffn_hidden, n_modalities=self.routing("ffn"), backend=backend)
 
-    def run(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
-        """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
-        h = super().run(x, layout, state)
-        return h + self.ffn(self.ffn_norm(h, layout.modality), layout.modality)
+    def branch(self, x: torch.Tensor, layout: Layout, state: TransformerState | None = None) -> torch.Tensor:
+        """The residual branch of :meth:`run` (the attention's and the feed-forward network's outputs): ``a +
+        ffn(norm(x + a))`` for ``a`` the attention's."""
+        a = super().branch(x, layout, state)
+        return a + self.ffn(self.ffn_norm(x + a, layout.modality), layout.modality)
 
     def run_step(self, x: torch.Tensor, layout: Layout, state: TransformerState) -> torch.Tensor:
         """Decode one position: ``x (b, d_model)``, ``layout.modality (b,)``; appends its key and value to
@@ -316,6 +322,7 @@ class FFNBlock(Block):
     position_wise = True
     supports_prefill = True
     capturable_step = True
+    residual = True
 
     def __init__(self, config: FFNConfig, modalities: list[str], routed: frozenset[str], backend: str = "auto"):
         super().__init__(config, modalities, routed, backend)
@@ -327,7 +334,11 @@ class FFNBlock(Block):
 
     def run(self, x: torch.Tensor, layout: Layout, state: None = None) -> torch.Tensor:
         """``x (b, l, d_model)`` -> ``(b, l, d_model)``; see :meth:`momkit.Block.run`."""
-        return x + swiglu(self.norm(x, layout.modality), layout.modality, self.w1, self.w3, self.w2)
+        return x + self.branch(x, layout)
+
+    def branch(self, x: torch.Tensor, layout: Layout, state: None = None) -> torch.Tensor:
+        """The residual branch of :meth:`run`: ``w2(silu(w1 n) * w3 n)``."""
+        return swiglu(self.norm(x, layout.modality), layout.modality, self.w1, self.w3, self.w2)
 
     def run_step(self, x: torch.Tensor, layout: Layout, state: None) -> torch.Tensor:
         """One position, ``x (b, d_model)``: the same map as :meth:`run`."""

@@ -11,6 +11,7 @@ import yaml
 
 import momkit
 from momkit import SpecError
+from momkit.blocks import Layout
 from momkit.cli import main
 from momkit.experts import capacity_mask, group_order, mutual_information
 
@@ -55,6 +56,24 @@ def test_identical_experts_equal_the_dense_layer(experts, backbone, specific):
             p.copy_(source)
     x, modality = _inputs()
     torch.testing.assert_close(block(x, modality), dense(x, modality), rtol=1e-12, atol=1e-12)
+
+
+def test_a_subclass_that_changes_run_is_mixed_from_its_runs():
+    """A subclass of a block with a residual branch that overrides ``run`` alone loses ``residual``, since the branch
+    it inherits no longer gives its run: its experts are mixed from whole runs, ``x + g (run - x)``."""
+    from momkit.plugins.transformer import FFNBlock
+
+    class Doubled(FFNBlock):
+        def run(self, x, layout, state=None):
+            return x + 2 * self.branch(x, layout)
+
+    assert FFNBlock.residual and not Doubled.residual
+    block = _block({**EXPERTS, "top_k": 2})
+    block.__class__ = Doubled
+    x, modality = _inputs()
+    layout = Layout.of(modality)
+    runs = block._mix(x, block._route(x, modality, True), lambda j: block.run(x, layout), True)
+    torch.testing.assert_close(block(x, modality), runs, rtol=1e-12, atol=1e-12)
 
 
 def test_router_learns_from_the_task_loss_at_top_1():

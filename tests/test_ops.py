@@ -327,7 +327,7 @@ OPS = ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selectiv
 USED = {"mamba": {"selective_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
         "mamba2": {"ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
         "transformer": {"routed_linear"},
-        "ffn": {"routed_linear", "router_logits", "gated_mix"}}
+        "ffn": {"routed_linear", "router_logits", "gated_residual", "gated_mix"}}
 SMALL = {"mamba": {"d_model": 16, "d_state": 4}, "mamba2": {"d_model": 16, "d_state": 8, "headdim": 8, "chunk_size": 4},
          "transformer": {"d_model": 16, "n_heads": 2}, "ffn": {"d_model": 16}}
 ROUTING = {"ffn": {"specific": "dense", "experts": {"sublayers": ["w1", "w2", "w3"], "n_experts": 3, "top_k": 1,

@@ -86,7 +86,7 @@ def test_plugin_backbone_passes_the_contract_suite(installed, plugin):
     """The plugin's tests, run as its author runs them: pytest over its `tests/` folder."""
     result = _plugin_tests(installed, plugin)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "8 passed" in result.stdout
+    assert "9 passed" in result.stdout
 
 
 def test_spec_using_the_plugin_trains(installed, tmp_path):
