@@ -208,13 +208,19 @@ def check_router_logits(x, weight, modality, eps) -> None:
         raise SpecError(f"eps must be a positive number, got {eps!r}")
 
 
+def _expect_gated(x, name: str, other, gate) -> None:
+    """The shapes and devices of a gated mix's ``x (..., d)``, its ``other`` input (named ``name``) of ``x``'s shape,
+    and ``gate (..., 1)``; their dtypes are the caller's to check."""
+    _expect_features(x, "d")
+    expect_tensor("x", x, {"(..., d)": (None,) * x.dim()}, x.device)
+    expect_tensor(name, other, {"x's shape": tuple(x.shape)}, x.device)
+    expect_tensor("gate", gate, {"(..., 1)": (*x.shape[:-1], 1)}, x.device)
+
+
 @_front_door
 def check_gated_mix(x, y, gate) -> None:
     """Check the arguments of :func:`momkit.ops.gated_mix`."""
-    _expect_features(x, "d")
-    expect_tensor("x", x, {"(..., d)": (None,) * x.dim()}, x.device)
-    expect_tensor("y", y, {"x's shape": tuple(x.shape)}, x.device)
-    expect_tensor("gate", gate, {"(..., 1)": (*x.shape[:-1], 1)}, x.device)
+    _expect_gated(x, "y", y, gate)
     for name, t in (("y", y), ("gate", gate)):
         if t.dtype != x.dtype:
             raise SpecError(f"{name} has dtype {t.dtype} but x has {x.dtype}; pass x, y and gate in one dtype")
@@ -223,10 +229,7 @@ def check_gated_mix(x, y, gate) -> None:
 @_front_door
 def check_gated_residual(x, branch, gate) -> None:
     """Check the arguments of :func:`momkit.ops.gated_residual`."""
-    _expect_features(x, "d")
-    expect_tensor("x", x, {"(..., d)": (None,) * x.dim()}, x.device)
-    expect_tensor("branch", branch, {"x's shape": tuple(x.shape)}, x.device)
-    expect_tensor("gate", gate, {"(..., 1)": (*x.shape[:-1], 1)}, x.device)
+    _expect_gated(x, "branch", branch, gate)
     if gate.dtype != x.dtype:
         raise SpecError(f"gate has dtype {gate.dtype} but x has {x.dtype}; pass gate in x's dtype")
 
