@@ -23,7 +23,9 @@ In training with a ``capacity_factor``, expert ``i`` takes at most ``ceil(capaci
 n_experts)`` token slots of the ``N`` tokens its router sees, slot 0 of every token before slot 1 and tokens
 in order; a dropped slot adds nothing (``g_j = 0``). The load-balancing loss is Switch Transformer's
 ``n_experts * sum_i f_i P_i`` (``f_i`` the fraction of slots routed to expert ``i``, ``P_i`` its mean
-probability), per router; the z-loss the mean square of the logits' log-sum-exp.
+probability), per router; the z-loss the mean square of the logits' log-sum-exp, computed as the top logit less
+the log of its probability (``lse = l_i - log p_i`` for any ``i``; the top one is the best conditioned), from the
+softmax already taken instead of another pass over the logits.
 """
 
 from __future__ import annotations
@@ -157,8 +159,8 @@ class Router(nn.Module):
                         else math.ceil(factor * k * tokens / e))
             keep, order = capacity_mask(flat_ids, self.n_ids, capacity, e)
             gates = gates * keep.reshape(gates.shape)
-        stats = self._stats(logits.reshape(-1, e), probs.reshape(-1, e), picks, tokens, flat_ids, keep,
-                            flat_modality)
+        lse = logits.gather(-1, top_e[..., :1]) - top_p[..., :1].log()
+        stats = self._stats(lse, probs.reshape(-1, e), picks, tokens, flat_ids, keep, flat_modality)
         return Route(ids, gates.to(x.dtype), stats, order)
 
     def group_order(self, ids: torch.Tensor) -> torch.Tensor:
@@ -175,8 +177,8 @@ class Router(nn.Module):
         (:func:`momkit.ops.gated_mix` on the router's backend)."""
         return ops.gated_mix(x, y, gate, backend=self.backend)
 
-    def _stats(self, logits, probs, picks, tokens, ids, keep, modality) -> RouterStats:
-        """The statistics of a routing: ``picks (n_ids,)`` the slots that chose each id before the capacity,
+    def _stats(self, lse, probs, picks, tokens, ids, keep, modality) -> RouterStats:
+        """The statistics of a routing: ``lse`` the logits' log-sum-exp, ``picks (n_ids,)`` the slots that chose each id before the capacity,
         ``tokens`` those each router set saw (a tensor per set with ``per_modality``, else an int), ``keep`` the
         capacity's mask (``None``: every slot kept)."""
         e, k = self.experts.n_experts, self.experts.top_k
@@ -190,8 +192,8 @@ class Router(nn.Module):
         else:
             seen = max(tokens, 1)
             balance = torch.dot(chosen.reshape(-1), probs.sum(0)) * (e / (k * seen * seen))
-        squares = torch.logsumexp(logits, dim=-1).square()
-        z = squares.mean() if len(logits) else squares.sum()
+        squares = lse.square()
+        z = squares.mean() if lse.numel() else squares.sum()
         slot_id = modality[:, None] * self.n_ids + ids
         counts = torch.zeros(self.n_modalities * self.n_ids, dtype=torch.long, device=ids.device)
         if keep is None:

@@ -182,6 +182,21 @@ def test_router_statistics_match_a_float64_reference(top_k, per_modality):
     assert torch.equal(route.order, torch.argsort(route.ids.reshape(-1, top_k).t().reshape(-1), stable=True))
 
 
+
+@pytest.mark.parametrize("top_k,per_modality", [(1, False), (2, True)])
+def test_the_z_loss_and_its_gradient_are_those_of_the_log_sum_exp(top_k, per_modality):
+    """The z-loss, taken from the top logit and its probability, and its gradient in the router's weight equal
+    those of ``logsumexp(logits)`` squared and averaged, in float64."""
+    block = _block({**EXPERTS, "top_k": top_k, "per_modality": per_modality})
+    x, modality = _inputs(7, length=40)
+    weight = block.router.proj.weight
+    z = block.router(x, modality, True).stats.z
+    logits = momkit.ops.router_logits(x, weight, modality if per_modality else None, eps=1e-6)
+    expected = torch.logsumexp(logits, -1).square().mean()
+    torch.testing.assert_close(z, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(z, weight)[0], torch.autograd.grad(expected, weight)[0],
+                               rtol=1e-10, atol=1e-14)
+
 @pytest.mark.parametrize("top_k,per_modality", [(1, False), (2, True)])
 def test_router_computes_in_float32_under_autocast(top_k, per_modality):
     """Under bfloat16 autocast the router's ids, gates and losses are those of float32, as computed without."""
