@@ -178,9 +178,9 @@ class Router(nn.Module):
         return ops.gated_mix(x, y, gate, backend=self.backend)
 
     def _stats(self, lse, probs, picks, tokens, ids, keep, modality) -> RouterStats:
-        """The statistics of a routing: ``lse`` the logits' log-sum-exp, ``picks (n_ids,)`` the slots that chose each id before the capacity,
-        ``tokens`` those each router set saw (a tensor per set with ``per_modality``, else an int), ``keep`` the
-        capacity's mask (``None``: every slot kept)."""
+        """The statistics of a routing: ``lse`` the logits' log-sum-exp, ``picks (n_ids,)`` the slots that chose
+        each id before the capacity, ``tokens`` those each router set saw (a tensor per set with ``per_modality``,
+        else an int), ``keep`` the capacity's mask (``None``: every slot kept)."""
         e, k = self.experts.n_experts, self.experts.top_k
         chosen = picks.view(-1, e).to(probs.dtype)
         if self.experts.per_modality:
