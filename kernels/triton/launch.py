@@ -8,13 +8,17 @@ cache key and looks the compiled kernel up on every call, which takes about as l
 whether its address is a multiple of 16 bytes (what Triton specialises a pointer on), and the exact value of every
 other argument and of the options (``None``, ints, floats, bools, constexprs, ``num_warps``), which fixes
 whatever Triton specialises them on. The first call of a key goes through the JIT launcher, which compiles; later
-calls pass the arguments straight to the compiled kernel's launch function on the current stream.
+calls pass the arguments straight to the compiled kernel's launch function on the current stream. A host tensor
+descriptor (``triton.tools.tensor_descriptor.TensorDescriptor``, Hopper's bulk tensor copies) is keyed by its
+base's dtype, its block shape and its padding, what Triton compiles it by (``tensordesc<bf16[64, 128]>``: its
+shape and strides are runtime values); the compiled kernel's launch function encodes it on every call, as Triton's
+launcher does.
 
 It takes the JIT launcher's path every time for a kernel the interpreter runs (``TRITON_INTERPRET=1``), with a
 Triton that has no ``triton.knobs`` (before 3.4; the direct path follows the launch of Triton 3.6 to 3.9), and
 while a launch hook is set (a profiler's, which wants the launch metadata that the direct path does not build).
-Not for kernels with tensor descriptors or other arguments that are neither tensors nor plain values: their keys
-would not tell specialisations apart.
+Not for kernels with other arguments that are neither tensors, descriptors nor plain values: their keys would not
+tell specialisations apart.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ import functools
 import torch
 import triton
 from triton.runtime.jit import JITFunction
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 MOST_KEYS = 256
 
@@ -43,14 +52,30 @@ def _driver():
     return active.get_current_device, active.get_current_stream
 
 
+def _is_pointer(a) -> bool:
+    """Whether ``a`` may come among a launcher's first arguments: a tensor, a tensor descriptor or ``None``."""
+    return a is None or isinstance(a, torch.Tensor) or (TensorDescriptor is not None and
+                                                        isinstance(a, TensorDescriptor))
+
+
+def _pointer_key(a):
+    """What Triton specialises one of the first arguments on: a tensor's dtype and whether its address is a
+    multiple of 16 bytes, a descriptor's base dtype, block shape and padding."""
+    if a is None:
+        return None
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    return a.base.dtype, tuple(a.block_shape), a.padding
+
+
 class Launcher:
     """``launcher(grid, *args, num_warps=w, num_stages=s, **constexprs)`` launches ``kernel`` as
     ``kernel[grid](*args, num_warps=w, num_stages=s, **constexprs)`` does (``num_stages`` optional); ``args`` are
-    the kernel's runtime arguments in order, of which the first ``pointers`` are tensors or ``None`` and the rest
-    plain values, and ``constexprs`` all the rest, by name (the key is built in a few microseconds for a launch of
-    48 arguments). A call site passes each argument with the
-    same type every time: values that compare equal share a key, as ``1`` and ``True`` do, though Triton compiles
-    an int and a bool differently. Keeps at most :data:`MOST_KEYS` compiled kernels (then starts over)."""
+    the kernel's runtime arguments in order, of which the first ``pointers`` are tensors, tensor descriptors or
+    ``None`` and the rest plain values, and ``constexprs`` all the rest, by name (the key is built in a few
+    microseconds for a launch of 48 arguments). A call site passes each argument with the same type every time:
+    values that compare equal share a key, as ``1`` and ``True`` do, though Triton compiles an int and a bool
+    differently. Keeps at most :data:`MOST_KEYS` compiled kernels (then starts over)."""
 
     def __init__(self, kernel, pointers: int):
         self.kernel, self.pointers = kernel, pointers
@@ -73,7 +98,7 @@ class Launcher:
                    *constexprs.items())
         except AttributeError:
             self._check(args)
-            raise
+            key = (device, num_warps, num_stages, args[n:], *[_pointer_key(a) for a in args[:n]], *constexprs.items())
         found = self.compiled.get(key)
         if found is None:
             self._compile(key, grid, args, options, constexprs)
@@ -84,13 +109,14 @@ class Launcher:
                      None, None, None, *args, *tail)
 
     def _check(self, args) -> None:
-        """Refuse runtime arguments of which the first ``pointers`` are not all tensors or ``None`` or the others
-        hold a tensor (whose key would be its identity, not what Triton specialises on)."""
+        """Refuse runtime arguments of which the first ``pointers`` are not all tensors, descriptors or ``None``,
+        or the others hold a tensor or a descriptor (whose key would be its identity, not what Triton specialises
+        on)."""
         n = self.pointers
-        if not all(a is None or isinstance(a, torch.Tensor) for a in args[:n]) or \
-                any(isinstance(a, torch.Tensor) for a in args[n:]):
+        if not all(_is_pointer(a) for a in args[:n]) or any(_is_pointer(a) and a is not None for a in args[n:]):
             raise TypeError(f"{self.kernel}: its first {n} runtime arguments {self.kernel.arg_names[:n]} must be "
-                            f"tensors or None and the others not tensors, got {[type(a).__name__ for a in args]}")
+                            f"tensors, tensor descriptors or None and the others neither, got "
+                            f"{[type(a).__name__ for a in args]}")
 
     def _compile(self, key, grid, args, options, constexprs) -> None:
         """Launch through the JIT launcher and keep what it compiled, with the constexprs in the kernel's order."""

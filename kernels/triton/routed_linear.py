@@ -73,12 +73,11 @@ gives a new version, hence a new entry. Inference tensors (which have no version
 graph capture (whose results live in the graph's memory) are not cached. For the experts layer of
 ``benchmarks/gpu_scan.py`` (three expert sublayers), that is one set of tile lists per pass instead of three.
 
-Launches. Every launch without tensor descriptors (the matrix-vector product of decoding, the grouped products
-through pointers or an ``order``, ``dweight`` through pointers, ``dbias``) goes through
+Launches. Every launch (the matrix-vector product of decoding, the grouped products and ``dweight``, through
+pointers, an ``order`` or tensor descriptors, and ``dbias``) goes through
 :class:`momkit.kernels.triton.launch.Launcher`, which reuses the compiled kernel of a repeated specialisation
 instead of Triton's launcher binding and specialising each of the 15 to 20 arguments on every call: the expert
-sublayers launch nine such kernels per forward and backward. Launches with descriptors (Python objects, which
-the launcher's key cannot tell apart) go through Triton's launcher.
+sublayers launch nine such kernels per forward and backward.
 
 No host synchronisation. Nothing reads a device value on the host (no ``.item()``, ``.tolist()``,
 ``nonzero()``), and every shape and launch grid follows from ``N``, ``K``, ``O``, ``M`` and the tiling alone;
@@ -511,10 +510,7 @@ def _routed_mm(a, b, bias, ids, perm, block_n, block_c, block_r, warps, stages, 
     args = (a, b, a_desc, b_desc, bias, ids, perm, out, n_rows, n_red, n_cols, *b.stride())
     options = dict(HAS_BIAS=bias is not None, PERM=perm is not None, TMA=tma, TRANS_B=trans_b, BLOCK_N=block_n,
                    BLOCK_C=block_c, BLOCK_R=block_r, GROUP=group, num_warps=warps, num_stages=stages)
-    if tma:
-        _routed_mm_kernel[grid](*args, **options)
-    else:
-        _ROUTED_MM(grid, *args, **options)
+    _ROUTED_MM(grid, *args, **options)
     return out
 
 
@@ -663,10 +659,7 @@ def _weight_grads(dy, x, grouping, perm, weight: tuple[torch.Size, torch.dtype],
         options = dict(PERM=perm is not None, TMA=tma, BLOCK_N=tiling.dw_block_n, BLOCK_O=tiling.dw_block_o,
                        BLOCK_K=tiling.dw_block_k, GROUP=tiling.group, num_warps=tiling.dw_warps,
                        num_stages=tiling.dw_stages)
-        if tma:
-            _weight_grad_kernel[grid](*args, **options)
-        else:
-            _WEIGHT_GRAD(grid, *args, **options)
+        _WEIGHT_GRAD(grid, *args, **options)
     if bias is not None:
         chunk = max(1, BIAS_CHUNK_ROWS // tiling.dw_block_n)
         splits = cdiv(tiles.shape[1], chunk)

@@ -110,11 +110,31 @@ def test_constexprs_must_be_named_exactly(direct):
         launcher((1,), torch.randn(4), 5, BLOCK=16, num_warps=4)
 
 
+def test_descriptors_are_keyed_by_what_triton_compiles_them_by(direct):
+    """A tensor descriptor compiles by its base's dtype, its block shape and its padding; its shape, strides and
+    address are runtime values. The compiled kernel gets the descriptor itself (its launch function encodes it)."""
+    TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    kernel = Kernel()
+    launcher = direct(kernel)
+    storage = torch.randn(128, 64)
+    alike = [TensorDescriptor.from_tensor(storage, [16, 32]), TensorDescriptor.from_tensor(storage[:64], [16, 32]),
+             TensorDescriptor.from_tensor(torch.randn(256, 32), [16, 32])]
+    unlike = [TensorDescriptor.from_tensor(storage, [32, 32]), TensorDescriptor.from_tensor(storage.half(), [16, 32]),
+              TensorDescriptor.from_tensor(storage, [16, 32], padding="nan")]
+    for desc in alike + unlike + alike + unlike:
+        launcher((1,), desc, 5, BLOCK=16, FLAG=True, num_warps=4)
+    assert len(kernel.compiled) == 1 + len(unlike)
+    assert [len(compiled.launches) for *_, compiled in kernel.compiled] == [2 * len(alike) - 1, 1, 1, 1]
+    passed = [launched[9] for launched in kernel.compiled[0][-1].launches]
+    assert len(passed) == 5 and all(a is b for a, b in zip(passed, alike[1:] + alike))
+
+
 def test_pointers_come_first(direct):
     launcher = direct(Kernel())
     x = torch.randn(4)
     for args in ((5, x), (x, x)):
-        with pytest.raises(TypeError, match=r"first 1 runtime arguments \['x'\] must be tensors or None"):
+        with pytest.raises(TypeError, match=r"first 1 runtime arguments \['x'\] must be tensors, tensor descriptors "
+                                            r"or None"):
             launcher((1,), *args, BLOCK=16, FLAG=True, num_warps=4)
 
 
