@@ -94,7 +94,8 @@ class Launcher:
         n = self.pointers
         try:
             key = (device, num_warps, num_stages, args[n:],
-                   *[None if a is None else (a.dtype, a.data_ptr() % 16 == 0) for a in args[:n]],
+                   *[None if a is None else (a.base.dtype, tuple(a.block_shape), a.padding)
+                     if a.__class__ is TensorDescriptor else (a.dtype, a.data_ptr() % 16 == 0) for a in args[:n]],
                    *constexprs.items())
         except AttributeError:
             self._check(args)
