@@ -31,8 +31,9 @@ from triton.runtime.jit import JITFunction
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
+    _DESCRIPTORS = (TensorDescriptor,)
 except ImportError:
-    TensorDescriptor = None
+    _DESCRIPTORS = ()
 
 MOST_KEYS = 256
 
@@ -54,18 +55,7 @@ def _driver():
 
 def _is_pointer(a) -> bool:
     """Whether ``a`` may come among a launcher's first arguments: a tensor, a tensor descriptor or ``None``."""
-    return a is None or isinstance(a, torch.Tensor) or (TensorDescriptor is not None and
-                                                        isinstance(a, TensorDescriptor))
-
-
-def _pointer_key(a):
-    """What Triton specialises one of the first arguments on: a tensor's dtype and whether its address is a
-    multiple of 16 bytes, a descriptor's base dtype, block shape and padding."""
-    if a is None:
-        return None
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    return a.base.dtype, tuple(a.block_shape), a.padding
+    return a is None or isinstance(a, (torch.Tensor, *_DESCRIPTORS))
 
 
 class Launcher:
@@ -95,11 +85,11 @@ class Launcher:
         try:
             key = (device, num_warps, num_stages, args[n:],
                    *[None if a is None else (a.base.dtype, tuple(a.block_shape), a.padding)
-                     if a.__class__ is TensorDescriptor else (a.dtype, a.data_ptr() % 16 == 0) for a in args[:n]],
+                     if isinstance(a, _DESCRIPTORS) else (a.dtype, a.data_ptr() % 16 == 0) for a in args[:n]],
                    *constexprs.items())
         except AttributeError:
             self._check(args)
-            key = (device, num_warps, num_stages, args[n:], *[_pointer_key(a) for a in args[:n]], *constexprs.items())
+            raise
         found = self.compiled.get(key)
         if found is None:
             self._compile(key, grid, args, options, constexprs)
