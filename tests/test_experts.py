@@ -182,7 +182,6 @@ def test_router_statistics_match_a_float64_reference(top_k, per_modality):
     assert torch.equal(route.order, torch.argsort(route.ids.reshape(-1, top_k).t().reshape(-1), stable=True))
 
 
-
 @pytest.mark.parametrize("top_k,per_modality", [(1, False), (2, True)])
 def test_the_z_loss_and_its_gradient_are_those_of_the_log_sum_exp(top_k, per_modality):
     """The z-loss, taken from the top logit and its probability, and its gradient in the router's weight equal
@@ -196,6 +195,7 @@ def test_the_z_loss_and_its_gradient_are_those_of_the_log_sum_exp(top_k, per_mod
     torch.testing.assert_close(z, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.autograd.grad(z, weight)[0], torch.autograd.grad(expected, weight)[0],
                                rtol=1e-10, atol=1e-14)
+
 
 @pytest.mark.parametrize("top_k,per_modality", [(1, False), (2, True)])
 def test_router_computes_in_float32_under_autocast(top_k, per_modality):
