@@ -26,10 +26,12 @@ dimension); for fewer tokens per weight set, where the copy costs more than it s
 once per token; eight experts share a batch's tokens eight ways), it reads ``W`` in place through its strides;
 ``Tiling.copy_rows`` sets the bound in tokens per weight set, and ``benchmarks/routed_linear_tiling.py`` measures
 both sides of it. On a GPU with bulk tensor copies (Hopper and later; ``Tiling.tma``), tiles of one weight set load
-their operands through tensor descriptors instead, when they are 16-bit, ``Tiling.tma_rows`` tokens or more come
-without ``order``, every row is 16-byte aligned and no side of a tile exceeds ``TMA_BLOCK``: the copy engine brings
-whole tiles of ``a`` and of ``W`` (in place; the forward transposes its tile in shared memory, so it makes no copy)
-and fills their parts past the edges with zeros. Mixed tiles, rows gathered through ``order`` and float32 load
+their operands through tensor descriptors instead, when they are 16-bit, ``Tiling.tma_rows`` tokens or more come,
+every row is 16-byte aligned and no side of a tile exceeds ``TMA_BLOCK``: the copy engine brings whole tiles of
+``a`` and of ``W`` (in place; the forward transposes its tile in shared memory, so it makes no copy) and fills their
+parts past the edges with zeros. Rows gathered through ``order`` are not a tile of ``a``: they load through
+pointers beside ``W``'s tile through its descriptor (on an H200, 19 to 51 µs less per forward at the experts
+layer's shapes, and 1 to 12 µs less per ``dx``; ``benchmarks/RESULTS.md``). Mixed tiles and float32 load
 through pointers as described here. (Mixed tiles loaded through descriptors, the other modalities' rows zeroed by
 ``tl.where``, gave wrong products on an H200 with Triton 3.6 at ``128 x 256`` tiles in eight warps, and right ones
 in four warps at ``128 x 128``.) A program owns a ``(token tile, output tile)`` block of ``out`` (grouped along
@@ -292,19 +294,36 @@ def _reduce_rows(acc, a_ptr, b_ptr, rows, row_mask, cols, col_mask, n_red, strid
 
 
 @triton.jit
+def _load_b(b_desc, m, start, col, TRANS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The ``(BLOCK_R, BLOCK_C)`` tile ``b[m][start:, col:]`` through ``b_desc``: of ``b (M, n_red, C)`` in blocks of
+    ``(1, BLOCK_R, BLOCK_C)``, or with ``TRANS_B`` of its transpose ``(M, C, n_red)`` in blocks of ``(1, BLOCK_C,
+    BLOCK_R)``. Elements past the tensor's edges load as zeros."""
+    if TRANS_B:
+        return tl.trans(tl.reshape(b_desc.load([m, col, start]), (BLOCK_C, BLOCK_R)))
+    return tl.reshape(b_desc.load([m, start, col]), (BLOCK_R, BLOCK_C))
+
+
+@triton.jit
 def _reduce_tile(acc, a_desc, b_desc, m, row, col, n_red, TRANS_B: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_R: tl.constexpr):
     """``acc + a[row:row + BLOCK_N] @ b[m][:, col:col + BLOCK_C]`` through tensor descriptors: ``a_desc`` of
-    ``a (N, n_red)`` in blocks of ``(BLOCK_N, BLOCK_R)``; ``b_desc`` of ``b (M, n_red, C)`` in blocks of ``(1,
-    BLOCK_R, BLOCK_C)``, or with ``TRANS_B`` of its transpose ``(M, C, n_red)`` in blocks of ``(1, BLOCK_C,
-    BLOCK_R)``. Elements past the tensors' edges load as zeros."""
+    ``a (N, n_red)`` in blocks of ``(BLOCK_N, BLOCK_R)``, ``b_desc`` as :func:`_load_b` reads it."""
     for start in range(0, n_red, BLOCK_R):
-        a = a_desc.load([row, start])
-        if TRANS_B:
-            b = tl.trans(tl.reshape(b_desc.load([m, col, start]), (BLOCK_C, BLOCK_R)))
-        else:
-            b = tl.reshape(b_desc.load([m, start, col]), (BLOCK_R, BLOCK_C))
-        acc = _dot(a, b, acc)
+        acc = _dot(a_desc.load([row, start]), _load_b(b_desc, m, start, col, TRANS_B, BLOCK_C, BLOCK_R), acc)
+    return acc
+
+
+@triton.jit
+def _reduce_gathered(acc, a_ptr, b_desc, rows, row_mask, m, col, n_red, TRANS_B: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc + a[rows] @ b[m][:, col:col + BLOCK_C]``: ``a (N, n_red)`` row-major through pointers (rows where
+    ``row_mask`` is off read as zeros; ``rows`` int64), ``b`` through ``b_desc`` as :func:`_load_b` reads it."""
+    red = tl.arange(0, BLOCK_R)
+    a_ptrs = a_ptr + rows[:, None] * n_red + red[None, :]
+    for start in range(0, n_red, BLOCK_R):
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & (red < n_red - start)[None, :], other=0.0)
+        acc = _dot(a, _load_b(b_desc, m, start, col, TRANS_B, BLOCK_C, BLOCK_R), acc)
+        a_ptrs += BLOCK_R
     return acc
 
 
@@ -315,8 +334,8 @@ def _routed_mm_kernel(a_ptr, b_ptr, a_desc, b_desc, bias_ptr, mod_ptr, perm_ptr,
                       GROUP: tl.constexpr):
     """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, n_red)`` row-major, ``b (M, n_red, n_cols)`` of strides
     ``(stride_m, stride_r, stride_c)``, ``out (N, n_cols)``; with ``PERM``, tile position ``p`` holds row
-    ``perm[p]`` and ``mod_ptr`` the ids in that order; with ``TMA``, tiles of one weight set load ``a`` and ``b``
-    through ``a_desc`` and ``b_desc`` (:func:`_reduce_tile`). See the module docstring."""
+    ``perm[p]`` and ``mod_ptr`` the ids in that order; with ``TMA``, tiles of one weight set load ``b`` through
+    ``b_desc``, and without ``PERM`` ``a`` through ``a_desc`` (:func:`_reduce_tile`). See the module docstring."""
     pid_n, pid_c = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_C), GROUP)
     positions = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = positions < n_rows
@@ -329,7 +348,10 @@ def _routed_mm_kernel(a_ptr, b_ptr, a_desc, b_desc, bias_ptr, mod_ptr, perm_ptr,
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     mask = row_mask[:, None] & col_mask[None, :]
     if m_lo == m_hi:
-        if TMA:
+        if TMA and PERM:
+            acc = _reduce_gathered(acc, a_ptr, b_desc, rows, row_mask, m_lo, pid_c * BLOCK_C, n_red, TRANS_B, BLOCK_C,
+                                   BLOCK_R)
+        elif TMA:
             acc = _reduce_tile(acc, a_desc, b_desc, m_lo, pid_n * BLOCK_N, pid_c * BLOCK_C, n_red, TRANS_B, BLOCK_C,
                                BLOCK_R)
         else:
@@ -495,15 +517,15 @@ _BIAS_GRAD = Launcher(_bias_grad_kernel, pointers=6)
 def _routed_mm(a, b, bias, ids, perm, block_n, block_c, block_r, warps, stages, group, tma=False):
     """``out[i] = a[i] @ b[m_i] (+ bias[m_i])``: ``a (N, R)`` contiguous, ``b (M, R, C)`` of any strides,
     ``out (N, C)``; ``m_i = ids[i]``, or with ``perm``, ``m_{perm[p]} = ids[p]`` and tiles formed in that order.
-    With ``tma`` (:func:`_tma`), tiles of one id load ``a`` and ``b`` (then contiguous along ``R`` or ``C``) through
-    tensor descriptors."""
+    With ``tma`` (:func:`_tma` of ``a`` and ``b``, then contiguous along ``R`` or ``C``), tiles of one id load ``b``
+    through a tensor descriptor, and without ``perm`` ``a`` too."""
     n_rows, n_red = a.shape
     n_cols = b.shape[2]
     out = a.new_empty((n_rows, n_cols))
     a_desc = b_desc = None
     trans_b = tma and b.stride(2) != 1
     if tma:
-        a_desc = TensorDescriptor.from_tensor(a, [block_n, block_r])
+        a_desc = TensorDescriptor.from_tensor(a, [block_n, block_r]) if perm is None else None
         b_desc = (TensorDescriptor.from_tensor(b.transpose(1, 2), [1, block_c, block_r]) if trans_b else
                   TensorDescriptor.from_tensor(b, [1, block_r, block_c]))
     grid = (cdiv(n_rows, block_n) * cdiv(n_cols, block_c),)
@@ -521,14 +543,15 @@ def _bulk_copies(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def _tma(tiling: Tiling, perm, *tensors) -> bool:
-    """Whether tiles of one weight set load ``tensors`` (``N`` rows first, each contiguous along its last
-    dimension) through tensor descriptors: ``tiling.tma``, no ``perm`` (rows gathered through it are not tiles of
-    the tensor), at least ``tiling.tma_rows`` rows, a Triton that has descriptors, 16-bit tensors with 16-byte
-    aligned bases and strides, a GPU with bulk tensor copies (or the interpreter), and no token-tile block of the
-    tiling (``TILE_BLOCKS``) larger than ``TMA_BLOCK``, the largest side of a bulk copy's box."""
+def _tma(tiling: Tiling, *tensors) -> bool:
+    """Whether tiles of one weight set can load ``tensors`` (``N`` rows first, each contiguous along its last
+    dimension) through tensor descriptors: ``tiling.tma``, at least ``tiling.tma_rows`` rows, a Triton that has
+    descriptors, 16-bit tensors with 16-byte aligned bases and strides, a GPU with bulk tensor copies (or the
+    interpreter), and no token-tile block of the tiling (``TILE_BLOCKS``) larger than ``TMA_BLOCK``, the largest
+    side of a bulk copy's box. Rows gathered through an ``order`` are not tiles of their tensor: they load through
+    pointers whatever this says."""
     first = tensors[0]
-    if not tiling.tma or perm is not None or first.shape[0] < tiling.tma_rows or TensorDescriptor is None:
+    if not tiling.tma or first.shape[0] < tiling.tma_rows or TensorDescriptor is None:
         return False
     if any(getattr(tiling, name) > TMA_BLOCK for name in TILE_BLOCKS):
         return False
@@ -650,7 +673,7 @@ def _weight_grads(dy, x, grouping, perm, weight: tuple[torch.Size, torch.dtype],
     if need_weight:
         dweight = torch.empty(weight[0], dtype=weight[1], device=dy.device)
         dy_desc = x_desc = None
-        tma = _tma(tiling, perm, dy, x)
+        tma = perm is None and _tma(tiling, dy, x)
         if tma:
             dy_desc = TensorDescriptor.from_tensor(dy, [tiling.dw_block_n, tiling.dw_block_o])
             x_desc = TensorDescriptor.from_tensor(x, [tiling.dw_block_n, tiling.dw_block_k])
@@ -685,7 +708,7 @@ def _forward(x, weight, bias, ids, perm, t: Tiling) -> torch.Tensor:
     if x.shape[0] <= t.gemv_rows:
         block_k = max(16, min(t.gemv_block_k, pow2(x.shape[1])))
         return _routed_gemv(x, weight, bias, ids, t.gemv_block_o, block_k, t.gemv_warps)
-    tma = _tma(t, perm, x, weight)
+    tma = _tma(t, x, weight)
     weight_t = weight.transpose(1, 2)
     if not tma and x.shape[0] >= t.copy_rows * weight.shape[0]:
         weight_t = weight_t.contiguous()
@@ -718,7 +741,7 @@ class RoutedLinearFn(torch.autograd.Function):
         if need_x:
             weight = weight.to(dy.dtype)
             dx = _routed_mm(dy, weight, None, ctx.grouping.ids, perm, t.dx_block_n, t.dx_block_k, t.dx_block_o,
-                            t.dx_warps, t.dx_stages, t.group, _tma(t, perm, dy, weight))
+                            t.dx_warps, t.dx_stages, t.group, _tma(t, dy, weight))
         if need_w or need_b:
             dweight, dbias = _weight_grads(dy, x, ctx.grouping, perm, ctx.master, bias if need_b else None, t, need_w)
         return dx, dweight, dbias, None, None, None

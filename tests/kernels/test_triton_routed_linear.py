@@ -141,7 +141,8 @@ def test_small_shapes_16_bit(kernels, gen, dtype):
 def test_tiles_of_one_modality_through_tensor_descriptors(kernels, gen, dtype, monkeypatch):
     """16-bit operands with 16-byte aligned rows load the tiles of one modality through tensor descriptors
     (two per kernel: forward, ``dx``, ``dweight``) from ``tma_rows`` tokens on, with tiles of mixed modalities,
-    partial tiles and an absent modality beside them; the same shapes with ``tma=False``, with an ``order``, with
+    partial tiles and an absent modality beside them; with an ``order``, whose rows are gathered through pointers,
+    only the weight's tiles (one descriptor per kernel: forward, ``dx``); the same shapes with ``tma=False``, with
     rows of 23 elements, below ``tma_rows``, or with a block wider than a bulk copy's box load through pointers
     alone. Every variant matches the float64 reference."""
     made = []
@@ -164,7 +165,7 @@ def test_tiles_of_one_modality_through_tensor_descriptors(kernels, gen, dtype, m
                                          ("pointers", dict(tiling=kernels.replace(tiling, tma=False)), 0),
                                          ("few", dict(tiling=kernels.replace(tiling, tma_rows=n + 1)), 0),
                                          ("wide", dict(tiling=kernels.replace(tiling, dx_block_k=512)), 0),
-                                         ("order", dict(tiling=tiling, order=order), 0)):
+                                         ("order", dict(tiling=tiling, order=order), descriptors // 3)):
             made.clear()
             got = run(kernels.routed_linear, inputs, 5, **extra)
             label = f"n {n}, k {k}, o {o}, {variant}"
