@@ -274,6 +274,7 @@ class ScanBackend:
         selective_state_update: Implements :func:`momkit.ops.selective_state_update`, or ``None``.
         conv_state_update: Implements :func:`momkit.ops.conv_state_update`, or ``None``.
         router_logits: Implements :func:`momkit.ops.router_logits`, or ``None``.
+        expert_slots: Implements :func:`momkit.ops.expert_slots`, or ``None``.
         gated_residual: Implements :func:`momkit.ops.gated_residual`, or ``None``.
         gated_mix: Implements :func:`momkit.ops.gated_mix`, or ``None``.
         devices: Device types (``"cpu"``, ``"cuda"``) the backend runs on.
@@ -295,6 +296,7 @@ class ScanBackend:
     selective_state_update: Callable | None = None
     conv_state_update: Callable | None = None
     router_logits: Callable | None = None
+    expert_slots: Callable | None = None
     gated_residual: Callable | None = None
     gated_mix: Callable | None = None
     devices: tuple[str, ...] = ("cpu",)

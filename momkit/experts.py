@@ -74,8 +74,8 @@ class RouterStats:
 
 @dataclass
 class Route:
-    """A router's decision: ``ids (..., top_k)`` expert ids and ``gates (..., top_k)``, its statistics, and, where
-    the capacity sorted them, the stable argsort of the slot-major flattened ids (``ids.t()`` of ``(N, top_k)``),
+    """A router's decision: ``ids (..., top_k)`` expert ids and ``gates (..., top_k)``, its statistics, and the
+    stable argsort of the slot-major flattened ids (``ids.t()`` of ``(N, top_k)``, :func:`momkit.ops.expert_slots`),
     which with ``top_k = 1`` groups the tokens by expert."""
 
     ids: torch.Tensor
@@ -84,22 +84,30 @@ class Route:
     order: torch.Tensor | None = None
 
 
-def capacity_mask(ids: torch.Tensor, n_ids: int, capacity: int | torch.Tensor,
-                  n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which slots of ``ids (N, k)`` (expert ids ``0..n_ids-1``) the capacity keeps: expert ``i`` keeps its first
-    ``capacity`` slots (an int, or per router set ``capacity[i // n_experts]``), slot 0 of every token before
-    slot 1, tokens in order. Returns that ``(N, k)`` mask and the stable argsort of ``ids.t()`` flattened, which
-    ranked the slots: a slot's rank among its expert's is its place in that order less the place of the
-    expert's first slot."""
+def sort_slots(ids: torch.Tensor, modality: torch.Tensor, n_ids: int, n_modalities: int, n_experts: int,
+               capacity_factor: float | None) -> tuple[torch.Tensor, ...]:
+    """:func:`momkit.ops.expert_slots` in PyTorch operations: the stable argsort of the slot-major ids (``ids.t()``
+    flattened) by :func:`group_order`, and from the ranks it gives each slot among its id's, the capacity's mask;
+    the picks per id, the kept slots per modality and id, and the dropped slots counted with ``index_add_``
+    (``bincount`` would read its length on the host). The reference backend's, and the Triton backend's beyond the
+    ids its kernels take."""
     n, k = ids.shape
     slot_major = ids.t().reshape(-1)
-    ranked = group_order(slot_major, n_ids)
-    ranked_ids = slot_major[ranked]
-    rank = torch.arange(len(ranked), device=ids.device) - torch.searchsorted(ranked_ids, ranked_ids)
-    if isinstance(capacity, torch.Tensor):
-        capacity = capacity[ranked_ids // n_experts]
-    keep = torch.empty_like(ranked, dtype=torch.bool).index_put_((ranked,), rank < capacity)
-    return keep.reshape(k, n).t(), ranked
+    picks = torch.zeros(n_ids, dtype=torch.long, device=ids.device)
+    picks.index_add_(0, slot_major, torch.ones_like(slot_major))
+    order = group_order(slot_major, n_ids)
+    if capacity_factor is None:
+        keep = torch.ones_like(ids, dtype=torch.bool)
+    else:
+        ranked_ids = slot_major[order]
+        rank = torch.arange(len(order), device=ids.device) - torch.searchsorted(ranked_ids, ranked_ids)
+        tokens = picks.view(-1, n_experts).sum(1) // k
+        capacity = torch.ceil(capacity_factor * k * tokens.double() / n_experts).long()
+        kept = rank < capacity[ranked_ids // n_experts]
+        keep = torch.empty_like(kept).index_put_((order,), kept).reshape(k, n).t()
+    counts = torch.zeros(n_modalities * n_ids, dtype=torch.long, device=ids.device)
+    counts.index_add_(0, (modality[:, None] * n_ids + ids).reshape(-1), keep.reshape(-1).long())
+    return order, keep, picks, counts.view(n_modalities, n_ids), ids.numel() - counts.sum()
 
 
 def group_order(ids: torch.Tensor, n_ids: int) -> torch.Tensor:
@@ -109,13 +117,6 @@ def group_order(ids: torch.Tensor, n_ids: int) -> torch.Tensor:
     keys = ids.reshape(-1)
     narrow = next((d for d in (torch.uint8, torch.int16) if n_ids - 1 <= torch.iinfo(d).max), torch.int32)
     return torch.argsort(keys.to(narrow), stable=True)
-
-
-def counts_of(ids: torch.Tensor, n: int) -> torch.Tensor:
-    """How many times each of ``0..n-1`` occurs in ``ids``, without waiting for the device (``bincount`` on a
-    GPU reads the maximum on the host)."""
-    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids.reshape(-1),
-                                                                          torch.ones_like(ids.reshape(-1)))
 
 
 class Router(nn.Module):
@@ -150,18 +151,16 @@ class Router(nn.Module):
         gates = top_p / (total.detach() if self.experts.gradient == "switch" else total)
         ids = top_e + (modality * e)[..., None] if per_modality else top_e
         flat_ids, flat_modality = ids.reshape(-1, k), modality.reshape(-1)
-        picks = counts_of(flat_ids, self.n_ids)
-        tokens = picks.view(-1, e).sum(1) // k if per_modality else len(flat_ids)
-        keep, order = None, None
-        if training and self.experts.capacity_factor is not None:
-            factor = self.experts.capacity_factor
-            capacity = (torch.ceil(factor * k * tokens.double() / e).long() if per_modality
-                        else math.ceil(factor * k * tokens / e))
-            keep, order = capacity_mask(flat_ids, self.n_ids, capacity, e)
+        factor = self.experts.capacity_factor if training else None
+        order, keep, picks, counts, dropped = ops.expert_slots(
+            flat_ids, flat_modality, self.n_ids, self.n_modalities, n_experts=e, capacity_factor=factor,
+            backend=self.backend)
+        if factor is not None:
             gates = gates * keep.reshape(gates.shape)
+        tokens = picks.view(-1, e).sum(1) // k if per_modality else len(flat_ids)
         lse = logits.gather(-1, top_e[..., :1]) - top_p[..., :1].log()
-        stats = self._stats(lse, probs.reshape(-1, e), picks, tokens, flat_ids, keep, flat_modality)
-        return Route(ids, gates.to(x.dtype), stats, order)
+        balance, z = self._losses(lse, probs.reshape(-1, e), picks, tokens, flat_modality)
+        return Route(ids, gates.to(x.dtype), RouterStats(balance, z, counts, dropped, ids.numel()), order)
 
     def group_order(self, ids: torch.Tensor) -> torch.Tensor:
         """:func:`group_order` of expert ids of this router."""
@@ -177,10 +176,10 @@ class Router(nn.Module):
         (:func:`momkit.ops.gated_mix` on the router's backend)."""
         return ops.gated_mix(x, y, gate, backend=self.backend)
 
-    def _stats(self, lse, probs, picks, tokens, ids, keep, modality) -> RouterStats:
-        """The statistics of a routing: ``lse`` the logits' log-sum-exp, ``picks (n_ids,)`` the slots that chose
-        each id before the capacity, ``tokens`` those each router set saw (a tensor per set with ``per_modality``,
-        else an int), ``keep`` the capacity's mask (``None``: every slot kept)."""
+    def _losses(self, lse, probs, picks, tokens, modality) -> tuple[torch.Tensor, torch.Tensor]:
+        """The load-balancing loss and the z-loss of a routing: ``lse`` the logits' log-sum-exp, ``picks
+        (n_ids,)`` the slots that chose each id before the capacity, ``tokens`` those each router set saw (a tensor
+        per set with ``per_modality``, else an int)."""
         e, k = self.experts.n_experts, self.experts.top_k
         chosen = picks.view(-1, e).to(probs.dtype)
         if self.experts.per_modality:
@@ -193,16 +192,7 @@ class Router(nn.Module):
             seen = max(tokens, 1)
             balance = torch.dot(chosen.reshape(-1), probs.sum(0)) * (e / (k * seen * seen))
         squares = lse.square()
-        z = squares.mean() if lse.numel() else squares.sum()
-        slot_id = modality[:, None] * self.n_ids + ids
-        counts = torch.zeros(self.n_modalities * self.n_ids, dtype=torch.long, device=ids.device)
-        if keep is None:
-            counts.index_add_(0, slot_id.reshape(-1), torch.ones_like(slot_id.reshape(-1)))
-            dropped = torch.zeros((), dtype=torch.long, device=ids.device)
-        else:
-            counts.index_add_(0, slot_id.reshape(-1), keep.reshape(-1).long())
-            dropped = ids.numel() - counts.sum()
-        return RouterStats(balance, z, counts.reshape(self.n_modalities, self.n_ids), dropped, ids.numel())
+        return balance, squares.mean() if lse.numel() else squares.sum()
 
 
 @dataclass

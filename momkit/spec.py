@@ -151,7 +151,7 @@ def _with_encoder(entry: Any) -> Any:
 
 
 KERNEL_OPERATIONS = ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update",
-                     "conv_state_update", "router_logits", "gated_residual", "gated_mix")
+                     "conv_state_update", "router_logits", "expert_slots", "gated_residual", "gated_mix")
 """The kernel operations of :mod:`momkit.ops`, the keys a per-operation ``scan_backend`` may give."""
 
 

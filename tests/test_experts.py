@@ -13,7 +13,7 @@ import momkit
 from momkit import SpecError
 from momkit.blocks import Layout
 from momkit.cli import main
-from momkit.experts import capacity_mask, group_order, mutual_information
+from momkit.experts import group_order, mutual_information
 
 FFN = {"kind": "ffn", "d_model": 16}
 EXPERTS = {"sublayers": ["w1", "w2", "w3"], "n_experts": 4}
@@ -210,11 +210,16 @@ def test_router_computes_in_float32_under_autocast(top_k, per_modality):
     assert torch.equal(mixed.stats.balance, plain.stats.balance) and torch.equal(mixed.stats.z, plain.stats.z)
 
 
-def test_capacity_mask_serves_slot_0_first():
+def test_capacity_serves_slot_0_first():
+    """Four tokens, two slots each, two experts of capacity ceil(0.5 * 2 * 4 / 2) = 2: slot 0 of every token
+    before slot 1."""
     ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
-    keep, order = capacity_mask(ids, 2, 2, 2)
+    modality = torch.tensor([0, 1, 1, 0])
+    order, keep, picks, counts, dropped = momkit.ops.expert_slots(ids, modality, 2, 2, n_experts=2,
+                                                                  capacity_factor=0.5)
     assert keep.tolist() == [[True, True], [True, False], [True, False], [False, False]]
     assert order.tolist() == [0, 1, 3, 6, 2, 4, 5, 7]
+    assert picks.tolist() == [4, 4] and counts.tolist() == [[1, 1], [1, 1]] and int(dropped) == 4
 
 
 @pytest.mark.parametrize("n_ids", [2, 256, 257, 32768, 32769])

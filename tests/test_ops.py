@@ -214,6 +214,26 @@ def test_gated_residual_adds_the_gated_branch(gen):
     torch.testing.assert_close(mixed, x + gate * narrow.float())
 
 
+def slot_args(gen):
+    return dict(ids=torch.randint(0, 6, (7, 2), generator=gen), modality=torch.randint(0, 2, (7,), generator=gen),
+                n_ids=6, n_modalities=2, n_experts=3, capacity_factor=1.25)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(ids=torch.zeros(7, dtype=torch.long)), r"ids has shape \(7,\); expected \(N, top_k\) = \(\*, \*\)"),
+    (dict(ids=torch.zeros(7, 2)), "ids has dtype torch.float32; expected an integer dtype"),
+    (dict(modality=torch.zeros(6, dtype=torch.long)), r"modality has shape \(6,\); expected \(N,\) = \(7,\)"),
+    (dict(n_ids=7), r"n_ids \(7\) must be a multiple of n_experts \(3\)"),
+    (dict(n_experts=0), "n_experts must be a positive int, got 0"),
+    (dict(capacity_factor=0), "capacity_factor must be a positive number, or None for no capacity, got 0"),
+    (dict(ids=torch.full((7, 2), 6)), r"ids holds ids in \[6, 6\]; valid ids: 0..5"),
+    (dict(modality=torch.full((7,), 2)), r"modality holds ids in \[2, 2\]; valid ids: 0..1"),
+])
+def test_expert_slots_checks(gen, change, message):
+    with pytest.raises(ValueError, match=message):
+        ops.expert_slots(**{**slot_args(gen), **change})
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(branch=torch.zeros(2, 5, 7)), r"branch has shape \(2, 5, 7\); expected x's shape = \(2, 5, 6\)"),
     (dict(branch=torch.zeros(2, 5, 6, dtype=torch.int64)), "branch has dtype torch.int64"),
@@ -323,11 +343,11 @@ class Counting:
 
 
 OPS = ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update",
-       "router_logits", "gated_residual", "gated_mix")
+       "router_logits", "expert_slots", "gated_residual", "gated_mix")
 USED = {"mamba": {"selective_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
         "mamba2": {"ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update", "conv_state_update"},
         "transformer": {"routed_linear"},
-        "ffn": {"routed_linear", "router_logits", "gated_residual", "gated_mix"}}
+        "ffn": {"routed_linear", "router_logits", "expert_slots", "gated_residual", "gated_mix"}}
 SMALL = {"mamba": {"d_model": 16, "d_state": 4}, "mamba2": {"d_model": 16, "d_state": 8, "headdim": 8, "chunk_size": 4},
          "transformer": {"d_model": 16, "n_heads": 2}, "ffn": {"d_model": 16}}
 ROUTING = {"ffn": {"specific": "dense", "experts": {"sublayers": ["w1", "w2", "w3"], "n_experts": 3, "top_k": 1,

@@ -5,7 +5,8 @@
 reshaping a tensor; likewise :func:`causal_conv1d` (causal-conv1d's ``causal_conv1d_fn``) for training, and
 :func:`selective_state_update` (mamba_ssm's function of that name) and :func:`conv_state_update` (causal-conv1d's
 ``causal_conv1d_update``) for decoding one position.
-:func:`routed_linear` is the routed projection; :func:`router_logits` is a learned router's logits, and
+:func:`routed_linear` is the routed projection; :func:`router_logits` is a learned router's logits,
+:func:`expert_slots` where its choices go (their order grouped by expert, the capacity's mask, the counts), and
 :func:`gated_residual` and :func:`gated_mix` mix its experts' outputs into the residual stream. Every argument is
 checked here, before any backend runs.
 
@@ -29,8 +30,9 @@ from momkit.ops.checks import SIXTEEN_BIT, check_conv_state_update, check_select
 from momkit.ops.dispatch import _extensions, backend_name, resolve_backend
 from momkit.registry import get_registry
 
-__all__ = ["available_backends", "causal_conv1d", "conv_state_update", "gated_mix", "gated_residual", "resolve_backend",
-           "routed_linear", "router_logits", "selective_scan", "selective_state_update", "ssd_scan", "unchecked"]
+__all__ = ["available_backends", "causal_conv1d", "conv_state_update", "expert_slots", "gated_mix", "gated_residual",
+           "resolve_backend", "routed_linear", "router_logits", "selective_scan", "selective_state_update", "ssd_scan",
+           "unchecked"]
 
 
 def available_backends() -> list[str]:
@@ -172,6 +174,38 @@ def router_logits(x, weight, modality=None, *, eps=1e-6, backend="auto"):
     if torch.compiler.is_compiling():
         return library.router_logits(x, weight, modality, float(eps), backend_name(backend, "router_logits"))
     return dispatch.router_logits(x, weight, modality, eps, backend)
+
+
+def expert_slots(ids, modality, n_ids, n_modalities, *, n_experts, capacity_factor=None, backend="auto"):
+    """Where the token slots of a learned router's choice go: ``ids (N, top_k)`` holds slot ``j`` of token ``n``,
+    and the slots are taken slot-major (slot 0 of every token, then slot 1), tokens in order.
+
+    Expert ids ``0..n_ids-1`` come in router sets of ``n_experts`` (set ``s`` holds ids ``s * n_experts`` to ``(s
+    + 1) * n_experts - 1``: one set, or one per modality). With a ``capacity_factor``, id ``i`` of set ``s`` keeps
+    its first ``ceil(capacity_factor * top_k * tokens_s / n_experts)`` slots in that order, ``tokens_s`` the tokens
+    whose slots chose set ``s``'s ids (their picks over ``top_k``); it is computed in float64, as Python's
+    arithmetic is. Nothing is read on the host.
+
+    Args:
+        ids: ``(N, top_k)`` integer expert ids.
+        modality: ``(N,)`` integer modality ids in ``0..n_modalities-1``, for the counts.
+        n_ids: how many expert ids there are (a multiple of ``n_experts``).
+        n_modalities: ``M``.
+        n_experts: ids per router set.
+        capacity_factor: a positive number, or ``None`` (every slot kept).
+        backend: a registered backend name, or ``"auto"``.
+
+    Returns:
+        ``order (N * top_k,)`` int64, the stable argsort of ``ids.t()`` flattened (with ``top_k = 1`` the order
+        that groups the tokens by expert, :func:`routed_linear`'s ``order``); ``keep (N, top_k)`` bool, the slots
+        the capacity keeps; ``picks (n_ids,)`` int64, the slots that chose each id; ``counts (M, n_ids)`` int64,
+        the kept slots per modality and id; ``dropped`` a 0-d int64 tensor, the slots not kept.
+    """
+    if torch.compiler.is_compiling():
+        return library.expert_slots(ids, modality, n_ids, n_modalities, n_experts,
+                                    None if capacity_factor is None else float(capacity_factor),
+                                    backend_name(backend, "expert_slots"))
+    return dispatch.expert_slots(ids, modality, n_ids, n_modalities, n_experts, capacity_factor, backend)
 
 
 def gated_residual(x, branch, gate, *, backend="auto"):

@@ -208,6 +208,27 @@ def check_router_logits(x, weight, modality, eps) -> None:
         raise SpecError(f"eps must be a positive number, got {eps!r}")
 
 
+@_front_door
+def check_expert_slots(ids, modality, n_ids, n_modalities, n_experts, capacity_factor) -> None:
+    """Check the arguments of :func:`momkit.ops.expert_slots`."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor of shape (N, top_k), got {type(ids).__name__}")
+    expect_tensor("ids", ids, {"(N, top_k)": (None, None)}, ids.device, floating=False)
+    expect_tensor("modality", modality, {"(N,)": (ids.shape[0],)}, ids.device, floating=False)
+    for name, value in (("n_ids", n_ids), ("n_modalities", n_modalities), ("n_experts", n_experts)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SpecError(f"{name} must be a positive int, got {value!r}")
+    if n_ids % n_experts:
+        raise SpecError(f"n_ids ({n_ids}) must be a multiple of n_experts ({n_experts}): the ids of router set s "
+                        f"are s * n_experts .. (s + 1) * n_experts - 1")
+    if capacity_factor is not None and (not isinstance(capacity_factor, (int, float)) or
+                                        isinstance(capacity_factor, bool) or not capacity_factor > 0):
+        raise SpecError(f"capacity_factor must be a positive number, or None for no capacity, got "
+                        f"{capacity_factor!r}")
+    check_ids(ids, n_ids, label="ids")
+    check_ids(modality, n_modalities)
+
+
 def _expect_gated(x, name: str, other, gate) -> None:
     """The shapes and devices of a gated mix's ``x (..., d)``, its ``other`` input (named ``name``) of ``x``'s shape,
     and ``gate (..., 1)``; their dtypes are the caller's to check."""

@@ -13,8 +13,8 @@ import torch
 
 from momkit.descriptors import ScanBackend
 from momkit.errors import SpecError
-from momkit.ops.checks import (check_causal_conv1d, check_gated_mix, check_gated_residual, check_routed_linear,
-                               check_router_logits, check_selective_scan, check_ssd_scan)
+from momkit.ops.checks import (check_causal_conv1d, check_expert_slots, check_gated_mix, check_gated_residual,
+                               check_routed_linear, check_router_logits, check_selective_scan, check_ssd_scan)
 from momkit.registry import Registry, get_registry
 
 
@@ -122,6 +122,14 @@ def router_logits(x, weight, modality, eps, backend):
     impl = resolve_backend(backend, x.device, "router_logits", _extensions(modality=modality), x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         return impl.router_logits(x=x, weight=weight, modality=modality, eps=eps)
+
+
+def expert_slots(ids, modality, n_ids, n_modalities, n_experts, capacity_factor, backend):
+    """:func:`momkit.ops.expert_slots`, checked and run on its backend."""
+    check_expert_slots(ids, modality, n_ids, n_modalities, n_experts, capacity_factor)
+    impl = resolve_backend(backend, ids.device, "expert_slots")
+    return impl.expert_slots(ids=ids, modality=modality, n_ids=n_ids, n_modalities=n_modalities,
+                             n_experts=n_experts, capacity_factor=capacity_factor)
 
 
 def gated_residual(x, branch, gate, backend):

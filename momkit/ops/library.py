@@ -2,13 +2,14 @@
 
 While :func:`torch.compile` traces a model, :func:`momkit.ops.selective_scan`, :func:`momkit.ops.ssd_scan`,
 :func:`momkit.ops.routed_linear`, :func:`momkit.ops.causal_conv1d`, :func:`momkit.ops.router_logits`,
-:func:`momkit.ops.gated_residual` and :func:`momkit.ops.gated_mix` call ``torch.ops.momkit.<name>`` instead of
-running their backend directly: an operator opaque to the tracer (its argument checks and the backend's choice,
-which read tensor values, run when the compiled graph runs), with a fake implementation that gives its output's
-shape and dtype, and an autograd formula. The backward is itself an operator, ``torch.ops.momkit.<name>_backward``:
-it runs the same backend forward again under autograd and takes the gradients of the inputs from it (one
-recomputation of the forward in exchange for keeping the backends' own autograd). In eager mode the front doors do
-not go through these operators.
+:func:`momkit.ops.expert_slots`, :func:`momkit.ops.gated_residual` and :func:`momkit.ops.gated_mix` call
+``torch.ops.momkit.<name>`` instead of running their backend directly: an operator opaque to the tracer (its
+argument checks and the backend's choice, which read tensor values, run when the compiled graph runs), with a fake
+implementation that gives its output's shape and dtype, and, for all but ``expert_slots`` (whose outputs are
+integers), an autograd formula. The backward is itself an operator, ``torch.ops.momkit.<name>_backward``: it runs
+the same backend forward again under autograd and takes the gradients of the inputs from it (one recomputation of
+the forward in exchange for keeping the backends' own autograd). In eager mode the front doors do not go through
+these operators.
 """
 
 from __future__ import annotations
@@ -193,6 +194,21 @@ def router_logits_backward(grad: Tensor, x: Tensor, weight: Tensor, modality: Op
 @router_logits_backward.register_fake
 def _(grad, x, weight, modality, eps, backend):
     return _fake_gradients([x, weight], grad)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::expert_slots", mutates_args=())
+def expert_slots(ids: Tensor, modality: Tensor, n_ids: int, n_modalities: int, n_experts: int,
+                 capacity_factor: Optional[float], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`momkit.ops.expert_slots` as one operator (integer outputs, no gradient)."""
+    out = dispatch.expert_slots(ids, modality, n_ids, n_modalities, n_experts, capacity_factor, backend)
+    return tuple(t.contiguous() for t in out)
+
+
+@expert_slots.register_fake
+def _(ids, modality, n_ids, n_modalities, n_experts, capacity_factor, backend):
+    slots = ids.new_empty(ids.numel(), dtype=torch.long)
+    return (slots, ids.new_empty(ids.shape, dtype=torch.bool), ids.new_empty(n_ids, dtype=torch.long),
+            ids.new_empty(n_modalities, n_ids, dtype=torch.long), ids.new_empty((), dtype=torch.long))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::gated_residual", mutates_args=())
