@@ -1,9 +1,9 @@
 """The Triton backend for CUDA GPUs: both scans, the routed linear layer, the decoding state updates and the
-learned experts' router logits and gated mix.
+learned experts' router logits, token slots and gated mix.
 
 ``selective_scan.py`` and ``ssd.py`` hold the scan kernels and their autograd functions,
 ``routed_linear.py`` the grouped matmul of the routed projection, ``conv.py`` the causal convolution,
-``decode.py`` the single-position updates, ``experts.py`` the learned experts' router logits and gated mix;
+``decode.py`` the single-position updates, ``experts.py`` the learned experts' router logits, slots and mixes;
 the PyTorch references in ``momkit.kernels.reference`` are what they are tested against.
 
 This module imports without Triton: the kernels are imported on first call, and the backend reports itself
@@ -70,6 +70,10 @@ def _router_logits(**kwargs):
     return _kernels("experts").router_logits(**kwargs)
 
 
+def _expert_slots(**kwargs):
+    return _kernels("experts").expert_slots(**kwargs)
+
+
 def _gated_residual(**kwargs):
     return _kernels("experts").gated_residual(**kwargs)
 
@@ -91,7 +95,7 @@ def momkit_scan_backends():
     return [ScanBackend(
         name="triton",
         description="Triton kernels for CUDA GPUs: both scans, routed linear, causal convolution, decoding "
-                    "updates, router logits, gated residual and mix; in float32",
+                    "updates, router logits, expert slots, gated residual and mix; in float32",
         selective_scan=_selective_scan,
         ssd_scan=_ssd_scan,
         routed_linear=_routed_linear,
@@ -99,6 +103,7 @@ def momkit_scan_backends():
         selective_state_update=_selective_state_update,
         conv_state_update=_conv_state_update,
         router_logits=_router_logits,
+        expert_slots=_expert_slots,
         gated_residual=_gated_residual,
         gated_mix=_gated_mix,
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),

@@ -1,4 +1,5 @@
-"""The learned experts' memory-bound operations in Triton: the router's logits and the two mixes of their outputs.
+"""The learned experts' memory-bound operations in Triton: the router's logits, the places of its token slots and
+the two mixes of their outputs.
 
 :func:`router_logits` (``rms(x) W_m^T``, :func:`momkit.ops.router_logits`) reads ``x`` once: a program per block
 of rows sums, a block of columns at a time, both the squares of its rows and their products with the weights
@@ -8,6 +9,16 @@ columns. With ``r`` the rows' ``rsqrt``, ``l`` the logits and ``g`` their gradie
 ``r (g W_m) - x r^2 (g . l) / d`` (the second term the normalisation's), which needs only the block of columns,
 and the program sums the weight gradient ``(r g)^T x`` of its rows, one set at a time. A sum over the groups
 completes it, so the result does not depend on the order of atomic additions.
+
+:func:`expert_slots` (:func:`momkit.ops.expert_slots`) is a counting sort of the slot-major ids in three launches,
+where the reference takes about twenty torch operations (a radix sort, a search and scatters). Each program of the
+first counts its block of slots per id (a one-hot sum over a ``BLOCK x IDS`` tile, ``IDS`` the ids rounded up to a
+power of two); one program then turns those rows into each id's slots in the blocks before, and each id's first
+place in the order and capacity (in float64, from its router set's picks); each program of the third ranks its
+slots among their id's (the one-hot's running sum down the block) and writes each slot's place in the order, its
+mask, and its kept and dropped slots with integer atomic additions, whose sums do not depend on their order. The
+blocks shrink as the ids grow (``BLOCK x IDS`` stays 8,192 elements); above ``MOST_SLOT_IDS`` ids the torch
+operations of :func:`momkit.experts.sort_slots` run.
 
 :func:`gated_residual` (``x + gate branch``, :func:`momkit.ops.gated_residual`) and :func:`gated_mix` (``x + gate
 (y - x)``, :func:`momkit.ops.gated_mix`) take a program per block of rows, forward and backward; each backward
@@ -22,17 +33,22 @@ the best tiling with the products in full float32 on the CUDA cores, ``"ieee"``)
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
+from momkit.experts import sort_slots
 from momkit.kernels.triton.launch import Launcher
-from momkit.kernels.triton.tiling import cdiv, refuse_float64
+from momkit.kernels.triton.tiling import cdiv, pow2, refuse_float64
 
 ROUTER_ROWS, ROUTER_COLUMNS = 64, 64
 BACKWARD_ROWS, BACKWARD_COLUMNS = 32, 128
 ROUTER_GROUPS = 32
 MIX_ELEMENTS = 4096
+SLOT_TILE = 8192
+MOST_SLOT_IDS = 1024
 
 
 @triton.jit
@@ -147,10 +163,84 @@ def _mix_backward_kernel(x_ptr, y_ptr, gate_ptr, grad_ptr, dx_ptr, dy_ptr, dgate
     tl.store(dgate_ptr + rows, dgate.to(dgate_ptr.dtype.element_ty), mask=row_in)
 
 
+@triton.jit
+def _slot_count_kernel(ids_ptr, table_ptr, n, k, slots, BLOCK: tl.constexpr, IDS: tl.constexpr):
+    """Program ``p`` counts the slots ``p * BLOCK`` to ``(p + 1) * BLOCK - 1`` of each id into row ``p`` of the
+    table; slot ``s`` (slot-major) is slot ``s // n`` of token ``s % n``."""
+    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + (at % n) * k + at // n, mask=at < slots, other=-1)
+    hits = (ids[:, None] == tl.arange(0, IDS)[None, :]).to(tl.int32)
+    tl.store(table_ptr + tl.program_id(0) * IDS + tl.arange(0, IDS), tl.sum(hits, 0))
+
+
+@triton.jit
+def _slot_scan_kernel(table_ptr, picks_ptr, counts_ptr, dropped_ptr, programs, slots, n_ids, n_experts, k, n_counts,
+                      FACTOR_BITS: tl.constexpr, ROWS: tl.constexpr, IDS: tl.constexpr):
+    """One program: turns the table's rows into the slots of each id in the rows before (in place), stores each
+    id's first place in the order (row ``programs``), its capacity (row ``programs + 1``) and picks, and zeroes
+    the counts and the dropped slots. ``FACTOR_BITS`` holds the float64 bits of ``capacity_factor * k`` (0: no
+    capacity)."""
+    cols = tl.arange(0, IDS)
+    carry = tl.zeros((IDS,), tl.int32)
+    for first in range(0, programs, ROWS):
+        rows = first + tl.arange(0, ROWS)
+        inside = (rows < programs)[:, None]
+        at = table_ptr + rows[:, None] * IDS + cols[None, :]
+        part = tl.load(at, mask=inside, other=0)
+        tl.store(at, tl.cumsum(part, 0) - part + carry[None, :], mask=inside)
+        carry += tl.sum(part, 0)
+    tl.store(table_ptr + programs * IDS + cols, tl.cumsum(carry, 0) - carry)
+    tl.store(picks_ptr + cols, carry.to(tl.int64), mask=cols < n_ids)
+    if FACTOR_BITS != 0:
+        same_set = cols[:, None] // n_experts == cols[None, :] // n_experts
+        tokens = tl.sum(tl.where(same_set, carry[None, :], 0), 1) // k
+        factor = tl.full((IDS,), FACTOR_BITS, tl.int64).to(tl.float64, bitcast=True)
+        capacity = tl.minimum(tl.math.ceil(factor * tokens.to(tl.float64) / n_experts), slots)
+        tl.store(table_ptr + (programs + 1) * IDS + cols, capacity.to(tl.int32))
+    for first in range(0, n_counts, IDS):
+        tl.store(counts_ptr + first + cols, tl.zeros((IDS,), tl.int64), mask=first + cols < n_counts)
+    tl.store(dropped_ptr, tl.zeros((), tl.int64))
+
+
+@triton.jit
+def _slot_place_kernel(ids_ptr, modality_ptr, table_ptr, order_ptr, keep_ptr, counts_ptr, dropped_ptr, n, k, slots,
+                       programs, n_ids, n_modalities, CAPACITY: tl.constexpr, BLOCK: tl.constexpr,
+                       IDS: tl.constexpr):
+    """Program ``p`` places its slots: a slot's rank among its id's is the id's slots in the rows before plus
+    those before it in the block; its place in the order is the id's first place plus that rank, and the capacity
+    keeps it while the rank is below the id's. Adds the kept slots to the counts per modality and id, and the
+    others to the dropped slots."""
+    p = tl.program_id(0)
+    at = p * BLOCK + tl.arange(0, BLOCK)
+    live = at < slots
+    token, slot = at % n, at // n
+    ids = tl.load(ids_ptr + token * k + slot, mask=live, other=-1)
+    cols = tl.arange(0, IDS)
+    hits = (ids[:, None] == cols[None, :]).to(tl.int32)
+    before = tl.load(table_ptr + p * IDS + cols)
+    first = tl.load(table_ptr + programs * IDS + cols)
+    rank = tl.sum(hits * (tl.cumsum(hits, 0) - 1 + before[None, :]), 1)
+    tl.store(order_ptr + tl.sum(hits * first[None, :], 1) + rank, at.to(tl.int64), mask=live)
+    kept = live
+    if CAPACITY:
+        capacity = tl.load(table_ptr + (programs + 1) * IDS + cols)
+        kept = live & (rank < tl.sum(hits * capacity[None, :], 1))
+    tl.store(keep_ptr + token * k + slot, kept, mask=live)
+    modality = tl.load(modality_ptr + token, mask=live, other=-1)
+    kept_hits = tl.where(kept[:, None], hits, 0)
+    for m in range(0, n_modalities):
+        per_id = tl.sum(tl.where((modality == m)[:, None], kept_hits, 0), 0).to(tl.int64)
+        tl.atomic_add(counts_ptr + m * n_ids + cols, per_id, mask=(cols < n_ids) & (per_id > 0), sem="relaxed")
+    tl.atomic_add(dropped_ptr, tl.sum((live & ~kept).to(tl.int64)), sem="relaxed")
+
+
 _ROUTER = Launcher(_router_kernel, pointers=5)
 _ROUTER_BACKWARD = Launcher(_router_backward_kernel, pointers=8)
 _MIX = Launcher(_mix_kernel, pointers=4)
 _MIX_BACKWARD = Launcher(_mix_backward_kernel, pointers=7)
+_SLOT_COUNT = Launcher(_slot_count_kernel, pointers=2)
+_SLOT_SCAN = Launcher(_slot_scan_kernel, pointers=4)
+_SLOT_PLACE = Launcher(_slot_place_kernel, pointers=7)
 
 
 def _padded(e: int) -> int:
@@ -231,6 +321,38 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, modality: torch.Tensor 
     sets = None if weight.dim() == 2 else modality.reshape(-1).contiguous()
     logits = RouterLogitsFn.apply(x.reshape(-1, d).contiguous(), weight.contiguous(), sets, float(eps))
     return logits.view(*x.shape[:-1], e)
+
+
+def expert_slots(*, ids: torch.Tensor, modality: torch.Tensor, n_ids: int, n_modalities: int, n_experts: int,
+                 capacity_factor: float | None) -> tuple[torch.Tensor, ...]:
+    """:func:`momkit.ops.expert_slots` by a counting sort in three launches; see the module docstring. More than
+    ``MOST_SLOT_IDS`` ids, or no slots, go to :func:`momkit.experts.sort_slots`."""
+    n, k = ids.shape
+    slots = n * k
+    if not slots or n_ids > MOST_SLOT_IDS:
+        return sort_slots(ids, modality, n_ids, n_modalities, n_experts, capacity_factor)
+    columns = max(16, pow2(n_ids))
+    block = max(16, min(1024, SLOT_TILE // columns))
+    programs = cdiv(slots, block)
+    ids, modality = ids.contiguous(), modality.contiguous()
+    table = torch.empty(programs + 2, columns, dtype=torch.int32, device=ids.device)
+    picks = torch.empty(n_ids, dtype=torch.int64, device=ids.device)
+    counts = torch.empty(n_modalities, n_ids, dtype=torch.int64, device=ids.device)
+    dropped = torch.empty((), dtype=torch.int64, device=ids.device)
+    order = torch.empty(slots, dtype=torch.int64, device=ids.device)
+    keep = torch.empty(n, k, dtype=torch.bool, device=ids.device)
+    factor_bits = 0 if capacity_factor is None else _float64_bits(capacity_factor * k)
+    _SLOT_COUNT((programs,), ids, table, n, k, slots, num_warps=4, BLOCK=block, IDS=columns)
+    _SLOT_SCAN((1,), table, picks, counts, dropped, programs, slots, n_ids, n_experts, k, counts.numel(),
+               num_warps=4, FACTOR_BITS=factor_bits, ROWS=max(1, SLOT_TILE // columns), IDS=columns)
+    _SLOT_PLACE((programs,), ids, modality, table, order, keep, counts, dropped, n, k, slots, programs, n_ids,
+                n_modalities, num_warps=4, CAPACITY=capacity_factor is not None, BLOCK=block, IDS=columns)
+    return order, keep, picks, counts, dropped
+
+
+def _float64_bits(value: float) -> int:
+    """The bits of ``value`` as a float64, as a signed int64."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
 def gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The Triton router logits, gated residual and gated mix against float64 formulas written out per token, forward
-and backward.
+and backward; the Triton expert slots against the capacity written out slot by slot.
 
 Small odd shapes (a width that is not a multiple of the kernels' column block, fewer experts than their padded
 block, row groups that end inside a block) run under Triton's interpreter on CPU tensors when
@@ -8,9 +8,12 @@ Each comparison is the relative Frobenius error of the output and of every input
 linear loss, against float64 on the same (rounded) inputs, within ``TOLERANCE`` of the inputs' dtype.
 """
 
+import math
+
 import pytest
 import torch
 
+from momkit.experts import sort_slots
 from tests.kernels.conftest import DEVICE, TOLERANCE, assert_close
 
 KERNELS = "momkit.kernels.triton.experts"
@@ -125,6 +128,63 @@ def test_gated_residual(kernels, gen, n, d, dtype, branch_dtype):
 def test_gated_residual_large(cuda_kernels, gen):
     for dtype, branch_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16)):
         check_residual(cuda_kernels, gen, 16384 + 3, 1024, dtype, branch_dtype)
+
+
+def slots_by_hand(ids, modality, n_ids, n_modalities, n_experts, factor):
+    """:func:`momkit.ops.expert_slots` slot by slot: slots taken slot-major, each id keeping slots while it has
+    fewer than its capacity, ``ceil(factor * k * tokens / n_experts)`` over its router set's tokens."""
+    n, k = ids.shape
+    slot_ids = [int(ids[s % n, s // n]) for s in range(n * k)]
+    picks = [slot_ids.count(i) for i in range(n_ids)]
+    tokens = [sum(picks[s * n_experts:(s + 1) * n_experts]) // k for s in range(n_ids // n_experts)]
+    taken, keep = [0] * n_ids, [[False] * k for _ in range(n)]
+    counts = torch.zeros(n_modalities, n_ids, dtype=torch.long)
+    for s, i in enumerate(slot_ids):
+        if factor is None or taken[i] < math.ceil(factor * k * tokens[i // n_experts] / n_experts):
+            taken[i] += 1
+            keep[s % n][s // n] = True
+            counts[int(modality[s % n]), i] += 1
+    order = sorted(range(n * k), key=lambda s: (slot_ids[s], s))
+    return dict(order=order, keep=keep, picks=picks, counts=counts.tolist(), dropped=n * k - sum(taken))
+
+
+def slot_case(gen, n, k, n_ids, n_modalities, skew):
+    """Random ids, ``skew`` of them on id 1 so that its capacity drops slots."""
+    ids = torch.randint(0, n_ids, (n, k), generator=gen)
+    ids[torch.rand(n, k, generator=gen) < skew] = 1
+    return ids.to(DEVICE), torch.randint(0, n_modalities, (n,), generator=gen).to(DEVICE)
+
+
+def as_lists(slots) -> dict:
+    order, keep, picks, counts, dropped = slots
+    return dict(order=order.tolist(), keep=keep.tolist(), picks=picks.tolist(), counts=counts.tolist(),
+                dropped=int(dropped))
+
+
+@pytest.mark.parametrize("n, k, n_ids, n_experts, n_modalities, factor", [
+    (37, 1, 3, 3, 2, 1.25), (300, 2, 8, 4, 2, 0.6), (301, 3, 8, 8, 3, None), (600, 1, 300, 100, 3, 1.1),
+    (1, 1, 5, 5, 1, 0.2), (40, 2, 4, 2, 1, 1e12)])
+def test_expert_slots_match_the_slots_written_out(kernels, gen, n, k, n_ids, n_experts, n_modalities, factor):
+    """Odd slot counts, several blocks of slots (the second and fourth cases), more blocks than one step of the
+    scan's loop takes (the fourth: 300 ids make blocks of 16 slots, 38 of them, in steps of 16), router sets, no
+    capacity, and a capacity past int32's range (the last)."""
+    ids, modality = slot_case(gen, n, k, n_ids, n_modalities, skew=0.4)
+    got = as_lists(kernels.expert_slots(ids=ids, modality=modality, n_ids=n_ids, n_modalities=n_modalities,
+                                        n_experts=n_experts, capacity_factor=factor))
+    assert got == slots_by_hand(ids.cpu(), modality.cpu(), n_ids, n_modalities, n_experts, factor)
+    assert (factor is None or factor > 1e9 or n == 1) == (got["dropped"] == 0)
+
+
+@pytest.mark.parametrize("n, k, n_ids, n_experts, n_modalities, factor", [
+    (16384, 1, 8, 8, 2, 1.25), (65536 + 5, 2, 64, 8, 8, 1.0), (100003, 1, 1024, 1024, 2, None),
+    (20000, 1, 2000, 1000, 2, 1.5)])
+def test_expert_slots_large(cuda_kernels, gen, n, k, n_ids, n_experts, n_modalities, factor):
+    """A training batch's slots, many ids, and more than ``MOST_SLOT_IDS`` ids (the torch operations' sort), against
+    the torch operations."""
+    ids, modality = slot_case(gen, n, k, n_ids, n_modalities, skew=0.2)
+    args = dict(ids=ids, modality=modality, n_ids=n_ids, n_modalities=n_modalities, n_experts=n_experts,
+                capacity_factor=factor)
+    assert as_lists(cuda_kernels.expert_slots(**args)) == as_lists(sort_slots(*args.values()))
 
 
 def test_float64_is_refused(kernels, gen):
