@@ -89,8 +89,8 @@ def sort_slots(ids: torch.Tensor, modality: torch.Tensor, n_ids: int, n_modaliti
     """:func:`momkit.ops.expert_slots` in PyTorch operations: the stable argsort of the slot-major ids (``ids.t()``
     flattened) by :func:`group_order`, and from the ranks it gives each slot among its id's, the capacity's mask;
     the picks per id, the kept slots per modality and id, and the dropped slots counted with ``index_add_``
-    (``bincount`` would read its length on the host). The reference backend's, and the Triton backend's beyond the
-    ids its kernels take."""
+    (``bincount`` would read its length on the host). One router set sees every token, so its capacity is a number
+    on the host. The reference backend's, and the Triton backend's beyond the ids its kernels take."""
     n, k = ids.shape
     slot_major = ids.t().reshape(-1)
     picks = torch.zeros(n_ids, dtype=torch.long, device=ids.device)
@@ -101,9 +101,12 @@ def sort_slots(ids: torch.Tensor, modality: torch.Tensor, n_ids: int, n_modaliti
     else:
         ranked_ids = slot_major[order]
         rank = torch.arange(len(order), device=ids.device) - torch.searchsorted(ranked_ids, ranked_ids)
-        tokens = picks.view(-1, n_experts).sum(1) // k
-        capacity = torch.ceil(capacity_factor * k * tokens.double() / n_experts).long()
-        kept = rank < capacity[ranked_ids // n_experts]
+        if n_ids == n_experts:
+            kept = rank < math.ceil(capacity_factor * k * n / n_experts)
+        else:
+            tokens = picks.view(-1, n_experts).sum(1) // k
+            capacity = torch.ceil(capacity_factor * k * tokens.double() / n_experts).long()
+            kept = rank < capacity[ranked_ids // n_experts]
         keep = torch.empty_like(kept).index_put_((order,), kept).reshape(k, n).t()
     counts = torch.zeros(n_modalities * n_ids, dtype=torch.long, device=ids.device)
     counts.index_add_(0, (modality[:, None] * n_ids + ids).reshape(-1), keep.reshape(-1).long())
