@@ -181,7 +181,8 @@ class Block(nn.Module, ABC):
         experts: The learned experts (:class:`momkit.spec.ExpertsSpec`) or ``None``. With experts,
             :func:`momkit.build_block` gives the block its ``router`` (a :class:`momkit.experts.Router`) once it
             is built, and ``router_stats`` holds the router's :class:`momkit.experts.RouterStats` of the last
-            forward pass.
+            forward pass, until the next one starts (a :class:`momkit.Model` drops every block's when its forward
+            starts: a block's statistics hold the autograd graph of the blocks before it too).
         backend: The kernel backend name.
         bidirectional: The bidirectional modalities' names (empty: the block is causal).
     """
@@ -317,6 +318,10 @@ class Block(nn.Module, ABC):
                          False)
 
     def _route(self, x: torch.Tensor, modality: torch.Tensor, training: bool):
+        """The router's choice for ``x``, after dropping the last pass's statistics. Their losses hold that pass's
+        autograd graph, and with it the parameters' gradient accumulators, which this pass would otherwise reuse:
+        a CUDA graph captured on a side stream after an eager pass on another stream cannot."""
+        self.router_stats = None
         router = getattr(self, "router", None)
         if router is None:
             raise SpecError(f"this {type(self).__name__} has learned experts but no router: build it with "

@@ -257,6 +257,8 @@ class Model(nn.Module):
         h = self.embed(batch.modality, batch.tokens, batch.latents, batch.timesteps)
         layout = Layout(batch.modality, batch.seq_idx)
         for block in self.blocks:
+            block.router_stats = None
+        for block in self.blocks:
             h = block(h, layout)
         h = self.final_norm(h, batch.modality)
         predictions, targets = {}, {}

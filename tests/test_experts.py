@@ -333,3 +333,56 @@ def test_triton_experts_match_the_reference_backend(backbone, experts):
         results[backend] = (y, *torch.autograd.grad(y, [x, *block.parameters()], dout))
     for got, expected in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pass_drops_the_last_pass_statistics_before_routing():
+    block = _block({**EXPERTS, "capacity_factor": 1.0})
+    x, modality = _inputs()
+    seen = []
+    block.router.register_forward_pre_hook(lambda module, args: seen.append(block.router_stats))
+    for _ in range(2):
+        torch.autograd.grad(block(x, modality).sum(), list(block.parameters()))
+    assert seen == [None, None] and block.router_stats is not None
+
+    spec = {"name": "stats", "modalities": ["text"], "backbone": {"kind": "ffn", "d_model": 16, "n_layers": 3},
+            "routing": {"specific": "dense", "experts": EXPERTS}, "scan_backend": "reference"}
+    model = momkit.build_model(spec)
+    tokens = torch.randint(0, 256, (2, 12))
+    batch = momkit.Batch(modality=torch.zeros_like(tokens), tokens=tokens)
+    held = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: held.append(
+        [b.router_stats is not None for b in model.blocks]))
+    for _ in range(2):
+        model(batch).router.aux_loss.backward()
+    assert held == [[False] * 3] * 2 and all(b.router_stats is not None for b in model.blocks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_training_step_captured_after_an_eager_one_replays_it():
+    torch.manual_seed(0)
+    block = momkit.build_block({"modalities": ["text", "image"], "backbone": {"kind": "ffn", "d_model": 64},
+                                "routing": {"specific": "dense", "experts": {**EXPERTS, "capacity_factor": 1.0}},
+                                "scan_backend": "triton"}).cuda()
+    x, modality = (t.cuda() for t in _inputs(3, b=4, length=128, d=64))
+    x = x.float()
+    dout = torch.randn_like(x)
+
+    def step():
+        leaf = x.detach().requires_grad_(True)
+        y = block(leaf, modality)
+        return (y.detach(), *torch.autograd.grad(y, [leaf, *block.parameters()], dout))
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, expected in zip(captured, eager):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
