@@ -25,7 +25,10 @@ One table, a row per operation and shape; times are medians of ``triton.testing.
   shape: batch 8, length 2048, d_model 1024, bfloat16 autocast as in training, two modalities in runs of
   1024; both on the ``triton`` backend.
 - an experts layer (``ffn`` backbone, ``w1``, ``w2``, ``w3`` with 8 experts, top 1, capacity factor 1.25, in
-  training mode) against the dense ``ffn`` layer of the same active size, same shape and settings.
+  training mode) against the dense ``ffn`` layer of the same active size, same shape and settings. Both are
+  also timed as replays of a CUDA graph of the step (``triton.testing.do_bench_cudagraph``, median), a note
+  below the table: the table's times are eager, so a host slower than the GPU sets them, while a replay runs
+  the same kernels without the host.
 - MoM layers (``mamba`` and ``mamba2``) over rows packing documents of 512 positions (``seq_idx``, as every
   packed training batch has) against the same layers over one document per row.
 - MoM layers (``mamba`` and ``mamba2``) with the image modality bidirectional (a backward scan over each span
@@ -54,7 +57,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from momkit import Batch, build_block, build_model
 from momkit.registry import get_registry
@@ -242,9 +245,11 @@ def layer_spec(backbone, routing):
             "scan_backend": "triton"}
 
 
-def block_times(specs, documents=None):
+def block_times(specs, documents=None, graphed=False):
     """``{name: (forward ms, fwd+bwd ms)}`` of a block of each spec at batch 8, length 2048, d_model 1024; with
-    ``documents``, each row packs documents of that many positions (``seq_idx``)."""
+    ``documents``, each row packs documents of that many positions (``seq_idx``); ``graphed`` adds a third time,
+    the median fwd+bwd of replays of a CUDA graph of the step (the GPU's time, which the host's speed does not
+    set)."""
     batch, length, d = 8, 2048, 1024
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = randn(gen, batch, length, d, dtype=torch.float32)
@@ -266,6 +271,8 @@ def block_times(specs, documents=None):
                 block(x, modality, seq_idx)
 
         times[name] = (median_ms(fwd), median_ms(step))
+        if graphed:
+            times[name] += (do_bench_cudagraph(step, rep=100, return_mode="median"),)
         del block
     return times
 
@@ -300,12 +307,16 @@ def bidirectional_rows():
     return rows
 
 
-def experts_row():
+def experts_row(notes):
+    """The experts layer against the dense one; ``notes`` gets both passes replayed from CUDA graphs."""
     experts = {"sublayers": ["w1", "w2", "w3"], "n_experts": 8, "top_k": 1, "capacity_factor": 1.25}
     times = block_times({"experts": layer_spec({"kind": "ffn"}, {"specific": "dense", "experts": experts}),
-                         "dense": layer_spec({"kind": "ffn"}, {"specific": "dense"})})
-    return ("experts layer (`ffn`, 8 experts, top 1, capacity 1.25)", "8 × 2048, d_model 1024", *times["experts"],
-            None, None, "dense `ffn` layer of the same active size (this run)", *times["dense"])
+                         "dense": layer_spec({"kind": "ffn"}, {"specific": "dense"})}, graphed=True)
+    (fwd, both, graphed), (dense_fwd, dense_both, dense_graphed) = times["experts"], times["dense"]
+    notes.append(f"experts layer fwd+bwd replayed from a CUDA graph: {graphed:.3f} ms against {dense_graphed:.3f} "
+                 f"ms for the dense `ffn` layer, {graphed / dense_graphed:.2f}x")
+    return ("experts layer (`ffn`, 8 experts, top 1, capacity 1.25)", "8 × 2048, d_model 1024", fwd, both, None,
+            None, "dense `ffn` layer of the same active size (this run)", dense_fwd, dense_both)
 
 
 def _tokens_per_second(generate, new_tokens: int) -> float:
@@ -393,7 +404,7 @@ def main():
     if "routed_linear" in parts:
         rows.append(routed_linear_row(backends))
     if "layers" in parts:
-        rows += [layer_row(), experts_row(), *packed_rows(), *bidirectional_rows()]
+        rows += [layer_row(), experts_row(notes), *packed_rows(), *bidirectional_rows()]
     if "decode" in parts:
         decode_notes(notes)
     if rows:
