@@ -3,7 +3,8 @@
 #
 # Here (with network), once:   bash benchmarks/device_setup.sh download
 #   fetches into .whl/ (ignored by git) the wheels that the device image lacks for Python 3.12: pydantic and
-#   its dependencies; into .whl/extra the optional extras the data tests use (tokenizers, diffusers and their
+#   its dependencies, and transformers 5.24 to replace the image's 5.17 (the pretrained tests compare Mamba-2
+#   models with transformers, whose PyTorch path normalises per group only from 5.23); into .whl/extra the optional extras the data tests use (tokenizers, diffusers and their
 #   dependencies); into .whl/peers the peers of the GPU benchmarks: the source distributions of mamba_ssm and
 #   causal-conv1d, and fla-core's wheel (flash-linear-attention's kernels, pure Python and Triton). The image
 #   has torch, triton, pluggy, einops, pyyaml, tqdm, torchmetrics, matplotlib, pytest, pytest-xdist, and nvcc,
@@ -24,7 +25,7 @@
 #   needs them.
 set -euo pipefail
 
-WHEELS=(pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2)
+WHEELS=(pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 transformers==5.24.0)
 EXTRAS=(diffusers tokenizers)
 PEERS=(mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0)
 PEER_WHEELS=(fla-core==0.6.0)

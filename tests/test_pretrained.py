@@ -19,6 +19,16 @@ from momkit.pretrained import sharing
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 96
+GROUPED_NORM = (5, 23)
+
+
+def _needs_grouped_norm(arch: str) -> None:
+    """Skip a comparison of Mamba-2 outputs with a transformers whose PyTorch path normalises over the whole inner
+    width (before 5.23), where momkit, mamba_ssm and later transformers normalise each of the ``n_groups``."""
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    if arch == "mamba2" and version < GROUPED_NORM:
+        pytest.skip(f"transformers {transformers.__version__} normalises Mamba-2's gated norm over the whole inner "
+                    f"width (per group from 5.23), so its outputs differ with n_groups = 2")
 
 
 def _perturbed(model):
@@ -73,6 +83,7 @@ def hf_dir(request, tmp_path):
 
 def test_import_equals_transformers(hf_dir):
     arch, hf, path = hf_dir
+    _needs_grouped_norm(arch)
     model = momkit.load(path)
     spec = model.spec
     assert spec.backbone.kind == {"llama": "transformer"}.get(arch, arch)
@@ -111,7 +122,8 @@ def test_export_reloads_in_transformers(hf_dir, tmp_path):
 
 
 def test_greedy_generate_equals_transformers(hf_dir):
-    _, hf, path = hf_dir
+    arch, hf, path = hf_dir
+    _needs_grouped_norm(arch)
     model = momkit.load(path)
     prompt = _tokens(4, length=6)
     mine = model.generate(Batch(modality=torch.zeros_like(prompt), tokens=prompt), 20, temperature=0)
@@ -141,6 +153,7 @@ def _mamba_ssm_dir(path, hf, layer: str):
 
 @pytest.mark.parametrize("arch,layer", [("mamba", "Mamba1"), ("mamba2", "Mamba2")])
 def test_import_mamba_ssm_layout(arch, layer, tmp_path):
+    _needs_grouped_norm(arch)
     hf = _hf(arch, tie=True)
     _mamba_ssm_dir(tmp_path / "ssm", hf, layer)
     model = momkit.load(tmp_path / "ssm")
@@ -292,6 +305,7 @@ def test_train_from_init_with_shared_frozen(tmp_path, capsys):
 
 
 def test_cli_import_export_and_refusals(tmp_path, capsys):
+    _needs_grouped_norm("mamba2")
     _hf("mamba2").save_pretrained(tmp_path / "hf")
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
     assert main(["export", str(tmp_path / "imported"), "--to", "transformers", "--out", str(tmp_path / "back")]) == 0
