@@ -119,7 +119,8 @@ def _device(name: str) -> torch.device:
 
 def _parallel(model: Model, spec: ModelSpec, ranks: _Ranks, device: torch.device) -> nn.Module:
     """The module the training step calls: the model itself on one rank; over several, the model wrapped in
-    DistributedDataParallel, or sharded in place by FSDP2 (``fully_shard`` of every block, then of the model).
+    DistributedDataParallel, or sharded in place by FSDP2 (``fully_shard`` of every block, then of the model, over
+    a mesh of ``device``'s type: without one, FSDP2 takes CUDA wherever a GPU is present, also for a CPU run).
 
     Every parameter takes part in every forward and backward pass (an absent modality's adapter and head run
     on no positions and get a zero gradient), which both engines need to keep the ranks' reductions in step.
@@ -128,13 +129,15 @@ def _parallel(model: Model, spec: ModelSpec, ranks: _Ranks, device: torch.device
         return model
     parallel = spec.parallel
     if parallel.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mesh = init_device_mesh(device.type, (ranks.world,))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if parallel.param_dtype == "bf16" else None,
                                       reduce_dtype=torch.float32)
         for block in model.blocks:
-            fully_shard(block, reshard_after_forward=parallel.reshard_after_forward, mp_policy=policy)
-        return fully_shard(model, mp_policy=policy)
+            fully_shard(block, mesh=mesh, reshard_after_forward=parallel.reshard_after_forward, mp_policy=policy)
+        return fully_shard(model, mesh=mesh, mp_policy=policy)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
