@@ -4,9 +4,10 @@
 # Here (with network), once:   bash benchmarks/device_setup.sh download
 #   fetches into .whl/ (ignored by git) the wheels that the device image lacks for Python 3.12: pydantic and
 #   its dependencies, and transformers 5.24 to replace the image's 5.17 (the pretrained tests compare Mamba-2
-#   models with transformers, whose PyTorch path normalises per group only from 5.23); into .whl/extra the optional extras the data tests use (tokenizers, diffusers and their
-#   dependencies); into .whl/peers the peers of the GPU benchmarks: the source distributions of mamba_ssm and
-#   causal-conv1d, and fla-core's wheel (flash-linear-attention's kernels, pure Python and Triton). The image
+#   models with transformers, whose PyTorch path normalises per group only from 5.23); into .whl/extra the
+#   optional extras the data tests use (tokenizers, diffusers and their dependencies); into .whl/peers the
+#   peers of the GPU benchmarks: the source distributions of mamba_ssm and causal-conv1d, and fla-core's wheel
+#   (flash-linear-attention's kernels, pure Python and Triton). The image
 #   has torch, triton, pluggy, einops, pyyaml, tqdm, torchmetrics, matplotlib, pytest, pytest-xdist, and nvcc,
 #   ninja, setuptools and wheel for the peers' builds.
 # There (no network), at the start of every device command, carrying .whl:
