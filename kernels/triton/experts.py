@@ -41,7 +41,7 @@ import triton.language as tl
 
 from momkit.experts import sort_slots
 from momkit.kernels.triton.launch import Launcher
-from momkit.kernels.triton.tiling import cdiv, pow2, refuse_float64
+from momkit.kernels.triton.tiling import cdiv, refuse_float64
 
 ROUTER_ROWS, ROUTER_COLUMNS = 64, 64
 BACKWARD_ROWS, BACKWARD_COLUMNS = 32, 128
@@ -244,7 +244,7 @@ _SLOT_PLACE = Launcher(_slot_place_kernel, pointers=7)
 
 
 def _padded(e: int) -> int:
-    """The experts' block: a power of two, at least the 16 that a product's dimension needs."""
+    """The experts' (or expert ids') block: a power of two, at least the 16 that a product's dimension needs."""
     return max(16, triton.next_power_of_2(e))
 
 
@@ -331,7 +331,7 @@ def expert_slots(*, ids: torch.Tensor, modality: torch.Tensor, n_ids: int, n_mod
     slots = n * k
     if not slots or n_ids > MOST_SLOT_IDS:
         return sort_slots(ids, modality, n_ids, n_modalities, n_experts, capacity_factor)
-    columns = max(16, pow2(n_ids))
+    columns = _padded(n_ids)
     block = max(16, min(1024, SLOT_TILE // columns))
     programs = cdiv(slots, block)
     ids, modality = ids.contiguous(), modality.contiguous()
