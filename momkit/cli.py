@@ -12,6 +12,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -26,7 +27,7 @@ from momkit.ablate import load_suite, report, run_suite
 from momkit.accounting import account
 from momkit.errors import SpecError
 from momkit.generation import SAMPLERS, Denoising
-from momkit.model import SPEC_FILE, build_block
+from momkit.model import SPEC_FILE, build_block, build_blocks
 from momkit.pretrained import export, load
 from momkit.registry import KINDS, get_registry
 from momkit.sampling import sample, write
@@ -43,6 +44,15 @@ def _describe(path: str, exc: ValidationError) -> str:
         where = ".".join(str(part) for part in err["loc"]) or "(top level)"
         lines.append(f"  {where}: {err['msg']}")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _about(path: str):
+    """Give a user's mistake found inside (a :class:`SpecError`) the path of the file it is about."""
+    try:
+        yield
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
@@ -62,11 +72,10 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 
 def _load(path: str, overrides: list[str] = ()) -> BlockSpec | ModelSpec:
     try:
-        return load_spec(path, _overrides(list(overrides)))
+        with _about(path):
+            return load_spec(path, _overrides(list(overrides)))
     except ValidationError as exc:
         raise SpecError(_describe(path, exc)) from None
-    except SpecError as exc:
-        raise SpecError(f"{path}: {exc}") from None
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -94,7 +103,7 @@ def _pattern(spec: ModelSpec) -> str:
 def _summary(spec: BlockSpec | ModelSpec) -> str:
     if isinstance(spec, ModelSpec) and spec.stacked:
         with torch.device("meta"):
-            blocks = torch.nn.ModuleList(build_block(b) for b in spec.blocks())
+            blocks = build_blocks(spec)
         return (f"valid model spec {spec.name!r}, {spec.backbone.n_layers} layers, d_model {spec.backbone.d_model}, "
                 f"{_pattern(spec)}; modalities {', '.join(spec.modality_names)}; scan backend {spec.scan_backend}; "
                 f"{_parameters(blocks):,} parameters in the blocks")
@@ -110,12 +119,14 @@ def _summary(spec: BlockSpec | ModelSpec) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = _load(args.spec, args.overrides)
-    if isinstance(spec, ModelSpec):
-        data = spec.dataset()
-        check = get_registry().get("dataset", data.kind).check
-        if check is not None:
-            check(data, spec.modalities)
-    print(f"{args.spec}: {_summary(spec)}")
+    with _about(args.spec):
+        if isinstance(spec, ModelSpec):
+            data = spec.dataset()
+            check = get_registry().get("dataset", data.kind).check
+            if check is not None:
+                check(data, spec.modalities)
+        summary = _summary(spec)
+    print(f"{args.spec}: {summary}")
     return 0
 
 
@@ -153,7 +164,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     spec = _model_spec(args.spec, args.overrides)
-    acc = account(spec, seq_len=args.seq_len)
+    with _about(args.spec):
+        acc = account(spec, seq_len=args.seq_len)
     names = spec.modality_names
     layers = (f"{spec.backbone.n_layers} layers, {_pattern(spec)}," if spec.stacked else
               f"{spec.backbone.n_layers} x {spec.backbone.kind}")
@@ -187,11 +199,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise SpecError(_describe(args.suite, exc)) from None
     suite = suite.model_copy(update={"overrides": {**suite.overrides, **_overrides(args.overrides)}})
-    try:
+    with _about(args.suite):
         run_suite(suite, base, args.out, max_steps=args.max_steps, device=args.device, workers=args.workers,
                   launcher=args.launcher)
-    except SpecError as exc:
-        raise SpecError(f"{args.suite}: {exc}") from None
     print((Path(args.out) / "summary.md").read_text())
     print(f"tables and plots in {args.out}")
     return 0
@@ -232,10 +242,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (Path(args.dir) / SPEC_FILE).is_file():
         raise SpecError(f"{args.dir} is not a momkit model directory (no {SPEC_FILE}); make one with momkit import "
                         f"or take a finished run's model/ directory")
-    try:
+    with _about(args.dir):
         export(load(args.dir), args.out, to=args.to)
-    except SpecError as exc:
-        raise SpecError(f"{args.dir}: {exc}") from None
     print(f"{args.dir} -> {args.out} ({args.to})")
     return 0
 

@@ -53,6 +53,22 @@ def build_block(spec: BlockSpec | ModelSpec | dict[str, Any]) -> Block:
     return block
 
 
+def build_blocks(spec: ModelSpec) -> nn.ModuleList:
+    """The ``backbone.n_layers`` blocks of a model spec, bottom first (:meth:`ModelSpec.blocks`).
+
+    Raises:
+        SpecError: a block cannot be built from its spec (an expert sublayer that holds more than linear layers);
+            for a spec with ``layers``, the message starts with the pattern entry at fault (``layers.1: ...``).
+    """
+    blocks = nn.ModuleList()
+    for i, block in enumerate(spec.blocks()):
+        try:
+            blocks.append(build_block(block))
+        except SpecError as exc:
+            raise SpecError(f"layers.{i % len(spec.layers)}: {exc}" if spec.stacked else str(exc)) from None
+    return blocks
+
+
 @dataclass
 class ModelOutput:
     """Predictions of a model for a :class:`Batch`, addressable by modality name.
@@ -133,7 +149,7 @@ class Model(nn.Module):
         d_model = spec.backbone.d_model
         kinds = [registry.get("modality", m.kind) for m in spec.modalities]
         self.adapters = nn.ModuleDict({m.name: k.build_adapter(m, d_model) for m, k in zip(spec.modalities, kinds)})
-        self.blocks = nn.ModuleList(build_block(block) for block in spec.blocks())
+        self.blocks = build_blocks(spec)
         n = len(spec.modalities) if "final_norm" in spec.routed else None
         self.final_norm = RMSNorm(d_model, eps=getattr(spec.backbone, "norm_eps", DEFAULT_NORM_EPS), n_modalities=n)
         self.heads = nn.ModuleDict({m.name: k.build_head(m, d_model) for m, k in zip(spec.modalities, kinds)})

@@ -263,15 +263,15 @@ def test_decoding_top_2_experts_equals_forward():
 
 @pytest.mark.parametrize("override,message", [
     ("layers.1.routing.experts.top_k=9", "top_k (9) exceeds n_experts (8); valid top_k: 1..8"),
-    ("layers.1.routing.experts.sublayers=[norm]", "'norm', which is not a linear sublayer of backbone 'ffn'; its "
-                                                  "linear sublayers: w1, w2, w3"),
+    ("layers.1.routing.experts.sublayers=[norm]", "layers.1: routing.experts.sublayers names 'norm', which is not a "
+                                                  "linear sublayer of backbone 'ffn'; its linear sublayers: w1, w2, w3"),
     ("layers.1.routing.experts.sublayers=[w4]", "'w4', not a sublayer of backbone 'ffn'"),
     ("layers=[{},{},{}]", "backbone.n_layers (4) must be a multiple of the 3 entries of layers"),
 ])
 def test_bad_experts_specs_exit_2_naming_the_field(override, message, capsys):
     assert main(["validate", "examples/moe_mamba.yaml", override]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert err.startswith("examples/moe_mamba.yaml: ") and message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("example", ["moe_mamba", "modality_experts"])
