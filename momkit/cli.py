@@ -23,7 +23,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from momkit.ablate import load_suite, report, run_suite
+from momkit.ablate import load_suite, report, run_suite, variant_specs
 from momkit.accounting import account
 from momkit.errors import SpecError
 from momkit.generation import SAMPLERS, Denoising
@@ -31,7 +31,7 @@ from momkit.model import SPEC_FILE, build_block, build_blocks
 from momkit.pretrained import export, load
 from momkit.registry import KINDS, get_registry
 from momkit.sampling import sample, write
-from momkit.spec import BlockSpec, ModelSpec, flatten, load_spec
+from momkit.spec import BlockSpec, ModelSpec, flatten, load_spec, read_mapping
 from momkit.train import run_model, train
 
 USAGE_ERROR = 2
@@ -70,12 +70,42 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _is_suite(path: str, what: str = "spec") -> bool:
+    """Whether the YAML file at ``path`` (the ``what`` a command asks for) is a suite, which names a ``base``
+    spec, rather than a spec."""
+    with _about(path):
+        return "base" in read_mapping(path, what)
+
+
 def _load(path: str, overrides: list[str] = ()) -> BlockSpec | ModelSpec:
+    if _is_suite(path):
+        raise SpecError(f"{path} is a suite (it has a `base`), not a spec; run it with `momkit ablate {path} --out "
+                        f"DIR`, or check every variant with `momkit validate {path}`")
     try:
         with _about(path):
             return load_spec(path, _overrides(list(overrides)))
     except ValidationError as exc:
         raise SpecError(_describe(path, exc)) from None
+
+
+def _load_suite(path: str, overrides: list[str] = ()):
+    """A suite file, its base spec (a mapping) and the command line's overrides of every variant."""
+    if not _is_suite(path, "suite"):
+        raise SpecError(f"{path} is not a suite: a suite names its `base` spec and gives `variants` or a `grid`; "
+                        f"train a model spec with `momkit train {path}`")
+    try:
+        suite, base = load_suite(path)
+    except ValidationError as exc:
+        raise SpecError(_describe(path, exc)) from None
+    return suite.model_copy(update={"overrides": {**suite.overrides, **_overrides(list(overrides))}}), base
+
+
+def _check_data(spec: ModelSpec) -> None:
+    """The dataset plugin's check of a model spec's modalities against its data, where it has one."""
+    data = spec.dataset()
+    check = get_registry().get("dataset", data.kind).check
+    if check is not None:
+        check(data, spec.modalities)
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -118,13 +148,19 @@ def _summary(spec: BlockSpec | ModelSpec) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if _is_suite(args.spec):
+        suite, base = _load_suite(args.spec, args.overrides)
+        with _about(args.spec):
+            specs = variant_specs(suite, base)
+            for seeds in specs.values():
+                _check_data(next(iter(seeds.values())))
+        print(f"{args.spec}: valid suite, {len(specs)} variants x {len(suite.seeds)} seeds, baseline "
+              f"{suite.baseline!r}: {', '.join(specs)}")
+        return 0
     spec = _load(args.spec, args.overrides)
     with _about(args.spec):
         if isinstance(spec, ModelSpec):
-            data = spec.dataset()
-            check = get_registry().get("dataset", data.kind).check
-            if check is not None:
-                check(data, spec.modalities)
+            _check_data(spec)
         summary = _summary(spec)
     print(f"{args.spec}: {summary}")
     return 0
@@ -194,11 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    try:
-        suite, base = load_suite(args.suite)
-    except ValidationError as exc:
-        raise SpecError(_describe(args.suite, exc)) from None
-    suite = suite.model_copy(update={"overrides": {**suite.overrides, **_overrides(args.overrides)}})
+    suite, base = _load_suite(args.suite, args.overrides)
     with _about(args.suite):
         run_suite(suite, base, args.out, max_steps=args.max_steps, device=args.device, workers=args.workers,
                   launcher=args.launcher)
@@ -298,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     overrides = {"nargs": "*", "metavar": "KEY=VALUE",
                  "help": "set spec fields before validation, e.g. train.lr=3e-4 backbone.d_model=512"}
-    p = sub.add_parser("validate", help="check a spec against the installed plugins")
-    p.add_argument("spec", help="path of a YAML spec")
+    p = sub.add_parser("validate", help="check a spec, or every variant of a suite, against the installed plugins")
+    p.add_argument("spec", help="path of a YAML spec or suite")
     p.add_argument("overrides", **overrides)
     p.set_defaults(run=cmd_validate)
     p = sub.add_parser("plugins", help="list every registered name and the distribution providing it")

@@ -16,6 +16,7 @@ from momkit.registry import Registry, use_registry
 from momkit.spec import DatasetConfig
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+SUITES = sorted((Path(__file__).parents[1] / "examples" / "suites").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -197,6 +198,41 @@ def test_ablate_overrides_apply_to_every_variant(tmp_path, capsys):
         stored = yaml.safe_load((tmp_path / "out" / "runs" / variant / "seed0" / "spec.yaml").read_text())
         assert stored["train"]["steps"] == 2
         assert json.loads((tmp_path / "out" / "runs" / variant / "seed0" / "result.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.name)
+def test_validate_checks_every_variant_of_a_shipped_suite(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out.strip()
+    suite = yaml.safe_load(path.read_text())
+    assert len(out.splitlines()) == 1 and out.startswith(f"{path}: valid suite, ")
+    assert f"x {len(suite['seeds'])} seeds, baseline {suite['baseline']!r}: " in out
+
+
+def test_validate_names_a_suites_bad_variant_and_its_field(tmp_path, capsys):
+    (tmp_path / "tiny.yaml").write_text(TINY % "synthetic")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\nbase: tiny.yaml\nbaseline: dense\nvariants:\n  dense: {routing.specific: dense}\n"
+                     "  wide: {backbone.d_state: -4}\n")
+    assert main(["validate", str(suite)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"{suite}: variant 'wide' (seed 0) is not a valid spec: backbone.d_state: Input should be "
+                           f"greater than 0")
+    assert main(["validate", str(suite), "backbone.d_state=8", "train.lr=0"]) == 2
+    assert "variant 'dense' (seed 0) is not a valid spec: train.lr: Input should be greater than 0" in \
+        capsys.readouterr().err
+
+
+def test_a_suite_given_for_a_spec_and_a_spec_for_a_suite_say_which_command_takes_them(tmp_path, capsys):
+    spec, suite = EXAMPLES[0], SUITES[0]
+    for command in (["train", str(suite)], ["info", str(suite)]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"{suite} is a suite (it has a `base`), not a spec; run it with `momkit ablate {suite} --out DIR`, or "
+            f"check every variant with `momkit validate {suite}`")
+    assert main(["ablate", str(spec), "--out", str(tmp_path / "out")]) == 2
+    assert f"train a model spec with `momkit train {spec}`" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_diff_lists_the_fields_two_specs_differ_in(capsys):
