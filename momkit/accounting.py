@@ -97,15 +97,20 @@ def _size(part: torch.nn.Module | torch.Tensor) -> int:
     return _numel(part) if isinstance(part, torch.nn.Module) else part.numel()
 
 
+def _per_modality(block, name: str) -> bool:
+    """Whether ``block`` holds one copy of sublayer ``name`` per modality: a routed sublayer, or the router of
+    experts ``per_modality``."""
+    experts = block.experts
+    return name in block.routed or (name == "router" and experts is not None and experts.per_modality)
+
+
 def _active(block, name: str, size: int) -> int:
-    """Parameters of sublayer ``name`` (``size`` in all) that one token uses: ``1/M`` of a routed one, ``top_k``
-    of the expert ids of an expert one, the token's modality's share of a per-modality router."""
+    """Parameters of sublayer ``name`` (``size`` in all) that one token uses: ``1/M`` of a routed one (or of a
+    per-modality router), ``top_k`` of the expert ids of an expert one."""
     experts = block.experts
     if experts is not None and name in experts.sublayers:
         return size * experts.top_k // block.router.n_ids
-    if name == "router" and experts is not None and experts.per_modality:
-        return size // block.n_modalities
-    return size // block.n_modalities if name in block.routed else size
+    return size // block.n_modalities if _per_modality(block, name) else size
 
 
 def _step_embedding_flops(embedding: torch.nn.Module) -> float:
@@ -149,7 +154,7 @@ def account(spec: ModelSpec, seq_len: int = 2048) -> Accounting:
                 continue
             total = sum(_size(part) for _, part in parts)
             active = sum(_active(block, name, _size(part)) for block, part in parts)
-            routed_layers = sum(name in block.routed for block, _ in parts)
+            routed_layers = sum(_per_modality(block, name) for block, _ in parts)
             expert_layers = sum(block.experts is not None and name in block.experts.sublayers for block, _ in parts)
             sublayers.append(SublayerParameters(f"{kind}.{name}" if qualify else name, total, active, len(parts),
                                                 routed_layers, expert_layers))

@@ -274,6 +274,20 @@ def test_bad_experts_specs_exit_2_naming_the_field(override, message, capsys):
     assert err.startswith("examples/moe_mamba.yaml: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("per_modality", [False, True])
+def test_accounting_counts_top_k_of_the_experts_and_a_per_modality_routers_share(per_modality):
+    spec = momkit.ModelSpec.model_validate({
+        "name": "x", "modalities": ["text", "image"], "backbone": {**FFN, "n_layers": 2},
+        "routing": {"specific": "dense", "experts": {**EXPERTS, "top_k": 2, "per_modality": per_modality}}})
+    rows = {s.name: s for s in momkit.account(spec, 64).sublayers}
+    ids = 4 * (2 if per_modality else 1)
+    assert rows["w1"].routing == "experts" and rows["w1"].active * ids == rows["w1"].total * 2
+    router = rows["router"]
+    assert router.total == 2 * 16 * ids
+    assert (router.routing, router.active) == (("routed", router.total // 2) if per_modality else
+                                              ("shared", router.total))
+
+
 @pytest.mark.parametrize("example", ["moe_mamba", "modality_experts"])
 def test_example_specs_train_and_log_the_router(example, tmp_path, capsys):
     path = f"examples/{example}.yaml"
