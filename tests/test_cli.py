@@ -173,7 +173,7 @@ def test_train_takes_overrides_validated_like_the_file(tmp_path, capsys):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY % "synthetic")
     out = tmp_path / "run"
-    assert main(["train", str(spec), "train.lr=0.0005", "backbone.d_state=2", "--out", str(out), "--max-steps", "1",
+    assert main(["train", str(spec), "train.lr=0.0005", "--out", str(out), "--max-steps", "1", "backbone.d_state=2",
                  "--quiet"]) == 0
     stored = yaml.safe_load((out / "spec.yaml").read_text())
     assert stored["train"]["lr"] == 0.0005 and stored["backbone"]["d_state"] == 2
@@ -185,6 +185,9 @@ def test_train_takes_overrides_validated_like_the_file(tmp_path, capsys):
     assert main(["validate", str(spec), "trian.lr=1"]) == 2
     assert "unknown field(s) 'trian' for ModelSpec; valid fields: modalities" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as stop:
+        main(["info", str(spec), "--seq-len", "64", "--seq_len", "64"])
+    assert stop.value.code == 2 and "unrecognized arguments: --seq_len 64" in capsys.readouterr().err
 
 
 def test_ablate_overrides_apply_to_every_variant(tmp_path, capsys):
