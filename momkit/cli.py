@@ -23,7 +23,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from momkit.ablate import load_suite, report, run_suite, variant_specs
+from momkit.ablate import SuiteSpec, load_suite, report, run_suite, variant_specs
 from momkit.accounting import account
 from momkit.errors import SpecError
 from momkit.generation import SAMPLERS, Denoising
@@ -88,7 +88,7 @@ def _load(path: str, overrides: list[str] = ()) -> BlockSpec | ModelSpec:
         raise SpecError(_describe(path, exc)) from None
 
 
-def _load_suite(path: str, overrides: list[str] = ()):
+def _load_suite(path: str, overrides: list[str] = ()) -> tuple[SuiteSpec, dict[str, Any]]:
     """A suite file, its base spec (a mapping) and the command line's overrides of every variant."""
     if not _is_suite(path, "suite"):
         raise SpecError(f"{path} is not a suite: a suite names its `base` spec and gives `variants` or a `grid`; "
