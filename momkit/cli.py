@@ -94,7 +94,8 @@ def _load_suite(path: str, overrides: list[str] = ()) -> tuple[SuiteSpec, dict[s
         raise SpecError(f"{path} is not a suite: a suite names its `base` spec and gives `variants` or a `grid`; "
                         f"train a model spec with `momkit train {path}`")
     try:
-        suite, base = load_suite(path)
+        with _about(path):
+            suite, base = load_suite(path)
     except ValidationError as exc:
         raise SpecError(_describe(path, exc)) from None
     return suite.model_copy(update={"overrides": {**suite.overrides, **_overrides(list(overrides))}}), base

@@ -224,6 +224,9 @@ def test_validate_names_a_suites_bad_variant_and_its_field(tmp_path, capsys):
     assert main(["validate", str(suite), "backbone.d_state=8", "train.lr=0"]) == 2
     assert "variant 'dense' (seed 0) is not a valid spec: train.lr: Input should be greater than 0" in \
         capsys.readouterr().err
+    suite.write_text(suite.read_text().replace("tiny.yaml", "missing.yaml"))
+    assert main(["validate", str(suite)]) == 2
+    assert capsys.readouterr().err.strip() == f"{suite}: base spec file '{tmp_path / 'missing.yaml'}' does not exist"
 
 
 def test_a_suite_given_for_a_spec_and_a_spec_for_a_suite_say_which_command_takes_them(tmp_path, capsys):
