@@ -261,8 +261,9 @@ class ScanBackend:
       ``initial_states`` is mamba_ssm's own).
 
     :func:`momkit.ops.routed_linear` is momkit's own (every backend that has it takes ``modality``). Its ``order``
-    is a hint, not a requirement: the front door passes it (as the keyword ``order``) only to a backend that lists
-    ``"order"``, and runs the call on any other without it, since the result does not depend on it.
+    and ``groups`` are hints, not requirements: the front door passes each (as a keyword of its name) only to a
+    backend that lists it (``"order"``, ``"groups"``), and runs the call on any other without it, since the result
+    does not depend on it.
 
     Attributes:
         name: The name a spec's ``scan_backend`` and a front door's ``backend=`` select it by.

@@ -165,6 +165,55 @@ def test_routed_linear_checks(gen, change, message):
         ops.routed_linear(**{**routed_args(gen), **change})
 
 
+def sorted_routed_args(gen, M=4, absent=2):
+    """Routed-linear arguments in float64 with the positions sorted by id, one id absent, and ``groups``."""
+    args = {k: v.double() if v.is_floating_point() else v for k, v in routed_args(gen, (40,), M=M).items()}
+    modality = torch.randint(0, M - 1, (40,), generator=gen)
+    modality = torch.sort(modality + (modality >= absent).long()).values
+    return {**args, "modality": modality}, torch.bincount(modality, minlength=M).cumsum(0)
+
+
+def test_routed_linear_groups_of_sorted_positions(gen):
+    """Positions sorted by id with their groups' ends: the reference backend takes them where they lie (no sort of
+    its own) and computes what it computes without ``groups``, forward and gradients, an absent id's exactly zero;
+    int32 ends do too."""
+    args, groups = sorted_routed_args(gen)
+
+    def grads(**extra):
+        leaves = {k: args[k].clone().requires_grad_(True) for k in ("x", "weight", "bias")}
+        y = ops.routed_linear(**{**args, **leaves}, backend="reference", **extra)
+        return [y, *torch.autograd.grad((y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum(), list(leaves.values()))]
+
+    without = grads()
+    sorts = []
+    real_argsort = torch.argsort
+    try:
+        torch.argsort = lambda *a, **k: sorts.append(1) or real_argsort(*a, **k)
+        for ends in (groups, groups.int()):
+            for got, ref in zip(grads(groups=ends), without):
+                torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.argsort = real_argsort
+    assert not sorts
+    assert (grads(groups=groups)[2][2] == 0).all()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(order=torch.arange(40)), "pass order .* or groups .*, not both"),
+    (dict(groups=torch.tensor([3, 9, 40])), r"groups has shape \(3,\); expected \(M,\) = \(4,\)"),
+    (dict(groups=torch.tensor([3, 9, 9, 41])), r"groups must hold where each id's positions end, \[.*\]; got "
+                                               r"\[3, 9, 9, 41\]"),
+    (dict(modality="unsorted"), r"groups needs the positions sorted by id, but modality falls from 3 to 0 at "
+                                r"position 1"),
+])
+def test_routed_linear_groups_checks(gen, change, message):
+    args, groups = sorted_routed_args(gen)
+    if change.get("modality") == "unsorted":
+        change = {"modality": torch.cat([args["modality"][-1:], args["modality"][:-1]])}
+    with pytest.raises(ValueError, match=message):
+        ops.routed_linear(**{**args, "groups": groups, **change}, backend="reference")
+
+
 def router_args(gen, sets=3):
     return dict(x=torch.randn(2, 5, 6, generator=gen, dtype=torch.float64) * 2,
                 weight=torch.randn(sets, 4, 6, generator=gen, dtype=torch.float64),

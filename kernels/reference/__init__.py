@@ -31,7 +31,7 @@ REFERENCE = ScanBackend(
     gated_mix=gated_mix,
     devices=("cpu", "cuda"),
     priority=0,
-    extensions=frozenset({"modality", "seq_idx", "initial_state"}),
+    extensions=frozenset({"modality", "seq_idx", "initial_state", "groups"}),
 )
 
 

@@ -53,12 +53,13 @@ def _ssd_scan(**kwargs):
     return _kernels("ssd").ssd_scan(**kwargs)
 
 
-def _routed_linear(*, x, weight, bias, modality, order=None):
+def _routed_linear(*, x, weight, bias, modality, order=None, groups=None):
     """:func:`momkit.ops.routed_linear` over the flattened positions (a decoding step's ``(b, in)`` as it is)."""
     routed_linear = _kernels("routed_linear").routed_linear
     if x.dim() == 2:
-        return routed_linear(x, weight, bias, modality, order=order)
-    flat = routed_linear(x.reshape(-1, x.shape[-1]), weight, bias, modality.reshape(-1), order=order)
+        return routed_linear(x, weight, bias, modality, order=order, groups=groups)
+    flat = routed_linear(x.reshape(-1, x.shape[-1]), weight, bias, modality.reshape(-1), order=order,
+                         groups=groups)
     return flat.view(*x.shape[:-1], weight.shape[1])
 
 
@@ -108,7 +109,7 @@ def momkit_scan_backends():
         gated_mix=_gated_mix,
         devices=("cuda", "cpu") if _interpreting() else ("cuda",),
         priority=10,
-        extensions=frozenset({"modality", "seq_idx", "initial_state", "order", "float32_weights"}),
+        extensions=frozenset({"modality", "seq_idx", "initial_state", "order", "groups", "float32_weights"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         is_available=_available,
     )]

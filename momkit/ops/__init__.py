@@ -121,7 +121,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
                              return_final_states, modality, backend)
 
 
-def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
+def routed_linear(x, weight, bias, modality, *, order=None, groups=None, backend="auto"):
     """``y = x W_m^T + b_m`` with each position's own modality ``m``: the routed projection.
 
     Args:
@@ -135,6 +135,12 @@ def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
             choices: a backend that takes it (the ``triton`` one) forms its tiles in that order without moving a
             position. A hint: the result does not depend on it, and a backend that does not take it runs
             without it. Checked to be a permutation on the CPU only.
+        groups: optional ``(M,)`` integer tensor, for positions that already lie grouped by id in id order (the
+            flattened ``modality`` non-decreasing): ``groups[i]`` is where id ``i``'s positions end, the
+            cumulative count of ids up to ``i``. A hint as ``order`` is: a backend that takes it (the ``reference``
+            and ``triton`` ones) multiplies each id's rows where they lie, without sorting them; the ``triton``
+            one, for bfloat16 ``x`` on a GPU of compute capability 9.0 or later, through PyTorch's grouped GEMM
+            (``torch.nn.functional.grouped_mm``). Checked against ``modality`` on the CPU only; not with ``order``.
         backend: a registered backend name, or ``"auto"``.
 
     Returns:
@@ -152,8 +158,9 @@ def routed_linear(x, weight, bias, modality, *, order=None, backend="auto"):
         weight = weight if wide else weight.to(dtype)
         bias = None if bias is None else bias.to(weight.dtype)
     if torch.compiler.is_compiling():
-        return library.routed_linear(x, weight, bias, modality, order, backend_name(backend, "routed_linear"))
-    return dispatch.routed_linear(x, weight, bias, modality, backend, order)
+        return library.routed_linear(x, weight, bias, modality, order, groups,
+                                     backend_name(backend, "routed_linear"))
+    return dispatch.routed_linear(x, weight, bias, modality, backend, order, groups)
 
 
 def router_logits(x, weight, modality=None, *, eps=1e-6, backend="auto"):

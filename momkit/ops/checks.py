@@ -158,6 +158,11 @@ def check_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
         expect_tensor("seq_idx", seq_idx, {"(b, l)": (batch, length)}, dev, floating=False)
 
 
+def _head(values: torch.Tensor) -> str:
+    """The first eight of ``values``, for an error message."""
+    return f"{values.tolist()[:8]}{' ...' if len(values) > 8 else ''}"
+
+
 def _expect_features(x, label: str) -> None:
     """``x`` a tensor of at least one dimension, whose last is named ``label`` in the error."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
@@ -166,9 +171,10 @@ def _expect_features(x, label: str) -> None:
 
 
 @_front_door
-def check_routed_linear(x, weight, bias, modality, order=None) -> None:
-    """Check the arguments of :func:`momkit.ops.routed_linear`; ``order`` is a permutation of the positions only
-    checked on the CPU (on a GPU that would wait for the device)."""
+def check_routed_linear(x, weight, bias, modality, order=None, groups=None) -> None:
+    """Check the arguments of :func:`momkit.ops.routed_linear`; ``order`` is a permutation of the positions, and
+    ``groups`` the ends of sorted ids' groups, only checked on the CPU (on a GPU that would wait for the
+    device)."""
     _expect_features(x, "in_features")
     expect_tensor("weight", weight, {"(M, out, in)": (None, None, x.shape[-1])}, x.device)
     if weight.dtype != x.dtype and not (weight.dtype == torch.float32 and x.dtype in SIXTEEN_BIT):
@@ -185,7 +191,22 @@ def check_routed_linear(x, weight, bias, modality, order=None) -> None:
         if order.device.type == "cpu" and not torch.compiler.is_compiling() and \
                 not torch.equal(torch.sort(order).values, torch.arange(len(order), dtype=order.dtype)):
             raise SpecError(f"order must be a permutation of 0..{len(order) - 1} (an argsort of the flattened "
-                            f"modality), got {order.tolist()[:8]}{' ...' if len(order) > 8 else ''}")
+                            f"modality), got {_head(order)}")
+    if groups is not None:
+        if order is not None:
+            raise SpecError("pass order (positions in any order) or groups (positions sorted by id), not both")
+        expect_tensor("groups", groups, {"(M,)": (weight.shape[0],)}, x.device, floating=False)
+        if groups.device.type == "cpu" and not torch.compiler.is_compiling():
+            flat = modality.reshape(-1)
+            falls = (flat[1:] < flat[:-1]).nonzero()
+            if len(falls):
+                raise SpecError(f"groups needs the positions sorted by id, but modality falls from "
+                                f"{int(flat[falls[0, 0]])} to {int(flat[falls[0, 0] + 1])} at position "
+                                f"{int(falls[0, 0]) + 1}; sort them, or pass order instead")
+            ends = torch.bincount(flat, minlength=weight.shape[0]).cumsum(0)
+            if not torch.equal(groups.long(), ends):
+                raise SpecError(f"groups must hold where each id's positions end, {_head(ends)}; got "
+                                f"{_head(groups)}")
 
 
 @_front_door

@@ -96,16 +96,17 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                          return_final_states=return_final_states, modality=modality)
 
 
-def routed_linear(x, weight, bias, modality, backend, order=None):
+def routed_linear(x, weight, bias, modality, backend, order=None, groups=None):
     """:func:`momkit.ops.routed_linear` on inputs already in the autocast dtype, checked and run on its
-    backend (with ``order`` if it takes it); float32 ``weight`` and ``bias`` beside a 16-bit ``x`` are cast to
-    ``x``'s dtype first for a backend without the ``"float32_weights"`` extension."""
-    check_routed_linear(x, weight, bias, modality, order)
+    backend (with ``order`` and ``groups`` if it takes them); float32 ``weight`` and ``bias`` beside a 16-bit
+    ``x`` are cast to ``x``'s dtype first for a backend without the ``"float32_weights"`` extension."""
+    check_routed_linear(x, weight, bias, modality, order, groups)
     impl = resolve_backend(backend, x.device, "routed_linear", dtype=x.dtype)
     if weight.dtype != x.dtype and "float32_weights" not in impl.extensions:
         weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
-    hint = {"order": order} if order is not None and "order" in impl.extensions else {}
-    return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality, **hint)
+    hints = {name: value for name, value in (("order", order), ("groups", groups))
+             if value is not None and name in impl.extensions}
+    return impl.routed_linear(x=x, weight=weight, bias=bias, modality=modality, **hints)
 
 
 def causal_conv1d(x, weight, bias, seq_idx, modality, backend):

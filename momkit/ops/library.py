@@ -126,25 +126,26 @@ def _(grad, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, modality, ch
 
 @torch.library.custom_op(f"{NAMESPACE}::routed_linear", mutates_args=())
 def routed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: Tensor, order: Optional[Tensor],
-                  backend: str) -> Tensor:
+                  groups: Optional[Tensor], backend: str) -> Tensor:
     """:func:`momkit.ops.routed_linear` as one operator (its inputs already in the autocast dtype)."""
-    return dispatch.routed_linear(x, weight, bias, modality, backend, order).contiguous()
+    return dispatch.routed_linear(x, weight, bias, modality, backend, order, groups).contiguous()
 
 
 @routed_linear.register_fake
-def _(x, weight, bias, modality, order, backend):
+def _(x, weight, bias, modality, order, groups, backend):
     return x.new_empty(*x.shape[:-1], weight.shape[1])
 
 
 @torch.library.custom_op(f"{NAMESPACE}::routed_linear_backward", mutates_args=())
 def routed_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], modality: Tensor,
-                           order: Optional[Tensor], backend: str) -> list[Tensor]:
+                           order: Optional[Tensor], groups: Optional[Tensor], backend: str) -> list[Tensor]:
     """Gradients of :func:`routed_linear` for ``x, weight, bias``."""
-    return _gradients(lambda *t: dispatch.routed_linear(*t, modality, backend, order), [x, weight, bias], grad)
+    return _gradients(lambda *t: dispatch.routed_linear(*t, modality, backend, order, groups), [x, weight, bias],
+                      grad)
 
 
 @routed_linear_backward.register_fake
-def _(grad, x, weight, bias, modality, order, backend):
+def _(grad, x, weight, bias, modality, order, groups, backend):
     return _fake_gradients([x, weight, bias], grad)
 
 

@@ -522,6 +522,29 @@ def test_large_shapes_master_weights(cuda_kernels, gen, through):
     assert_master_near(run(cuda_kernels.routed_linear, inputs, 6, **extra), ref, torch.bfloat16, through)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["grouped-gemm", "bias-kernels"])
+def test_large_shapes_sorted_by_id(cuda_kernels, gen, bias, monkeypatch):
+    """Tokens sorted by id with their groups' ends, one id absent, float32 master weights beside bfloat16 tokens:
+    without a bias, on Hopper and later, through PyTorch's grouped GEMM, whose ``dweight`` is rounded to bfloat16 on
+    its way to float32 (as ``F.linear``'s under autocast is); with a bias, through these kernels' runs."""
+    inputs, rounded, _ = master_weights(gen, 4096 + 17, 1024, 2048, 8, torch.bfloat16, fn=per_modality)
+    order = torch.argsort(inputs["modality"], stable=True)
+    for given in (inputs, rounded):
+        given.update(x=given["x"][order], modality=given["modality"][order], bias=given["bias"] if bias else None)
+    ref = reference(rounded, 13, fn=per_modality, loss_dtype=torch.bfloat16)
+    groups = torch.bincount(inputs["modality"], minlength=8).cumsum(0)
+    calls = []
+    real = cuda_kernels.GroupedGemmFn.apply
+    monkeypatch.setattr(cuda_kernels.GroupedGemmFn, "apply", lambda *args: calls.append(1) or real(*args))
+    got = run(cuda_kernels.routed_linear, inputs, 13, groups=groups)
+    assert len(calls) == (not bias and torch.cuda.get_device_capability() >= (9, 0))
+    assert got["dweight"].dtype == torch.float32
+    assert_close({k: got[k] for k in ("y", "dx")}, {k: ref[k] for k in ("y", "dx")}, torch.bfloat16, "y, dx")
+    assert_near({k: v for k, v in got.items() if k.startswith("dw") or k == "dbias"},
+                {k: ref[k] for k in got if k.startswith("dw") or k == "dbias"}, torch.bfloat16, "dweight")
+    assert_absent_zero(got, 7, "sorted")
+
+
 def test_no_host_synchronisation(cuda_kernels, gen):
     """Forward and backward make no call that waits for the device (CUDA's sync debug mode raises on one)."""
     inputs = make_inputs(gen, 4096 + 17, 1024, 2048, 3, runs=(1, 40), dtype=torch.bfloat16)
