@@ -130,6 +130,21 @@ class _Involution(torch.autograd.Function):
         return _gather_positions(grad, index), None
 
 
+class _Rows(torch.autograd.Function):
+    """The rows of ``t (n, ...)`` in the order of the permutation ``index``, whose inverse ``inverse`` gathers the
+    gradient back (no scatter, whose atomic adds are slow on a GPU)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return t.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 def reverse_spans(t: torch.Tensor, spans: Spans) -> torch.Tensor:
     """``t (b, l, ...)`` with every span reversed in place (and, applied again, put back)."""
     return _Involution.apply(t, spans.reverse)
@@ -164,7 +179,8 @@ class Block(nn.Module, ABC):
         supports_prefill: Class attribute: whether :meth:`run` takes a decoding state (prefill); ``False``
             unless the backbone sets it, and then :meth:`forward` refuses a state.
         position_wise: Class attribute: whether each output position depends on its own input position alone
-            (a feed-forward layer), which makes it bidirectional as it is.
+            (a feed-forward layer), which makes it bidirectional as it is. With learned experts and a residual
+            branch, such a block's branch runs on its positions sorted by expert, as one sequence.
         supports_bidirectional: Class attribute: whether the class takes ``bidirectional`` (spans seen whole).
         capturable_step: Class attribute: whether :meth:`run_step` (and a prefill) can be captured in a CUDA
             graph and replayed: it reads no device value on the host and updates the tensors of its decoding
@@ -263,7 +279,7 @@ class Block(nn.Module, ABC):
                 order = route.order if self.branches == 1 else None
                 if grouped and order is None:
                     order = self.router.group_order(ids)
-                self.choice.ids, self.choice.order = ids, order if grouped else None
+                self.choice.ids, self.choice.order, self.choice.groups = ids, order if grouped else None, None
                 gate = route.gates[..., j, None]
                 if residual:
                     out = self.router.add_branch(out, run(j), gate.to(out.dtype))
@@ -272,8 +288,25 @@ class Block(nn.Module, ABC):
                 else:
                     out = out + gate * (run(j) - x)
         finally:
-            self.choice.ids = self.choice.order = None
+            self.choice.ids = self.choice.order = self.choice.groups = None
         return out
+
+    def _sorted_branch(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """:meth:`branch` of a position-wise block run on its positions sorted by their chosen expert (by the
+        choice's ``order``): the input is gathered into that order once, each expert's rows then lie together,
+        so that the expert sublayers multiply them where they lie (:func:`momkit.ops.routed_linear`'s
+        ``groups``), and the branch is put back in the positions' order once."""
+        choice, rows = self.choice, x.reshape(-1, x.shape[-1])
+        order = choice.order
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=order.device))
+        ids = choice.ids.reshape(-1).index_select(0, order)
+        every = torch.arange(self.router.n_ids, device=ids.device)
+        choice.ids, choice.order = ids[None], None
+        choice.groups = torch.searchsorted(ids, every, right=True, out_int32=True)
+        branch = self.branch(_Rows.apply(rows, order, inverse)[None],
+                             Layout(layout.modality.reshape(-1).index_select(0, order)[None]))
+        width = branch.shape[-1]
+        return _Rows.apply(branch.reshape(-1, width), inverse, order).view(*x.shape[:-1], width)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | Layout, seq_idx: torch.Tensor | None = None, *,
                 state: Any = None) -> torch.Tensor:
@@ -299,7 +332,8 @@ class Block(nn.Module, ABC):
             raise SpecError("a block with experts takes no decoding state in forward; feed positions through step")
         route = self._route(x, layout.modality, self.training)
         if self.residual:
-            return self._mix(x, route, lambda j: self.branch(x, layout), True, residual=True)
+            branch = self._sorted_branch if self.position_wise else self.branch
+            return self._mix(x, route, lambda j: branch(x, layout), True, residual=True)
         return self._mix(x, route, lambda j: self.run(x, layout), True)
 
     def step(self, x: torch.Tensor, modality: torch.Tensor | Layout, state: Any) -> torch.Tensor:

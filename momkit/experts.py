@@ -6,7 +6,9 @@ token the weights of the token's ``j``-th expert (the same grouped routed-linear
 with expert ids in place of modality ids), and the block's output is ``x + sum_j g_j (run_j(x) - x)``. A block
 class with a residual branch (:attr:`momkit.Block.residual`: ``run(x) = x + f(x)``) computes the same sum as ``x +
 sum_j g_j f_j(x)``, without the runs' residual additions. For a position-wise layer (a feed-forward network) this
-is the usual mixture of experts; for a sequence mixer each slot is a branch with its own state.
+is the usual mixture of experts; for a sequence mixer each slot is a branch with its own state. A position-wise
+block's branch runs on its positions sorted by expert, so that each expert's rows lie together (the expert
+sublayers get the ids' ``groups`` in place of ``order``).
 
 The router reads the block's input through a parameter-free RMS normalisation: ``p = softmax(W rms(x))``
 (``W`` per modality with ``per_modality``, whose experts are then numbered ``m * n_experts + e``), in float32 at
@@ -45,12 +47,14 @@ EPS = 1e-6
 
 @dataclass
 class Choice:
-    """The expert ids the expert sublayers of a block apply in the current run: ``(b, l)`` or ``(b,)``, and the
-    permutation of the flattened positions that groups them (``None`` when decoding), which the grouped kernels
-    form their tiles by (:func:`momkit.ops.routed_linear`'s ``order``)."""
+    """The expert ids the expert sublayers of a block apply in the current run: ``(b, l)`` or ``(b,)``, and either
+    the permutation of the flattened positions that groups them (``None`` when decoding), which the grouped kernels
+    form their tiles by (:func:`momkit.ops.routed_linear`'s ``order``), or, for positions the block has sorted by
+    expert, where each id's positions end (its ``groups``)."""
 
     ids: torch.Tensor | None = None
     order: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
 
 @dataclass

@@ -71,7 +71,7 @@ class Linear(nn.Module):
         if self.choice is None:
             return ops.routed_linear(x, self.weight, self.bias, modality, backend=self.backend)
         return ops.routed_linear(x, self.weight, self.bias, self.choice.ids, order=self.choice.order,
-                                 backend=self.backend)
+                                 groups=self.choice.groups, backend=self.backend)
 
     def extra_repr(self) -> str:
         sharing = _sharing(self.n_modalities) if self.choice is None else f"{self.n_modalities} expert weight sets"

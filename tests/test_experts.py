@@ -127,6 +127,38 @@ def test_capacity_drops_match_a_float64_reference(top_k):
     assert block.router_stats.dropped == 0
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_a_position_wise_block_runs_its_experts_on_its_positions_sorted_by_expert(top_k, monkeypatch):
+    """The ``ffn`` block gathers its positions into the order of their experts once, so that its expert sublayers
+    get the ids' groups (no ``order``), and computes what it computes through the order, forward and every gradient,
+    with a norm per modality (which the sorted positions' modalities route) and a capacity that drops slots."""
+    block = _block({**EXPERTS, "top_k": top_k, "capacity_factor": 0.75}, specific=["norm"])
+    x, modality = _inputs(4, length=30)
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    hints = []
+    real = momkit.ops.routed_linear
+
+    def recording(*args, **kwargs):
+        hints.append((kwargs.get("order") is not None, kwargs.get("groups") is not None))
+        return real(*args, **kwargs)
+
+    def results():
+        hints.clear()
+        leaf = x.clone().requires_grad_(True)
+        y = block(leaf, modality)
+        return [y, *torch.autograd.grad((y * weights).sum(), [leaf, *block.parameters()])]
+
+    monkeypatch.setattr(momkit.ops, "routed_linear", recording)
+    grouped = results()
+    assert hints == [(False, True)] * 3 * top_k
+    block.position_wise = False
+    through_order = results()
+    assert hints == [(True, False)] * 3 * top_k
+    assert block.router_stats.dropped > 0
+    for got, expected in zip(grouped, through_order):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def _router_reference(router, x, modality, factor):
     """The router's decision and statistics written out token by token in float64: per router set (one, or one
     per modality), the Switch load-balancing loss ``n_experts * sum_i f_i P_i`` averaged over the sets present,
@@ -373,7 +405,9 @@ def test_a_pass_drops_the_last_pass_statistics_before_routing():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_training_step_captured_after_an_eager_one_replays_it():
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bfloat16-autocast"])
+def test_a_training_step_captured_after_an_eager_one_replays_it(autocast):
+    """Also under bfloat16 autocast, where on Hopper and later the expert sublayers take PyTorch's grouped GEMM."""
     torch.manual_seed(0)
     block = momkit.build_block({"modalities": ["text", "image"], "backbone": {"kind": "ffn", "d_model": 64},
                                 "routing": {"specific": "dense", "experts": {**EXPERTS, "capacity_factor": 1.0}},
@@ -384,7 +418,8 @@ def test_a_training_step_captured_after_an_eager_one_replays_it():
 
     def step():
         leaf = x.detach().requires_grad_(True)
-        y = block(leaf, modality)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = block(leaf, modality)
         return (y.detach(), *torch.autograd.grad(y, [leaf, *block.parameters()], dout))
 
     eager = step()
