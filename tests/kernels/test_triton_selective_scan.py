@@ -84,7 +84,7 @@ def test_front_door_and_registry(kernels, gen):
     with use_registry(registry):
         backend = registry.get("scan_backend", "triton")
         assert backend.is_available()
-        assert backend.extensions == {"modality", "seq_idx", "initial_state", "order", "float32_weights"}
+        assert backend.extensions == {"modality", "seq_idx", "initial_state", "order", "groups", "float32_weights"}
         assert ("cpu" in backend.devices) == INTERPRETING
         for op in ("selective_scan", "ssd_scan", "routed_linear", "causal_conv1d", "selective_state_update",
                    "conv_state_update"):
