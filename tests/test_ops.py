@@ -173,29 +173,28 @@ def sorted_routed_args(gen, M=4, absent=2):
     return {**args, "modality": modality}, torch.bincount(modality, minlength=M).cumsum(0)
 
 
-def test_routed_linear_groups_of_sorted_positions(gen):
-    """Positions sorted by id with their groups' ends: the reference backend takes them where they lie (no sort of
-    its own) and computes what it computes without ``groups``, forward and gradients, an absent id's exactly zero;
-    int32 ends do too."""
+def test_routed_linear_groups_of_sorted_positions(gen, monkeypatch):
+    """Positions sorted by id with their groups' ends (int64 or int32): the reference backend takes them where they
+    lie, without a sort of its own, and computes each position's product with its own id's weights, forward and
+    gradients, an absent id's gradient exactly zero."""
     args, groups = sorted_routed_args(gen)
+    loss_weights = torch.linspace(-1, 2, 40 * 4, dtype=torch.float64).view(40, 4)
 
-    def grads(**extra):
+    def grads(fn):
         leaves = {k: args[k].clone().requires_grad_(True) for k in ("x", "weight", "bias")}
-        y = ops.routed_linear(**{**args, **leaves}, backend="reference", **extra)
-        return [y, *torch.autograd.grad((y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum(), list(leaves.values()))]
+        y = fn(**{**args, **leaves})
+        return [y, *torch.autograd.grad((y * loss_weights).sum(), list(leaves.values()))]
 
-    without = grads()
+    expected = grads(lambda x, weight, bias, modality: torch.einsum("nk,nok->no", x, weight[modality]) + bias[modality])
     sorts = []
     real_argsort = torch.argsort
-    try:
-        torch.argsort = lambda *a, **k: sorts.append(1) or real_argsort(*a, **k)
-        for ends in (groups, groups.int()):
-            for got, ref in zip(grads(groups=ends), without):
-                torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    finally:
-        torch.argsort = real_argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: sorts.append(1) or real_argsort(*a, **k))
+    for ends in (groups, groups.int()):
+        got = grads(lambda **t: ops.routed_linear(**t, groups=ends, backend="reference"))
+        for value, reference_value in zip(got, expected):
+            torch.testing.assert_close(value, reference_value, rtol=1e-12, atol=1e-12)
+        assert (got[2][2] == 0).all() and (got[3][2] == 0).all()
     assert not sorts
-    assert (grads(groups=groups)[2][2] == 0).all()
 
 
 @pytest.mark.parametrize("change,message", [
